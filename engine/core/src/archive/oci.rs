@@ -1,0 +1,405 @@
+//! Writing OCI image layouts (image-spec v1: `oci-layout`, `index.json`, `blobs/sha256/…`).
+//!
+//! [`write_layout`] takes already-compressed layers and an [`ImageConfig`] and writes the config,
+//! the manifest and the index as compact JSON with a fixed field order, so that the same inputs
+//! always give the same manifest digest. Debian architecture names are translated to the OCI/Go
+//! platform names tools expect (`armhf` → `arm`/`v7`, `i386` → `386`, `ppc64el` → `ppc64le`, …).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::ArchiveError;
+
+pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// One compressed layer, bottom first in a `&[Layer]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// A gzip-compressed tar on disk.
+    pub blob_path: PathBuf,
+    /// `sha256:…` of the uncompressed tar.
+    pub diff_id: String,
+    /// `sha256:…` of the gzip blob.
+    pub digest: String,
+    /// Size of the gzip blob in bytes.
+    pub size: u64,
+    /// The history line of this layer.
+    pub created_by: String,
+}
+
+/// What goes into the image config besides the layers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    /// Debian (`amd64`, `armhf`, …) or OCI (`arm`, `386`, …) architecture name.
+    pub architecture: String,
+    pub os: String,
+    /// RFC 3339 creation time, normally [`rfc3339`] of SOURCE_DATE_EPOCH.
+    pub created: String,
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The OCI (GOARCH-style) architecture and variant for a Debian architecture name; names that are
+/// not Debian-specific pass through unchanged.
+pub fn oci_platform(arch: &str) -> (&str, Option<&'static str>) {
+    match arch {
+        "arm64" => ("arm64", Some("v8")),
+        "armhf" => ("arm", Some("v7")),
+        "armel" => ("arm", Some("v5")),
+        "i386" => ("386", None),
+        "ppc64el" => ("ppc64le", None),
+        "mips64el" => ("mips64le", None),
+        "mipsel" => ("mipsle", None),
+        other => (other, None),
+    }
+}
+
+/// Write an OCI image layout of `layers` (bottom first) and `config` into `out` (created if
+/// missing). Layer blobs are copied in and verified against their descriptor. With `ref_name`, the
+/// index entry carries it as `org.opencontainers.image.ref.name`. Returns the manifest digest
+/// (`sha256:…`).
+pub fn write_layout(
+    out: &Path,
+    layers: &[Layer],
+    config: &ImageConfig,
+    ref_name: Option<&str>,
+) -> Result<String, ArchiveError> {
+    if let Some(r) = ref_name {
+        check_ref_name(r).map_err(|p| ArchiveError::tree(out, p))?;
+    }
+    let blobs = out.join("blobs").join("sha256");
+    fs::create_dir_all(&blobs).map_err(|e| ArchiveError::io(&blobs, e))?;
+    write_file(
+        &out.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+
+    for layer in layers {
+        check_digest(&layer.diff_id).map_err(|p| ArchiveError::tree(&layer.blob_path, p))?;
+        copy_blob(layer, &blobs)?;
+    }
+
+    let (arch, variant) = oci_platform(&config.architecture);
+    let config_json = ConfigJson {
+        created: &config.created,
+        architecture: arch,
+        variant,
+        os: &config.os,
+        config: ExecConfig {
+            user: config.user.as_deref().filter(|s| !s.is_empty()),
+            env: &config.env,
+            entrypoint: config.entrypoint.as_deref(),
+            cmd: config.cmd.as_deref(),
+            working_dir: config.working_dir.as_deref().filter(|s| !s.is_empty()),
+            labels: &config.labels,
+        },
+        rootfs: RootFs {
+            kind: "layers",
+            diff_ids: layers.iter().map(|l| l.diff_id.as_str()).collect(),
+        },
+        history: layers
+            .iter()
+            .map(|l| History {
+                created: &config.created,
+                created_by: &l.created_by,
+            })
+            .collect(),
+    };
+    let config_desc = write_json_blob(&blobs, MEDIA_TYPE_CONFIG, &config_json)?;
+
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: MEDIA_TYPE_MANIFEST,
+        config: config_desc,
+        layers: layers
+            .iter()
+            .map(|l| Descriptor {
+                media_type: MEDIA_TYPE_LAYER_GZIP,
+                digest: l.digest.clone(),
+                size: l.size,
+                platform: None,
+                annotations: BTreeMap::new(),
+            })
+            .collect(),
+    };
+    let mut manifest_desc = write_json_blob(&blobs, MEDIA_TYPE_MANIFEST, &manifest)?;
+    let digest = manifest_desc.digest.clone();
+    manifest_desc.platform = Some(Platform {
+        architecture: arch,
+        os: &config.os,
+        variant,
+    });
+    if let Some(r) = ref_name {
+        manifest_desc
+            .annotations
+            .insert(ANNOTATION_REF_NAME.to_owned(), r.to_owned());
+    }
+    let index = Index {
+        schema_version: 2,
+        media_type: MEDIA_TYPE_INDEX,
+        manifests: vec![manifest_desc],
+    };
+    write_file(&out.join("index.json"), &to_json(&index)?)?;
+    Ok(digest)
+}
+
+/// The sha256 (lowercase hex, no `sha256:` prefix) and size of a file.
+pub fn sha256_file(path: &Path) -> Result<(String, u64), ArchiveError> {
+    let mut f = File::open(path).map_err(|e| ArchiveError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0; 1 << 17];
+    let mut size = 0u64;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ArchiveError::io(path, e)),
+        };
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex::encode(h.finalize()), size))
+}
+
+/// `epoch` (seconds since 1970, UTC) as RFC 3339: `2021-05-01T12:34:56Z`.
+pub fn rfc3339(epoch: i64) -> String {
+    let days = epoch.div_euclid(86_400);
+    let secs = epoch.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[derive(Serialize)]
+struct Platform<'a> {
+    architecture: &'a str,
+    os: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Descriptor<'a> {
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    digest: String,
+    size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    platform: Option<Platform<'a>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    config: Descriptor<'a>,
+    layers: Vec<Descriptor<'a>>,
+}
+
+#[derive(Serialize)]
+struct Index<'a> {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    manifests: Vec<Descriptor<'a>>,
+}
+
+#[derive(Serialize)]
+struct ConfigJson<'a> {
+    created: &'a str,
+    architecture: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<&'a str>,
+    os: &'a str,
+    config: ExecConfig<'a>,
+    rootfs: RootFs<'a>,
+    history: Vec<History<'a>>,
+}
+
+#[derive(Serialize)]
+struct ExecConfig<'a> {
+    #[serde(rename = "User", skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(rename = "Env", skip_serializing_if = "<[String]>::is_empty")]
+    env: &'a [String],
+    #[serde(rename = "Entrypoint", skip_serializing_if = "Option::is_none")]
+    entrypoint: Option<&'a [String]>,
+    #[serde(rename = "Cmd", skip_serializing_if = "Option::is_none")]
+    cmd: Option<&'a [String]>,
+    #[serde(rename = "WorkingDir", skip_serializing_if = "Option::is_none")]
+    working_dir: Option<&'a str>,
+    #[serde(rename = "Labels", skip_serializing_if = "BTreeMap::is_empty")]
+    labels: &'a BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct RootFs<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    diff_ids: Vec<&'a str>,
+}
+
+#[derive(Serialize)]
+struct History<'a> {
+    created: &'a str,
+    created_by: &'a str,
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, ArchiveError> {
+    serde_json::to_vec(v).map_err(|e| ArchiveError::Codec {
+        what: "OCI JSON".into(),
+        problem: e.to_string(),
+    })
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ArchiveError> {
+    fs::write(path, bytes).map_err(|e| ArchiveError::io(path, e))
+}
+
+/// Serialize `v`, store it as a blob and return its descriptor.
+fn write_json_blob<'a, T: Serialize>(
+    blobs: &Path,
+    media_type: &'a str,
+    v: &T,
+) -> Result<Descriptor<'a>, ArchiveError> {
+    let bytes = to_json(v)?;
+    let hex = hex::encode(Sha256::digest(&bytes));
+    write_file(&blobs.join(&hex), &bytes)?;
+    Ok(Descriptor {
+        media_type,
+        digest: format!("sha256:{hex}"),
+        size: bytes.len() as u64,
+        platform: None,
+        annotations: BTreeMap::new(),
+    })
+}
+
+/// `sha256:` followed by 64 lowercase hex digits; returns the hex.
+fn check_digest(d: &str) -> Result<&str, String> {
+    match d.strip_prefix("sha256:") {
+        Some(h) if h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
+            Ok(h)
+        }
+        _ => Err(format!("{d:?} is not a sha256 digest")),
+    }
+}
+
+/// The ref.name grammar of the image-layout spec, loosely: non-empty, of `A-Za-z0-9._:@/+-`.
+fn check_ref_name(r: &str) -> Result<(), String> {
+    let ok = !r.is_empty()
+        && r.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@/+-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{r:?} is not a valid OCI reference name"))
+    }
+}
+
+/// Copy a layer blob into `blobs`, hashing on the way, and check it against its descriptor.
+fn copy_blob(layer: &Layer, blobs: &Path) -> Result<(), ArchiveError> {
+    let src = &layer.blob_path;
+    let hex = check_digest(&layer.digest).map_err(|p| ArchiveError::tree(src, p))?;
+    let dst = blobs.join(hex);
+    let tmp = blobs.join(format!(".{hex}.tmp"));
+    let res = (|| {
+        let mut r = File::open(src).map_err(|e| ArchiveError::io(src, e))?;
+        let mut w = File::create(&tmp).map_err(|e| ArchiveError::io(&tmp, e))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ArchiveError::io(src, e)),
+            };
+            h.update(&buf[..n]);
+            w.write_all(&buf[..n])
+                .map_err(|e| ArchiveError::io(&tmp, e))?;
+            size += n as u64;
+        }
+        let got = hex::encode(h.finalize());
+        if got != hex || size != layer.size {
+            return Err(ArchiveError::tree(
+                src,
+                format!(
+                    "layer blob is sha256:{got} ({size} bytes), but its descriptor says {} ({} bytes)",
+                    layer.digest, layer.size
+                ),
+            ));
+        }
+        fs::rename(&tmp, &dst).map_err(|e| ArchiveError::io(&dst, e))
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn platform_names() {
+        assert_eq!(oci_platform("armhf"), ("arm", Some("v7")));
+        assert_eq!(oci_platform("i386"), ("386", None));
+        assert_eq!(oci_platform("amd64"), ("amd64", None));
+    }
+
+    #[test]
+    fn ref_names() {
+        assert!(check_ref_name("bullseye-minbase:1.0").is_ok());
+        assert!(check_ref_name("").is_err());
+        assert!(check_ref_name("a b").is_err());
+    }
+}

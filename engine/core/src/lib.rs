@@ -1,0 +1,17 @@
+//! rbuild's engine: derivations and their hashes, the build DAG, the scheduler that realises it
+//! into the content store, the sandbox every builder runs in, and the built-in builders.
+//!
+//! It knows nothing about Debian: recipe crates turn their recipes into [`Graph`]s of
+//! [`Derivation`]s and register their own builtins next to the engine's generic ones.
+
+pub mod archive;
+pub mod builtins;
+pub mod derivation;
+pub mod graph;
+pub mod progress;
+pub mod sandbox;
+pub mod scheduler;
+
+pub use derivation::{Derivation, DrvHash, FixedOutput, Stage};
+pub use graph::Graph;
+pub use scheduler::{Engine, EngineError, Report};

@@ -1,0 +1,490 @@
+//! The sandbox: every builder runs in fresh user, mount, pid, network, uts and ipc namespaces.
+//!
+//! This module is the only place in rbuild that makes raw system calls or uses `unsafe`. Its safe
+//! API is small:
+//!
+//! * [`check_support`] explains, before anything is spawned, why user namespaces cannot work here
+//!   and how to fix it;
+//! * [`run`] (host side) spawns `rbuild __sandbox SPEC` in a new user namespace whose id map covers
+//!   a full range (`newuidmap`/`newgidmap` and `/etc/subuid` when unprivileged, written directly
+//!   when root), waits for it and reports its exit status and the tail of its stderr;
+//! * [`enter`] (sandbox side, called by that re-executed process) builds the filesystem view —
+//!   only declared inputs (read-only), the build directory, a fresh `/proc`, a minimal `/dev`, a
+//!   private `/tmp` — pivots into it, and runs the builder as pid 1's child;
+//! * tree helpers used inside the sandbox: [`normalize_tree`] (record real ownership into
+//!   metadata, then give the tree to the invoking user without special bits), [`apply_meta`]
+//!   (materialize recorded ownership) and [`run_chrooted`].
+
+mod ids;
+mod tree;
+
+pub use ids::{check_support, IdMap};
+pub use tree::{apply_meta, normalize_tree, read_caps};
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, pivot_root, ForkResult};
+use serde::{Deserialize, Serialize};
+
+/// Errors of the sandbox. Each says what failed and, where there is one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("sandbox setup: {what}: {source}")]
+    Setup { what: String, source: std::io::Error },
+    #[error("setting up the user namespace id map failed: {0}")]
+    IdMap(String),
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SandboxError {
+    let what = what.into();
+    move |e| SandboxError::Setup { what, source: e.into() }
+}
+
+fn setup_io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Setup { what, source }
+}
+
+/// Where things are inside every sandbox.
+pub const INPUTS_DIR: &str = "/inputs";
+pub const BUILD_DIR: &str = "/build";
+pub const OUT_PATH: &str = "/build/out";
+
+/// The environment every builder starts from (a derivation's `env` is applied on top).
+pub fn fixed_env() -> Vec<(String, String)> {
+    [
+        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        ("LC_ALL", "C.UTF-8"),
+        ("TZ", "UTC"),
+        ("HOME", "/build"),
+        ("SOURCE_DATE_EPOCH", "0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// What the sandboxed process needs to know. Serialized to a file in the build directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Host scratch directory; its `build/` subdirectory is `/build` inside.
+    pub build_dir: PathBuf,
+    /// Host paths of input outputs and the name each gets under `/inputs`.
+    pub inputs: Vec<(PathBuf, String)>,
+    /// Share the host's network namespace (fixed-output derivations only).
+    pub network: bool,
+    /// The builder to run and its arguments; see `crate::builtins`.
+    pub builder: String,
+    pub args: Vec<String>,
+    /// The complete, fixed environment of the builder.
+    pub env: Vec<(String, String)>,
+}
+
+impl SandboxSpec {
+    /// The host path of `/build` for this spec.
+    pub fn host_build(&self) -> PathBuf {
+        self.build_dir.join("build")
+    }
+}
+
+/// How a sandboxed build ended.
+#[derive(Debug)]
+pub struct RunResult {
+    pub success: bool,
+    pub status: String,
+    /// The last lines the builder wrote to stderr.
+    pub stderr_tail: String,
+}
+
+/// Spawn the sandbox for `spec` (host side). `exe` is the rbuild binary to re-execute.
+/// `log` receives the builder's whole stderr.
+pub fn run(exe: &Path, spec: &SandboxSpec, map: &IdMap, log: &Path) -> Result<RunResult, SandboxError> {
+    fs::create_dir_all(spec.host_build()).map_err(setup_io("creating the build directory"))?;
+    let spec_path = spec.build_dir.join("sandbox.json");
+    fs::write(&spec_path, serde_json::to_vec(spec).expect("spec serializes"))
+        .map_err(setup_io(format!("writing {}", spec_path.display())))?;
+    let log_file = fs::File::create(log).map_err(setup_io(format!("creating {}", log.display())))?;
+
+    let mut cmd = Command::new(exe);
+    cmd.arg("__sandbox").arg(&spec_path);
+    cmd.env_clear();
+    cmd.stdin(Stdio::null()).stdout(log_file.try_clone().map_err(setup_io("log"))?).stderr(log_file);
+    let child = spawn_in_userns(cmd, map)?;
+    let output = child.wait_with_output().map_err(setup_io("waiting for the sandbox"))?;
+    let tail = tail_of(log, 40);
+    Ok(RunResult {
+        success: output.status.success(),
+        status: describe_status(output.status),
+        stderr_tail: tail,
+    })
+}
+
+fn describe_status(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "unknown status".into(),
+    }
+}
+
+fn tail_of(path: &Path, lines: usize) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Spawn `cmd` so that it starts in a new user namespace with `map` applied before it execs
+/// (so that it execs as uid 0 of the namespace, with full capabilities there).
+fn spawn_in_userns(mut cmd: Command, map: &IdMap) -> Result<std::process::Child, SandboxError> {
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(setup("pipe"))?;
+    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(setup("pipe"))?;
+    let ready_w_fd = ready_w.as_raw_fd();
+    let go_r_fd = go_r.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec; it only makes async-signal-safe system
+    // calls (unshare, getpid, write, read) on file descriptors owned by this function.
+    unsafe {
+        cmd.pre_exec(move || {
+            unshare(CloneFlags::CLONE_NEWUSER).map_err(std::io::Error::from)?;
+            let pid = libc::getpid().to_le_bytes();
+            if libc::write(ready_w_fd, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut ok = [0u8; 1];
+            if libc::read(go_r_fd, ok.as_mut_ptr().cast(), 1) != 1 || ok[0] != 1 {
+                return Err(std::io::Error::other("the user namespace id map was not set up"));
+            }
+            Ok(())
+        });
+    }
+    let map = map.clone();
+    let mapper = std::thread::spawn(move || -> Result<(), String> {
+        let mut ready = fs::File::from(ready_r);
+        let mut go = fs::File::from(go_w);
+        let mut pid = [0u8; 4];
+        if ready.read_exact(&mut pid).is_err() {
+            return Ok(()); // the child failed before unsharing; spawn reports it
+        }
+        let pid = i32::from_le_bytes(pid);
+        let res = map.apply(pid);
+        let _ = go.write_all(&[u8::from(res.is_ok())]);
+        res
+    });
+    let spawned = cmd.spawn();
+    // Close our copies of the child's ends so the mapper sees EOF if the child died early.
+    drop(ready_w);
+    drop(go_r);
+    let mapped = mapper.join().unwrap_or_else(|_| Err("id mapper thread panicked".into()));
+    match (spawned, mapped) {
+        (Ok(child), Ok(())) => Ok(child),
+        (_, Err(e)) => Err(SandboxError::IdMap(e)),
+        (Err(e), Ok(())) => Err(SandboxError::Setup { what: "spawning the sandbox".into(), source: e }),
+    }
+}
+
+/// Run `f` in a child process that is uid 0 of a user namespace with the full id map, and
+/// nothing else isolated: used to remove trees holding files owned by subordinate ids.
+pub fn remove_as_mapped_root(exe: &Path, path: &Path, map: &IdMap) -> Result<(), SandboxError> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("__remove").arg(path).stdin(Stdio::null());
+    let out = spawn_in_userns(cmd, map)?
+        .wait_with_output()
+        .map_err(setup_io("waiting for the remover"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(SandboxError::Setup {
+            what: format!("removing {}", path.display()),
+            source: std::io::Error::other(describe_status(out.status)),
+        })
+    }
+}
+
+/// Sandbox side: set up namespaces and the filesystem view, then run `builder` as pid 1 of the
+/// new pid namespace. Returns the exit code for the process.
+pub fn enter(spec_path: &Path, builder: impl FnOnce(&SandboxSpec) -> i32) -> i32 {
+    let spec: SandboxSpec = match fs::read(spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("rbuild sandbox: cannot read {}: {e}", spec_path.display());
+            return 70;
+        }
+    };
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
+    if !spec.network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    if let Err(e) = unshare(flags) {
+        eprintln!("rbuild sandbox: unshare: {e}");
+        return 70;
+    }
+    // SAFETY: this process is single-threaded (freshly exec'd `rbuild __sandbox`).
+    match unsafe { fork() } {
+        Err(e) => {
+            eprintln!("rbuild sandbox: fork: {e}");
+            70
+        }
+        Ok(ForkResult::Parent { child }) => loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => return code,
+                Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+                Ok(_) => continue,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => {
+                    eprintln!("rbuild sandbox: waitpid: {e}");
+                    return 70;
+                }
+            }
+        },
+        Ok(ForkResult::Child) => {
+            if let Err(e) = build_view(&spec) {
+                eprintln!("rbuild sandbox: {e}");
+                return 70;
+            }
+            builder(&spec)
+        }
+    }
+}
+
+fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), SandboxError> {
+    let what = || format!("bind-mounting {} at {}", src.display(), dst.display());
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(setup(what()))?;
+    if readonly {
+        // Flags locked by the parent mount (nosuid, nodev, noexec…) must be kept on remount.
+        let st = nix::sys::statvfs::statvfs(dst).map_err(setup(what()))?;
+        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        let f = st.flags();
+        use nix::sys::statvfs::FsFlags;
+        for (fs_flag, ms_flag) in [
+            (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+            (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+            (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+            (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+            (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+        ] {
+            if f.contains(fs_flag) {
+                flags |= ms_flag;
+            }
+        }
+        mount(None::<&str>, dst, None::<&str>, flags, None::<&str>).map_err(setup(what()))?;
+    }
+    Ok(())
+}
+
+fn mountpoint_like(src: &Path, dst: &Path) -> Result<(), SandboxError> {
+    if src.is_dir() {
+        fs::create_dir_all(dst).map_err(setup_io(format!("mkdir {}", dst.display())))
+    } else {
+        if let Some(p) = dst.parent() {
+            fs::create_dir_all(p).map_err(setup_io(format!("mkdir {}", p.display())))?;
+        }
+        fs::write(dst, b"").map_err(setup_io(format!("creating {}", dst.display())))
+    }
+}
+
+/// The device nodes every sandbox (and every chroot a builder enters) gets, bind-mounted.
+pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
+    mount(Some("tmpfs"), dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755"))
+        .map_err(setup("mounting /dev"))?;
+    for d in DEVICES {
+        let host = Path::new("/dev").join(d);
+        let inside = dev.join(d);
+        fs::write(&inside, b"").map_err(setup_io(format!("creating {}", inside.display())))?;
+        bind(&host, &inside, false)?;
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name)).map_err(setup_io("populating /dev"))?;
+    }
+    let shm = dev.join("shm");
+    fs::create_dir(&shm).map_err(setup_io("mkdir /dev/shm"))?;
+    mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
+        .map_err(setup("mounting /dev/shm"))?;
+    Ok(())
+}
+
+fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(setup("making / private"))?;
+    let root = spec.build_dir.join("root");
+    fs::create_dir_all(&root).map_err(setup_io("mkdir root"))?;
+    mount(Some("tmpfs"), &root, Some("tmpfs"), MsFlags::empty(), Some("mode=755"))
+        .map_err(setup("mounting the sandbox root"))?;
+
+    let inside = |p: &str| root.join(p.trim_start_matches('/'));
+    let build = inside(BUILD_DIR);
+    fs::create_dir_all(&build).map_err(setup_io("mkdir /build"))?;
+    bind(&spec.host_build(), &build, false)?;
+
+    for (host, name) in &spec.inputs {
+        let dst = inside(INPUTS_DIR).join(name);
+        mountpoint_like(host, &dst)?;
+        bind(host, &dst, true)?;
+        let meta = rbuild_store::meta::sidecar(host);
+        if meta.exists() {
+            let dst_meta = rbuild_store::meta::sidecar(&dst);
+            mountpoint_like(&meta, &dst_meta)?;
+            bind(&meta, &dst_meta, true)?;
+        }
+    }
+    let dev = inside("/dev");
+    fs::create_dir_all(&dev).map_err(setup_io("mkdir /dev"))?;
+    populate_dev(&dev)?;
+    let tmp = inside("/tmp");
+    fs::create_dir_all(&tmp).map_err(setup_io("mkdir /tmp"))?;
+    mount(Some("tmpfs"), &tmp, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
+        .map_err(setup("mounting /tmp"))?;
+    let proc_ = inside("/proc");
+    fs::create_dir_all(&proc_).map_err(setup_io("mkdir /proc"))?;
+    mount(
+        Some("proc"),
+        &proc_,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(setup("mounting /proc"))?;
+
+    let old = root.join(".old-root");
+    fs::create_dir_all(&old).map_err(setup_io("mkdir .old-root"))?;
+    pivot_root(&root, &old).map_err(setup("pivot_root"))?;
+    nix::unistd::chdir("/").map_err(setup("chdir /"))?;
+    umount2("/.old-root", MntFlags::MNT_DETACH).map_err(setup("detaching the host's root"))?;
+    fs::remove_dir("/.old-root").map_err(setup_io("rmdir /.old-root"))?;
+    nix::unistd::sethostname("rbuild").map_err(setup("sethostname"))?;
+    if !spec.network {
+        loopback_up()?;
+    }
+    // The builder's environment is exactly the spec's (this process is single-threaded).
+    for (k, _) in std::env::vars_os() {
+        std::env::remove_var(k);
+    }
+    for (k, v) in &spec.env {
+        std::env::set_var(k, v);
+    }
+    Ok(())
+}
+
+/// Bring up `lo` in the (new, empty) network namespace.
+fn loopback_up() -> Result<(), SandboxError> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(setup("socket for lo"))?;
+    // SAFETY: ifreq is plain old data; we pass a valid pointer to an initialized struct.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(SandboxError::Setup { what: "reading lo flags".into(), source: std::io::Error::last_os_error() });
+        }
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(SandboxError::Setup { what: "bringing lo up".into(), source: std::io::Error::last_os_error() });
+        }
+    }
+    Ok(())
+}
+
+/// Inside a sandbox: mount `/proc` and the `/dev` devices into `root` for a chrooted command.
+/// The returned guard unmounts them and removes the mount points again.
+pub struct ChrootMounts {
+    root: PathBuf,
+    mounted: Vec<PathBuf>,
+    created: Vec<PathBuf>,
+}
+
+impl ChrootMounts {
+    pub fn setup(root: &Path) -> Result<ChrootMounts, SandboxError> {
+        let mut g = ChrootMounts { root: root.to_owned(), mounted: vec![], created: vec![] };
+        let proc_ = root.join("proc");
+        fs::create_dir_all(&proc_).map_err(setup_io("mkdir proc in chroot"))?;
+        mount(Some("proc"), &proc_, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
+            .map_err(setup("mounting proc in the chroot"))?;
+        g.mounted.push(proc_);
+        let dev = root.join("dev");
+        fs::create_dir_all(&dev).map_err(setup_io("mkdir dev in chroot"))?;
+        for d in DEVICES {
+            let p = dev.join(d);
+            if fs::symlink_metadata(&p).is_err() {
+                fs::write(&p, b"").map_err(setup_io(format!("creating {}", p.display())))?;
+                g.created.push(p.clone());
+            }
+            bind(&Path::new("/dev").join(d), &p, false)?;
+            g.mounted.push(p);
+        }
+        Ok(g)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+impl Drop for ChrootMounts {
+    fn drop(&mut self) {
+        for m in self.mounted.iter().rev() {
+            let _ = umount2(m.as_path(), MntFlags::MNT_DETACH);
+        }
+        for c in &self.created {
+            let _ = fs::remove_file(c);
+        }
+    }
+}
+
+/// Inside a sandbox: run `argv` chrooted into `mounts.root()` with exactly `env`, stdout and
+/// stderr going to this process's stderr. Returns the exit status.
+pub fn run_chrooted(
+    mounts: &ChrootMounts,
+    argv: &[&str],
+    env: &[(String, String)],
+    stdin: Option<&[u8]>,
+) -> Result<std::process::ExitStatus, SandboxError> {
+    let root = CString::new(mounts.root().as_os_str().as_encoded_bytes())
+        .map_err(|_| SandboxError::Unsupported("chroot path contains NUL".into()))?;
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    cmd.stdout(std::io::stderr()).stderr(std::io::stderr());
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    // SAFETY: chroot and chdir are async-signal-safe; `root` outlives the spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(setup_io(format!("running {} in the chroot", argv[0])))?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(data).map_err(setup_io("writing to the command's stdin"))?;
+    }
+    child.wait().map_err(setup_io(format!("waiting for {}", argv[0])))
+}

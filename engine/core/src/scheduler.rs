@@ -1,0 +1,276 @@
+//! The scheduler: realise a target of the DAG, running every derivation whose output is not yet
+//! valid, each exactly once, in parallel where the graph allows.
+//!
+//! Only what the target needs is built: the walk stops at outputs that are already valid, so a
+//! store holding the final image never looks at (or fetches) its build-time inputs. Across
+//! processes sharing a store, a per-derivation lock plus a second validity check after taking it
+//! ensures that a derivation is never built twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use rbuild_store::{DrvRecord, Store};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::builtins::fetch::{FetchError, Fetcher};
+use crate::derivation::{Derivation, DrvHash, Stage};
+use crate::graph::{Graph, GraphError};
+use crate::progress::Progress;
+use crate::sandbox::{self, IdMap, SandboxError, SandboxSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] rbuild_store::StoreError),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("{stage} {name} failed ({status}); full log: {log}\n{tail}")]
+    BuildFailed { name: String, stage: Stage, status: String, log: PathBuf, tail: String },
+    #[error("{stage} {name}: the builder succeeded but wrote no output at $out")]
+    NoOutput { name: String, stage: Stage },
+    #[error("{0} is not a derivation of this graph")]
+    UnknownTarget(DrvHash),
+}
+
+/// What one `realise` did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub output: PathBuf,
+    /// Derivations executed by this run (fetches included).
+    pub built: usize,
+    /// Derivations whose output came from a binary cache.
+    pub substituted: usize,
+    /// Derivations that were already valid in the store.
+    pub reused: usize,
+}
+
+pub struct Engine {
+    store: Arc<Store>,
+    exe: PathBuf,
+    fetcher: Fetcher,
+    jobs: usize,
+    progress: Arc<Progress>,
+    idmap: OnceLock<Result<IdMap, String>>,
+}
+
+enum Outcome {
+    Built,
+    Reused,
+}
+
+impl Engine {
+    /// `exe` is the rbuild binary the sandbox re-executes (normally `/proc/self/exe`).
+    pub fn new(store: Arc<Store>, exe: PathBuf, fetcher: Fetcher, jobs: usize, progress: Arc<Progress>) -> Engine {
+        Engine { store, exe, fetcher, jobs: jobs.max(1), progress, idmap: OnceLock::new() }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn idmap(&self) -> Result<IdMap, SandboxError> {
+        self.idmap
+            .get_or_init(|| sandbox::check_support().map_err(|e| e.to_string()))
+            .clone()
+            .map_err(SandboxError::Unsupported)
+    }
+
+    /// Remove scratch directories of killed builds that hold files of subordinate ids.
+    pub fn clean_leftovers(&self) {
+        if self.store.leftovers().is_empty() {
+            return;
+        }
+        if let Ok(map) = self.idmap() {
+            for p in self.store.leftovers() {
+                let _ = sandbox::remove_as_mapped_root(&self.exe, p, &map);
+                let _ = std::fs::remove_file(p.with_extension("lock"));
+            }
+        }
+    }
+
+    /// The derivations `target` needs built (not yet valid), and how many valid ones the walk met.
+    fn plan(&self, graph: &Graph, target: &DrvHash) -> Result<(HashSet<DrvHash>, usize), EngineError> {
+        let mut needed = HashSet::new();
+        let mut seen = HashSet::new();
+        let mut reused = 0;
+        let mut stack = vec![target.clone()];
+        while let Some(h) = stack.pop() {
+            if !seen.insert(h.clone()) {
+                continue;
+            }
+            let drv = graph.get(&h).ok_or_else(|| EngineError::UnknownTarget(h.clone()))?;
+            if self.store.valid_output(&h.0)?.is_some() {
+                reused += 1;
+                continue;
+            }
+            needed.insert(h.clone());
+            stack.extend(drv.inputs.iter().cloned());
+        }
+        Ok((needed, reused))
+    }
+
+    /// Build whatever `target` needs and return its output.
+    pub async fn realise(self: &Arc<Self>, graph: Arc<Graph>, target: &DrvHash) -> Result<Report, EngineError> {
+        self.clean_leftovers();
+        let (needed, mut reused) = self.plan(&graph, target)?;
+        let mut report = Report::default();
+        if !needed.is_empty() {
+            let mut counts = BTreeMap::new();
+            for h in &needed {
+                let stage = graph.get(h).map(|d| d.stage).unwrap_or(Stage::Pack);
+                *counts.entry(stage).or_insert(0) += 1;
+            }
+            self.progress.plan(&counts);
+            // Sandboxed builds share the -j budget; downloads are I/O bound and get their own.
+            let build_slots = Arc::new(Semaphore::new(self.jobs));
+            let fetch_slots = Arc::new(Semaphore::new(24));
+            let mut pending: HashMap<DrvHash, usize> = HashMap::new();
+            let mut ready = Vec::new();
+            for h in &needed {
+                let drv = graph.get(h).expect("planned from the graph");
+                let n = drv.inputs.iter().filter(|i| needed.contains(*i)).collect::<HashSet<_>>().len();
+                if n == 0 {
+                    ready.push(h.clone());
+                } else {
+                    pending.insert(h.clone(), n);
+                }
+            }
+            let mut tasks = JoinSet::new();
+            let mut first_error = None;
+            loop {
+                if first_error.is_none() {
+                    for h in ready.drain(..) {
+                        let drv = graph.get(&h).expect("planned").clone();
+                        let this = Arc::clone(self);
+                        let slots = if drv.uses_network() { fetch_slots.clone() } else { build_slots.clone() };
+                        tasks.spawn(async move {
+                            let _slot = slots.acquire_owned().await.expect("semaphore open");
+                            let r = this.build_one(&h, &drv).await;
+                            (h, drv, r)
+                        });
+                    }
+                }
+                let Some(joined) = tasks.join_next().await else { break };
+                let (h, drv, r) = joined.expect("build task does not panic");
+                match r {
+                    Ok((outcome, bytes)) => {
+                        match outcome {
+                            Outcome::Built => report.built += 1,
+                            Outcome::Reused => reused += 1,
+                        }
+                        self.progress.finished(drv.stage, &drv.name, bytes);
+                        for dep in graph.dependents(&h) {
+                            if let Some(n) = pending.get_mut(&dep) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    pending.remove(&dep);
+                                    ready.push(dep);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if first_error.is_none() {
+                            first_error = Some(e);
+                        }
+                    }
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+        }
+        report.reused = reused;
+        report.output = self
+            .store
+            .valid_output(&target.0)?
+            .ok_or_else(|| EngineError::UnknownTarget(target.clone()))?
+            .path;
+        Ok(report)
+    }
+
+    async fn build_one(&self, hash: &DrvHash, drv: &Derivation) -> Result<(Outcome, u64), EngineError> {
+        let store = self.store.clone();
+        let h = hash.0.clone();
+        let _lock = tokio::task::spawn_blocking(move || store.lock_derivation(&h)).await.expect("lock task")?;
+        if let Some(out) = self.store.valid_output(&hash.0)? {
+            return Ok((Outcome::Reused, size_of(&out.path)));
+        }
+        let label: String = drv.output_name().chars().take(40).collect();
+        let build_dir = self.store.new_build_dir(&label)?;
+        let built = match &drv.fixed_output {
+            Some(fo) => {
+                let out = build_dir.path().join("out");
+                let rel = drv.args.first().map(String::as_str).unwrap_or_default();
+                self.fetcher.fetch_fixed(rel, fo, &out).await?;
+                out
+            }
+            None => self.run_sandboxed(hash, drv, build_dir.path()).await?,
+        };
+        let record = DrvRecord {
+            hash: hash.0.clone(),
+            name: drv.output_name(),
+            stage: drv.stage.to_string(),
+            json: drv.canonical_json(),
+            inputs: drv.inputs.iter().map(|i| i.0.clone()).collect(),
+        };
+        let store = self.store.clone();
+        let out = tokio::task::spawn_blocking(move || store.register(&record, &built)).await.expect("register task")?;
+        drop(build_dir);
+        Ok((Outcome::Built, size_of(&out.path)))
+    }
+
+    async fn run_sandboxed(&self, hash: &DrvHash, drv: &Derivation, build_dir: &Path) -> Result<PathBuf, EngineError> {
+        let map = self.idmap()?;
+        let mut inputs = Vec::new();
+        for i in &drv.inputs {
+            let out = self.store.valid_output(&i.0)?.ok_or_else(|| EngineError::UnknownTarget(i.clone()))?;
+            let name = out.path.file_name().expect("store paths have names").to_string_lossy().into_owned();
+            inputs.push((out.path, name));
+        }
+        let mut env: BTreeMap<String, String> = sandbox::fixed_env().into_iter().collect();
+        env.extend(drv.env.clone());
+        let spec = SandboxSpec {
+            build_dir: build_dir.to_owned(),
+            inputs,
+            network: false,
+            builder: drv.builder.clone(),
+            args: drv.args.clone(),
+            env: env.into_iter().collect(),
+        };
+        let exe = self.exe.clone();
+        let log = build_dir.join("log");
+        let log2 = log.clone();
+        let map2 = map.clone();
+        let result = tokio::task::spawn_blocking(move || sandbox::run(&exe, &spec, &map2, &log2)).await.expect("sandbox task")?;
+        let out = build_dir.join("build").join("out");
+        if !result.success {
+            let kept = self.store.root().join("log").join(format!("{}.log", hash.0));
+            let _ = std::fs::create_dir_all(kept.parent().expect("log dir"));
+            let _ = std::fs::copy(&log, &kept);
+            // The builder may have left files owned by subordinate ids.
+            let _ = sandbox::remove_as_mapped_root(&self.exe, &build_dir.join("build"), &map);
+            return Err(EngineError::BuildFailed {
+                name: drv.name.clone(),
+                stage: drv.stage,
+                status: result.status,
+                log: kept,
+                tail: result.stderr_tail,
+            });
+        }
+        if std::fs::symlink_metadata(&out).is_err() {
+            return Err(EngineError::NoOutput { name: drv.name.clone(), stage: drv.stage });
+        }
+        Ok(out)
+    }
+}
+
+fn size_of(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| if m.is_file() { m.len() } else { 0 }).unwrap_or(0)
+}

@@ -1,0 +1,269 @@
+//! The `rbuild` command line.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use rbuild_engine::builtins::fetch::Fetcher;
+use rbuild_engine::builtins::Builtins;
+use rbuild_engine::progress::Progress;
+use rbuild_engine::{Engine, Graph};
+use rbuild_recipes::{expand, mirror, recipe};
+use rbuild_store::Store;
+
+#[derive(Parser)]
+#[command(name = "rbuild", version, about = "Reproducible, verified, unprivileged Debian bootstraps and container images, built as a cached derivation graph")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// The store directory [default: $XDG_DATA_HOME/rbuild/store]
+    #[arg(long, env = "RBUILD_STORE", global = true)]
+    store: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build RECIPE[^OUTPUT] (outputs: image (default), rootfs, tree, index) and print its store path
+    Realise {
+        /// A built-in recipe name (e.g. debian-bullseye) or a path to a .toml recipe, optionally ^OUTPUT
+        recipe: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Make PATH a symlink to the output, and a GC root
+        #[arg(short = 'o', long = "out-link")]
+        out_link: Option<PathBuf>,
+        /// Debian mirror URL (http://, https:// or file://) [default: from the host's apt configuration]
+        #[arg(long, env = "RBUILD_MIRROR")]
+        mirror: Option<String>,
+        /// Never touch the network; fail clearly when something is missing from the store
+        #[arg(long)]
+        offline: bool,
+        /// Sandboxed builds to run at once [default: number of cores]
+        #[arg(short = 'j', long)]
+        jobs: Option<usize>,
+        /// Print one JSON object {output, built, substituted, reused} instead of the path
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the derivation graph of a recipe
+    Graph {
+        recipe: String,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Json)]
+        format: GraphFormat,
+    },
+    /// Resolve a recipe against the archive's verified index and (re)write its lock
+    Lock {
+        recipe: String,
+        #[arg(long, env = "RBUILD_MIRROR")]
+        mirror: Option<String>,
+        /// Where to write the lock [default: beside the recipe file; ./NAME.lock for built-ins]
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Delete every store output that no GC root (an -o link) reaches
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Check that sandboxes work here and show what a builder sees (JSON)
+    Doctor {
+        /// Also try a TCP connection from inside the sandbox to HOST:PORT
+        #[arg(long)]
+        connect: Vec<String>,
+    },
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox { spec: PathBuf },
+    #[command(name = "__remove", hide = true)]
+    Remove { path: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Json,
+    Dot,
+}
+
+fn builtins() -> Builtins {
+    let mut b = Builtins::new();
+    rbuild_recipes::builders::register(&mut b);
+    b
+}
+
+fn default_store(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(s) = flag {
+        return Ok(s);
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .context("cannot find a default store: set --store, RBUILD_STORE, XDG_DATA_HOME or HOME")?;
+    Ok(data.join("rbuild/store"))
+}
+
+/// `RECIPE^OUTPUT` → (RECIPE, OUTPUT).
+fn split_output(arg: &str) -> (&str, Option<&str>) {
+    match arg.rsplit_once('^') {
+        Some((r, o)) => (r, Some(o)),
+        None => (arg, None),
+    }
+}
+
+fn runtime(jobs: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(jobs.max(2)).enable_all().build()?)
+}
+
+/// Load a recipe and its lock; a path recipe without a lock is locked first.
+fn load_locked(arg: &str, mirror: Option<&str>, offline: bool) -> anyhow::Result<(recipe::Loaded, expand::Expanded)> {
+    let mut loaded = recipe::load(arg)?;
+    if loaded.lock.is_none() {
+        let Some(lock_path) = loaded.lock_path() else { bail!("built-in recipe {arg} has no lock") };
+        if offline {
+            bail!("{}: no lock, and --offline forbids resolving one; run `rbuild lock {arg}` with network access", lock_path.display());
+        }
+        eprintln!("{}: no lock; locking first", lock_path.display());
+        let fetcher = Fetcher::new(mirror::choose(mirror));
+        let lock = runtime(2)?.block_on(rbuild_recipes::lock::lock(&loaded.recipe, &loaded.keyring, &fetcher))?;
+        std::fs::write(&lock_path, recipe::render_lock(&lock)).with_context(|| format!("writing {}", lock_path.display()))?;
+        loaded.lock = Some(lock);
+    }
+    let lock = loaded.require_lock()?;
+    let expanded = expand::expand(&loaded.recipe, &loaded.keyring, lock)?;
+    Ok((loaded.clone(), expanded))
+}
+
+fn realise(
+    arg: &str,
+    store: Option<PathBuf>,
+    out_link: Option<PathBuf>,
+    mirror_flag: Option<String>,
+    offline: bool,
+    jobs: Option<usize>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (recipe_arg, output) = split_output(arg);
+    let (_, expanded) = load_locked(recipe_arg, mirror_flag.as_deref(), offline)?;
+    let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
+    let store_dir = default_store(store)?;
+    let store = Arc::new(Store::open(&store_dir).with_context(|| format!("opening the store at {}", store_dir.display()))?);
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let fetcher = if offline { Fetcher::offline() } else { Fetcher::new(mirror::choose(mirror_flag.as_deref())) };
+    let exe = std::env::current_exe().context("locating the rbuild binary")?;
+    let progress = Arc::new(Progress::new(false));
+    let engine = Arc::new(Engine::new(store.clone(), exe, fetcher, jobs, progress.clone()));
+    let graph = Arc::new(expanded.graph);
+    let report = runtime(jobs)?.block_on(engine.realise(graph, &target)).with_context(|| format!("realising {arg}"))?;
+    drop(progress);
+    if let Some(link) = out_link {
+        store.add_root(&link, &target.0).with_context(|| format!("creating the output link {}", link.display()))?;
+    }
+    if json {
+        println!("{}", serde_json::json!({
+            "output": report.output, "built": report.built, "substituted": report.substituted, "reused": report.reused,
+        }));
+    } else {
+        println!("{}", report.output.display());
+    }
+    Ok(())
+}
+
+fn graph_cmd(arg: &str, format: GraphFormat) -> anyhow::Result<()> {
+    let (recipe_arg, _) = split_output(arg);
+    let (_, expanded) = load_locked(recipe_arg, None, true)?;
+    let g: &Graph = &expanded.graph;
+    match format {
+        GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&g.to_json())?),
+        GraphFormat::Dot => print!("{}", g.to_dot()),
+    }
+    Ok(())
+}
+
+fn lock_cmd(arg: &str, mirror_flag: Option<String>, output: Option<PathBuf>) -> anyhow::Result<()> {
+    let loaded = recipe::load(arg)?;
+    let dest = output
+        .or_else(|| loaded.lock_path())
+        .unwrap_or_else(|| PathBuf::from(format!("{}.lock", loaded.recipe.name)));
+    let mirror = mirror::choose(mirror_flag.as_deref())
+        .context("no Debian mirror: pass --mirror URL, set RBUILD_MIRROR, or configure one in /etc/apt")?;
+    let fetcher = Fetcher::new(Some(mirror));
+    let lock = runtime(2)?.block_on(rbuild_recipes::lock::lock(&loaded.recipe, &loaded.keyring, &fetcher))?;
+    std::fs::write(&dest, recipe::render_lock(&lock)).with_context(|| format!("writing {}", dest.display()))?;
+    eprintln!("{}: {} packages pinned", dest.display(), lock.packages.len());
+    println!("{}", dest.display());
+    Ok(())
+}
+
+fn gc_cmd(store: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = default_store(store)?;
+    let store = Store::open(&dir).with_context(|| format!("opening the store at {}", dir.display()))?;
+    let r = store.gc()?;
+    eprintln!("gc: deleted {} outputs; {} roots kept, {} stale roots dropped", r.deleted, r.roots_kept, r.roots_dropped);
+    if !r.unremovable.is_empty() {
+        if let (Ok(map), Ok(exe)) = (rbuild_engine::sandbox::check_support(), std::env::current_exe()) {
+            for p in &r.unremovable {
+                rbuild_engine::sandbox::remove_as_mapped_root(&exe, p, &map)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn doctor(connect: Vec<String>) -> anyhow::Result<()> {
+    use rbuild_engine::sandbox;
+    let map = sandbox::check_support()?;
+    let dir = std::env::temp_dir().join(format!("rbuild-doctor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let spec = sandbox::SandboxSpec {
+        build_dir: dir.clone(),
+        inputs: vec![],
+        network: false,
+        builder: "builtin:probe".into(),
+        args: connect.iter().map(|c| format!("connect={c}")).collect(),
+        env: sandbox::fixed_env(),
+    };
+    let exe = std::env::current_exe()?;
+    let result = sandbox::run(&exe, &spec, &map, &dir.join("log"));
+    let report = std::fs::read_to_string(spec.host_build().join("out"));
+    let _ = rbuild_store::remove_all(&dir);
+    let result = result?;
+    if !result.success {
+        bail!("the sandbox probe failed ({}):\n{}", result.status, result.stderr_tail);
+    }
+    eprintln!("sandbox: ok ({})", match map {
+        sandbox::IdMap::Root => "root: ids mapped directly".to_owned(),
+        sandbox::IdMap::Subordinate { subuid, .. } => format!("unprivileged: subordinate ids {}-{}", subuid.0, subuid.0 + subuid.1 - 1),
+    });
+    println!("{}", report?);
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sandbox { spec } => std::process::exit(builtins().sandbox_main(&spec)),
+        Command::Remove { path } => {
+            std::process::exit(match rbuild_store::remove_all(Path::new(&path)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("rbuild: removing {}: {e}", path.display());
+                    1
+                }
+            })
+        }
+        Command::Realise { recipe, store, out_link, mirror, offline, jobs, json } => {
+            realise(&recipe, store.store, out_link, mirror, offline, jobs, json)
+        }
+        Command::Graph { recipe, format } => graph_cmd(&recipe, format),
+        Command::Lock { recipe, mirror, output } => lock_cmd(&recipe, mirror, output),
+        Command::Gc { store } => gc_cmd(store.store),
+        Command::Doctor { connect } => doctor(connect),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,284 @@
+//! The Debian builders, run inside the sandbox: `debian-verify`, `debian-unpack` and
+//! `debian-configure`.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use rbuild_engine::builtins::{BuildContext, Builtins};
+use rbuild_engine::sandbox::{self, ChrootMounts};
+use rbuild_store::meta::{sidecar, TreeMeta};
+use sha2::{Digest, Sha256};
+
+use crate::debian::{self, packages};
+use crate::expand::{ConfigurePackage, ConfigurePlan};
+use crate::recipe::Variant;
+
+pub fn register(b: &mut Builtins) {
+    b.register("debian-verify", verify);
+    b.register("debian-unpack", unpack);
+    b.register("debian-configure", configure);
+}
+
+/// `debian-verify`: inputs `[InRelease, index…]`; args `[suite, keyring, fingerprints, sde,
+/// index-path…]`. Checks the InRelease signature against the pinned keys, the suite and date,
+/// and each index against the signed Release. `$out/index` is the compact verified index (one
+/// line per package), `$out/release.json` the signed Release fields.
+fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
+    let suite = ctx.arg(0)?;
+    let keyring = ctx.arg(1)?.as_bytes();
+    let pinned: Vec<String> = ctx.arg(2)?.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    let sde: i64 = ctx.arg(3)?.parse().context("source date epoch argument")?;
+    let inrelease_file = format!("dists/{suite}/InRelease");
+    let inrelease = fs::read(&ctx.inputs[0]).with_context(|| format!("reading {inrelease_file}"))?;
+    let release = debian::release::verify_inrelease(&inrelease_file, &inrelease, keyring, &pinned)?;
+    if release.codename != suite && release.suite != suite {
+        bail!("{inrelease_file}: suite check failed: expected {suite}, the signed Release says Suite {} / Codename {}", release.suite, release.codename);
+    }
+    if release.source_date_epoch != sde {
+        bail!("{inrelease_file}: date check failed: the lock says SOURCE_DATE_EPOCH {sde}, the signed Release Date {:?} is {}", release.date, release.source_date_epoch);
+    }
+    let mut lines = Vec::new();
+    for (i, path) in ctx.args[4..].iter().enumerate() {
+        let input = ctx.inputs.get(i + 1).with_context(|| format!("no input for {path}"))?;
+        let bytes = fs::read(input).with_context(|| format!("reading {path}"))?;
+        let rel = path.strip_prefix(&format!("dists/{suite}/")).unwrap_or(path);
+        debian::release::check_file(rel, &bytes, &release).with_context(|| format!("verifying dists/{suite}/{rel}"))?;
+        let text = packages::decompress(path, &bytes)?;
+        let text = String::from_utf8(text).with_context(|| format!("{path}: not UTF-8"))?;
+        for p in packages::parse_packages(path, &text)? {
+            lines.push(packages::index_line(&p));
+        }
+    }
+    lines.sort();
+    fs::create_dir_all(&ctx.out)?;
+    fs::write(ctx.out.join("index"), lines.join("\n") + "\n")?;
+    let summary = serde_json::json!({
+        "suite": release.suite, "codename": release.codename, "version": release.version,
+        "date": release.date, "source_date_epoch": release.source_date_epoch, "signed_by": release.signed_by,
+    });
+    fs::write(ctx.out.join("release.json"), serde_json::to_vec_pretty(&summary)?)?;
+    Ok(())
+}
+
+fn sha256_of(path: &Path) -> anyhow::Result<(String, u64)> {
+    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n_total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        n_total += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((hex::encode(h.finalize()), n_total))
+}
+
+/// `debian-unpack`: inputs `[verified index, .deb]`; args `[name, version, arch]`. Checks the
+/// `.deb` against the sha256 the signed index lists for that package, then unpacks it.
+fn unpack(ctx: &BuildContext) -> anyhow::Result<()> {
+    let (name, version, arch) = (ctx.arg(0)?, ctx.arg(1)?, ctx.arg(2)?);
+    let index = fs::read_to_string(ctx.inputs[0].join("index")).context("reading the verified index")?;
+    let deb = &ctx.inputs[1];
+    let entries = packages::lookup_index_line(&index, name);
+    let Some(entry) = entries.iter().find(|e| e.version == version && e.architecture == arch) else {
+        bail!(
+            "verify: package {name} {version} ({arch}) is not in the signed Packages index (it lists: {})",
+            if entries.is_empty() { "no such package".to_owned() } else { entries.iter().map(|e| format!("{} {}", e.version, e.architecture)).collect::<Vec<_>>().join(", ") }
+        );
+    };
+    let (sha, size) = sha256_of(deb)?;
+    if sha != entry.sha256 || size != entry.size {
+        bail!(
+            "verify: {}: sha256 check against the signed Packages index failed for {name} {version}: expected {} ({} bytes), got {sha} ({size} bytes)",
+            entry.filename, entry.sha256, entry.size
+        );
+    }
+    let meta = rbuild_engine::archive::deb::unpack_deb(deb, &ctx.out)?;
+    meta.write(&ctx.meta_out())?;
+    Ok(())
+}
+
+/// Copy the `data/` tree of an unpacked package into `root`, giving every entry the ownership,
+/// mode and capabilities its metadata records. Paths resolve through `root`'s own merged-/usr
+/// symlinks (`bin` → `usr/bin`), as dpkg's would.
+fn materialize(unpacked: &Path, root: &Path) -> anyhow::Result<()> {
+    let meta = TreeMeta::read(&sidecar(unpacked))?;
+    let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
+    for (rel, e) in &meta.entries {
+        let Some(sub) = rel.strip_prefix("data/") else { continue };
+        let src = unpacked.join(rel);
+        let dst = root.join(sub);
+        let md = fs::symlink_metadata(&src).with_context(|| format!("stat {}", src.display()))?;
+        let ft = md.file_type();
+        if ft.is_dir() {
+            match fs::metadata(&dst) {
+                Ok(m) if m.is_dir() => {
+                    if fs::symlink_metadata(&dst)?.is_dir() {
+                        sandbox::apply_meta(&dst, e)?;
+                    }
+                    continue;
+                }
+                _ => fs::create_dir(&dst).with_context(|| format!("mkdir {}", dst.display()))?,
+            }
+        } else {
+            if fs::symlink_metadata(&dst).is_ok() {
+                fs::remove_file(&dst).with_context(|| format!("replacing {}", dst.display()))?;
+            }
+            if ft.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(&src)?, &dst).with_context(|| format!("symlink {}", dst.display()))?;
+            } else if md.nlink() > 1 && links.contains_key(&(md.dev(), md.ino())) {
+                fs::hard_link(&links[&(md.dev(), md.ino())], &dst)?;
+                continue;
+            } else {
+                fs::copy(&src, &dst).with_context(|| format!("copying {}", dst.display()))?;
+                if md.nlink() > 1 {
+                    links.insert((md.dev(), md.ino()), dst.clone());
+                }
+            }
+        }
+        sandbox::apply_meta(&dst, e)?;
+    }
+    Ok(())
+}
+
+const MERGED_USR_DIRS_AMD64: &[&str] = &["bin", "sbin", "lib", "lib64"];
+const MERGED_USR_DIRS: &[&str] = &["bin", "sbin", "lib"];
+
+fn chroot_env(ctx: &BuildContext) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        ("LC_ALL", "C.UTF-8"),
+        ("TZ", "UTC"),
+        ("HOME", "/root"),
+        ("DEBIAN_FRONTEND", "noninteractive"),
+        ("DEBCONF_NONINTERACTIVE_SEEN", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    env.push(("SOURCE_DATE_EPOCH".into(), ctx.source_date_epoch().to_string()));
+    env
+}
+
+/// Files that record when or where the system was built rather than what it is.
+const VOLATILE: &[&str] = &[
+    "var/log/dpkg.log",
+    "var/log/alternatives.log",
+    "var/log/bootstrap.log",
+    "var/cache/ldconfig/aux-cache",
+    "var/lib/dpkg/status-old",
+    "var/lib/dpkg/available-old",
+    "var/lib/dpkg/diversions-old",
+    "var/lib/dpkg/statoverride-old",
+    "var/cache/debconf/config.dat-old",
+    "var/cache/debconf/templates.dat-old",
+    "var/cache/debconf/passwords.dat-old",
+    "etc/passwd-",
+    "etc/group-",
+    "etc/shadow-",
+    "etc/gshadow-",
+    "etc/subuid-",
+    "etc/subgid-",
+];
+
+/// `debian-configure`: inputs `[verified index, (unpacked, deb)…]`; argument 0 is a
+/// [`ConfigurePlan`]. Assembles the essential packages, then has the target's own dpkg install
+/// every package in one chrooted run; `$out` is the configured root filesystem.
+fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
+    let plan: ConfigurePlan = serde_json::from_str(ctx.arg(0)?).context("configure plan")?;
+    let root = ctx.out.clone();
+    fs::create_dir_all(&root)?;
+    if plan.merged_usr {
+        let dirs = if plan.architecture == "amd64" { MERGED_USR_DIRS_AMD64 } else { MERGED_USR_DIRS };
+        fs::create_dir_all(root.join("usr"))?;
+        for d in dirs {
+            fs::create_dir_all(root.join("usr").join(d))?;
+            std::os::unix::fs::symlink(format!("usr/{d}"), root.join(d))?;
+        }
+    }
+    let seed: Vec<&ConfigurePackage> = match plan.variant {
+        Variant::Extract => plan.packages.iter().collect(),
+        Variant::Debootstrap => plan.packages.iter().filter(|p| p.essential).collect(),
+    };
+    for p in &seed {
+        materialize(&ctx.inputs[p.unpacked], &root).with_context(|| format!("extracting {}", p.name))?;
+    }
+    if plan.variant == Variant::Debootstrap {
+        install_with_dpkg(ctx, &plan, &root)?;
+    }
+    for v in VOLATILE {
+        let _ = fs::remove_file(root.join(v));
+    }
+    if let Ok(md) = fs::symlink_metadata(root.join("etc/machine-id")) {
+        if md.is_file() {
+            // A container gets its machine id at run time; a baked-in one is random and shared.
+            fs::write(root.join("etc/machine-id"), b"")?;
+        }
+    }
+    let meta = sandbox::normalize_tree(&root, ctx.source_date_epoch())?;
+    meta.write(&ctx.meta_out())?;
+    Ok(())
+}
+
+fn install_with_dpkg(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow::Result<()> {
+    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers", "etc/dpkg/dpkg.cfg.d", "var/cache/rbuild-debs", "usr/sbin"] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    for f in ["var/lib/dpkg/status", "var/lib/dpkg/available"] {
+        fs::write(root.join(f), b"")?;
+    }
+    fs::write(root.join("var/lib/dpkg/arch"), format!("{}\n", plan.architecture))?;
+    // No service starts during the build; dpkg need not fsync a tree that is thrown away on failure.
+    let policy = root.join("usr/sbin/policy-rc.d");
+    fs::write(&policy, "#!/bin/sh\nexit 101\n")?;
+    sandbox::apply_meta(&policy, &rbuild_store::meta::EntryMeta { uid: 0, gid: 0, mode: 0o755, mtime: ctx.source_date_epoch(), caps: None })?;
+    let unsafe_io = root.join("etc/dpkg/dpkg.cfg.d/rbuild-unsafe-io");
+    fs::write(&unsafe_io, "force-unsafe-io\n")?;
+
+    let mut essential = Vec::new();
+    let mut rest = Vec::new();
+    for (i, p) in plan.packages.iter().enumerate() {
+        let name = format!("{i:04}_{}.deb", p.name);
+        fs::copy(&ctx.inputs[p.deb], root.join("var/cache/rbuild-debs").join(&name))
+            .with_context(|| format!("copying the .deb of {}", p.name))?;
+        let inside = format!("/var/cache/rbuild-debs/{name}");
+        if p.essential { essential.push(inside) } else { rest.push(inside) }
+    }
+    let env = chroot_env(ctx);
+    let mounts = ChrootMounts::setup(root)?;
+    for (what, batch) in [("essential packages", &essential), ("remaining packages", &rest)] {
+        if batch.is_empty() {
+            continue;
+        }
+        let mut argv = vec!["/usr/bin/dpkg", "--install", "--force-depends", "--force-confdef", "--force-confold"];
+        argv.extend(batch.iter().map(String::as_str));
+        eprintln!("configure: dpkg --install of {} {what}", batch.len());
+        let status = sandbox::run_chrooted(&mounts, &argv, &env, None)?;
+        if !status.success() {
+            bail!("configure: dpkg --install of the {what} failed ({status}); see the dpkg output above");
+        }
+    }
+    let status = sandbox::run_chrooted(&mounts, &["/usr/bin/dpkg", "--configure", "--pending", "--force-depends"], &env, None)?;
+    if !status.success() {
+        bail!("configure: dpkg --configure --pending failed ({status})");
+    }
+    // The database must be complete: `dpkg --audit` prints nothing on a healthy system.
+    let audit = root.join("var/cache/rbuild-debs/audit");
+    let status = sandbox::run_chrooted(&mounts, &["/bin/sh", "-c", "/usr/bin/dpkg --audit > /var/cache/rbuild-debs/audit 2>&1"], &env, None)?;
+    let report = fs::read_to_string(&audit).unwrap_or_default();
+    let _ = fs::remove_file(&audit);
+    if !status.success() || !report.trim().is_empty() {
+        bail!("configure: `dpkg --audit` is not clean ({status}):\n{report}");
+    }
+    drop(mounts);
+    fs::remove_dir_all(root.join("var/cache/rbuild-debs"))?;
+    fs::remove_file(&policy)?;
+    fs::remove_file(&unsafe_io)?;
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! Turning a locked recipe into the derivation graph: fetch → verify → unpack → configure → pack.
+
+use std::collections::BTreeMap;
+
+use rbuild_engine::{Derivation, DrvHash, FixedOutput, Graph, Stage};
+use serde::{Deserialize, Serialize};
+
+use crate::recipe::{Lock, Recipe, Variant};
+
+/// The named outputs of a recipe (`RECIPE^NAME`).
+#[derive(Debug, Clone)]
+pub struct Expanded {
+    pub graph: Graph,
+    pub outputs: BTreeMap<&'static str, DrvHash>,
+}
+
+impl Expanded {
+    pub const DEFAULT_OUTPUT: &'static str = "image";
+
+    pub fn output(&self, name: Option<&str>) -> Result<&DrvHash, String> {
+        let n = name.unwrap_or(Self::DEFAULT_OUTPUT);
+        self.outputs.get(n).ok_or_else(|| {
+            format!(
+                "no output named {n:?}; this recipe has: {}",
+                self.outputs.keys().copied().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+/// Arguments of the configure builder (one JSON argument).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigurePlan {
+    pub variant: Variant,
+    pub architecture: String,
+    pub merged_usr: bool,
+    /// In install order. `unpacked` and `deb` index the derivation's inputs.
+    pub packages: Vec<ConfigurePackage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigurePackage {
+    pub name: String,
+    pub essential: bool,
+    pub unpacked: usize,
+    pub deb: usize,
+}
+
+fn fetch(name: String, path: &str, sha256: &str, size: u64) -> Derivation {
+    Derivation {
+        name,
+        stage: Stage::Fetch,
+        builder: "builtin:fetch".into(),
+        args: vec![path.to_owned()],
+        env: BTreeMap::new(),
+        inputs: vec![],
+        fixed_output: Some(FixedOutput { sha256: sha256.to_owned(), size }),
+    }
+}
+
+fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, rbuild_engine::graph::GraphError> {
+    let mut g = Graph::new();
+    let sde: BTreeMap<String, String> =
+        [("SOURCE_DATE_EPOCH".to_owned(), lock.source_date_epoch.to_string())].into_iter().collect();
+
+    let inrelease = g.add(fetch(format!("{}-InRelease", lock.suite), &lock.inrelease.path, &lock.inrelease.sha256, lock.inrelease.size))?;
+    let mut verify_inputs = vec![inrelease];
+    let mut verify_args = vec![
+        lock.suite.clone(),
+        String::from_utf8_lossy(keyring).into_owned(),
+        recipe.fingerprints.join(","),
+        lock.source_date_epoch.to_string(),
+    ];
+    for idx in &lock.indices {
+        let name = idx.path.replace('/', "_");
+        verify_inputs.push(g.add(fetch(name, &idx.path, &idx.sha256, idx.size))?);
+        verify_args.push(idx.path.clone());
+    }
+    let verify = g.add(Derivation {
+        name: format!("{}-verified-index", lock.suite),
+        stage: Stage::Verify,
+        builder: "builtin:debian-verify".into(),
+        args: verify_args,
+        env: BTreeMap::new(),
+        inputs: verify_inputs,
+        fixed_output: None,
+    })?;
+
+    let mut configure_inputs = vec![verify.clone()];
+    let mut plan = ConfigurePlan {
+        variant: recipe.variant,
+        architecture: recipe.architecture.clone(),
+        merged_usr: recipe.merged_usr,
+        packages: vec![],
+    };
+    for p in &lock.packages {
+        let deb = g.add(fetch(base_name(&p.filename).to_owned(), &p.filename, &p.sha256, p.size))?;
+        let unpacked = g.add(Derivation {
+            name: format!("{}_{}_{}", p.name, p.version, p.architecture),
+            stage: Stage::Unpack,
+            builder: "builtin:debian-unpack".into(),
+            args: vec![p.name.clone(), p.version.clone(), p.architecture.clone()],
+            env: BTreeMap::new(),
+            inputs: vec![verify.clone(), deb.clone()],
+            fixed_output: None,
+        })?;
+        configure_inputs.push(unpacked);
+        configure_inputs.push(deb);
+        plan.packages.push(ConfigurePackage {
+            name: p.name.clone(),
+            essential: p.essential,
+            unpacked: configure_inputs.len() - 2,
+            deb: configure_inputs.len() - 1,
+        });
+    }
+    let tree = g.add(Derivation {
+        name: format!("{}-rootfs", recipe.name),
+        stage: Stage::Configure,
+        builder: "builtin:debian-configure".into(),
+        args: vec![serde_json::to_string(&plan).expect("plan serializes")],
+        env: sde.clone(),
+        inputs: configure_inputs,
+        fixed_output: None,
+    })?;
+    let rootfs = g.add(Derivation {
+        name: format!("{}-rootfs.tar", recipe.name),
+        stage: Stage::Pack,
+        builder: "builtin:pack-tar".into(),
+        args: vec![],
+        env: sde.clone(),
+        inputs: vec![tree.clone()],
+        fixed_output: None,
+    })?;
+    let layer = g.add(Derivation {
+        name: format!("{}-layer", recipe.name),
+        stage: Stage::Pack,
+        builder: "builtin:pack-layer".into(),
+        args: vec![format!("rbuild {} {} {} {:?} ({} packages)", recipe.name, recipe.suite, recipe.architecture, recipe.variant, lock.packages.len())],
+        env: sde.clone(),
+        inputs: vec![rootfs.clone()],
+        fixed_output: None,
+    })?;
+    let config = rbuild_engine::archive::oci::ImageConfig {
+        architecture: recipe.architecture.clone(),
+        os: "linux".into(),
+        created: rbuild_engine::archive::oci::rfc3339(lock.source_date_epoch),
+        cmd: recipe.image.cmd.clone(),
+        entrypoint: recipe.image.entrypoint.clone(),
+        env: if recipe.image.env.is_empty() {
+            vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
+        } else {
+            recipe.image.env.clone()
+        },
+        user: None,
+        working_dir: None,
+        labels: BTreeMap::new(),
+    };
+    let image = g.add(Derivation {
+        name: format!("{}-oci", recipe.name),
+        stage: Stage::Pack,
+        builder: "builtin:pack-oci".into(),
+        args: vec![serde_json::to_string(&config).expect("config serializes"), recipe.name.clone()],
+        env: sde,
+        inputs: vec![layer],
+        fixed_output: None,
+    })?;
+    let outputs = [("image", image), ("rootfs", rootfs), ("tree", tree), ("index", verify)].into_iter().collect();
+    Ok(Expanded { graph: g, outputs })
+}

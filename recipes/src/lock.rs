@@ -1,0 +1,65 @@
+//! `rbuild lock`: resolve a recipe against the archive's *verified* index and pin the result.
+
+use anyhow::{bail, Context};
+use rbuild_engine::builtins::fetch::Fetcher;
+
+use crate::debian::{self, packages, resolve};
+use crate::recipe::{Lock, PinnedFile, PinnedPackage, Recipe};
+
+/// Download and verify the InRelease and indices, resolve the package set, and return the lock.
+pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow::Result<Lock> {
+    let suite = &recipe.suite;
+    let inrelease_path = format!("dists/{suite}/InRelease");
+    let inrelease = fetcher.get_bytes(&inrelease_path).await?;
+    let release = debian::release::verify_inrelease(&inrelease_path, &inrelease, keyring, &recipe.fingerprints)?;
+    let mut indices = Vec::new();
+    let mut all = Vec::new();
+    for comp in &recipe.components {
+        let rel = ["xz", "gz"]
+            .iter()
+            .map(|ext| format!("{comp}/binary-{}/Packages.{ext}", recipe.architecture))
+            .find(|r| release.sha256.contains_key(r))
+            .with_context(|| format!("{inrelease_path}: the signed Release lists no Packages.xz or Packages.gz for {comp}/binary-{}", recipe.architecture))?;
+        let path = format!("dists/{suite}/{rel}");
+        let bytes = fetcher.get_bytes(&path).await?;
+        debian::release::check_file(&rel, &bytes, &release)?;
+        let text = String::from_utf8(packages::decompress(&path, &bytes)?).with_context(|| format!("{path}: not UTF-8"))?;
+        all.extend(packages::parse_packages(&path, &text)?);
+        let entry = &release.sha256[&rel];
+        indices.push(PinnedFile { path, sha256: entry.sha256.clone(), size: entry.size });
+    }
+    let selected = resolve::resolve_debootstrap(&all, &recipe.architecture, &recipe.include)?;
+    if selected.is_empty() {
+        bail!("{suite}: resolution selected no packages");
+    }
+    let order = resolve::install_order(&selected);
+    let by_name: std::collections::HashMap<&str, &packages::Package> = selected.iter().map(|p| (p.name.as_str(), p)).collect();
+    let packages = order
+        .iter()
+        .map(|n| {
+            let p = by_name[n.as_str()];
+            PinnedPackage {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                architecture: p.architecture.clone(),
+                essential: p.essential,
+                filename: p.filename.clone(),
+                sha256: p.sha256.clone(),
+                size: p.size,
+            }
+        })
+        .collect();
+    Ok(Lock {
+        suite: suite.clone(),
+        architecture: recipe.architecture.clone(),
+        source_date_epoch: release.source_date_epoch,
+        inrelease: PinnedFile { path: inrelease_path, sha256: sha256_hex(&inrelease), size: inrelease.len() as u64 },
+        indices,
+        packages,
+    })
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(b))
+}

@@ -1,0 +1,98 @@
+//! Which Debian mirror to use: `--mirror` / `RBUILD_MIRROR`, else the host's apt configuration
+//! (deb822 `.sources` files and one-line `sources.list`). The mirror only decides where bytes
+//! come from; the lock decides which bytes, so it never enters a derivation hash.
+
+use std::path::Path;
+
+/// The first `deb` source of the host's apt configuration that serves the main archive (not
+/// a `-security` or `-updates` suite), searched under `apt_dir` (normally `/etc/apt`).
+pub fn from_apt_config(apt_dir: &Path) -> Option<String> {
+    let mut candidates: Vec<(String, Vec<String>)> = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(apt_dir.join("sources.list")) {
+        candidates.extend(one_line_sources(&text));
+    }
+    let mut files: Vec<_> = std::fs::read_dir(apt_dir.join("sources.list.d"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        match f.extension().and_then(|e| e.to_str()) {
+            Some("sources") => candidates.extend(deb822_sources(&text)),
+            Some("list") => candidates.extend(one_line_sources(&text)),
+            _ => {}
+        }
+    }
+    candidates
+        .into_iter()
+        .find(|(_, suites)| suites.iter().any(|s| !s.contains("-security") && !s.contains("/updates")))
+        .map(|(uri, _)| uri.trim_end_matches('/').to_owned())
+}
+
+fn deb822_sources(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let Ok(doc) = text.parse::<deb822_fast::Deb822>() else { return out };
+    for para in doc.iter() {
+        let get = |k: &str| para.get(k).map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default();
+        if !get("Types").iter().any(|t| t == "deb") || get("Enabled").iter().any(|e| e == "no") {
+            continue;
+        }
+        let suites = get("Suites");
+        for uri in get("URIs") {
+            out.push((uri, suites.clone()));
+        }
+    }
+    out
+}
+
+fn one_line_sources(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let mut words = line.split_whitespace().peekable();
+        if words.next() != Some("deb") {
+            continue;
+        }
+        if words.peek().is_some_and(|w| w.starts_with('[')) {
+            for w in words.by_ref() {
+                if w.ends_with(']') {
+                    break;
+                }
+            }
+        }
+        if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
+            out.push((uri.to_owned(), vec![suite.to_owned()]));
+        }
+    }
+    out
+}
+
+/// `--mirror`, then `RBUILD_MIRROR`, then the host's apt configuration.
+pub fn choose(flag: Option<&str>) -> Option<String> {
+    flag.map(str::to_owned)
+        .or_else(|| std::env::var("RBUILD_MIRROR").ok().filter(|s| !s.is_empty()))
+        .or_else(|| from_apt_config(Path::new("/etc/apt")))
+        .map(|m| m.trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deb822_and_one_line_sources_skip_security() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sources.list.d")).unwrap();
+        std::fs::write(
+            d.path().join("sources.list.d/a.sources"),
+            "Types: deb\nURIs: http://127.0.0.1:9/debian-security\nSuites: bookworm-security\nComponents: main\n\nTypes: deb deb-src\nURIs: http://127.0.0.1:9/debian\nSuites: bookworm bookworm-updates\nComponents: main\n",
+        )
+        .unwrap();
+        assert_eq!(from_apt_config(d.path()).as_deref(), Some("http://127.0.0.1:9/debian"));
+        let e = tempfile::tempdir().unwrap();
+        std::fs::write(e.path().join("sources.list"), "# c\ndeb [arch=amd64 signed-by=/x] file:///srv/mirror/ bullseye main\n").unwrap();
+        assert_eq!(from_apt_config(e.path()).as_deref(), Some("file:///srv/mirror"));
+        let f = tempfile::tempdir().unwrap();
+        assert_eq!(from_apt_config(f.path()), None);
+    }
+}

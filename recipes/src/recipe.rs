@@ -1,0 +1,199 @@
+//! Recipe files (`NAME.toml`) and their locks (`NAME.lock`, beside them).
+//!
+//! A recipe says *what* to build (suite, architecture, components, variant, the signing keys to
+//! trust); its lock pins *exactly which bytes* (the InRelease, the Packages indices and every
+//! `.deb`, by sha256 and size, with mirror-relative paths). Built-in recipes are embedded in the
+//! binary, so an installed rbuild works anywhere.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid recipe: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("unknown recipe {0:?}: give a built-in name ({1}) or a path to a .toml recipe file")]
+    Unknown(String, String),
+    #[error("{path}: no lock file; run `rbuild lock {recipe}` to create it")]
+    NoLock { path: PathBuf, recipe: String },
+    #[error("{path}: the lock is for {what} {found:?} but the recipe says {expected:?}; run `rbuild lock` again")]
+    Stale { path: PathBuf, what: &'static str, expected: String, found: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageSection {
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    Debootstrap,
+    Extract,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    pub suite: String,
+    pub architecture: String,
+    pub components: Vec<String>,
+    pub variant: Variant,
+    #[serde(default = "yes")]
+    pub merged_usr: bool,
+    pub keyring: String,
+    pub fingerprints: Vec<String>,
+    /// Extra packages beyond the variant's set.
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default = "default_image")]
+    pub image: ImageSection,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_image() -> ImageSection {
+    ImageSection { cmd: Some(vec!["/bin/bash".into()]), entrypoint: None, env: vec![] }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PinnedFile {
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PinnedPackage {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    pub essential: bool,
+    pub filename: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// The lock: packages are listed in the order dpkg installs them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct Lock {
+    pub suite: String,
+    pub architecture: String,
+    /// From the signed Release `Date`; checked again by the verify stage.
+    pub source_date_epoch: i64,
+    pub inrelease: PinnedFile,
+    pub indices: Vec<PinnedFile>,
+    #[serde(rename = "package")]
+    pub packages: Vec<PinnedPackage>,
+}
+
+/// A recipe as loaded: the parsed file, its keyring bytes, its lock (if any) and where they came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub recipe: Recipe,
+    pub keyring: Vec<u8>,
+    pub lock: Option<Lock>,
+    /// The recipe file for path recipes; `None` for built-ins.
+    pub path: Option<PathBuf>,
+}
+
+impl Loaded {
+    pub fn lock_path(&self) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| p.with_extension("lock"))
+    }
+
+    /// The lock, or an error that says how to make one.
+    pub fn require_lock(&self) -> Result<&Lock, RecipeError> {
+        let lock = self.lock.as_ref().ok_or_else(|| RecipeError::NoLock {
+            path: self.lock_path().unwrap_or_else(|| PathBuf::from(format!("{}.lock", self.recipe.name))),
+            recipe: self.recipe.name.clone(),
+        })?;
+        let path = self.lock_path().unwrap_or_else(|| PathBuf::from(format!("<built-in {}.lock>", self.recipe.name)));
+        for (what, expected, found) in [
+            ("suite", &self.recipe.suite, &lock.suite),
+            ("architecture", &self.recipe.architecture, &lock.architecture),
+        ] {
+            if expected != found {
+                return Err(RecipeError::Stale { path, what, expected: expected.clone(), found: found.clone() });
+            }
+        }
+        Ok(lock)
+    }
+}
+
+struct Builtin {
+    name: &'static str,
+    toml: &'static str,
+    lock: &'static str,
+    keyrings: &'static [(&'static str, &'static [u8])],
+}
+
+const BUILTINS: &[Builtin] = &[Builtin {
+    name: "debian-bullseye",
+    toml: include_str!("../debian-bullseye.toml"),
+    lock: include_str!("../debian-bullseye.lock"),
+    keyrings: &[("keys/debian-bullseye-archive.asc", include_bytes!("../keys/debian-bullseye-archive.asc"))],
+}];
+
+pub fn builtin_names() -> Vec<&'static str> {
+    BUILTINS.iter().map(|b| b.name).collect()
+}
+
+fn parse_recipe(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
+    toml::from_str(text).map_err(|e| RecipeError::Parse { path: path.to_owned(), msg: e.to_string() })
+}
+
+pub fn parse_lock(path: &Path, text: &str) -> Result<Lock, RecipeError> {
+    toml::from_str(text).map_err(|e| RecipeError::Parse { path: path.to_owned(), msg: e.to_string() })
+}
+
+pub fn render_lock(lock: &Lock) -> String {
+    let body = toml::to_string(lock).expect("locks serialize");
+    format!("# Generated by `rbuild lock`. Pins every file by sha256 and size; mirror-relative paths.\n{body}")
+}
+
+/// Load a recipe: a built-in name, or a path to a `.toml` file (its lock sits beside it).
+pub fn load(arg: &str) -> Result<Loaded, RecipeError> {
+    let looks_like_path = arg.ends_with(".toml") || arg.contains('/');
+    if !looks_like_path {
+        if let Some(b) = BUILTINS.iter().find(|b| b.name == arg) {
+            let origin = PathBuf::from(format!("<built-in {}>", b.name));
+            let recipe = parse_recipe(&origin, b.toml)?;
+            let keyring = b
+                .keyrings
+                .iter()
+                .find(|(p, _)| *p == recipe.keyring)
+                .map(|(_, k)| k.to_vec())
+                .ok_or_else(|| RecipeError::Parse { path: origin.clone(), msg: format!("keyring {} is not embedded", recipe.keyring) })?;
+            let lock = if b.lock.trim().is_empty() { None } else { Some(parse_lock(&origin, b.lock)?) };
+            return Ok(Loaded { recipe, keyring, lock, path: None });
+        }
+        return Err(RecipeError::Unknown(arg.to_owned(), builtin_names().join(", ")));
+    }
+    let path = PathBuf::from(arg);
+    let text = std::fs::read_to_string(&path).map_err(|source| RecipeError::Io { path: path.clone(), source })?;
+    let recipe = parse_recipe(&path, &text)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let keyring_path = dir.join(&recipe.keyring);
+    let keyring = std::fs::read(&keyring_path).map_err(|source| RecipeError::Io { path: keyring_path, source })?;
+    let lock_path = path.with_extension("lock");
+    let lock = match std::fs::read_to_string(&lock_path) {
+        Ok(t) => Some(parse_lock(&lock_path, &t)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(RecipeError::Io { path: lock_path, source }),
+    };
+    Ok(Loaded { recipe, keyring, lock, path: Some(path) })
+}

@@ -1,0 +1,343 @@
+//! Shared helpers of the end-to-end tests: a throwaway Debian-style archive built at test time
+//! (real `.deb`s made with the ar/tar crates, a Packages index, an InRelease signed by a key
+//! generated for the test), and running the `rbuild` binary as root or as an unprivileged user.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rbuild_recipes::debian::testkit;
+
+pub const SUITE: &str = "testsuite";
+pub const DATE: &str = "Sat, 09 Aug 2025 09:16:30 UTC";
+pub const SDE: i64 = 1754730990;
+
+/// One file in a test package: path, content (None = directory), mode, uid, gid, symlink target.
+#[derive(Clone)]
+pub enum Entry {
+    Dir(&'static str, u32),
+    File(&'static str, &'static [u8], u32, u32, u32),
+    Symlink(&'static str, &'static str),
+    Hardlink(&'static str, &'static str),
+}
+
+pub struct Pkg {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub priority: &'static str,
+    pub essential: bool,
+    pub depends: &'static str,
+    pub entries: Vec<Entry>,
+}
+
+/// Build a `.deb` (ar: debian-binary, control.tar.gz, data.tar.gz).
+pub fn build_deb(p: &Pkg) -> Vec<u8> {
+    let control = format!(
+        "Package: {}\nVersion: {}\nArchitecture: amd64\nMaintainer: t <t@example.invalid>\nPriority: {}\n{}{}Description: test package\n",
+        p.name,
+        p.version,
+        p.priority,
+        if p.essential { "Essential: yes\n" } else { "" },
+        if p.depends.is_empty() { String::new() } else { format!("Depends: {}\n", p.depends) },
+    );
+    let mut ctl = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_path("./control").unwrap();
+    h.set_size(control.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(SDE as u64 - 1000);
+    h.set_cksum();
+    ctl.append(&h, control.as_bytes()).unwrap();
+    let ctl = gz(&ctl.into_inner().unwrap());
+
+    let mut data = tar::Builder::new(Vec::new());
+    for e in &p.entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(SDE as u64 - 1000);
+        h.set_uid(0);
+        h.set_gid(0);
+        match e {
+            Entry::Dir(path, mode) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_path(format!("./{path}/")).unwrap();
+                h.set_mode(*mode);
+                h.set_size(0);
+                h.set_cksum();
+                data.append(&h, &[][..]).unwrap();
+            }
+            Entry::File(path, content, mode, uid, gid) => {
+                h.set_path(format!("./{path}")).unwrap();
+                h.set_mode(*mode);
+                h.set_uid(*uid as u64);
+                h.set_gid(*gid as u64);
+                h.set_size(content.len() as u64);
+                h.set_cksum();
+                data.append(&h, *content).unwrap();
+            }
+            Entry::Symlink(path, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_path(format!("./{path}")).unwrap();
+                h.set_link_name(target).unwrap();
+                h.set_mode(0o777);
+                h.set_size(0);
+                h.set_cksum();
+                data.append(&h, &[][..]).unwrap();
+            }
+            Entry::Hardlink(path, target) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_path(format!("./{path}")).unwrap();
+                h.set_link_name(format!("./{target}")).unwrap();
+                h.set_mode(0o755);
+                h.set_size(0);
+                h.set_cksum();
+                data.append(&h, &[][..]).unwrap();
+            }
+        }
+    }
+    let data = gz(&data.into_inner().unwrap());
+    let mut ar = ar::Builder::new(Vec::new());
+    for (name, bytes) in [("debian-binary", &b"2.0\n"[..]), ("control.tar.gz", &ctl[..]), ("data.tar.gz", &data[..])] {
+        let h = ar::Header::new(name.as_bytes().to_vec(), bytes.len() as u64);
+        ar.append(&h, bytes).unwrap();
+    }
+    ar.into_inner().unwrap()
+}
+
+pub fn gz(b: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// The standard test packages: an essential base with a setuid file owned by gid 43, an
+/// absolute symlink and a hardlink; an important package that depends on a library; an
+/// optional package nothing needs.
+pub fn standard_packages() -> Vec<Pkg> {
+    vec![
+        Pkg {
+            name: "base-files",
+            version: "11.1",
+            priority: "required",
+            essential: true,
+            depends: "",
+            entries: vec![
+                Entry::Dir("etc", 0o755),
+                Entry::File("etc/os-release", b"PRETTY_NAME=\"Test\"\n", 0o644, 0, 0),
+                Entry::Dir("bin", 0o755),
+                Entry::File("bin/systemctl", b"#!/bin/sh\necho systemctl\n", 0o755, 0, 0),
+                Entry::Hardlink("bin/systemctl-again", "bin/systemctl"),
+                Entry::Dir("usr", 0o755),
+                Entry::Dir("usr/sbin", 0o755),
+                Entry::Symlink("usr/sbin/telinit", "/bin/systemctl"),
+                Entry::Dir("usr/bin", 0o755),
+                Entry::File("usr/bin/chage", b"\x7fELF-not-really", 0o2755, 0, 42),
+                Entry::File("usr/bin/su", b"\x7fELF-su", 0o4755, 0, 0),
+                Entry::Dir("var", 0o755),
+                Entry::Dir("var/mail", 0o2775),
+                Entry::Dir("tmp", 0o1777),
+            ],
+        },
+        Pkg {
+            name: "hello",
+            version: "2.10-2",
+            priority: "important",
+            essential: false,
+            depends: "libhello (>= 1.0) | libhello-alt",
+            entries: vec![
+                Entry::Dir("usr", 0o755),
+                Entry::Dir("usr/bin", 0o755),
+                Entry::File("usr/bin/hello", b"#!/bin/sh\necho hello\n", 0o755, 0, 0),
+            ],
+        },
+        Pkg {
+            name: "libhello",
+            version: "1.0-1",
+            priority: "optional",
+            essential: false,
+            depends: "",
+            entries: vec![
+                Entry::Dir("usr", 0o755),
+                Entry::Dir("usr/lib", 0o755),
+                Entry::File("usr/lib/libhello.so.1", b"lib", 0o644, 0, 0),
+                Entry::Dir("etc", 0o755),
+                Entry::Symlink("etc/localtime", "/usr/share/zoneinfo/Etc/UTC"),
+            ],
+        },
+        Pkg {
+            name: "unused",
+            version: "1",
+            priority: "optional",
+            essential: false,
+            depends: "",
+            entries: vec![Entry::Dir("opt", 0o755), Entry::File("opt/unused", b"x", 0o644, 0, 0)],
+        },
+    ]
+}
+
+/// A throwaway archive on disk, with a recipe that uses it.
+pub struct Archive {
+    pub dir: PathBuf,
+    pub mirror: PathBuf,
+    pub recipe: PathBuf,
+    pub key: testkit::TestKey,
+}
+
+impl Archive {
+    pub fn mirror_url(&self) -> String {
+        format!("file://{}", self.mirror.display())
+    }
+
+    pub fn lock_path(&self) -> PathBuf {
+        self.recipe.with_extension("lock")
+    }
+
+    pub fn deb_path(&self, name: &str, version: &str) -> PathBuf {
+        self.mirror.join(format!("pool/main/{name}_{version}_amd64.deb"))
+    }
+
+    /// Rewrite the index and the signed InRelease for the debs currently in the pool.
+    pub fn publish(&self, pkgs: &[Pkg], signer: &testkit::TestKey) {
+        let mut packages = String::new();
+        for p in pkgs {
+            let rel = format!("pool/main/{}_{}_amd64.deb", p.name, p.version);
+            let bytes = fs::read(self.mirror.join(&rel)).unwrap();
+            packages.push_str(&testkit::packages_stanza(p.name, p.version, "amd64", p.priority, p.essential, p.depends, &rel, &bytes));
+            packages.push('\n');
+        }
+        let comp = self.mirror.join(format!("dists/{SUITE}/main/binary-amd64"));
+        fs::create_dir_all(&comp).unwrap();
+        let gzipped = gz(packages.as_bytes());
+        fs::write(comp.join("Packages.gz"), &gzipped).unwrap();
+        let release = testkit::release_text(SUITE, SUITE, DATE, &[("main/binary-amd64/Packages.gz", &gzipped), ("main/binary-amd64/Packages", packages.as_bytes())]);
+        fs::write(self.mirror.join(format!("dists/{SUITE}/InRelease")), testkit::clearsign(signer, &release)).unwrap();
+    }
+}
+
+/// Make an archive with the standard packages under `dir` and a recipe (variant `extract`).
+pub fn make_archive(dir: &Path) -> Archive {
+    let mirror = dir.join("mirror");
+    fs::create_dir_all(mirror.join("pool/main")).unwrap();
+    let key = testkit::generate_key("rbuild test archive <test@example.invalid>");
+    let pkgs = standard_packages();
+    for p in &pkgs {
+        fs::write(mirror.join(format!("pool/main/{}_{}_amd64.deb", p.name, p.version)), build_deb(p)).unwrap();
+    }
+    let recipes = dir.join("recipes");
+    fs::create_dir_all(recipes.join("keys")).unwrap();
+    fs::write(recipes.join("keys/test.asc"), key.public_armored()).unwrap();
+    let recipe = recipes.join("testos.toml");
+    fs::write(
+        &recipe,
+        format!(
+            "name = \"testos\"\nsuite = \"{SUITE}\"\narchitecture = \"amd64\"\ncomponents = [\"main\"]\nvariant = \"extract\"\nmerged-usr = true\nkeyring = \"keys/test.asc\"\nfingerprints = [\"{}\"]\n\n[image]\ncmd = [\"/bin/sh\"]\n",
+            key.fingerprint()
+        ),
+    )
+    .unwrap();
+    let a = Archive { dir: dir.to_owned(), mirror, recipe, key };
+    a.publish(&pkgs, &a.key);
+    a
+}
+
+/// The binary under test, copied where an unprivileged user can execute it.
+pub fn rbuild_bin() -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_BIN_EXE_rbuild"));
+    let dir = std::env::temp_dir().join(format!("rbuild-test-bin-{}", std::process::id()));
+    let dst = dir.join("rbuild");
+    if !dst.exists() {
+        fs::create_dir_all(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let tmp = dir.join(format!("rbuild.{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+        fs::copy(&src, &tmp).unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(&tmp, &dst).unwrap();
+    }
+    dst
+}
+
+/// The unprivileged user the tests run rbuild as (`RBUILD_TEST_USER`, created by `.ci/run`),
+/// when this process is root and the user exists.
+pub fn test_user() -> Option<String> {
+    let user = std::env::var("RBUILD_TEST_USER").ok().filter(|u| !u.is_empty())?;
+    let is_root = nix_is_root();
+    let exists = Command::new("id").arg("-u").arg(&user).output().map(|o| o.status.success()).unwrap_or(false);
+    (is_root && exists).then_some(user)
+}
+
+pub fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// Run rbuild with `args`, as `user` when given (through runuser).
+pub fn rbuild_as(user: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let bin = rbuild_bin();
+    let mut cmd = match user {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.arg("-u").arg(u).arg("--").arg("env");
+            for (k, v) in env {
+                c.arg(format!("{k}={v}"));
+            }
+            c.arg(&bin);
+            c
+        }
+        None => {
+            let mut c = Command::new(&bin);
+            c.envs(env.iter().copied());
+            c
+        }
+    };
+    cmd.args(args);
+    cmd.env_remove("RBUILD_STORE").env_remove("RBUILD_MIRROR");
+    cmd.output().unwrap()
+}
+
+pub fn rbuild(args: &[&str]) -> Output {
+    rbuild_as(None, args, &[])
+}
+
+/// Assert success and return stdout.
+pub fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "rbuild failed: {}\nstdout: {}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_str(ok(o).trim()).unwrap()
+}
+
+/// A directory the unprivileged user can write (world-traversable parents, owned by the user).
+pub fn user_dir(parent: &Path, name: &str, user: Option<&str>) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = parent.join(name);
+    fs::create_dir_all(&d).unwrap();
+    if let Some(u) = user {
+        let mut p = d.clone();
+        while let Some(parent) = p.parent() {
+            if let Ok(md) = fs::metadata(parent) {
+                let mode = md.permissions().mode();
+                if mode & 0o001 == 0 {
+                    let _ = fs::set_permissions(parent, fs::Permissions::from_mode(mode | 0o011));
+                }
+            }
+            p = parent.to_owned();
+        }
+        assert!(Command::new("chown").arg("-R").arg(u).arg(&d).status().unwrap().success());
+    }
+    d
+}

@@ -1,0 +1,355 @@
+//! End-to-end tests of `rbuild` against a throwaway archive built at test time and served over
+//! `file://` or loopback HTTP. They cover locking, verification failures, the sandbox, the store's
+//! atomicity and reuse, and the determinism of the packed outputs — as root, and as an
+//! unprivileged user with a subordinate id range when `RBUILD_TEST_USER` names one.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use common::*;
+
+fn lock(a: &Archive) {
+    let o = rbuild(&["lock", a.recipe.to_str().unwrap(), "--mirror", &a.mirror_url()]);
+    ok(&o);
+}
+
+fn realise_json(user: Option<&str>, a: &Archive, target: &str, store: &Path, extra: &[&str]) -> serde_json::Value {
+    let recipe = format!("{}{target}", a.recipe.display());
+    let mut args = vec!["realise", &recipe, "--store", store.to_str().unwrap(), "--json", "--mirror"];
+    let url = a.mirror_url();
+    args.push(&url);
+    args.extend_from_slice(extra);
+    json(&rbuild_as(user, &args, &[]))
+}
+
+/// Read a tar into path → (type, mode, uid, gid, link target, content).
+fn read_tar(bytes: &[u8]) -> BTreeMap<String, (char, u32, u64, u64, String, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut ar = tar::Archive::new(bytes);
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let h = e.header().clone();
+        let kind = match h.entry_type() {
+            tar::EntryType::Directory => 'd',
+            tar::EntryType::Symlink => 'l',
+            tar::EntryType::Link => 'h',
+            _ => 'f',
+        };
+        let link = e.link_name().unwrap().map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut content = vec![];
+        e.read_to_end(&mut content).unwrap();
+        out.insert(path.trim_end_matches('/').to_owned(), (kind, h.mode().unwrap(), h.uid().unwrap(), h.gid().unwrap(), link, content));
+    }
+    out
+}
+
+fn image_manifest_digest(layout: &Path) -> String {
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"].as_str().unwrap().to_owned()
+}
+
+fn blob(layout: &Path, digest: &str) -> Vec<u8> {
+    fs::read(layout.join("blobs/sha256").join(digest.strip_prefix("sha256:").unwrap())).unwrap()
+}
+
+fn realise_and_check(user: Option<&str>) {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let lock_text = fs::read_to_string(a.lock_path()).unwrap();
+    assert!(lock_text.contains("name = \"hello\"") && lock_text.contains("name = \"libhello\""), "{lock_text}");
+    assert!(!lock_text.contains("\"unused\""), "optional package nothing needs is not locked");
+    assert!(!lock_text.contains("file://"), "the lock holds mirror-relative paths only");
+    if let Some(u) = user {
+        // The recipe directory must be readable by the user.
+        std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(t.path()).status().unwrap();
+        let _ = u;
+    }
+    let store = user_dir(t.path(), "store", user);
+    let r = realise_json(user, &a, "", &store, &[]);
+    // 1 InRelease + 1 index + 3 debs fetched, 1 verify, 3 unpacks, configure, tar, layer, image.
+    assert_eq!(r["built"], 13, "{r}");
+    assert_eq!(r["reused"], 0);
+    let layout = Path::new(r["output"].as_str().unwrap()).to_owned();
+    assert!(layout.starts_with(fs::canonicalize(&store).unwrap()));
+
+    // The OCI layout: index → manifest → config, digests match the blobs.
+    assert_eq!(fs::read_to_string(layout.join("oci-layout")).unwrap().trim(), r#"{"imageLayoutVersion":"1.0.0"}"#);
+    let mdigest = image_manifest_digest(&layout);
+    let manifest_bytes = blob(&layout, &mdigest);
+    assert_eq!(format!("sha256:{}", sha256_hex(&manifest_bytes)), mdigest);
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&blob(&layout, manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    assert_eq!(config["architecture"], "amd64");
+    assert_eq!(config["os"], "linux");
+    assert_eq!(config["config"]["Cmd"], serde_json::json!(["/bin/sh"]));
+    assert_eq!(config["history"].as_array().unwrap().len(), 1);
+    let layer_gz = blob(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
+    let mut tar_bytes = vec![];
+    flate2::read::GzDecoder::new(&layer_gz[..]).read_to_end(&mut tar_bytes).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"][0].as_str().unwrap(), format!("sha256:{}", sha256_hex(&tar_bytes)));
+
+    // The root filesystem: merged /usr, owners and special modes from the packages, symlinks verbatim.
+    let entries = read_tar(&tar_bytes);
+    assert_eq!(entries["bin"].0, 'l');
+    assert_eq!(entries["bin"].4, "usr/bin");
+    assert_eq!(entries["usr/bin/systemctl"].0, 'f', "bin/ content lands in usr/bin");
+    assert_eq!(entries["usr/sbin/telinit"].4, "/bin/systemctl", "absolute symlink kept as the package has it");
+    assert_eq!(entries["etc/localtime"].4, "/usr/share/zoneinfo/Etc/UTC");
+    let chage = &entries["usr/bin/chage"];
+    assert_eq!((chage.1 & 0o7777, chage.2, chage.3), (0o2755, 0, 42));
+    assert_eq!(entries["usr/bin/su"].1 & 0o7777, 0o4755);
+    assert_eq!(entries["tmp"].1 & 0o7777, 0o1777);
+    assert_eq!(entries["var/mail"].1 & 0o7777, 0o2775);
+    assert!(!entries.contains_key("opt/unused"));
+    let hl = &entries["usr/bin/systemctl-again"];
+    assert_eq!((hl.0, hl.4.as_str()), ('h', "usr/bin/systemctl"));
+    let mut h = tar::Archive::new(&tar_bytes[..]);
+    for e in h.entries().unwrap() {
+        let e = e.unwrap();
+        assert!(e.header().mtime().unwrap() as i64 <= SDE, "mtimes clamped to SOURCE_DATE_EPOCH");
+    }
+
+    // ^rootfs is the same tar, and the store holds no setuid file on the host.
+    let rootfs = realise_json(user, &a, "^rootfs", &store, &[]);
+    assert_eq!(rootfs["built"], 0);
+    assert_eq!(fs::read(rootfs["output"].as_str().unwrap()).unwrap(), tar_bytes);
+    let tree = realise_json(user, &a, "^tree", &store, &[]);
+    let su = Path::new(tree["output"].as_str().unwrap()).join("usr/bin/su");
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(&su).unwrap();
+    assert_eq!(md.mode() & 0o7000, 0, "no setuid/setgid bits in the store");
+
+    // Run again: nothing is built, even offline with a dead mirror.
+    let again = json(&rbuild_as(user, &["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--json", "--offline"], &[]));
+    assert_eq!((again["built"].as_u64(), again["output"].as_str()), (Some(0), r["output"].as_str()));
+    assert!(again["reused"].as_u64().unwrap() >= 1);
+
+    // Another store (and, if run as root here, another user) gets the same bits.
+    let store2 = user_dir(t.path(), "store2", None);
+    let r2 = realise_json(None, &a, "", &store2, &[]);
+    assert_eq!(image_manifest_digest(Path::new(r2["output"].as_str().unwrap())), mdigest);
+}
+
+#[test]
+fn realise_extract_recipe_as_root() {
+    realise_and_check(None);
+}
+
+#[test]
+fn realise_extract_recipe_unprivileged() {
+    let Some(user) = test_user() else {
+        eprintln!("skipped: set RBUILD_TEST_USER to a user with a subordinate id range (as root) to run this");
+        return;
+    };
+    realise_and_check(Some(&user));
+}
+
+#[test]
+fn graph_has_five_stages_unique_hashes_network_only_on_fetch() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let g = json(&rbuild(&["graph", a.recipe.to_str().unwrap(), "--format", "json"]));
+    let nodes = g["nodes"].as_array().unwrap();
+    let stages: HashSet<&str> = nodes.iter().map(|n| n["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["fetch", "verify", "unpack", "configure", "pack"].into_iter().collect());
+    let hashes: HashSet<&str> = nodes.iter().map(|n| n["hash"].as_str().unwrap()).collect();
+    assert_eq!(hashes.len(), nodes.len());
+    for n in nodes {
+        assert_eq!(n["network"].as_bool().unwrap(), n["stage"] == "fetch", "{n}");
+        for i in n["inputs"].as_array().unwrap() {
+            assert!(hashes.contains(i.as_str().unwrap()));
+        }
+    }
+    let dot = ok(&rbuild(&["graph", a.recipe.to_str().unwrap(), "--format", "dot"]));
+    assert!(dot.starts_with("digraph") && dot.contains("cluster_configure"));
+    // The graph does not depend on the mirror: it comes from the recipe and lock alone.
+    let g2 = json(&rbuild_as(None, &["graph", a.recipe.to_str().unwrap()], &[("RBUILD_MIRROR", "http://127.0.0.1:9")]));
+    assert_eq!(g, g2);
+}
+
+#[test]
+fn hand_edited_lock_pointing_at_another_deb_fails_verification() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    // Swap hello's .deb for another one, and make the lock pin *its* hash: the fetch succeeds,
+    // the signed index disagrees.
+    let evil = build_deb(&Pkg { name: "hello", version: "2.10-2", priority: "important", essential: false, depends: "", entries: vec![Entry::File("usr/bin/evil", b"x", 0o4755, 0, 0)] });
+    let path = a.deb_path("hello", "2.10-2");
+    let good = fs::read(&path).unwrap();
+    fs::write(&path, &evil).unwrap();
+    let lock_text = fs::read_to_string(a.lock_path()).unwrap();
+    let tampered = lock_text.replace(&sha256_hex(&good), &sha256_hex(&evil)).replace(&format!("size = {}", good.len()), &format!("size = {}", evil.len()));
+    assert_ne!(tampered, lock_text);
+    fs::write(a.lock_path(), tampered).unwrap();
+    let store = t.path().join("store");
+    let o = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", &a.mirror_url()]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("verify") && err.contains("sha256") && err.contains(&sha256_hex(&good)) && err.contains(&sha256_hex(&evil)), "{err}");
+    assert!(err.contains("hello_2.10-2_amd64.deb"), "names the file: {err}");
+}
+
+#[test]
+fn unpinned_signer_and_tampered_index_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let store = t.path().join("store");
+    // Re-sign the same Release with another key, and pin the new InRelease in the lock.
+    let other = rbuild_recipes::debian::testkit::generate_key("intruder <x@example.invalid>");
+    let ir_path = a.mirror.join(format!("dists/{SUITE}/InRelease"));
+    let good_ir = fs::read(&ir_path).unwrap();
+    a.publish(&standard_packages(), &other);
+    let bad_ir = fs::read(&ir_path).unwrap();
+    let o = rbuild(&["lock", a.recipe.to_str().unwrap(), "--mirror", &a.mirror_url(), "--output", t.path().join("x.lock").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("InRelease") && stderr(&o).contains(&a.key.fingerprint()), "{}", stderr(&o));
+    let lock_text = fs::read_to_string(a.lock_path()).unwrap();
+    let swapped = lock_text
+        .replace(&sha256_hex(&good_ir), &sha256_hex(&bad_ir))
+        .replace(&format!("size = {}", good_ir.len()), &format!("size = {}", bad_ir.len()));
+    fs::write(a.lock_path(), &swapped).unwrap();
+    let o = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", &a.mirror_url()]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("verify") && err.contains("InRelease") && err.contains("signature"), "{err}");
+
+    // Correctly signed Release, but the Packages index on the mirror was changed and the lock
+    // follows it: the signed Release hash disagrees.
+    fs::write(&ir_path, &good_ir).unwrap();
+    fs::write(a.lock_path(), &lock_text).unwrap();
+    let idx = a.mirror.join(format!("dists/{SUITE}/main/binary-amd64/Packages.gz"));
+    let good_idx = fs::read(&idx).unwrap();
+    let bad_idx = gz(b"Package: hello\nVersion: 9\nArchitecture: amd64\nFilename: pool/x.deb\nSize: 1\nSHA256: 00\n");
+    fs::write(&idx, &bad_idx).unwrap();
+    let swapped = lock_text
+        .replace(&sha256_hex(&good_idx), &sha256_hex(&bad_idx))
+        .replace(&format!("size = {}", good_idx.len()), &format!("size = {}", bad_idx.len()));
+    fs::write(a.lock_path(), &swapped).unwrap();
+    let o = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", &a.mirror_url()]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("Packages.gz") && err.contains(&sha256_hex(&good_idx)) && err.contains(&sha256_hex(&bad_idx)), "{err}");
+}
+
+#[test]
+fn offline_without_the_files_fails_clearly_and_registers_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let store = t.path().join("store");
+    let o = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--offline"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("offline") && err.contains("dists/testsuite/InRelease") || err.contains("pool/main"), "{err}");
+    let dead = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", "http://127.0.0.1:9/debian"]);
+    assert!(!dead.status.success());
+    assert!(stderr(&dead).contains("127.0.0.1:9"), "{}", stderr(&dead));
+    let db = rusqlite_count(&store);
+    assert_eq!(db, 0, "nothing registered");
+}
+
+fn rusqlite_count(store: &Path) -> usize {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ls {}/o | grep -v '\\.meta$' | wc -l", store.display()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn sandbox_is_isolated_and_maps_a_full_id_range() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    for user in [None, test_user()].into_iter().collect::<Vec<_>>() {
+        if user.is_none() && !nix_is_root() {
+            continue;
+        }
+        let target = format!("127.0.0.1:{port}");
+        let o = rbuild_as(user.as_deref(), &["doctor", "--connect", &target], &[("SECRET_HOST_VAR", "leak")]);
+        let report = json(&o);
+        assert_eq!(report["uid"], 0, "builders run as uid 0 of the namespace");
+        let uid_map = report["uid_map"].as_str().unwrap();
+        let mapped: u64 = uid_map.lines().map(|l| l.split_whitespace().nth(2).unwrap().parse::<u64>().unwrap()).sum();
+        assert_eq!(mapped, 65536, "full id range mapped: {uid_map}");
+        assert_eq!(report["interfaces"], serde_json::json!(["lo"]), "only loopback");
+        assert!(report["connect"][&target].as_str().unwrap().starts_with("failed"), "the host's loopback is unreachable: {report}");
+        assert_eq!(report["hostname"], "rbuild");
+        let root: Vec<&str> = report["root"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(root, ["build", "dev", "proc", "tmp"], "no host files visible");
+        let dev: HashSet<&str> = report["dev"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        for d in ["null", "zero", "full", "random", "urandom", "tty"] {
+            assert!(dev.contains(d), "{d} in /dev");
+        }
+        let env = report["env"].as_object().unwrap();
+        assert!(!env.contains_key("SECRET_HOST_VAR"));
+        assert_eq!(env["LC_ALL"], "C.UTF-8");
+        assert_eq!(env["TZ"], "UTC");
+        assert!(env.contains_key("SOURCE_DATE_EPOCH"));
+    }
+    drop(listener);
+}
+
+#[test]
+fn concurrent_realises_share_a_store_without_building_twice() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let store = t.path().join("store");
+    let bin = rbuild_bin();
+    let spawn = || {
+        std::process::Command::new(&bin)
+            .args(["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--json", "--mirror", &a.mirror_url()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (p1, p2) = (spawn(), spawn());
+    let (o1, o2) = (p1.wait_with_output().unwrap(), p2.wait_with_output().unwrap());
+    let (j1, j2) = (json(&o1), json(&o2));
+    assert_eq!(j1["output"], j2["output"]);
+    assert_eq!(j1["built"].as_u64().unwrap() + j2["built"].as_u64().unwrap(), 13, "every derivation built exactly once: {j1} {j2}");
+}
+
+#[test]
+fn killed_build_leaves_no_registered_output_and_is_cleaned_up() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let store = t.path().join("store");
+    let bin = rbuild_bin();
+    let mut child = std::process::Command::new(&bin)
+        .args(["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", &a.mirror_url(), "-j", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it as soon as it has scratch space in use.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let busy = fs::read_dir(store.join("tmp")).map(|rd| rd.count() > 0).unwrap_or(false);
+        if busy || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Whatever is registered is complete: rerunning verifies all of it and finishes the rest.
+    let r = realise_json(None, &a, "", &store, &[]);
+    assert!(r["built"].as_u64().unwrap() >= 1);
+    let leftover: Vec<_> = fs::read_dir(store.join("tmp")).unwrap().collect();
+    assert!(leftover.is_empty(), "scratch space cleaned: {leftover:?}");
+    let again = realise_json(None, &a, "", &store, &[]);
+    assert_eq!(again["built"], 0);
+}

@@ -183,7 +183,7 @@ fn graph_cmd(arg: &str, format: GraphFormat) -> anyhow::Result<()> {
 }
 
 fn lock_cmd(arg: &str, mirror_flag: Option<String>, output: Option<PathBuf>) -> anyhow::Result<()> {
-    let loaded = recipe::load(arg)?;
+    let loaded = recipe::load_unlocked(arg)?;
     let dest = output
         .or_else(|| loaded.lock_path())
         .unwrap_or_else(|| PathBuf::from(format!("{}.lock", loaded.recipe.name)));

@@ -204,7 +204,7 @@ fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     }
     let seed: Vec<&ConfigurePackage> = match plan.variant {
         Variant::Extract => plan.packages.iter().collect(),
-        Variant::Debootstrap => plan.packages.iter().filter(|p| p.essential).collect(),
+        Variant::Debootstrap => plan.packages.iter().filter(|p| p.bootstrap).collect(),
     };
     for p in &seed {
         materialize(&ctx.inputs[p.unpacked], &root).with_context(|| format!("extracting {}", p.name))?;
@@ -248,7 +248,7 @@ fn install_with_dpkg(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> a
         fs::copy(&ctx.inputs[p.deb], root.join("var/cache/rbuild-debs").join(&name))
             .with_context(|| format!("copying the .deb of {}", p.name))?;
         let inside = format!("/var/cache/rbuild-debs/{name}");
-        if p.essential { essential.push(inside) } else { rest.push(inside) }
+        if p.bootstrap { essential.push(inside) } else { rest.push(inside) }
     }
     let env = chroot_env(ctx);
     let mounts = ChrootMounts::setup(root)?;

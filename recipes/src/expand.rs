@@ -41,7 +41,8 @@ pub struct ConfigurePlan {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConfigurePackage {
     pub name: String,
-    pub essential: bool,
+    /// Extracted before dpkg first runs, and installed in dpkg's first pass.
+    pub bootstrap: bool,
     pub unpacked: usize,
     pub deb: usize,
 }
@@ -112,7 +113,7 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         configure_inputs.push(deb);
         plan.packages.push(ConfigurePackage {
             name: p.name.clone(),
-            essential: p.essential,
+            bootstrap: p.bootstrap,
             unpacked: configure_inputs.len() - 2,
             deb: configure_inputs.len() - 1,
         });

@@ -33,6 +33,7 @@ pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow:
         bail!("{suite}: resolution selected no packages");
     }
     let order = resolve::install_order(&selected);
+    let bootstrap = essential_closure(&selected);
     let by_name: std::collections::HashMap<&str, &packages::Package> = selected.iter().map(|p| (p.name.as_str(), p)).collect();
     let packages = order
         .iter()
@@ -43,6 +44,7 @@ pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow:
                 version: p.version.clone(),
                 architecture: p.architecture.clone(),
                 essential: p.essential,
+                bootstrap: bootstrap.contains(p.name.as_str()),
                 filename: p.filename.clone(),
                 sha256: p.sha256.clone(),
                 size: p.size,
@@ -57,6 +59,33 @@ pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow:
         indices,
         packages,
     })
+}
+
+/// The Essential packages of `selected` and, transitively, what they (pre-)depend on: the set
+/// that must be on disk before dpkg can run at all.
+fn essential_closure(selected: &[packages::Package]) -> std::collections::HashSet<&str> {
+    let mut by_name: std::collections::HashMap<&str, &packages::Package> = std::collections::HashMap::new();
+    for p in selected {
+        by_name.insert(p.name.as_str(), p);
+    }
+    for p in selected {
+        for v in &p.provides {
+            by_name.entry(v.as_str()).or_insert(p);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut stack: Vec<&packages::Package> = selected.iter().filter(|p| p.essential).collect();
+    while let Some(p) = stack.pop() {
+        if !seen.insert(p.name.as_str()) {
+            continue;
+        }
+        for alts in p.pre_depends.iter().chain(&p.depends) {
+            if let Some(dep) = alts.iter().find_map(|d| by_name.get(d.name.as_str())) {
+                stack.push(dep);
+            }
+        }
+    }
+    seen
 }
 
 fn sha256_hex(b: &[u8]) -> String {

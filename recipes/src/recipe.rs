@@ -15,6 +15,8 @@ pub enum RecipeError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid recipe: {msg}")]
     Parse { path: PathBuf, msg: String },
+    #[error("{path}: not a valid lock: {msg}; fix it or run `rbuild lock` again")]
+    LockParse { path: PathBuf, msg: String },
     #[error("unknown recipe {0:?}: give a built-in name ({1}) or a path to a .toml recipe file")]
     Unknown(String, String),
     #[error("{path}: no lock file; run `rbuild lock {recipe}` to create it")]
@@ -81,6 +83,8 @@ pub struct PinnedPackage {
     pub version: String,
     pub architecture: String,
     pub essential: bool,
+    /// Extracted before dpkg first runs: the Essential packages and everything they depend on.
+    pub bootstrap: bool,
     pub filename: String,
     pub sha256: String,
     pub size: u64,
@@ -156,8 +160,12 @@ fn parse_recipe(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
     toml::from_str(text).map_err(|e| RecipeError::Parse { path: path.to_owned(), msg: e.to_string() })
 }
 
-pub fn parse_lock(path: &Path, text: &str) -> Result<Lock, RecipeError> {
-    toml::from_str(text).map_err(|e| RecipeError::Parse { path: path.to_owned(), msg: e.to_string() })
+/// Parse a lock; an empty file is no lock at all.
+pub fn parse_lock(path: &Path, text: &str) -> Result<Option<Lock>, RecipeError> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    toml::from_str(text).map(Some).map_err(|e| RecipeError::LockParse { path: path.to_owned(), msg: e.to_string() })
 }
 
 pub fn render_lock(lock: &Lock) -> String {
@@ -167,6 +175,15 @@ pub fn render_lock(lock: &Lock) -> String {
 
 /// Load a recipe: a built-in name, or a path to a `.toml` file (its lock sits beside it).
 pub fn load(arg: &str) -> Result<Loaded, RecipeError> {
+    load_inner(arg, true)
+}
+
+/// Load a recipe without reading its lock (for `rbuild lock`, which replaces it).
+pub fn load_unlocked(arg: &str) -> Result<Loaded, RecipeError> {
+    load_inner(arg, false)
+}
+
+fn load_inner(arg: &str, read_lock: bool) -> Result<Loaded, RecipeError> {
     let looks_like_path = arg.ends_with(".toml") || arg.contains('/');
     if !looks_like_path {
         if let Some(b) = BUILTINS.iter().find(|b| b.name == arg) {
@@ -178,7 +195,7 @@ pub fn load(arg: &str) -> Result<Loaded, RecipeError> {
                 .find(|(p, _)| *p == recipe.keyring)
                 .map(|(_, k)| k.to_vec())
                 .ok_or_else(|| RecipeError::Parse { path: origin.clone(), msg: format!("keyring {} is not embedded", recipe.keyring) })?;
-            let lock = if b.lock.trim().is_empty() { None } else { Some(parse_lock(&origin, b.lock)?) };
+            let lock = if read_lock { parse_lock(&origin, b.lock)? } else { None };
             return Ok(Loaded { recipe, keyring, lock, path: None });
         }
         return Err(RecipeError::Unknown(arg.to_owned(), builtin_names().join(", ")));
@@ -191,7 +208,8 @@ pub fn load(arg: &str) -> Result<Loaded, RecipeError> {
     let keyring = std::fs::read(&keyring_path).map_err(|source| RecipeError::Io { path: keyring_path, source })?;
     let lock_path = path.with_extension("lock");
     let lock = match std::fs::read_to_string(&lock_path) {
-        Ok(t) => Some(parse_lock(&lock_path, &t)?),
+        Ok(_) if !read_lock => None,
+        Ok(t) => parse_lock(&lock_path, &t)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(source) => return Err(RecipeError::Io { path: lock_path, source }),
     };

@@ -10,15 +10,42 @@ use rbuild_store::meta::{EntryMeta, TreeMeta};
 fn tree() -> (tempfile::TempDir, TreeMeta) {
     let t = tempfile::tempdir().unwrap();
     let mut meta = TreeMeta::default();
-    meta.entries.insert(String::new(), EntryMeta { uid: 0, gid: 0, mode: 0o755, mtime: 0, caps: None });
+    meta.entries.insert(
+        String::new(),
+        EntryMeta {
+            uid: 0,
+            gid: 0,
+            mode: 0o755,
+            mtime: 0,
+            caps: None,
+        },
+    );
     for d in 0..20 {
         let dir = format!("d{d}");
         fs::create_dir(t.path().join(&dir)).unwrap();
-        meta.entries.insert(dir.clone(), EntryMeta { uid: 0, gid: 0, mode: 0o755, mtime: 0, caps: None });
+        meta.entries.insert(
+            dir.clone(),
+            EntryMeta {
+                uid: 0,
+                gid: 0,
+                mode: 0o755,
+                mtime: 0,
+                caps: None,
+            },
+        );
         for f in 0..50 {
             let rel = format!("{dir}/f{f}");
             fs::write(t.path().join(&rel), vec![f as u8; 4096 + f * 100]).unwrap();
-            meta.entries.insert(rel, EntryMeta { uid: 0, gid: 0, mode: 0o644, mtime: 0, caps: None });
+            meta.entries.insert(
+                rel,
+                EntryMeta {
+                    uid: 0,
+                    gid: 0,
+                    mode: 0o644,
+                    mtime: 0,
+                    caps: None,
+                },
+            );
         }
     }
     (t, meta)
@@ -32,7 +59,10 @@ fn benches(c: &mut Criterion) {
         args: vec!["pool/main/b/bash/bash_5.1-2+deb11u1_amd64.deb".into()],
         env: BTreeMap::new(),
         inputs: vec![],
-        fixed_output: Some(FixedOutput { sha256: "ab".repeat(32), size: 1_500_000 }),
+        fixed_output: Some(FixedOutput {
+            sha256: "ab".repeat(32),
+            size: 1_500_000,
+        }),
     };
     c.bench_function("derivation_hash", |b| b.iter(|| drv.hash()));
     let (t, meta) = tree();
@@ -40,7 +70,15 @@ fn benches(c: &mut Criterion) {
         b.iter(|| rbuild_store::hash::content_hash(t.path(), Some(&meta)).unwrap())
     });
     c.bench_function("write_tar_1000_files", |b| {
-        b.iter(|| rbuild_engine::archive::tar_out::write_tar(t.path(), &meta, 1_700_000_000, std::io::sink()).unwrap())
+        b.iter(|| {
+            rbuild_engine::archive::tar_out::write_tar(
+                t.path(),
+                &meta,
+                1_700_000_000,
+                std::io::sink(),
+            )
+            .unwrap()
+        })
     });
 }
 

@@ -16,24 +16,37 @@ fn mirror() -> Option<String> {
 }
 
 fn manifest_digest(layout: &Path) -> String {
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     index["manifests"][0]["digest"].as_str().unwrap().to_owned()
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 fn sh(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
-    assert!(o.status.success(), "{cmd:?} failed: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]
 fn debian_bullseye_as_root_and_unprivileged() {
     let Some(mirror) = mirror() else {
-        eprintln!("skipped: no Debian mirror in the host's apt configuration and RBUILD_MIRROR unset");
+        eprintln!(
+            "skipped: no Debian mirror in the host's apt configuration and RBUILD_MIRROR unset"
+        );
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -43,7 +56,19 @@ fn debian_bullseye_as_root_and_unprivileged() {
     let s1 = t.path().join("root-store");
     let result = s1.join("result");
     let started = Instant::now();
-    let r = json(&rbuild_as(None, &["realise", "debian-bullseye", "--store", s1.to_str().unwrap(), "-o", result.to_str().unwrap(), "--json"], &env));
+    let r = json(&rbuild_as(
+        None,
+        &[
+            "realise",
+            "debian-bullseye",
+            "--store",
+            s1.to_str().unwrap(),
+            "-o",
+            result.to_str().unwrap(),
+            "--json",
+        ],
+        &env,
+    ));
     let cold = started.elapsed();
     assert!(r["built"].as_u64().unwrap() > 300, "{r}");
     let digest = manifest_digest(&result);
@@ -51,46 +76,237 @@ fn debian_bullseye_as_root_and_unprivileged() {
     // Warm, offline, without a network: nothing built, and far faster.
     let started = Instant::now();
     let o = Command::new("unshare")
-        .args(["-n", rbuild_bin().to_str().unwrap(), "realise", "debian-bullseye", "--store", s1.to_str().unwrap(), "--offline", "--json"])
+        .args([
+            "-n",
+            rbuild_bin().to_str().unwrap(),
+            "realise",
+            "debian-bullseye",
+            "--store",
+            s1.to_str().unwrap(),
+            "--offline",
+            "--json",
+        ])
         .output()
         .unwrap();
     let warm = started.elapsed();
     let w = json(&o);
     assert_eq!(w["built"], 0);
     assert_eq!(w["output"], r["output"]);
-    eprintln!("cold realise {cold:?}, warm offline realise {warm:?} ({:.0}x)", cold.as_secs_f64() / warm.as_secs_f64());
+    eprintln!(
+        "cold realise {cold:?}, warm offline realise {warm:?} ({:.0}x)",
+        cold.as_secs_f64() / warm.as_secs_f64()
+    );
 
     // The plain root filesystem tar.
     let tar = t.path().join("chroot.tar");
-    ok(&rbuild_as(None, &["realise", "debian-bullseye^rootfs", "--store", s1.to_str().unwrap(), "-o", tar.to_str().unwrap(), "--offline"], &env));
+    ok(&rbuild_as(
+        None,
+        &[
+            "realise",
+            "debian-bullseye^rootfs",
+            "--store",
+            s1.to_str().unwrap(),
+            "-o",
+            tar.to_str().unwrap(),
+            "--offline",
+        ],
+        &env,
+    ));
     let listing = sh(Command::new("tar").arg("-tvf").arg(&tar));
-    assert!(listing.contains("usr/sbin/telinit -> /bin/systemctl"), "telinit symlink");
-    assert!(listing.contains("etc/localtime -> /usr/share/zoneinfo/Etc/UTC"), "localtime symlink");
-    assert!(listing.lines().any(|l| l.starts_with("-rwsr-xr-x 0/0") && l.ends_with("usr/bin/su")), "su is setuid root in the tar");
-
-    // An unprivileged user, another store: the same image digest.
-    if let Some(user) = test_user() {
-        let s2 = user_dir(t.path(), "user-store", Some(&user));
-        let u = json(&rbuild_as(Some(&user), &["realise", "debian-bullseye", "--store", s2.to_str().unwrap(), "-o", s2.join("result").to_str().unwrap(), "--json"], &env));
-        assert_eq!(manifest_digest(Path::new(u["output"].as_str().unwrap())), digest, "same bits as root");
-    } else {
-        eprintln!("unprivileged part skipped: RBUILD_TEST_USER not set");
-    }
+    assert!(
+        listing.contains("usr/sbin/telinit -> /bin/systemctl"),
+        "telinit symlink"
+    );
+    assert!(
+        listing.contains("etc/localtime -> /usr/share/zoneinfo/Etc/UTC"),
+        "localtime symlink"
+    );
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("-rwsr-xr-x 0/0") && l.ends_with("usr/bin/su")),
+        "su is setuid root in the tar"
+    );
 
     if have("skopeo") {
-        sh(Command::new("skopeo").arg("inspect").arg(format!("oci:{}", result.display())));
+        sh(Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci:{}", result.display())));
     }
-    if have("podman") {
-        sh(Command::new("podman").args(["pull", "-q"]).arg(format!("oci:{}", result.display())));
-        let script = "cat /etc/debian_version; dpkg-query -W -f '${binary:Package}\\n' | wc -l; dpkg --audit; echo audit-done; readlink /usr/sbin/telinit; readlink /etc/localtime";
-        let out = sh(Command::new("podman").args(["run", "--rm", "--runtime", "runc", "--network", "none"]).arg(format!("oci:{}", result.display())).args(["/bin/sh", "-c", script]));
-        let lines: Vec<&str> = out.lines().collect();
-        assert!(lines[0].starts_with("11."), "{out}");
-        assert_eq!(lines[1].trim(), "164", "{out}");
-        assert_eq!(lines[2], "audit-done", "dpkg --audit is empty: {out}");
-        assert_eq!(lines[3], "/bin/systemctl");
-        assert_eq!(lines[4], "/usr/share/zoneinfo/Etc/UTC");
-    } else {
+
+    // An unprivileged user, another store: the same image digest, and rootless podman runs it.
+    let Some(user) = test_user() else {
+        eprintln!("unprivileged part skipped: RBUILD_TEST_USER not set");
+        return;
+    };
+    let s2 = user_dir(t.path(), "user-store", Some(&user));
+    let user_result = s2.join("result");
+    let u = json(&rbuild_as(
+        Some(&user),
+        &[
+            "realise",
+            "debian-bullseye",
+            "--store",
+            s2.to_str().unwrap(),
+            "-o",
+            user_result.to_str().unwrap(),
+            "--json",
+        ],
+        &env,
+    ));
+    assert!(u["built"].as_u64().unwrap() > 300);
+    assert_eq!(manifest_digest(&user_result), digest, "same bits as root");
+    if !have("podman") {
         eprintln!("podman not installed: image not run");
+        return;
     }
+    let script = "cat /etc/debian_version; dpkg-query -W -f '${binary:Package}\\n' | wc -l; dpkg --audit; echo audit-done; readlink /usr/sbin/telinit; readlink /etc/localtime";
+    let xdg = format!("/tmp/rbuild-test-xdg-{user}");
+    // podman names an image pulled from an OCI layout after its path, which must be lowercase.
+    let link = std::env::temp_dir().join(format!("rbuild-podman-{}", std::process::id()));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&user_result, &link).unwrap();
+    let podman = format!(
+        "mkdir -p {xdg} && chmod 700 {xdg} && cd && XDG_RUNTIME_DIR={xdg} podman run --rm --runtime runc --network none oci:{} /bin/sh -c \"$0\"",
+        link.display()
+    );
+    let out = sh(Command::new("runuser").args(["-u", &user, "--", "sh", "-c", &podman, script]));
+    let _ = std::fs::remove_file(&link);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("11."), "{out}");
+    assert_eq!(lines[1].trim(), "164", "{out}");
+    assert_eq!(lines[2], "audit-done", "dpkg --audit is empty: {out}");
+    assert_eq!(lines[3], "/bin/systemctl");
+    assert_eq!(lines[4], "/usr/share/zoneinfo/Etc/UTC");
+}
+
+/// The example layered recipe (curl, a copied file, `run` commands, config) on the real base,
+/// as an unprivileged user: the base's layers are shared, podman runs it as `app` in
+/// `/home/app`, curl works, a `run` step cannot reach a listener on the host's loopback, and
+/// editing the last layer rebuilds at most three derivations.
+#[test]
+fn layered_example_on_bullseye() {
+    let Some(mirror) = mirror() else {
+        eprintln!(
+            "skipped: no Debian mirror in the host's apt configuration and RBUILD_MIRROR unset"
+        );
+        return;
+    };
+    let user = test_user();
+    let t = tempfile::tempdir().unwrap();
+    let env = [("RBUILD_MIRROR", mirror.as_str())];
+    let work = user_dir(t.path(), "work", user.as_deref());
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/examples");
+    let app = work.join("app");
+    sh(Command::new("cp")
+        .arg("-r")
+        .arg(examples.join("app"))
+        .arg(&app));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let recipe = app.join("app.toml");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let probe = format!("(echo x > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo reached > /net-probe || echo unreachable > /net-probe");
+    let with_probe = text.replace(
+        "run = [\"useradd --create-home app\", \"echo hi > /home/app/hello\"]",
+        &format!("run = [\"useradd --create-home app\", \"echo hi > /home/app/hello\", \"bash -c '{probe}'\"]"),
+    );
+    assert_ne!(with_probe, text);
+    std::fs::write(&recipe, &with_probe).unwrap();
+    if let Some(u) = &user {
+        sh(Command::new("chown").arg("-R").arg(u).arg(&work));
+    }
+    let store = work.join("store");
+    let result = work.join("result");
+    let realise = |out: &Path| {
+        json(&rbuild_as(
+            user.as_deref(),
+            &[
+                "realise",
+                recipe.to_str().unwrap(),
+                "--store",
+                store.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--json",
+            ],
+            &env,
+        ))
+    };
+    let r = realise(&result);
+    assert!(r["built"].as_u64().unwrap() > 300, "{r}");
+    let base = json(&rbuild_as(
+        user.as_deref(),
+        &[
+            "realise",
+            "debian-bullseye",
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+            "--offline",
+        ],
+        &env,
+    ));
+    assert_eq!(base["built"], 0);
+    let manifest = |l: &Path| -> serde_json::Value {
+        let d = manifest_digest(l);
+        serde_json::from_slice(
+            &std::fs::read(
+                l.join("blobs/sha256")
+                    .join(d.strip_prefix("sha256:").unwrap()),
+            )
+            .unwrap(),
+        )
+        .unwrap()
+    };
+    let (bm, am) = (
+        manifest(Path::new(base["output"].as_str().unwrap())),
+        manifest(&result),
+    );
+    assert_eq!(
+        am["layers"][0], bm["layers"][0],
+        "leading layer is debian-bullseye's"
+    );
+    assert_eq!(am["layers"].as_array().unwrap().len(), 3);
+    // The run step had no network: the host's loopback listener was not reached.
+    let tree = json(&rbuild_as(
+        user.as_deref(),
+        &[
+            "realise",
+            &format!("{}^tree", recipe.display()),
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+            "--offline",
+        ],
+        &env,
+    ));
+    let net =
+        std::fs::read_to_string(Path::new(tree["output"].as_str().unwrap()).join("net-probe"))
+            .unwrap();
+    assert_eq!(net.trim(), "unreachable");
+    assert!(listener.accept().is_err(), "no connection arrived");
+
+    if let (Some(u), true) = (&user, have("podman")) {
+        let xdg = format!("/tmp/rbuild-test-xdg-{u}");
+        let link = std::env::temp_dir().join(format!("rbuild-podman-app-{}", std::process::id()));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&result, &link).unwrap();
+        let cmd = format!(
+            "mkdir -p {xdg} && chmod 700 {xdg} && cd && XDG_RUNTIME_DIR={xdg} podman run --rm --runtime runc --network none oci:{} 'id -un; pwd; cat hello; curl --version | head -n1'",
+            link.display()
+        );
+        let out = sh(Command::new("runuser").args(["-u", u, "--", "sh", "-c", &cmd]));
+        let _ = std::fs::remove_file(&link);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(&lines[..3], ["app", "/home/app", "hi"], "{out}");
+        assert!(lines[3].starts_with("curl 7."), "{out}");
+    }
+
+    // Editing the last layer's commands rebuilds that layer and the image only.
+    std::fs::write(&recipe, with_probe.replace("echo hi >", "echo hello >")).unwrap();
+    let edited = realise(&work.join("result2"));
+    assert!(edited["built"].as_u64().unwrap() <= 3, "{edited}");
+    assert_ne!(edited["output"], r["output"]);
 }

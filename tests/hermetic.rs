@@ -13,21 +13,42 @@ use std::path::Path;
 use common::*;
 
 fn lock(a: &Archive) {
-    let o = rbuild(&["lock", a.recipe.to_str().unwrap(), "--mirror", &a.mirror_url()]);
+    let o = rbuild(&[
+        "lock",
+        a.recipe.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+    ]);
     ok(&o);
 }
 
-fn realise_json(user: Option<&str>, a: &Archive, target: &str, store: &Path, extra: &[&str]) -> serde_json::Value {
+fn realise_json(
+    user: Option<&str>,
+    a: &Archive,
+    target: &str,
+    store: &Path,
+    extra: &[&str],
+) -> serde_json::Value {
     let recipe = format!("{}{target}", a.recipe.display());
-    let mut args = vec!["realise", &recipe, "--store", store.to_str().unwrap(), "--json", "--mirror"];
+    let mut args = vec![
+        "realise",
+        &recipe,
+        "--store",
+        store.to_str().unwrap(),
+        "--json",
+        "--mirror",
+    ];
     let url = a.mirror_url();
     args.push(&url);
     args.extend_from_slice(extra);
     json(&rbuild_as(user, &args, &[]))
 }
 
-/// Read a tar into path → (type, mode, uid, gid, link target, content).
-fn read_tar(bytes: &[u8]) -> BTreeMap<String, (char, u32, u64, u64, String, Vec<u8>)> {
+/// One tar entry: (type, mode, uid, gid, link target, content).
+type TarEntry = (char, u32, u64, u64, String, Vec<u8>);
+
+/// Read a tar into path → entry.
+fn read_tar(bytes: &[u8]) -> BTreeMap<String, TarEntry> {
     let mut out = BTreeMap::new();
     let mut ar = tar::Archive::new(bytes);
     for e in ar.entries().unwrap() {
@@ -40,21 +61,41 @@ fn read_tar(bytes: &[u8]) -> BTreeMap<String, (char, u32, u64, u64, String, Vec<
             tar::EntryType::Link => 'h',
             _ => 'f',
         };
-        let link = e.link_name().unwrap().map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
+        let link = e
+            .link_name()
+            .unwrap()
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut content = vec![];
         e.read_to_end(&mut content).unwrap();
-        out.insert(path.trim_end_matches('/').to_owned(), (kind, h.mode().unwrap(), h.uid().unwrap(), h.gid().unwrap(), link, content));
+        out.insert(
+            path.trim_end_matches('/').to_owned(),
+            (
+                kind,
+                h.mode().unwrap(),
+                h.uid().unwrap(),
+                h.gid().unwrap(),
+                link,
+                content,
+            ),
+        );
     }
     out
 }
 
 fn image_manifest_digest(layout: &Path) -> String {
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
     index["manifests"][0]["digest"].as_str().unwrap().to_owned()
 }
 
 fn blob(layout: &Path, digest: &str) -> Vec<u8> {
-    fs::read(layout.join("blobs/sha256").join(digest.strip_prefix("sha256:").unwrap())).unwrap()
+    fs::read(
+        layout
+            .join("blobs/sha256")
+            .join(digest.strip_prefix("sha256:").unwrap()),
+    )
+    .unwrap()
 }
 
 fn realise_and_check(user: Option<&str>) {
@@ -62,12 +103,25 @@ fn realise_and_check(user: Option<&str>) {
     let a = make_archive(t.path());
     lock(&a);
     let lock_text = fs::read_to_string(a.lock_path()).unwrap();
-    assert!(lock_text.contains("name = \"hello\"") && lock_text.contains("name = \"libhello\""), "{lock_text}");
-    assert!(!lock_text.contains("\"unused\""), "optional package nothing needs is not locked");
-    assert!(!lock_text.contains("file://"), "the lock holds mirror-relative paths only");
+    assert!(
+        lock_text.contains("name = \"hello\"") && lock_text.contains("name = \"libhello\""),
+        "{lock_text}"
+    );
+    assert!(
+        !lock_text.contains("\"unused\""),
+        "optional package nothing needs is not locked"
+    );
+    assert!(
+        !lock_text.contains("file://"),
+        "the lock holds mirror-relative paths only"
+    );
     if let Some(u) = user {
         // The recipe directory must be readable by the user.
-        std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(t.path()).status().unwrap();
+        std::process::Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(t.path())
+            .status()
+            .unwrap();
         let _ = u;
     }
     let store = user_dir(t.path(), "store", user);
@@ -79,27 +133,47 @@ fn realise_and_check(user: Option<&str>) {
     assert!(layout.starts_with(fs::canonicalize(&store).unwrap()));
 
     // The OCI layout: index → manifest → config, digests match the blobs.
-    assert_eq!(fs::read_to_string(layout.join("oci-layout")).unwrap().trim(), r#"{"imageLayoutVersion":"1.0.0"}"#);
+    assert_eq!(
+        fs::read_to_string(layout.join("oci-layout"))
+            .unwrap()
+            .trim(),
+        r#"{"imageLayoutVersion":"1.0.0"}"#
+    );
     let mdigest = image_manifest_digest(&layout);
     let manifest_bytes = blob(&layout, &mdigest);
     assert_eq!(format!("sha256:{}", sha256_hex(&manifest_bytes)), mdigest);
     let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).unwrap();
-    let config: serde_json::Value = serde_json::from_slice(&blob(&layout, manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&blob(
+        &layout,
+        manifest["config"]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
     assert_eq!(config["architecture"], "amd64");
     assert_eq!(config["os"], "linux");
     assert_eq!(config["config"]["Cmd"], serde_json::json!(["/bin/sh"]));
     assert_eq!(config["history"].as_array().unwrap().len(), 1);
     let layer_gz = blob(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
     let mut tar_bytes = vec![];
-    flate2::read::GzDecoder::new(&layer_gz[..]).read_to_end(&mut tar_bytes).unwrap();
-    assert_eq!(config["rootfs"]["diff_ids"][0].as_str().unwrap(), format!("sha256:{}", sha256_hex(&tar_bytes)));
+    flate2::read::GzDecoder::new(&layer_gz[..])
+        .read_to_end(&mut tar_bytes)
+        .unwrap();
+    assert_eq!(
+        config["rootfs"]["diff_ids"][0].as_str().unwrap(),
+        format!("sha256:{}", sha256_hex(&tar_bytes))
+    );
 
     // The root filesystem: merged /usr, owners and special modes from the packages, symlinks verbatim.
     let entries = read_tar(&tar_bytes);
     assert_eq!(entries["bin"].0, 'l');
     assert_eq!(entries["bin"].4, "usr/bin");
-    assert_eq!(entries["usr/bin/systemctl"].0, 'f', "bin/ content lands in usr/bin");
-    assert_eq!(entries["usr/sbin/telinit"].4, "/bin/systemctl", "absolute symlink kept as the package has it");
+    assert_eq!(
+        entries["usr/bin/systemctl"].0, 'f',
+        "bin/ content lands in usr/bin"
+    );
+    assert_eq!(
+        entries["usr/sbin/telinit"].4, "/bin/systemctl",
+        "absolute symlink kept as the package has it"
+    );
     assert_eq!(entries["etc/localtime"].4, "/usr/share/zoneinfo/Etc/UTC");
     let chage = &entries["usr/bin/chage"];
     assert_eq!((chage.1 & 0o7777, chage.2, chage.3), (0o2755, 0, 42));
@@ -112,13 +186,19 @@ fn realise_and_check(user: Option<&str>) {
     let mut h = tar::Archive::new(&tar_bytes[..]);
     for e in h.entries().unwrap() {
         let e = e.unwrap();
-        assert!(e.header().mtime().unwrap() as i64 <= SDE, "mtimes clamped to SOURCE_DATE_EPOCH");
+        assert!(
+            e.header().mtime().unwrap() as i64 <= SDE,
+            "mtimes clamped to SOURCE_DATE_EPOCH"
+        );
     }
 
     // ^rootfs is the same tar, and the store holds no setuid file on the host.
     let rootfs = realise_json(user, &a, "^rootfs", &store, &[]);
     assert_eq!(rootfs["built"], 0);
-    assert_eq!(fs::read(rootfs["output"].as_str().unwrap()).unwrap(), tar_bytes);
+    assert_eq!(
+        fs::read(rootfs["output"].as_str().unwrap()).unwrap(),
+        tar_bytes
+    );
     let tree = realise_json(user, &a, "^tree", &store, &[]);
     let su = Path::new(tree["output"].as_str().unwrap()).join("usr/bin/su");
     use std::os::unix::fs::MetadataExt;
@@ -126,14 +206,31 @@ fn realise_and_check(user: Option<&str>) {
     assert_eq!(md.mode() & 0o7000, 0, "no setuid/setgid bits in the store");
 
     // Run again: nothing is built, even offline with a dead mirror.
-    let again = json(&rbuild_as(user, &["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--json", "--offline"], &[]));
-    assert_eq!((again["built"].as_u64(), again["output"].as_str()), (Some(0), r["output"].as_str()));
+    let again = json(&rbuild_as(
+        user,
+        &[
+            "realise",
+            a.recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+            "--offline",
+        ],
+        &[],
+    ));
+    assert_eq!(
+        (again["built"].as_u64(), again["output"].as_str()),
+        (Some(0), r["output"].as_str())
+    );
     assert!(again["reused"].as_u64().unwrap() >= 1);
 
     // Another store (and, if run as root here, another user) gets the same bits.
     let store2 = user_dir(t.path(), "store2", None);
     let r2 = realise_json(None, &a, "", &store2, &[]);
-    assert_eq!(image_manifest_digest(Path::new(r2["output"].as_str().unwrap())), mdigest);
+    assert_eq!(
+        image_manifest_digest(Path::new(r2["output"].as_str().unwrap())),
+        mdigest
+    );
 }
 
 #[test]
@@ -155,22 +252,45 @@ fn graph_has_five_stages_unique_hashes_network_only_on_fetch() {
     let t = tempfile::tempdir().unwrap();
     let a = make_archive(t.path());
     lock(&a);
-    let g = json(&rbuild(&["graph", a.recipe.to_str().unwrap(), "--format", "json"]));
+    let g = json(&rbuild(&[
+        "graph",
+        a.recipe.to_str().unwrap(),
+        "--format",
+        "json",
+    ]));
     let nodes = g["nodes"].as_array().unwrap();
     let stages: HashSet<&str> = nodes.iter().map(|n| n["stage"].as_str().unwrap()).collect();
-    assert_eq!(stages, ["fetch", "verify", "unpack", "configure", "pack"].into_iter().collect());
+    assert_eq!(
+        stages,
+        ["fetch", "verify", "unpack", "configure", "pack"]
+            .into_iter()
+            .collect()
+    );
     let hashes: HashSet<&str> = nodes.iter().map(|n| n["hash"].as_str().unwrap()).collect();
     assert_eq!(hashes.len(), nodes.len());
     for n in nodes {
-        assert_eq!(n["network"].as_bool().unwrap(), n["stage"] == "fetch", "{n}");
+        assert_eq!(
+            n["network"].as_bool().unwrap(),
+            n["stage"] == "fetch",
+            "{n}"
+        );
         for i in n["inputs"].as_array().unwrap() {
             assert!(hashes.contains(i.as_str().unwrap()));
         }
     }
-    let dot = ok(&rbuild(&["graph", a.recipe.to_str().unwrap(), "--format", "dot"]));
+    let dot = ok(&rbuild(&[
+        "graph",
+        a.recipe.to_str().unwrap(),
+        "--format",
+        "dot",
+    ]));
     assert!(dot.starts_with("digraph") && dot.contains("cluster_configure"));
     // The graph does not depend on the mirror: it comes from the recipe and lock alone.
-    let g2 = json(&rbuild_as(None, &["graph", a.recipe.to_str().unwrap()], &[("RBUILD_MIRROR", "http://127.0.0.1:9")]));
+    let g2 = json(&rbuild_as(
+        None,
+        &["graph", a.recipe.to_str().unwrap()],
+        &[("RBUILD_MIRROR", "http://127.0.0.1:9")],
+    ));
     assert_eq!(g, g2);
 }
 
@@ -181,20 +301,48 @@ fn hand_edited_lock_pointing_at_another_deb_fails_verification() {
     lock(&a);
     // Swap hello's .deb for another one, and make the lock pin *its* hash: the fetch succeeds,
     // the signed index disagrees.
-    let evil = build_deb(&Pkg { name: "hello", version: "2.10-2", priority: "important", essential: false, depends: "", entries: vec![Entry::File("usr/bin/evil", b"x", 0o4755, 0, 0)] });
+    let evil = build_deb(&Pkg {
+        name: "hello",
+        version: "2.10-2",
+        priority: "important",
+        essential: false,
+        depends: "",
+        entries: vec![Entry::File("usr/bin/evil", b"x", 0o4755, 0, 0)],
+    });
     let path = a.deb_path("hello", "2.10-2");
     let good = fs::read(&path).unwrap();
     fs::write(&path, &evil).unwrap();
     let lock_text = fs::read_to_string(a.lock_path()).unwrap();
-    let tampered = lock_text.replace(&sha256_hex(&good), &sha256_hex(&evil)).replace(&format!("size = {}", good.len()), &format!("size = {}", evil.len()));
+    let tampered = lock_text
+        .replace(&sha256_hex(&good), &sha256_hex(&evil))
+        .replace(
+            &format!("size = {}", good.len()),
+            &format!("size = {}", evil.len()),
+        );
     assert_ne!(tampered, lock_text);
     fs::write(a.lock_path(), tampered).unwrap();
     let store = t.path().join("store");
-    let o = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", &a.mirror_url()]);
+    let o = rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+    ]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("verify") && err.contains("sha256") && err.contains(&sha256_hex(&good)) && err.contains(&sha256_hex(&evil)), "{err}");
-    assert!(err.contains("hello_2.10-2_amd64.deb"), "names the file: {err}");
+    assert!(
+        err.contains("verify")
+            && err.contains("sha256")
+            && err.contains(&sha256_hex(&good))
+            && err.contains(&sha256_hex(&evil)),
+        "{err}"
+    );
+    assert!(
+        err.contains("hello_2.10-2_amd64.deb"),
+        "names the file: {err}"
+    );
 }
 
 #[test]
@@ -209,35 +357,76 @@ fn unpinned_signer_and_tampered_index_are_refused() {
     let good_ir = fs::read(&ir_path).unwrap();
     a.publish(&standard_packages(), &other);
     let bad_ir = fs::read(&ir_path).unwrap();
-    let o = rbuild(&["lock", a.recipe.to_str().unwrap(), "--mirror", &a.mirror_url(), "--output", t.path().join("x.lock").to_str().unwrap()]);
+    let o = rbuild(&[
+        "lock",
+        a.recipe.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+        "--output",
+        t.path().join("x.lock").to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("InRelease") && stderr(&o).contains(&a.key.fingerprint()), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("InRelease") && stderr(&o).contains(&a.key.fingerprint()),
+        "{}",
+        stderr(&o)
+    );
     let lock_text = fs::read_to_string(a.lock_path()).unwrap();
     let swapped = lock_text
         .replace(&sha256_hex(&good_ir), &sha256_hex(&bad_ir))
-        .replace(&format!("size = {}", good_ir.len()), &format!("size = {}", bad_ir.len()));
+        .replace(
+            &format!("size = {}", good_ir.len()),
+            &format!("size = {}", bad_ir.len()),
+        );
     fs::write(a.lock_path(), &swapped).unwrap();
-    let o = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", &a.mirror_url()]);
+    let o = rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+    ]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("verify") && err.contains("InRelease") && err.contains("signature"), "{err}");
+    assert!(
+        err.contains("verify") && err.contains("InRelease") && err.contains("signature"),
+        "{err}"
+    );
 
     // Correctly signed Release, but the Packages index on the mirror was changed and the lock
     // follows it: the signed Release hash disagrees.
     fs::write(&ir_path, &good_ir).unwrap();
     fs::write(a.lock_path(), &lock_text).unwrap();
-    let idx = a.mirror.join(format!("dists/{SUITE}/main/binary-amd64/Packages.gz"));
+    let idx = a
+        .mirror
+        .join(format!("dists/{SUITE}/main/binary-amd64/Packages.gz"));
     let good_idx = fs::read(&idx).unwrap();
     let bad_idx = gz(b"Package: hello\nVersion: 9\nArchitecture: amd64\nFilename: pool/x.deb\nSize: 1\nSHA256: 00\n");
     fs::write(&idx, &bad_idx).unwrap();
     let swapped = lock_text
         .replace(&sha256_hex(&good_idx), &sha256_hex(&bad_idx))
-        .replace(&format!("size = {}", good_idx.len()), &format!("size = {}", bad_idx.len()));
+        .replace(
+            &format!("size = {}", good_idx.len()),
+            &format!("size = {}", bad_idx.len()),
+        );
     fs::write(a.lock_path(), &swapped).unwrap();
-    let o = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", &a.mirror_url()]);
+    let o = rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+    ]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("Packages.gz") && err.contains(&sha256_hex(&good_idx)) && err.contains(&sha256_hex(&bad_idx)), "{err}");
+    assert!(
+        err.contains("Packages.gz")
+            && err.contains(&sha256_hex(&good_idx))
+            && err.contains(&sha256_hex(&bad_idx)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -246,11 +435,28 @@ fn offline_without_the_files_fails_clearly_and_registers_nothing() {
     let a = make_archive(t.path());
     lock(&a);
     let store = t.path().join("store");
-    let o = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--offline"]);
+    let o = rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--offline",
+    ]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("offline") && err.contains("dists/testsuite/InRelease") || err.contains("pool/main"), "{err}");
-    let dead = rbuild(&["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", "http://127.0.0.1:9/debian"]);
+    assert!(
+        err.contains("offline") && err.contains("dists/testsuite/InRelease")
+            || err.contains("pool/main"),
+        "{err}"
+    );
+    let dead = rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        "http://127.0.0.1:9/debian",
+    ]);
     assert!(!dead.status.success());
     assert!(stderr(&dead).contains("127.0.0.1:9"), "{}", stderr(&dead));
     let db = rusqlite_count(&store);
@@ -260,7 +466,10 @@ fn offline_without_the_files_fails_clearly_and_registers_nothing() {
 fn rusqlite_count(store: &Path) -> usize {
     let out = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("ls {}/o | grep -v '\\.meta$' | wc -l", store.display()))
+        .arg(format!(
+            "ls {}/o | grep -v '\\.meta$' | wc -l",
+            store.display()
+        ))
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
@@ -275,18 +484,49 @@ fn sandbox_is_isolated_and_maps_a_full_id_range() {
             continue;
         }
         let target = format!("127.0.0.1:{port}");
-        let o = rbuild_as(user.as_deref(), &["doctor", "--connect", &target], &[("SECRET_HOST_VAR", "leak")]);
+        let o = rbuild_as(
+            user.as_deref(),
+            &["doctor", "--connect", &target],
+            &[("SECRET_HOST_VAR", "leak")],
+        );
         let report = json(&o);
         assert_eq!(report["uid"], 0, "builders run as uid 0 of the namespace");
         let uid_map = report["uid_map"].as_str().unwrap();
-        let mapped: u64 = uid_map.lines().map(|l| l.split_whitespace().nth(2).unwrap().parse::<u64>().unwrap()).sum();
+        let mapped: u64 = uid_map
+            .lines()
+            .map(|l| l.split_whitespace().nth(2).unwrap().parse::<u64>().unwrap())
+            .sum();
         assert_eq!(mapped, 65536, "full id range mapped: {uid_map}");
-        assert_eq!(report["interfaces"], serde_json::json!(["lo"]), "only loopback");
-        assert!(report["connect"][&target].as_str().unwrap().starts_with("failed"), "the host's loopback is unreachable: {report}");
+        assert_eq!(
+            report["interfaces"],
+            serde_json::json!(["lo"]),
+            "only loopback"
+        );
+        assert!(
+            report["connect"][&target]
+                .as_str()
+                .unwrap()
+                .starts_with("failed"),
+            "the host's loopback is unreachable: {report}"
+        );
         assert_eq!(report["hostname"], "rbuild");
-        let root: Vec<&str> = report["root"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        assert_eq!(root, ["build", "dev", "proc", "tmp"], "no host files visible");
-        let dev: HashSet<&str> = report["dev"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let root: Vec<&str> = report["root"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            root,
+            ["build", "dev", "proc", "tmp"],
+            "no host files visible"
+        );
+        let dev: HashSet<&str> = report["dev"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         for d in ["null", "zero", "full", "random", "urandom", "tty"] {
             assert!(dev.contains(d), "{d} in /dev");
         }
@@ -308,17 +548,32 @@ fn concurrent_realises_share_a_store_without_building_twice() {
     let bin = rbuild_bin();
     let spawn = || {
         std::process::Command::new(&bin)
-            .args(["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--json", "--mirror", &a.mirror_url()])
+            .args([
+                "realise",
+                a.recipe.to_str().unwrap(),
+                "--store",
+                store.to_str().unwrap(),
+                "--json",
+                "--mirror",
+                &a.mirror_url(),
+            ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap()
     };
     let (p1, p2) = (spawn(), spawn());
-    let (o1, o2) = (p1.wait_with_output().unwrap(), p2.wait_with_output().unwrap());
+    let (o1, o2) = (
+        p1.wait_with_output().unwrap(),
+        p2.wait_with_output().unwrap(),
+    );
     let (j1, j2) = (json(&o1), json(&o2));
     assert_eq!(j1["output"], j2["output"]);
-    assert_eq!(j1["built"].as_u64().unwrap() + j2["built"].as_u64().unwrap(), 13, "every derivation built exactly once: {j1} {j2}");
+    assert_eq!(
+        j1["built"].as_u64().unwrap() + j2["built"].as_u64().unwrap(),
+        13,
+        "every derivation built exactly once: {j1} {j2}"
+    );
 }
 
 #[test]
@@ -329,7 +584,16 @@ fn killed_build_leaves_no_registered_output_and_is_cleaned_up() {
     let store = t.path().join("store");
     let bin = rbuild_bin();
     let mut child = std::process::Command::new(&bin)
-        .args(["realise", a.recipe.to_str().unwrap(), "--store", store.to_str().unwrap(), "--mirror", &a.mirror_url(), "-j", "1"])
+        .args([
+            "realise",
+            a.recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--mirror",
+            &a.mirror_url(),
+            "-j",
+            "1",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -337,7 +601,9 @@ fn killed_build_leaves_no_registered_output_and_is_cleaned_up() {
     // Kill it as soon as it has scratch space in use.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let busy = fs::read_dir(store.join("tmp")).map(|rd| rd.count() > 0).unwrap_or(false);
+        let busy = fs::read_dir(store.join("tmp"))
+            .map(|rd| rd.count() > 0)
+            .unwrap_or(false);
         if busy || std::time::Instant::now() > deadline {
             break;
         }
@@ -352,4 +618,109 @@ fn killed_build_leaves_no_registered_output_and_is_cleaned_up() {
     assert!(leftover.is_empty(), "scratch space cleaned: {leftover:?}");
     let again = realise_json(None, &a, "", &store, &[]);
     assert_eq!(again["built"], 0);
+}
+
+/// A layered recipe on the throwaway base: the base's layer is reused byte for byte, each
+/// `[[layers]]` entry adds one layer, config and history follow the recipe, and editing the last
+/// layer rebuilds only that layer's tree, its diff and the image.
+#[test]
+fn layered_recipe_adds_one_cached_layer_per_entry() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let store = t.path().join("store");
+    let base = realise_json(None, &a, "", &store, &[]);
+    let base_layout = Path::new(base["output"].as_str().unwrap()).to_owned();
+    let app_dir = a.recipe.parent().unwrap().join("app");
+    fs::create_dir_all(app_dir.join("files")).unwrap();
+    fs::write(app_dir.join("files/motd"), "hello from a layer\n").unwrap();
+    fs::write(app_dir.join("files/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    let write_recipe = |second_to: &str| {
+        fs::write(
+            app_dir.join("app.toml"),
+            format!(
+                "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{{ from = \"files/motd\", to = \"/etc/motd\", mode = \"0644\" }}]\n\n[[layers]]\ncopy = [{{ from = \"files/tool\", to = \"{second_to}\", mode = \"4755\" }}]\n\n[config]\nentrypoint = [\"/bin/sh\", \"-c\"]\ncmd = [\"echo hello\"]\nenv = [\"LANG=C.UTF-8\"]\nuser = \"app\"\nworkdir = \"/home/app\"\nlabels = {{ \"org.opencontainers.image.title\" = \"app\" }}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_recipe("/usr/local/bin/tool");
+    let recipe = app_dir.join("app.toml");
+    let realise = || {
+        json(&rbuild(&[
+            "realise",
+            recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+            "--mirror",
+            &a.mirror_url(),
+        ]))
+    };
+    let r = realise();
+    assert!(app_dir.join("app.lock").exists(), "locked first");
+    assert_eq!(r["built"], 5, "two layer trees, two diffs, one image: {r}");
+    let layout = Path::new(r["output"].as_str().unwrap()).to_owned();
+
+    let manifest = |l: &Path| -> serde_json::Value {
+        serde_json::from_slice(&blob(l, &image_manifest_digest(l))).unwrap()
+    };
+    let (bm, m) = (manifest(&base_layout), manifest(&layout));
+    let layers = m["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    assert_eq!(layers[0], bm["layers"][0], "the base layer, byte for byte");
+    let config: serde_json::Value =
+        serde_json::from_slice(&blob(&layout, m["config"]["digest"].as_str().unwrap())).unwrap();
+    let c = &config["config"];
+    assert_eq!(c["User"], "app");
+    assert_eq!(c["WorkingDir"], "/home/app");
+    assert_eq!(c["Entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
+    assert_eq!(c["Cmd"], serde_json::json!(["echo hello"]));
+    assert!(c["Env"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("LANG=C.UTF-8")));
+    assert_eq!(c["Labels"]["org.opencontainers.image.title"], "app");
+    let history = config["history"].as_array().unwrap();
+    assert_eq!(history.len(), 3);
+    assert!(
+        history[1]["created_by"]
+            .as_str()
+            .unwrap()
+            .contains("files/motd"),
+        "{history:?}"
+    );
+    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 3);
+
+    // The second layer holds exactly the new file (and its parent directories), owned by root,
+    // setuid as the recipe asked, with the clamped mtime.
+    let mut top = vec![];
+    flate2::read::GzDecoder::new(&blob(&layout, layers[2]["digest"].as_str().unwrap())[..])
+        .read_to_end(&mut top)
+        .unwrap();
+    let entries = read_tar(&top);
+    assert_eq!(
+        entries.keys().cloned().collect::<Vec<_>>(),
+        ["usr", "usr/local", "usr/local/bin", "usr/local/bin/tool"]
+    );
+    let tool = &entries["usr/local/bin/tool"];
+    assert_eq!((tool.1 & 0o7777, tool.2, tool.3), (0o4755, 0, 0));
+    assert_eq!(tool.5, b"#!/bin/sh\necho tool\n");
+    let mut first = vec![];
+    flate2::read::GzDecoder::new(&blob(&layout, layers[1]["digest"].as_str().unwrap())[..])
+        .read_to_end(&mut first)
+        .unwrap();
+    assert!(read_tar(&first).contains_key("etc/motd"));
+
+    // Nothing edited: nothing built. Last layer edited: its tree, its diff and the image only.
+    assert_eq!(realise()["built"], 0);
+    write_recipe("/usr/local/bin/tool2");
+    let edited = realise();
+    assert_eq!(edited["built"], 3, "{edited}");
+    let m2 = manifest(Path::new(edited["output"].as_str().unwrap()));
+    assert_eq!(
+        m2["layers"][1], m["layers"][1],
+        "unchanged lower layer kept"
+    );
+    assert_ne!(m2["layers"][2], m["layers"][2]);
 }

@@ -9,11 +9,15 @@ use rbuild_engine::builtins::fetch::Fetcher;
 use rbuild_engine::builtins::Builtins;
 use rbuild_engine::progress::Progress;
 use rbuild_engine::{Engine, Graph};
-use rbuild_recipes::{expand, mirror, recipe};
+use rbuild_recipes::{expand, layers, mirror, recipe};
 use rbuild_store::Store;
 
 #[derive(Parser)]
-#[command(name = "rbuild", version, about = "Reproducible, verified, unprivileged Debian bootstraps and container images, built as a cached derivation graph")]
+#[command(
+    name = "rbuild",
+    version,
+    about = "Reproducible, verified, unprivileged Debian bootstraps and container images, built as a cached derivation graph"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,6 +92,9 @@ enum GraphFormat {
     Dot,
 }
 
+/// What the sandbox re-executes: this very binary, even if its file was replaced meanwhile.
+const SELF_EXE: &str = "/proc/self/exe";
+
 fn builtins() -> Builtins {
     let mut b = Builtins::new();
     rbuild_recipes::builders::register(&mut b);
@@ -114,26 +121,52 @@ fn split_output(arg: &str) -> (&str, Option<&str>) {
 }
 
 fn runtime(jobs: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(jobs.max(2)).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(jobs.max(2))
+        .enable_all()
+        .build()?)
+}
+
+/// Lock `recipe` against the archive (through `fetcher`) and write its lock to `dest`.
+fn lock_to(recipe: &layers::AnyRecipe, fetcher: &Fetcher, dest: &Path) -> anyhow::Result<String> {
+    let rt = runtime(2)?;
+    let (text, summary) = match recipe {
+        layers::AnyRecipe::Debian(l) => {
+            let lock = rt.block_on(rbuild_recipes::lock::lock(&l.recipe, &l.keyring, fetcher))?;
+            (
+                recipe::render_lock(&lock),
+                format!("{} packages pinned", lock.packages.len()),
+            )
+        }
+        layered => {
+            let lock = rt.block_on(layers::lock_layered(layered, fetcher))?;
+            let n: usize = lock.layer.iter().map(|l| l.package.len()).sum();
+            (
+                layers::render_lock(&lock),
+                format!("{} layers, {n} added packages pinned", lock.layer.len()),
+            )
+        }
+    };
+    std::fs::write(dest, text).with_context(|| format!("writing {}", dest.display()))?;
+    Ok(summary)
 }
 
 /// Load a recipe and its lock; a path recipe without a lock is locked first.
-fn load_locked(arg: &str, mirror: Option<&str>, offline: bool) -> anyhow::Result<(recipe::Loaded, expand::Expanded)> {
-    let mut loaded = recipe::load(arg)?;
-    if loaded.lock.is_none() {
-        let Some(lock_path) = loaded.lock_path() else { bail!("built-in recipe {arg} has no lock") };
-        if offline {
-            bail!("{}: no lock, and --offline forbids resolving one; run `rbuild lock {arg}` with network access", lock_path.display());
-        }
-        eprintln!("{}: no lock; locking first", lock_path.display());
-        let fetcher = Fetcher::new(mirror::choose(mirror));
-        let lock = runtime(2)?.block_on(rbuild_recipes::lock::lock(&loaded.recipe, &loaded.keyring, &fetcher))?;
-        std::fs::write(&lock_path, recipe::render_lock(&lock)).with_context(|| format!("writing {}", lock_path.display()))?;
-        loaded.lock = Some(lock);
+fn load_locked(arg: &str, mirror: Option<&str>, offline: bool) -> anyhow::Result<expand::Expanded> {
+    let loaded = layers::load_any(arg, true)?;
+    if loaded.has_lock() {
+        return loaded.expand();
     }
-    let lock = loaded.require_lock()?;
-    let expanded = expand::expand(&loaded.recipe, &loaded.keyring, lock)?;
-    Ok((loaded.clone(), expanded))
+    let Some(lock_path) = loaded.lock_path() else {
+        bail!("built-in recipe {arg} has no lock")
+    };
+    if offline {
+        bail!("{}: no lock, and --offline forbids resolving one; run `rbuild lock {arg}` with network access", lock_path.display());
+    }
+    eprintln!("{}: no lock; locking first", lock_path.display());
+    let fetcher = Fetcher::new(mirror::choose(mirror));
+    lock_to(&loaded, &fetcher, &lock_path)?;
+    layers::load_any(arg, true)?.expand()
 }
 
 fn realise(
@@ -146,25 +179,49 @@ fn realise(
     json: bool,
 ) -> anyhow::Result<()> {
     let (recipe_arg, output) = split_output(arg);
-    let (_, expanded) = load_locked(recipe_arg, mirror_flag.as_deref(), offline)?;
+    let expanded = load_locked(recipe_arg, mirror_flag.as_deref(), offline)?;
     let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
     let store_dir = default_store(store)?;
-    let store = Arc::new(Store::open(&store_dir).with_context(|| format!("opening the store at {}", store_dir.display()))?);
-    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-    let fetcher = if offline { Fetcher::offline() } else { Fetcher::new(mirror::choose(mirror_flag.as_deref())) };
-    let exe = std::env::current_exe().context("locating the rbuild binary")?;
+    let store = Arc::new(
+        Store::open(&store_dir)
+            .with_context(|| format!("opening the store at {}", store_dir.display()))?,
+    );
+    let jobs = jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let fetcher = if offline {
+        Fetcher::offline()
+    } else {
+        Fetcher::new(mirror::choose(mirror_flag.as_deref()))
+    };
+    let exe = PathBuf::from(SELF_EXE);
     let progress = Arc::new(Progress::new(false));
-    let engine = Arc::new(Engine::new(store.clone(), exe, fetcher, jobs, progress.clone()));
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        exe,
+        fetcher,
+        jobs,
+        progress.clone(),
+    ));
     let graph = Arc::new(expanded.graph);
-    let report = runtime(jobs)?.block_on(engine.realise(graph, &target)).with_context(|| format!("realising {arg}"))?;
+    let report = runtime(jobs)?
+        .block_on(engine.realise(graph, &target))
+        .with_context(|| format!("realising {arg}"))?;
     drop(progress);
     if let Some(link) = out_link {
-        store.add_root(&link, &target.0).with_context(|| format!("creating the output link {}", link.display()))?;
+        store
+            .add_root(&link, &target.0)
+            .with_context(|| format!("creating the output link {}", link.display()))?;
     }
     if json {
-        println!("{}", serde_json::json!({
-            "output": report.output, "built": report.built, "substituted": report.substituted, "reused": report.reused,
-        }));
+        println!(
+            "{}",
+            serde_json::json!({
+                "output": report.output, "built": report.built, "substituted": report.substituted, "reused": report.reused,
+            })
+        );
     } else {
         println!("{}", report.output.display());
     }
@@ -173,7 +230,7 @@ fn realise(
 
 fn graph_cmd(arg: &str, format: GraphFormat) -> anyhow::Result<()> {
     let (recipe_arg, _) = split_output(arg);
-    let (_, expanded) = load_locked(recipe_arg, None, true)?;
+    let expanded = load_locked(recipe_arg, None, true)?;
     let g: &Graph = &expanded.graph;
     match format {
         GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&g.to_json())?),
@@ -183,30 +240,32 @@ fn graph_cmd(arg: &str, format: GraphFormat) -> anyhow::Result<()> {
 }
 
 fn lock_cmd(arg: &str, mirror_flag: Option<String>, output: Option<PathBuf>) -> anyhow::Result<()> {
-    let loaded = recipe::load_unlocked(arg)?;
+    let loaded = layers::load_any(arg, false)?;
     let dest = output
         .or_else(|| loaded.lock_path())
-        .unwrap_or_else(|| PathBuf::from(format!("{}.lock", loaded.recipe.name)));
-    let mirror = mirror::choose(mirror_flag.as_deref())
-        .context("no Debian mirror: pass --mirror URL, set RBUILD_MIRROR, or configure one in /etc/apt")?;
-    let fetcher = Fetcher::new(Some(mirror));
-    let lock = runtime(2)?.block_on(rbuild_recipes::lock::lock(&loaded.recipe, &loaded.keyring, &fetcher))?;
-    std::fs::write(&dest, recipe::render_lock(&lock)).with_context(|| format!("writing {}", dest.display()))?;
-    eprintln!("{}: {} packages pinned", dest.display(), lock.packages.len());
+        .unwrap_or_else(|| PathBuf::from(format!("{}.lock", loaded.debian().recipe.name)));
+    let mirror = mirror::choose(mirror_flag.as_deref()).context(
+        "no Debian mirror: pass --mirror URL, set RBUILD_MIRROR, or configure one in /etc/apt",
+    )?;
+    let summary = lock_to(&loaded, &Fetcher::new(Some(mirror)), &dest)?;
+    eprintln!("{}: {summary}", dest.display());
     println!("{}", dest.display());
     Ok(())
 }
 
 fn gc_cmd(store: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = default_store(store)?;
-    let store = Store::open(&dir).with_context(|| format!("opening the store at {}", dir.display()))?;
+    let store =
+        Store::open(&dir).with_context(|| format!("opening the store at {}", dir.display()))?;
     let r = store.gc()?;
-    eprintln!("gc: deleted {} outputs; {} roots kept, {} stale roots dropped", r.deleted, r.roots_kept, r.roots_dropped);
+    eprintln!(
+        "gc: deleted {} outputs; {} roots kept, {} stale roots dropped",
+        r.deleted, r.roots_kept, r.roots_dropped
+    );
     if !r.unremovable.is_empty() {
-        if let (Ok(map), Ok(exe)) = (rbuild_engine::sandbox::check_support(), std::env::current_exe()) {
-            for p in &r.unremovable {
-                rbuild_engine::sandbox::remove_as_mapped_root(&exe, p, &map)?;
-            }
+        let map = rbuild_engine::sandbox::check_support()?;
+        for p in &r.unremovable {
+            rbuild_engine::sandbox::remove_as_mapped_root(Path::new(SELF_EXE), p, &map)?;
         }
     }
     Ok(())
@@ -225,18 +284,29 @@ fn doctor(connect: Vec<String>) -> anyhow::Result<()> {
         args: connect.iter().map(|c| format!("connect={c}")).collect(),
         env: sandbox::fixed_env(),
     };
-    let exe = std::env::current_exe()?;
+    let exe = PathBuf::from(SELF_EXE);
     let result = sandbox::run(&exe, &spec, &map, &dir.join("log"));
     let report = std::fs::read_to_string(spec.host_build().join("out"));
     let _ = rbuild_store::remove_all(&dir);
     let result = result?;
     if !result.success {
-        bail!("the sandbox probe failed ({}):\n{}", result.status, result.stderr_tail);
+        bail!(
+            "the sandbox probe failed ({}):\n{}",
+            result.status,
+            result.stderr_tail
+        );
     }
-    eprintln!("sandbox: ok ({})", match map {
-        sandbox::IdMap::Root => "root: ids mapped directly".to_owned(),
-        sandbox::IdMap::Subordinate { subuid, .. } => format!("unprivileged: subordinate ids {}-{}", subuid.0, subuid.0 + subuid.1 - 1),
-    });
+    eprintln!(
+        "sandbox: ok ({})",
+        match map {
+            sandbox::IdMap::Root => "root: ids mapped directly".to_owned(),
+            sandbox::IdMap::Subordinate { subuid, .. } => format!(
+                "unprivileged: subordinate ids {}-{}",
+                subuid.0,
+                subuid.0 + subuid.1 - 1
+            ),
+        }
+    );
     println!("{}", report?);
     Ok(())
 }
@@ -254,11 +324,21 @@ fn main() {
                 }
             })
         }
-        Command::Realise { recipe, store, out_link, mirror, offline, jobs, json } => {
-            realise(&recipe, store.store, out_link, mirror, offline, jobs, json)
-        }
+        Command::Realise {
+            recipe,
+            store,
+            out_link,
+            mirror,
+            offline,
+            jobs,
+            json,
+        } => realise(&recipe, store.store, out_link, mirror, offline, jobs, json),
         Command::Graph { recipe, format } => graph_cmd(&recipe, format),
-        Command::Lock { recipe, mirror, output } => lock_cmd(&recipe, mirror, output),
+        Command::Lock {
+            recipe,
+            mirror,
+            output,
+        } => lock_cmd(&recipe, mirror, output),
         Command::Gc { store } => gc_cmd(store.store),
         Command::Doctor { connect } => doctor(connect),
     };

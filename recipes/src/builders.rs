@@ -20,6 +20,7 @@ pub fn register(b: &mut Builtins) {
     b.register("debian-verify", verify);
     b.register("debian-unpack", unpack);
     b.register("debian-configure", configure);
+    b.register("debian-layer", layer);
 }
 
 /// `debian-verify`: inputs `[InRelease, index…]`; args `[suite, keyring, fingerprints, sde,
@@ -29,10 +30,16 @@ pub fn register(b: &mut Builtins) {
 fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
     let suite = ctx.arg(0)?;
     let keyring = ctx.arg(1)?.as_bytes();
-    let pinned: Vec<String> = ctx.arg(2)?.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    let pinned: Vec<String> = ctx
+        .arg(2)?
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
     let sde: i64 = ctx.arg(3)?.parse().context("source date epoch argument")?;
     let inrelease_file = format!("dists/{suite}/InRelease");
-    let inrelease = fs::read(&ctx.inputs[0]).with_context(|| format!("reading {inrelease_file}"))?;
+    let inrelease =
+        fs::read(&ctx.inputs[0]).with_context(|| format!("reading {inrelease_file}"))?;
     let release = debian::release::verify_inrelease(&inrelease_file, &inrelease, keyring, &pinned)?;
     if release.codename != suite && release.suite != suite {
         bail!("{inrelease_file}: suite check failed: expected {suite}, the signed Release says Suite {} / Codename {}", release.suite, release.codename);
@@ -42,10 +49,16 @@ fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
     }
     let mut lines = Vec::new();
     for (i, path) in ctx.args[4..].iter().enumerate() {
-        let input = ctx.inputs.get(i + 1).with_context(|| format!("no input for {path}"))?;
+        let input = ctx
+            .inputs
+            .get(i + 1)
+            .with_context(|| format!("no input for {path}"))?;
         let bytes = fs::read(input).with_context(|| format!("reading {path}"))?;
-        let rel = path.strip_prefix(&format!("dists/{suite}/")).unwrap_or(path);
-        debian::release::check_file(rel, &bytes, &release).with_context(|| format!("verifying dists/{suite}/{rel}"))?;
+        let rel = path
+            .strip_prefix(&format!("dists/{suite}/"))
+            .unwrap_or(path);
+        debian::release::check_file(rel, &bytes, &release)
+            .with_context(|| format!("verifying dists/{suite}/{rel}"))?;
         let text = packages::decompress(path, &bytes)?;
         let text = String::from_utf8(text).with_context(|| format!("{path}: not UTF-8"))?;
         for p in packages::parse_packages(path, &text)? {
@@ -59,7 +72,10 @@ fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
         "suite": release.suite, "codename": release.codename, "version": release.version,
         "date": release.date, "source_date_epoch": release.source_date_epoch, "signed_by": release.signed_by,
     });
-    fs::write(ctx.out.join("release.json"), serde_json::to_vec_pretty(&summary)?)?;
+    fs::write(
+        ctx.out.join("release.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
     Ok(())
 }
 
@@ -79,17 +95,26 @@ fn sha256_of(path: &Path) -> anyhow::Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), n_total))
 }
 
-/// `debian-unpack`: inputs `[verified index, .deb]`; args `[name, version, arch]`. Checks the
-/// `.deb` against the sha256 the signed index lists for that package, then unpacks it.
-fn unpack(ctx: &BuildContext) -> anyhow::Result<()> {
-    let (name, version, arch) = (ctx.arg(0)?, ctx.arg(1)?, ctx.arg(2)?);
-    let index = fs::read_to_string(ctx.inputs[0].join("index")).context("reading the verified index")?;
-    let deb = &ctx.inputs[1];
-    let entries = packages::lookup_index_line(&index, name);
-    let Some(entry) = entries.iter().find(|e| e.version == version && e.architecture == arch) else {
+/// Check a `.deb` against the sha256 and size the signed index lists for `name` `version` `arch`.
+fn verify_deb(
+    index: &str,
+    name: &str,
+    version: &str,
+    arch: &str,
+    deb: &Path,
+) -> anyhow::Result<()> {
+    let entries = packages::lookup_index_line(index, name);
+    let Some(entry) = entries
+        .iter()
+        .find(|e| e.version == version && e.architecture == arch)
+    else {
         bail!(
             "verify: package {name} {version} ({arch}) is not in the signed Packages index (it lists: {})",
-            if entries.is_empty() { "no such package".to_owned() } else { entries.iter().map(|e| format!("{} {}", e.version, e.architecture)).collect::<Vec<_>>().join(", ") }
+            if entries.is_empty() {
+                "no such package".to_owned()
+            } else {
+                entries.iter().map(|e| format!("{} {}", e.version, e.architecture)).collect::<Vec<_>>().join(", ")
+            }
         );
     };
     let (sha, size) = sha256_of(deb)?;
@@ -99,22 +124,36 @@ fn unpack(ctx: &BuildContext) -> anyhow::Result<()> {
             entry.filename, entry.sha256, entry.size
         );
     }
+    Ok(())
+}
+
+/// `debian-unpack`: inputs `[verified index, .deb]`; args `[name, version, arch]`. Checks the
+/// `.deb` against the sha256 the signed index lists for that package, then unpacks it.
+fn unpack(ctx: &BuildContext) -> anyhow::Result<()> {
+    let (name, version, arch) = (ctx.arg(0)?, ctx.arg(1)?, ctx.arg(2)?);
+    let index =
+        fs::read_to_string(ctx.inputs[0].join("index")).context("reading the verified index")?;
+    let deb = &ctx.inputs[1];
+    verify_deb(&index, name, version, arch, deb)?;
     let meta = rbuild_engine::archive::deb::unpack_deb(deb, &ctx.out)?;
     meta.write(&ctx.meta_out())?;
     Ok(())
 }
 
-/// Copy the `data/` tree of an unpacked package into `root`, giving every entry the ownership,
-/// mode and capabilities its metadata records. Paths resolve through `root`'s own merged-/usr
-/// symlinks (`bin` → `usr/bin`), as dpkg's would.
-fn materialize(unpacked: &Path, root: &Path) -> anyhow::Result<()> {
-    let meta = TreeMeta::read(&sidecar(unpacked))?;
+/// Copy the entries of the tree at `src` whose metadata key starts with `prefix` into `root`
+/// (without the prefix), giving every entry the ownership, mode and capabilities its metadata
+/// records. Paths resolve through `root`'s own merged-/usr symlinks (`bin` → `usr/bin`), as
+/// dpkg's would.
+fn materialize(src: &Path, prefix: &str, root: &Path) -> anyhow::Result<()> {
+    let meta = TreeMeta::read(&sidecar(src))?;
     let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
     for (rel, e) in &meta.entries {
-        let Some(sub) = rel.strip_prefix("data/") else { continue };
-        let src = unpacked.join(rel);
+        let Some(sub) = rel.strip_prefix(prefix) else {
+            continue;
+        };
+        let from = src.join(rel);
         let dst = root.join(sub);
-        let md = fs::symlink_metadata(&src).with_context(|| format!("stat {}", src.display()))?;
+        let md = fs::symlink_metadata(&from).with_context(|| format!("stat {}", from.display()))?;
         let ft = md.file_type();
         if ft.is_dir() {
             match fs::metadata(&dst) {
@@ -131,12 +170,13 @@ fn materialize(unpacked: &Path, root: &Path) -> anyhow::Result<()> {
                 fs::remove_file(&dst).with_context(|| format!("replacing {}", dst.display()))?;
             }
             if ft.is_symlink() {
-                std::os::unix::fs::symlink(fs::read_link(&src)?, &dst).with_context(|| format!("symlink {}", dst.display()))?;
-            } else if md.nlink() > 1 && links.contains_key(&(md.dev(), md.ino())) {
-                fs::hard_link(&links[&(md.dev(), md.ino())], &dst)?;
+                std::os::unix::fs::symlink(fs::read_link(&from)?, &dst)
+                    .with_context(|| format!("symlink {}", dst.display()))?;
+            } else if let Some(first) = links.get(&(md.dev(), md.ino())) {
+                fs::hard_link(first, &dst)?;
                 continue;
             } else {
-                fs::copy(&src, &dst).with_context(|| format!("copying {}", dst.display()))?;
+                fs::copy(&from, &dst).with_context(|| format!("copying {}", dst.display()))?;
                 if md.nlink() > 1 {
                     links.insert((md.dev(), md.ino()), dst.clone());
                 }
@@ -152,7 +192,10 @@ const MERGED_USR_DIRS: &[&str] = &["bin", "sbin", "lib"];
 
 fn chroot_env(ctx: &BuildContext) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
-        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
         ("LC_ALL", "C.UTF-8"),
         ("TZ", "UTC"),
         ("HOME", "/root"),
@@ -162,7 +205,10 @@ fn chroot_env(ctx: &BuildContext) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
-    env.push(("SOURCE_DATE_EPOCH".into(), ctx.source_date_epoch().to_string()));
+    env.push((
+        "SOURCE_DATE_EPOCH".into(),
+        ctx.source_date_epoch().to_string(),
+    ));
     env
 }
 
@@ -195,7 +241,11 @@ fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     let root = ctx.out.clone();
     fs::create_dir_all(&root)?;
     if plan.merged_usr {
-        let dirs = if plan.architecture == "amd64" { MERGED_USR_DIRS_AMD64 } else { MERGED_USR_DIRS };
+        let dirs = if plan.architecture == "amd64" {
+            MERGED_USR_DIRS_AMD64
+        } else {
+            MERGED_USR_DIRS
+        };
         fs::create_dir_all(root.join("usr"))?;
         for d in dirs {
             fs::create_dir_all(root.join("usr").join(d))?;
@@ -207,56 +257,115 @@ fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         Variant::Debootstrap => plan.packages.iter().filter(|p| p.bootstrap).collect(),
     };
     for p in &seed {
-        materialize(&ctx.inputs[p.unpacked], &root).with_context(|| format!("extracting {}", p.name))?;
+        materialize(&ctx.inputs[p.unpacked], "data/", &root)
+            .with_context(|| format!("extracting {}", p.name))?;
     }
     if plan.variant == Variant::Debootstrap {
         install_with_dpkg(ctx, &plan, &root)?;
     }
+    finish_tree(ctx, &root)
+}
+
+/// Drop what records when or where the tree was built, then record its ownership in `$out.meta`.
+fn finish_tree(ctx: &BuildContext, root: &Path) -> anyhow::Result<()> {
     for v in VOLATILE {
         let _ = fs::remove_file(root.join(v));
     }
     if let Ok(md) = fs::symlink_metadata(root.join("etc/machine-id")) {
-        if md.is_file() {
+        if md.is_file() && md.len() > 0 {
             // A container gets its machine id at run time; a baked-in one is random and shared.
             fs::write(root.join("etc/machine-id"), b"")?;
         }
     }
-    let meta = sandbox::normalize_tree(&root, ctx.source_date_epoch())?;
+    let meta = sandbox::normalize_tree(root, ctx.source_date_epoch())?;
     meta.write(&ctx.meta_out())?;
     Ok(())
 }
 
 fn install_with_dpkg(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow::Result<()> {
-    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers", "etc/dpkg/dpkg.cfg.d", "var/cache/rbuild-debs", "usr/sbin"] {
+    for d in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+    ] {
         fs::create_dir_all(root.join(d))?;
     }
     for f in ["var/lib/dpkg/status", "var/lib/dpkg/available"] {
         fs::write(root.join(f), b"")?;
     }
-    fs::write(root.join("var/lib/dpkg/arch"), format!("{}\n", plan.architecture))?;
-    // No service starts during the build; dpkg need not fsync a tree that is thrown away on failure.
+    fs::write(
+        root.join("var/lib/dpkg/arch"),
+        format!("{}\n", plan.architecture),
+    )?;
+    let mut bootstrap = Vec::new();
+    let mut rest = Vec::new();
+    for (i, p) in plan.packages.iter().enumerate() {
+        let inside = stage_deb(root, i, &p.name, &ctx.inputs[p.deb])?;
+        if p.bootstrap {
+            bootstrap.push(inside)
+        } else {
+            rest.push(inside)
+        }
+    }
+    dpkg_install(
+        ctx,
+        root,
+        &[
+            ("essential packages", bootstrap),
+            ("remaining packages", rest),
+        ],
+    )?;
+    // dpkg knows its native architecture; debootstrap leaves no arch file either.
+    fs::remove_file(root.join("var/lib/dpkg/arch"))?;
+    Ok(())
+}
+
+const DEB_STAGING: &str = "var/cache/rbuild-debs";
+
+/// Copy a `.deb` into the tree for dpkg; returns its path inside the chroot.
+fn stage_deb(root: &Path, i: usize, name: &str, deb: &Path) -> anyhow::Result<String> {
+    fs::create_dir_all(root.join(DEB_STAGING))?;
+    let file = format!("{i:04}_{name}.deb");
+    fs::copy(deb, root.join(DEB_STAGING).join(&file))
+        .with_context(|| format!("copying the .deb of {name}"))?;
+    Ok(format!("/{DEB_STAGING}/{file}"))
+}
+
+/// Have the tree's own dpkg install the staged `.deb`s, batch by batch, chrooted: no service
+/// starts (`policy-rc.d`), no fsync, and the database must come out complete (`dpkg --audit`).
+fn dpkg_install(
+    ctx: &BuildContext,
+    root: &Path,
+    batches: &[(&str, Vec<String>)],
+) -> anyhow::Result<()> {
+    fs::create_dir_all(root.join("etc/dpkg/dpkg.cfg.d"))?;
+    fs::create_dir_all(root.join("usr/sbin"))?;
     let policy = root.join("usr/sbin/policy-rc.d");
     fs::write(&policy, "#!/bin/sh\nexit 101\n")?;
-    sandbox::apply_meta(&policy, &rbuild_store::meta::EntryMeta { uid: 0, gid: 0, mode: 0o755, mtime: ctx.source_date_epoch(), caps: None })?;
+    let exec = rbuild_store::meta::EntryMeta {
+        uid: 0,
+        gid: 0,
+        mode: 0o755,
+        mtime: ctx.source_date_epoch(),
+        caps: None,
+    };
+    sandbox::apply_meta(&policy, &exec)?;
     let unsafe_io = root.join("etc/dpkg/dpkg.cfg.d/rbuild-unsafe-io");
     fs::write(&unsafe_io, "force-unsafe-io\n")?;
 
-    let mut essential = Vec::new();
-    let mut rest = Vec::new();
-    for (i, p) in plan.packages.iter().enumerate() {
-        let name = format!("{i:04}_{}.deb", p.name);
-        fs::copy(&ctx.inputs[p.deb], root.join("var/cache/rbuild-debs").join(&name))
-            .with_context(|| format!("copying the .deb of {}", p.name))?;
-        let inside = format!("/var/cache/rbuild-debs/{name}");
-        if p.bootstrap { essential.push(inside) } else { rest.push(inside) }
-    }
     let env = chroot_env(ctx);
     let mounts = ChrootMounts::setup(root)?;
-    for (what, batch) in [("essential packages", &essential), ("remaining packages", &rest)] {
+    for (what, batch) in batches {
         if batch.is_empty() {
             continue;
         }
-        let mut argv = vec!["/usr/bin/dpkg", "--install", "--force-depends", "--force-confdef", "--force-confold"];
+        let mut argv = vec![
+            "/usr/bin/dpkg",
+            "--install",
+            "--force-depends",
+            "--force-confdef",
+            "--force-confold",
+        ];
         argv.extend(batch.iter().map(String::as_str));
         eprintln!("configure: dpkg --install of {} {what}", batch.len());
         let status = sandbox::run_chrooted(&mounts, &argv, &env, None)?;
@@ -264,21 +373,141 @@ fn install_with_dpkg(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> a
             bail!("configure: dpkg --install of the {what} failed ({status}); see the dpkg output above");
         }
     }
-    let status = sandbox::run_chrooted(&mounts, &["/usr/bin/dpkg", "--configure", "--pending", "--force-depends"], &env, None)?;
+    let status = sandbox::run_chrooted(
+        &mounts,
+        &[
+            "/usr/bin/dpkg",
+            "--configure",
+            "--pending",
+            "--force-depends",
+        ],
+        &env,
+        None,
+    )?;
     if !status.success() {
         bail!("configure: dpkg --configure --pending failed ({status})");
     }
     // The database must be complete: `dpkg --audit` prints nothing on a healthy system.
-    let audit = root.join("var/cache/rbuild-debs/audit");
-    let status = sandbox::run_chrooted(&mounts, &["/bin/sh", "-c", "/usr/bin/dpkg --audit > /var/cache/rbuild-debs/audit 2>&1"], &env, None)?;
+    let audit = root.join(DEB_STAGING).join("audit");
+    let cmd = format!("/usr/bin/dpkg --audit > /{DEB_STAGING}/audit 2>&1");
+    let status = sandbox::run_chrooted(&mounts, &["/bin/sh", "-c", &cmd], &env, None)?;
     let report = fs::read_to_string(&audit).unwrap_or_default();
-    let _ = fs::remove_file(&audit);
     if !status.success() || !report.trim().is_empty() {
         bail!("configure: `dpkg --audit` is not clean ({status}):\n{report}");
     }
     drop(mounts);
-    fs::remove_dir_all(root.join("var/cache/rbuild-debs"))?;
+    fs::remove_dir_all(root.join(DEB_STAGING))?;
     fs::remove_file(&policy)?;
     fs::remove_file(&unsafe_io)?;
     Ok(())
+}
+
+/// Arguments of the layer builder (one JSON argument).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LayerPlan {
+    /// New packages in install order; their `.deb`s are inputs 2… in the same order.
+    pub packages: Vec<LayerPackage>,
+    pub copy: Vec<CopyFile>,
+    pub run: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LayerPackage {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CopyFile {
+    /// Absolute path in the image.
+    pub to: String,
+    pub mode: u32,
+    /// The file's bytes, hex-encoded (so that they are part of the derivation hash).
+    pub content: String,
+}
+
+/// `debian-layer`: inputs `[lower tree, verified index, .deb…]`; argument 0 is a [`LayerPlan`].
+/// `$out` is the lower tree with the new packages installed by the image's own dpkg, the files
+/// copied in and the commands run, all chrooted in the sandbox (no network).
+fn layer(ctx: &BuildContext) -> anyhow::Result<()> {
+    let plan: LayerPlan = serde_json::from_str(ctx.arg(0)?).context("layer plan")?;
+    let root = ctx.out.clone();
+    fs::create_dir_all(&root)?;
+    materialize(&ctx.inputs[0], "", &root).context("copying the lower layers' tree")?;
+    if !plan.packages.is_empty() {
+        let index = fs::read_to_string(ctx.inputs[1].join("index"))
+            .context("reading the verified index")?;
+        let mut staged = Vec::new();
+        for (i, p) in plan.packages.iter().enumerate() {
+            let deb = ctx
+                .inputs
+                .get(2 + i)
+                .context("a package's .deb input is missing")?;
+            verify_deb(&index, &p.name, &p.version, &p.architecture, deb)?;
+            staged.push(stage_deb(&root, i, &p.name, deb)?);
+        }
+        dpkg_install(ctx, &root, &[("packages", staged)])?;
+    }
+    let sde = ctx.source_date_epoch();
+    for c in &plan.copy {
+        let rel = c.to.trim_start_matches('/');
+        if rel.is_empty() || rel.split('/').any(|p| p == ".." || p == ".") {
+            bail!(
+                "copy: destination {:?} must be an absolute path without . or ..",
+                c.to
+            );
+        }
+        let dst = root.join(rel);
+        let dir_meta = rbuild_store::meta::EntryMeta {
+            uid: 0,
+            gid: 0,
+            mode: 0o755,
+            mtime: sde,
+            caps: None,
+        };
+        let mut missing = Vec::new();
+        let mut parent = dst.parent();
+        while let Some(p) = parent.filter(|p| !p.exists()) {
+            missing.push(p.to_owned());
+            parent = p.parent();
+        }
+        for p in missing.iter().rev() {
+            fs::create_dir(p)?;
+            sandbox::apply_meta(p, &dir_meta)?;
+        }
+        if fs::symlink_metadata(&dst).is_ok_and(|m| !m.is_dir()) {
+            fs::remove_file(&dst)?;
+        }
+        fs::write(&dst, hex::decode(&c.content).context("copy: file content")?)
+            .with_context(|| format!("copy: writing {}", c.to))?;
+        sandbox::apply_meta(
+            &dst,
+            &rbuild_store::meta::EntryMeta {
+                uid: 0,
+                gid: 0,
+                mode: c.mode,
+                mtime: sde,
+                caps: None,
+            },
+        )?;
+    }
+    if !plan.run.is_empty() {
+        let env = chroot_env(ctx);
+        let mounts = ChrootMounts::setup(&root)?;
+        let log = ctx.out.with_extension("run.log");
+        for cmd in &plan.run {
+            let status = sandbox::run_chrooted(&mounts, &["/bin/sh", "-c", cmd], &env, Some(&log))?;
+            let output = fs::read_to_string(&log).unwrap_or_default();
+            eprint!("{output}");
+            if !status.success() {
+                let lines: Vec<&str> = output.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                bail!("run step {cmd:?} failed ({status}); its output ends with:\n{tail}");
+            }
+        }
+        drop(mounts);
+        let _ = fs::remove_file(&log);
+    }
+    finish_tree(ctx, &root)
 }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use rbuild_engine::archive::oci::ImageConfig;
 use rbuild_engine::{Derivation, DrvHash, FixedOutput, Graph, Stage};
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +13,10 @@ use crate::recipe::{Lock, Recipe, Variant};
 pub struct Expanded {
     pub graph: Graph,
     pub outputs: BTreeMap<&'static str, DrvHash>,
+    /// The image's layer derivations, bottom first.
+    pub layers: Vec<DrvHash>,
+    pub config: ImageConfig,
+    pub source_date_epoch: i64,
 }
 
 impl Expanded {
@@ -47,7 +52,7 @@ pub struct ConfigurePackage {
     pub deb: usize,
 }
 
-fn fetch(name: String, path: &str, sha256: &str, size: u64) -> Derivation {
+pub fn fetch(name: String, path: &str, sha256: &str, size: u64) -> Derivation {
     Derivation {
         name,
         stage: Stage::Fetch,
@@ -55,20 +60,36 @@ fn fetch(name: String, path: &str, sha256: &str, size: u64) -> Derivation {
         args: vec![path.to_owned()],
         env: BTreeMap::new(),
         inputs: vec![],
-        fixed_output: Some(FixedOutput { sha256: sha256.to_owned(), size }),
+        fixed_output: Some(FixedOutput {
+            sha256: sha256.to_owned(),
+            size,
+        }),
     }
 }
 
-fn base_name(path: &str) -> &str {
+pub fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, rbuild_engine::graph::GraphError> {
+pub fn expand(
+    recipe: &Recipe,
+    keyring: &[u8],
+    lock: &Lock,
+) -> Result<Expanded, rbuild_engine::graph::GraphError> {
     let mut g = Graph::new();
-    let sde: BTreeMap<String, String> =
-        [("SOURCE_DATE_EPOCH".to_owned(), lock.source_date_epoch.to_string())].into_iter().collect();
+    let sde: BTreeMap<String, String> = [(
+        "SOURCE_DATE_EPOCH".to_owned(),
+        lock.source_date_epoch.to_string(),
+    )]
+    .into_iter()
+    .collect();
 
-    let inrelease = g.add(fetch(format!("{}-InRelease", lock.suite), &lock.inrelease.path, &lock.inrelease.sha256, lock.inrelease.size))?;
+    let inrelease = g.add(fetch(
+        format!("{}-InRelease", lock.suite),
+        &lock.inrelease.path,
+        &lock.inrelease.sha256,
+        lock.inrelease.size,
+    ))?;
     let mut verify_inputs = vec![inrelease];
     let mut verify_args = vec![
         lock.suite.clone(),
@@ -99,7 +120,12 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         packages: vec![],
     };
     for p in &lock.packages {
-        let deb = g.add(fetch(base_name(&p.filename).to_owned(), &p.filename, &p.sha256, p.size))?;
+        let deb = g.add(fetch(
+            base_name(&p.filename).to_owned(),
+            &p.filename,
+            &p.sha256,
+            p.size,
+        ))?;
         let unpacked = g.add(Derivation {
             name: format!("{}_{}_{}", p.name, p.version, p.architecture),
             stage: Stage::Unpack,
@@ -127,25 +153,24 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         inputs: configure_inputs,
         fixed_output: None,
     })?;
-    let rootfs = g.add(Derivation {
-        name: format!("{}-rootfs.tar", recipe.name),
-        stage: Stage::Pack,
-        builder: "builtin:pack-tar".into(),
-        args: vec![],
-        env: sde.clone(),
-        inputs: vec![tree.clone()],
-        fixed_output: None,
-    })?;
+    let rootfs = rootfs_tar(&mut g, &recipe.name, &tree, lock.source_date_epoch)?;
     let layer = g.add(Derivation {
         name: format!("{}-layer", recipe.name),
         stage: Stage::Pack,
         builder: "builtin:pack-layer".into(),
-        args: vec![format!("rbuild {} {} {} {:?} ({} packages)", recipe.name, recipe.suite, recipe.architecture, recipe.variant, lock.packages.len())],
-        env: sde.clone(),
+        args: vec![format!(
+            "rbuild {} {} {} {:?} ({} packages)",
+            recipe.name,
+            recipe.suite,
+            recipe.architecture,
+            recipe.variant,
+            lock.packages.len()
+        )],
+        env: sde,
         inputs: vec![rootfs.clone()],
         fixed_output: None,
     })?;
-    let config = rbuild_engine::archive::oci::ImageConfig {
+    let config = ImageConfig {
         architecture: recipe.architecture.clone(),
         os: "linux".into(),
         created: rbuild_engine::archive::oci::rfc3339(lock.source_date_epoch),
@@ -160,15 +185,73 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         working_dir: None,
         labels: BTreeMap::new(),
     };
-    let image = g.add(Derivation {
-        name: format!("{}-oci", recipe.name),
+    let layers = vec![layer];
+    let image = image(
+        &mut g,
+        &recipe.name,
+        &layers,
+        &config,
+        lock.source_date_epoch,
+    )?;
+    let outputs = [
+        ("image", image),
+        ("rootfs", rootfs),
+        ("tree", tree),
+        ("index", verify),
+    ]
+    .into_iter()
+    .collect();
+    Ok(Expanded {
+        graph: g,
+        outputs,
+        layers,
+        config,
+        source_date_epoch: lock.source_date_epoch,
+    })
+}
+
+fn sde_env(sde: i64) -> BTreeMap<String, String> {
+    [("SOURCE_DATE_EPOCH".to_owned(), sde.to_string())]
+        .into_iter()
+        .collect()
+}
+
+/// The deterministic tar of a tree (`^rootfs`).
+pub fn rootfs_tar(
+    g: &mut Graph,
+    name: &str,
+    tree: &DrvHash,
+    sde: i64,
+) -> Result<DrvHash, rbuild_engine::graph::GraphError> {
+    g.add(Derivation {
+        name: format!("{name}-rootfs.tar"),
+        stage: Stage::Pack,
+        builder: "builtin:pack-tar".into(),
+        args: vec![],
+        env: sde_env(sde),
+        inputs: vec![tree.clone()],
+        fixed_output: None,
+    })
+}
+
+/// The OCI image of `layers` (bottom first) with `config`.
+pub fn image(
+    g: &mut Graph,
+    name: &str,
+    layers: &[DrvHash],
+    config: &ImageConfig,
+    sde: i64,
+) -> Result<DrvHash, rbuild_engine::graph::GraphError> {
+    g.add(Derivation {
+        name: format!("{name}-oci"),
         stage: Stage::Pack,
         builder: "builtin:pack-oci".into(),
-        args: vec![serde_json::to_string(&config).expect("config serializes"), recipe.name.clone()],
-        env: sde,
-        inputs: vec![layer],
+        args: vec![
+            serde_json::to_string(config).expect("config serializes"),
+            name.to_owned(),
+        ],
+        env: sde_env(sde),
+        inputs: layers.to_vec(),
         fixed_output: None,
-    })?;
-    let outputs = [("image", image), ("rootfs", rootfs), ("tree", tree), ("index", verify)].into_iter().collect();
-    Ok(Expanded { graph: g, outputs })
+    })
 }

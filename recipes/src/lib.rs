@@ -9,6 +9,7 @@
 pub mod builders;
 pub mod debian;
 pub mod expand;
+pub mod layers;
 pub mod lock;
 pub mod mirror;
 pub mod recipe;

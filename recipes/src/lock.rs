@@ -6,12 +6,31 @@ use rbuild_engine::builtins::fetch::Fetcher;
 use crate::debian::{self, packages, resolve};
 use crate::recipe::{Lock, PinnedFile, PinnedPackage, Recipe};
 
-/// Download and verify the InRelease and indices, resolve the package set, and return the lock.
-pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow::Result<Lock> {
+/// What a verified archive offers: the InRelease bytes, its signed Release, the pinned indices
+/// and every package they list.
+struct VerifiedArchive {
+    inrelease: Vec<u8>,
+    release: debian::release::Release,
+    indices: Vec<PinnedFile>,
+    packages: Vec<packages::Package>,
+}
+
+/// Download and verify the InRelease (against the pinned keys) and the Packages indices
+/// (against the signed Release).
+async fn fetch_verified(
+    recipe: &Recipe,
+    keyring: &[u8],
+    fetcher: &Fetcher,
+) -> anyhow::Result<VerifiedArchive> {
     let suite = &recipe.suite;
     let inrelease_path = format!("dists/{suite}/InRelease");
     let inrelease = fetcher.get_bytes(&inrelease_path).await?;
-    let release = debian::release::verify_inrelease(&inrelease_path, &inrelease, keyring, &recipe.fingerprints)?;
+    let release = debian::release::verify_inrelease(
+        &inrelease_path,
+        &inrelease,
+        keyring,
+        &recipe.fingerprints,
+    )?;
     let mut indices = Vec::new();
     let mut all = Vec::new();
     for comp in &recipe.components {
@@ -23,40 +42,93 @@ pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow:
         let path = format!("dists/{suite}/{rel}");
         let bytes = fetcher.get_bytes(&path).await?;
         debian::release::check_file(&rel, &bytes, &release)?;
-        let text = String::from_utf8(packages::decompress(&path, &bytes)?).with_context(|| format!("{path}: not UTF-8"))?;
+        let text = String::from_utf8(packages::decompress(&path, &bytes)?)
+            .with_context(|| format!("{path}: not UTF-8"))?;
         all.extend(packages::parse_packages(&path, &text)?);
         let entry = &release.sha256[&rel];
-        indices.push(PinnedFile { path, sha256: entry.sha256.clone(), size: entry.size });
+        indices.push(PinnedFile {
+            path,
+            sha256: entry.sha256.clone(),
+            size: entry.size,
+        });
     }
-    let selected = resolve::resolve_debootstrap(&all, &recipe.architecture, &recipe.include)?;
+    Ok(VerifiedArchive {
+        inrelease,
+        release,
+        indices,
+        packages: all,
+    })
+}
+
+/// Every package of the recipe's archive, from a verified index. With `pinned`, the archive must
+/// still be the one that lock was made from.
+pub async fn verified_packages(
+    recipe: &Recipe,
+    keyring: &[u8],
+    fetcher: &Fetcher,
+    pinned: Option<&Lock>,
+) -> anyhow::Result<Vec<packages::Package>> {
+    let archive = fetch_verified(recipe, keyring, fetcher).await?;
+    if let Some(lock) = pinned {
+        let actual = sha256_hex(&archive.inrelease);
+        if actual != lock.inrelease.sha256 {
+            bail!(
+                "{}: the archive changed since the base was locked (InRelease sha256 {actual}, the base lock pins {}); run `rbuild lock` on the base first",
+                lock.inrelease.path,
+                lock.inrelease.sha256
+            );
+        }
+    }
+    Ok(archive.packages)
+}
+
+/// The lock entry of a package.
+pub fn pin(p: &packages::Package) -> PinnedPackage {
+    PinnedPackage {
+        name: p.name.clone(),
+        version: p.version.clone(),
+        architecture: p.architecture.clone(),
+        essential: p.essential,
+        bootstrap: false,
+        filename: p.filename.clone(),
+        sha256: p.sha256.clone(),
+        size: p.size,
+    }
+}
+
+/// Download and verify the InRelease and indices, resolve the package set, and return the lock.
+pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow::Result<Lock> {
+    let suite = &recipe.suite;
+    let archive = fetch_verified(recipe, keyring, fetcher).await?;
+    let selected =
+        resolve::resolve_debootstrap(&archive.packages, &recipe.architecture, &recipe.include)?;
     if selected.is_empty() {
         bail!("{suite}: resolution selected no packages");
     }
     let order = resolve::install_order(&selected);
     let bootstrap = essential_closure(&selected);
-    let by_name: std::collections::HashMap<&str, &packages::Package> = selected.iter().map(|p| (p.name.as_str(), p)).collect();
+    let by_name: std::collections::HashMap<&str, &packages::Package> =
+        selected.iter().map(|p| (p.name.as_str(), p)).collect();
     let packages = order
         .iter()
         .map(|n| {
             let p = by_name[n.as_str()];
             PinnedPackage {
-                name: p.name.clone(),
-                version: p.version.clone(),
-                architecture: p.architecture.clone(),
-                essential: p.essential,
                 bootstrap: bootstrap.contains(p.name.as_str()),
-                filename: p.filename.clone(),
-                sha256: p.sha256.clone(),
-                size: p.size,
+                ..pin(p)
             }
         })
         .collect();
     Ok(Lock {
         suite: suite.clone(),
         architecture: recipe.architecture.clone(),
-        source_date_epoch: release.source_date_epoch,
-        inrelease: PinnedFile { path: inrelease_path, sha256: sha256_hex(&inrelease), size: inrelease.len() as u64 },
-        indices,
+        source_date_epoch: archive.release.source_date_epoch,
+        inrelease: PinnedFile {
+            path: format!("dists/{suite}/InRelease"),
+            sha256: sha256_hex(&archive.inrelease),
+            size: archive.inrelease.len() as u64,
+        },
+        indices: archive.indices,
         packages,
     })
 }
@@ -64,7 +136,8 @@ pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow:
 /// The Essential packages of `selected` and, transitively, what they (pre-)depend on: the set
 /// that must be on disk before dpkg can run at all.
 fn essential_closure(selected: &[packages::Package]) -> std::collections::HashSet<&str> {
-    let mut by_name: std::collections::HashMap<&str, &packages::Package> = std::collections::HashMap::new();
+    let mut by_name: std::collections::HashMap<&str, &packages::Package> =
+        std::collections::HashMap::new();
     for p in selected {
         by_name.insert(p.name.as_str(), p);
     }

@@ -16,7 +16,9 @@ pub fn from_apt_config(apt_dir: &Path) -> Option<String> {
         .unwrap_or_default();
     files.sort();
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
         match f.extension().and_then(|e| e.to_str()) {
             Some("sources") => candidates.extend(deb822_sources(&text)),
             Some("list") => candidates.extend(one_line_sources(&text)),
@@ -25,15 +27,25 @@ pub fn from_apt_config(apt_dir: &Path) -> Option<String> {
     }
     candidates
         .into_iter()
-        .find(|(_, suites)| suites.iter().any(|s| !s.contains("-security") && !s.contains("/updates")))
+        .find(|(_, suites)| {
+            suites
+                .iter()
+                .any(|s| !s.contains("-security") && !s.contains("/updates"))
+        })
         .map(|(uri, _)| uri.trim_end_matches('/').to_owned())
 }
 
 fn deb822_sources(text: &str) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
-    let Ok(doc) = text.parse::<deb822_fast::Deb822>() else { return out };
+    let Ok(doc) = text.parse::<deb822_fast::Deb822>() else {
+        return out;
+    };
     for para in doc.iter() {
-        let get = |k: &str| para.get(k).map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default();
+        let get = |k: &str| {
+            para.get(k)
+                .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
         if !get("Types").iter().any(|t| t == "deb") || get("Enabled").iter().any(|e| e == "no") {
             continue;
         }
@@ -70,7 +82,11 @@ fn one_line_sources(text: &str) -> Vec<(String, Vec<String>)> {
 /// `--mirror`, then `RBUILD_MIRROR`, then the host's apt configuration.
 pub fn choose(flag: Option<&str>) -> Option<String> {
     flag.map(str::to_owned)
-        .or_else(|| std::env::var("RBUILD_MIRROR").ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            std::env::var("RBUILD_MIRROR")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
         .or_else(|| from_apt_config(Path::new("/etc/apt")))
         .map(|m| m.trim_end_matches('/').to_owned())
 }
@@ -88,10 +104,20 @@ mod tests {
             "Types: deb\nURIs: http://127.0.0.1:9/debian-security\nSuites: bookworm-security\nComponents: main\n\nTypes: deb deb-src\nURIs: http://127.0.0.1:9/debian\nSuites: bookworm bookworm-updates\nComponents: main\n",
         )
         .unwrap();
-        assert_eq!(from_apt_config(d.path()).as_deref(), Some("http://127.0.0.1:9/debian"));
+        assert_eq!(
+            from_apt_config(d.path()).as_deref(),
+            Some("http://127.0.0.1:9/debian")
+        );
         let e = tempfile::tempdir().unwrap();
-        std::fs::write(e.path().join("sources.list"), "# c\ndeb [arch=amd64 signed-by=/x] file:///srv/mirror/ bullseye main\n").unwrap();
-        assert_eq!(from_apt_config(e.path()).as_deref(), Some("file:///srv/mirror"));
+        std::fs::write(
+            e.path().join("sources.list"),
+            "# c\ndeb [arch=amd64 signed-by=/x] file:///srv/mirror/ bullseye main\n",
+        )
+        .unwrap();
+        assert_eq!(
+            from_apt_config(e.path()).as_deref(),
+            Some("file:///srv/mirror")
+        );
         let f = tempfile::tempdir().unwrap();
         assert_eq!(from_apt_config(f.path()), None);
     }

@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a valid recipe: {msg}")]
     Parse { path: PathBuf, msg: String },
     #[error("{path}: not a valid lock: {msg}; fix it or run `rbuild lock` again")]
@@ -22,7 +25,12 @@ pub enum RecipeError {
     #[error("{path}: no lock file; run `rbuild lock {recipe}` to create it")]
     NoLock { path: PathBuf, recipe: String },
     #[error("{path}: the lock is for {what} {found:?} but the recipe says {expected:?}; run `rbuild lock` again")]
-    Stale { path: PathBuf, what: &'static str, expected: String, found: String },
+    Stale {
+        path: PathBuf,
+        what: &'static str,
+        expected: String,
+        found: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,7 +75,11 @@ fn yes() -> bool {
 }
 
 fn default_image() -> ImageSection {
-    ImageSection { cmd: Some(vec!["/bin/bash".into()]), entrypoint: None, env: vec![] }
+    ImageSection {
+        cmd: Some(vec!["/bin/bash".into()]),
+        entrypoint: None,
+        env: vec![],
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -122,16 +134,29 @@ impl Loaded {
     /// The lock, or an error that says how to make one.
     pub fn require_lock(&self) -> Result<&Lock, RecipeError> {
         let lock = self.lock.as_ref().ok_or_else(|| RecipeError::NoLock {
-            path: self.lock_path().unwrap_or_else(|| PathBuf::from(format!("{}.lock", self.recipe.name))),
+            path: self
+                .lock_path()
+                .unwrap_or_else(|| PathBuf::from(format!("{}.lock", self.recipe.name))),
             recipe: self.recipe.name.clone(),
         })?;
-        let path = self.lock_path().unwrap_or_else(|| PathBuf::from(format!("<built-in {}.lock>", self.recipe.name)));
+        let path = self
+            .lock_path()
+            .unwrap_or_else(|| PathBuf::from(format!("<built-in {}.lock>", self.recipe.name)));
         for (what, expected, found) in [
             ("suite", &self.recipe.suite, &lock.suite),
-            ("architecture", &self.recipe.architecture, &lock.architecture),
+            (
+                "architecture",
+                &self.recipe.architecture,
+                &lock.architecture,
+            ),
         ] {
             if expected != found {
-                return Err(RecipeError::Stale { path, what, expected: expected.clone(), found: found.clone() });
+                return Err(RecipeError::Stale {
+                    path,
+                    what,
+                    expected: expected.clone(),
+                    found: found.clone(),
+                });
             }
         }
         Ok(lock)
@@ -149,7 +174,10 @@ const BUILTINS: &[Builtin] = &[Builtin {
     name: "debian-bullseye",
     toml: include_str!("../debian-bullseye.toml"),
     lock: include_str!("../debian-bullseye.lock"),
-    keyrings: &[("keys/debian-bullseye-archive.asc", include_bytes!("../keys/debian-bullseye-archive.asc"))],
+    keyrings: &[(
+        "keys/debian-bullseye-archive.asc",
+        include_bytes!("../keys/debian-bullseye-archive.asc"),
+    )],
 }];
 
 pub fn builtin_names() -> Vec<&'static str> {
@@ -157,7 +185,10 @@ pub fn builtin_names() -> Vec<&'static str> {
 }
 
 fn parse_recipe(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
-    toml::from_str(text).map_err(|e| RecipeError::Parse { path: path.to_owned(), msg: e.to_string() })
+    toml::from_str(text).map_err(|e| RecipeError::Parse {
+        path: path.to_owned(),
+        msg: e.to_string(),
+    })
 }
 
 /// Parse a lock; an empty file is no lock at all.
@@ -165,7 +196,12 @@ pub fn parse_lock(path: &Path, text: &str) -> Result<Option<Lock>, RecipeError> 
     if text.trim().is_empty() {
         return Ok(None);
     }
-    toml::from_str(text).map(Some).map_err(|e| RecipeError::LockParse { path: path.to_owned(), msg: e.to_string() })
+    toml::from_str(text)
+        .map(Some)
+        .map_err(|e| RecipeError::LockParse {
+            path: path.to_owned(),
+            msg: e.to_string(),
+        })
 }
 
 pub fn render_lock(lock: &Lock) -> String {
@@ -194,24 +230,55 @@ fn load_inner(arg: &str, read_lock: bool) -> Result<Loaded, RecipeError> {
                 .iter()
                 .find(|(p, _)| *p == recipe.keyring)
                 .map(|(_, k)| k.to_vec())
-                .ok_or_else(|| RecipeError::Parse { path: origin.clone(), msg: format!("keyring {} is not embedded", recipe.keyring) })?;
-            let lock = if read_lock { parse_lock(&origin, b.lock)? } else { None };
-            return Ok(Loaded { recipe, keyring, lock, path: None });
+                .ok_or_else(|| RecipeError::Parse {
+                    path: origin.clone(),
+                    msg: format!("keyring {} is not embedded", recipe.keyring),
+                })?;
+            let lock = if read_lock {
+                parse_lock(&origin, b.lock)?
+            } else {
+                None
+            };
+            return Ok(Loaded {
+                recipe,
+                keyring,
+                lock,
+                path: None,
+            });
         }
-        return Err(RecipeError::Unknown(arg.to_owned(), builtin_names().join(", ")));
+        return Err(RecipeError::Unknown(
+            arg.to_owned(),
+            builtin_names().join(", "),
+        ));
     }
     let path = PathBuf::from(arg);
-    let text = std::fs::read_to_string(&path).map_err(|source| RecipeError::Io { path: path.clone(), source })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| RecipeError::Io {
+        path: path.clone(),
+        source,
+    })?;
     let recipe = parse_recipe(&path, &text)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let keyring_path = dir.join(&recipe.keyring);
-    let keyring = std::fs::read(&keyring_path).map_err(|source| RecipeError::Io { path: keyring_path, source })?;
+    let keyring = std::fs::read(&keyring_path).map_err(|source| RecipeError::Io {
+        path: keyring_path,
+        source,
+    })?;
     let lock_path = path.with_extension("lock");
     let lock = match std::fs::read_to_string(&lock_path) {
         Ok(_) if !read_lock => None,
         Ok(t) => parse_lock(&lock_path, &t)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => return Err(RecipeError::Io { path: lock_path, source }),
+        Err(source) => {
+            return Err(RecipeError::Io {
+                path: lock_path,
+                source,
+            })
+        }
     };
-    Ok(Loaded { recipe, keyring, lock, path: Some(path) })
+    Ok(Loaded {
+        recipe,
+        keyring,
+        lock,
+        path: Some(path),
+    })
 }

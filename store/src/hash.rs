@@ -62,7 +62,11 @@ fn hash_entry(
             field(h, "meta", text.as_bytes());
         }
         None if !ft.is_symlink() => {
-            field(h, "mode", format!("{:o}", md.permissions().mode() & 0o7777).as_bytes());
+            field(
+                h,
+                "mode",
+                format!("{:o}", md.permissions().mode() & 0o7777).as_bytes(),
+            );
         }
         None => {}
     }
@@ -134,7 +138,13 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         tree(t.path());
         let mut meta = TreeMeta::default();
-        let e = EntryMeta { uid: 0, gid: 0, mode: 0o644, mtime: 0, caps: None };
+        let e = EntryMeta {
+            uid: 0,
+            gid: 0,
+            mode: 0o644,
+            mtime: 0,
+            caps: None,
+        };
         meta.entries.insert("a/b/f".into(), e.clone());
         let base = content_hash(t.path(), Some(&meta)).unwrap();
 
@@ -143,18 +153,30 @@ mod tests {
         assert_ne!(base, content_hash(t.path(), Some(&m2)).unwrap(), "owner");
         let mut m3 = meta.clone();
         m3.entries.get_mut("a/b/f").unwrap().mode = 0o4755;
-        assert_ne!(base, content_hash(t.path(), Some(&m3)).unwrap(), "setuid mode");
+        assert_ne!(
+            base,
+            content_hash(t.path(), Some(&m3)).unwrap(),
+            "setuid mode"
+        );
         let mut m4 = meta.clone();
         m4.entries.get_mut("a/b/f").unwrap().caps = Some("01".into());
         assert_ne!(base, content_hash(t.path(), Some(&m4)).unwrap(), "caps");
 
         fs::write(t.path().join("a/b/f"), b"hellO").unwrap();
-        assert_ne!(base, content_hash(t.path(), Some(&meta)).unwrap(), "content");
+        assert_ne!(
+            base,
+            content_hash(t.path(), Some(&meta)).unwrap(),
+            "content"
+        );
         fs::write(t.path().join("a/b/f"), b"hello").unwrap();
         assert_eq!(base, content_hash(t.path(), Some(&meta)).unwrap());
         fs::remove_file(t.path().join("a/telinit")).unwrap();
         symlink("/home/u/rootfs/bin/systemctl", t.path().join("a/telinit")).unwrap();
-        assert_ne!(base, content_hash(t.path(), Some(&meta)).unwrap(), "symlink");
+        assert_ne!(
+            base,
+            content_hash(t.path(), Some(&meta)).unwrap(),
+            "symlink"
+        );
     }
 
     #[test]

@@ -24,16 +24,25 @@ use rusqlite::{params, Connection, OptionalExtension};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store database {path}: {source}")]
-    Db { path: PathBuf, source: rusqlite::Error },
+    Db {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("{path}: {what}")]
     Corrupt { path: PathBuf, what: String },
 }
 
 impl StoreError {
     pub fn io(path: &Path, source: std::io::Error) -> StoreError {
-        StoreError::Io { path: path.to_owned(), source }
+        StoreError::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -112,13 +121,24 @@ impl Store {
         }
         let root = fs::canonicalize(root).map_err(|e| StoreError::io(root, e))?;
         let db_path = root.join("db.sqlite");
-        let dberr = |source| StoreError::Db { path: db_path.clone(), source };
+        let dberr = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
         let conn = Connection::open(&db_path).map_err(dberr)?;
-        conn.busy_timeout(std::time::Duration::from_secs(60)).map_err(dberr)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(dberr)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(dberr)?;
+        conn.busy_timeout(std::time::Duration::from_secs(60))
+            .map_err(dberr)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(dberr)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(dberr)?;
         conn.execute_batch(SCHEMA).map_err(dberr)?;
-        let mut store = Store { root, db_path, db: Mutex::new(conn), leftovers: Vec::new() };
+        let mut store = Store {
+            root,
+            db_path,
+            db: Mutex::new(conn),
+            leftovers: Vec::new(),
+        };
         store.leftovers = store.clean_stale_builds()?;
         Ok(store)
     }
@@ -132,7 +152,10 @@ impl Store {
     }
 
     fn db_err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Db { path: self.db_path.clone(), source }
+        StoreError::Db {
+            path: self.db_path.clone(),
+            source,
+        }
     }
 
     /// Where the output of derivation `hash` named `name` lives once registered.
@@ -147,7 +170,10 @@ impl Store {
             "SELECT path, content_hash FROM outputs WHERE drv_hash = ?1",
             params![hash],
             |r| {
-                Ok(Output { path: PathBuf::from(r.get::<_, String>(0)?), content_hash: r.get(1)? })
+                Ok(Output {
+                    path: PathBuf::from(r.get::<_, String>(0)?),
+                    content_hash: r.get(1)?,
+                })
             },
         )
         .optional()
@@ -174,7 +200,11 @@ impl Store {
         for n in 0u32.. {
             let path = tmp.join(format!("{}-{n}-{label}", std::process::id()));
             let lock_path = path.with_extension("lock");
-            let f = match fs::OpenOptions::new().create_new(true).write(true).open(&lock_path) {
+            let f = match fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&lock_path)
+            {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(StoreError::io(&lock_path, e)),
@@ -220,7 +250,11 @@ impl Store {
     /// the next build of the same derivation removes, never a registered partial output.
     pub fn register(&self, drv: &DrvRecord, built: &Path) -> Result<Output> {
         let built_meta = meta::sidecar(built);
-        let tree_meta = if built_meta.exists() { Some(meta::TreeMeta::read(&built_meta)?) } else { None };
+        let tree_meta = if built_meta.exists() {
+            Some(meta::TreeMeta::read(&built_meta)?)
+        } else {
+            None
+        };
         let content_hash = hash::content_hash(built, tree_meta.as_ref())?;
         let dest = self.output_path(&drv.hash, &drv.name);
         let dest_meta = meta::sidecar(&dest);
@@ -257,16 +291,24 @@ impl Store {
         )
         .map_err(|e| self.db_err(e))?;
         tx.commit().map_err(|e| self.db_err(e))?;
-        Ok(Output { path: dest, content_hash })
+        Ok(Output {
+            path: dest,
+            content_hash,
+        })
     }
 
     /// Make `link` a symlink to the output of `hash` and record it as a GC root.
     pub fn add_root(&self, link: &Path, hash: &str) -> Result<PathBuf> {
-        let out = self.valid_output(hash)?.ok_or_else(|| StoreError::Corrupt {
-            path: link.to_owned(),
-            what: format!("cannot add a GC root for {hash}: it has no valid output"),
-        })?;
-        let parent = link.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let out = self
+            .valid_output(hash)?
+            .ok_or_else(|| StoreError::Corrupt {
+                path: link.to_owned(),
+                what: format!("cannot add a GC root for {hash}: it has no valid output"),
+            })?;
+        let parent = link
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
         let parent = fs::canonicalize(parent).map_err(|e| StoreError::io(parent, e))?;
         let name = link.file_name().ok_or_else(|| StoreError::Corrupt {
@@ -292,7 +334,9 @@ impl Store {
     pub fn gc(&self) -> Result<GcReport> {
         let mut db = self.db.lock().expect("store db lock");
         let roots: Vec<(String, String)> = {
-            let mut st = db.prepare("SELECT link, drv_hash FROM roots").map_err(|e| self.db_err(e))?;
+            let mut st = db
+                .prepare("SELECT link, drv_hash FROM roots")
+                .map_err(|e| self.db_err(e))?;
             let rows = st
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
                 .map_err(|e| self.db_err(e))?
@@ -301,8 +345,9 @@ impl Store {
             rows
         };
         let outputs: Vec<(String, String)> = {
-            let mut st =
-                db.prepare("SELECT drv_hash, path FROM outputs").map_err(|e| self.db_err(e))?;
+            let mut st = db
+                .prepare("SELECT drv_hash, path FROM outputs")
+                .map_err(|e| self.db_err(e))?;
             let rows = st
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
                 .map_err(|e| self.db_err(e))?
@@ -310,14 +355,18 @@ impl Store {
                 .map_err(|e| self.db_err(e))?;
             rows
         };
-        let path_of: std::collections::HashMap<&str, &str> =
-            outputs.iter().map(|(h, p)| (h.as_str(), p.as_str())).collect();
+        let path_of: std::collections::HashMap<&str, &str> = outputs
+            .iter()
+            .map(|(h, p)| (h.as_str(), p.as_str()))
+            .collect();
         let mut alive = std::collections::HashSet::new();
         let mut dead_roots = Vec::new();
         for (link, hash) in &roots {
-            let points_here = fs::read_link(link)
-                .ok()
-                .is_some_and(|t| path_of.get(hash.as_str()).is_some_and(|p| Path::new(p) == t));
+            let points_here = fs::read_link(link).ok().is_some_and(|t| {
+                path_of
+                    .get(hash.as_str())
+                    .is_some_and(|p| Path::new(p) == t)
+            });
             if points_here {
                 alive.insert(hash.clone());
             } else {
@@ -326,15 +375,22 @@ impl Store {
         }
         let tx = db.transaction().map_err(|e| self.db_err(e))?;
         for link in &dead_roots {
-            tx.execute("DELETE FROM roots WHERE link = ?1", params![link]).map_err(|e| self.db_err(e))?;
+            tx.execute("DELETE FROM roots WHERE link = ?1", params![link])
+                .map_err(|e| self.db_err(e))?;
         }
-        let mut report = GcReport { deleted: 0, roots_kept: alive.len(), roots_dropped: dead_roots.len(), unremovable: Vec::new() };
+        let mut report = GcReport {
+            deleted: 0,
+            roots_kept: alive.len(),
+            roots_dropped: dead_roots.len(),
+            unremovable: Vec::new(),
+        };
         let mut doomed = Vec::new();
         for (hash, path) in &outputs {
             if alive.contains(hash) {
                 continue;
             }
-            tx.execute("DELETE FROM outputs WHERE drv_hash = ?1", params![hash]).map_err(|e| self.db_err(e))?;
+            tx.execute("DELETE FROM outputs WHERE drv_hash = ?1", params![hash])
+                .map_err(|e| self.db_err(e))?;
             doomed.push(PathBuf::from(path));
         }
         tx.commit().map_err(|e| self.db_err(e))?;
@@ -378,7 +434,10 @@ pub fn remove_all(path: &Path) -> std::io::Result<()> {
     fn open_up(p: &Path) {
         if let Ok(md) = fs::symlink_metadata(p) {
             if md.is_dir() {
-                let _ = fs::set_permissions(p, fs::Permissions::from_mode(md.permissions().mode() | 0o700));
+                let _ = fs::set_permissions(
+                    p,
+                    fs::Permissions::from_mode(md.permissions().mode() | 0o700),
+                );
                 if let Ok(rd) = fs::read_dir(p) {
                     for e in rd.flatten() {
                         open_up(&e.path());
@@ -396,7 +455,13 @@ mod tests {
     use super::*;
 
     fn record(hash: &str) -> DrvRecord {
-        DrvRecord { hash: hash.into(), name: "x".into(), stage: "pack".into(), json: "{}".into(), inputs: vec![] }
+        DrvRecord {
+            hash: hash.into(),
+            name: "x".into(),
+            stage: "pack".into(),
+            json: "{}".into(),
+            inputs: vec![],
+        }
     }
 
     #[test]
@@ -422,10 +487,10 @@ mod tests {
         fs::write(b.path().join("half"), b"partial").unwrap();
         let p = b.path().to_owned();
         std::mem::forget(b); // as if the process died: lock file stays, dir stays
-        // The lock is still held by this process's open file, so simulate the death by
-        // releasing it: forget leaked the fd; reopening the store from another "process" sees the
-        // lock as held. Drop the leaked lock by closing all fds is not possible here, so instead
-        // remove the lock file, which is what a dead process leaves free.
+                             // The lock is still held by this process's open file, so simulate the death by
+                             // releasing it: forget leaked the fd; reopening the store from another "process" sees the
+                             // lock as held. Drop the leaked lock by closing all fds is not possible here, so instead
+                             // remove the lock file, which is what a dead process leaves free.
         let _ = fs::remove_file(p.with_extension("lock"));
         // A stale output dir of an unfinished registration is not valid either.
         fs::create_dir_all(store.output_path("h2", "x")).unwrap();

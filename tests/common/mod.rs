@@ -101,7 +101,11 @@ pub fn build_deb(p: &Pkg) -> Vec<u8> {
     }
     let data = gz(&data.into_inner().unwrap());
     let mut ar = ar::Builder::new(Vec::new());
-    for (name, bytes) in [("debian-binary", &b"2.0\n"[..]), ("control.tar.gz", &ctl[..]), ("data.tar.gz", &data[..])] {
+    for (name, bytes) in [
+        ("debian-binary", &b"2.0\n"[..]),
+        ("control.tar.gz", &ctl[..]),
+        ("data.tar.gz", &data[..]),
+    ] {
         let h = ar::Header::new(name.as_bytes().to_vec(), bytes.len() as u64);
         ar.append(&h, bytes).unwrap();
     }
@@ -179,7 +183,10 @@ pub fn standard_packages() -> Vec<Pkg> {
             priority: "optional",
             essential: false,
             depends: "",
-            entries: vec![Entry::Dir("opt", 0o755), Entry::File("opt/unused", b"x", 0o644, 0, 0)],
+            entries: vec![
+                Entry::Dir("opt", 0o755),
+                Entry::File("opt/unused", b"x", 0o644, 0, 0),
+            ],
         },
     ]
 }
@@ -202,7 +209,8 @@ impl Archive {
     }
 
     pub fn deb_path(&self, name: &str, version: &str) -> PathBuf {
-        self.mirror.join(format!("pool/main/{name}_{version}_amd64.deb"))
+        self.mirror
+            .join(format!("pool/main/{name}_{version}_amd64.deb"))
     }
 
     /// Rewrite the index and the signed InRelease for the debs currently in the pool.
@@ -211,15 +219,36 @@ impl Archive {
         for p in pkgs {
             let rel = format!("pool/main/{}_{}_amd64.deb", p.name, p.version);
             let bytes = fs::read(self.mirror.join(&rel)).unwrap();
-            packages.push_str(&testkit::packages_stanza(p.name, p.version, "amd64", p.priority, p.essential, p.depends, &rel, &bytes));
+            packages.push_str(&testkit::packages_stanza(
+                p.name,
+                p.version,
+                "amd64",
+                p.priority,
+                p.essential,
+                p.depends,
+                &rel,
+                &bytes,
+            ));
             packages.push('\n');
         }
         let comp = self.mirror.join(format!("dists/{SUITE}/main/binary-amd64"));
         fs::create_dir_all(&comp).unwrap();
         let gzipped = gz(packages.as_bytes());
         fs::write(comp.join("Packages.gz"), &gzipped).unwrap();
-        let release = testkit::release_text(SUITE, SUITE, DATE, &[("main/binary-amd64/Packages.gz", &gzipped), ("main/binary-amd64/Packages", packages.as_bytes())]);
-        fs::write(self.mirror.join(format!("dists/{SUITE}/InRelease")), testkit::clearsign(signer, &release)).unwrap();
+        let release = testkit::release_text(
+            SUITE,
+            SUITE,
+            DATE,
+            &[
+                ("main/binary-amd64/Packages.gz", &gzipped),
+                ("main/binary-amd64/Packages", packages.as_bytes()),
+            ],
+        );
+        fs::write(
+            self.mirror.join(format!("dists/{SUITE}/InRelease")),
+            testkit::clearsign(signer, &release),
+        )
+        .unwrap();
     }
 }
 
@@ -230,7 +259,11 @@ pub fn make_archive(dir: &Path) -> Archive {
     let key = testkit::generate_key("rbuild test archive <test@example.invalid>");
     let pkgs = standard_packages();
     for p in &pkgs {
-        fs::write(mirror.join(format!("pool/main/{}_{}_amd64.deb", p.name, p.version)), build_deb(p)).unwrap();
+        fs::write(
+            mirror.join(format!("pool/main/{}_{}_amd64.deb", p.name, p.version)),
+            build_deb(p),
+        )
+        .unwrap();
     }
     let recipes = dir.join("recipes");
     fs::create_dir_all(recipes.join("keys")).unwrap();
@@ -244,39 +277,55 @@ pub fn make_archive(dir: &Path) -> Archive {
         ),
     )
     .unwrap();
-    let a = Archive { dir: dir.to_owned(), mirror, recipe, key };
+    let a = Archive {
+        dir: dir.to_owned(),
+        mirror,
+        recipe,
+        key,
+    };
     a.publish(&pkgs, &a.key);
     a
 }
 
-/// The binary under test, copied where an unprivileged user can execute it.
+/// The binary under test, copied (once per test process) where an unprivileged user can execute it.
 pub fn rbuild_bin() -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_BIN_EXE_rbuild"));
-    let dir = std::env::temp_dir().join(format!("rbuild-test-bin-{}", std::process::id()));
-    let dst = dir.join("rbuild");
-    if !dst.exists() {
-        fs::create_dir_all(&dir).unwrap();
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
         use std::os::unix::fs::PermissionsExt;
+        let src = PathBuf::from(env!("CARGO_BIN_EXE_rbuild"));
+        let dir = std::env::temp_dir().join(format!("rbuild-test-bin-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let tmp = dir.join(format!("rbuild.{:?}", std::thread::current().id()).replace(['(', ')'], ""));
-        fs::copy(&src, &tmp).unwrap();
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::rename(&tmp, &dst).unwrap();
-    }
-    dst
+        let dst = dir.join("rbuild");
+        fs::copy(&src, &dst).unwrap();
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).unwrap();
+        dst
+    })
+    .clone()
 }
 
 /// The unprivileged user the tests run rbuild as (`RBUILD_TEST_USER`, created by `.ci/run`),
 /// when this process is root and the user exists.
 pub fn test_user() -> Option<String> {
-    let user = std::env::var("RBUILD_TEST_USER").ok().filter(|u| !u.is_empty())?;
+    let user = std::env::var("RBUILD_TEST_USER")
+        .ok()
+        .filter(|u| !u.is_empty())?;
     let is_root = nix_is_root();
-    let exists = Command::new("id").arg("-u").arg(&user).output().map(|o| o.status.success()).unwrap_or(false);
+    let exists = Command::new("id")
+        .arg("-u")
+        .arg(&user)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     (is_root && exists).then_some(user)
 }
 
 pub fn nix_is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// Run rbuild with `args`, as `user` when given (through runuser).
@@ -309,7 +358,13 @@ pub fn rbuild(args: &[&str]) -> Output {
 
 /// Assert success and return stdout.
 pub fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "rbuild failed: {}\nstdout: {}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "rbuild failed: {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -337,7 +392,13 @@ pub fn user_dir(parent: &Path, name: &str, user: Option<&str>) -> PathBuf {
             }
             p = parent.to_owned();
         }
-        assert!(Command::new("chown").arg("-R").arg(u).arg(&d).status().unwrap().success());
+        assert!(Command::new("chown")
+            .arg("-R")
+            .arg(u)
+            .arg(&d)
+            .status()
+            .unwrap()
+            .success());
     }
     d
 }

@@ -22,7 +22,13 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 5] = [Stage::Fetch, Stage::Verify, Stage::Unpack, Stage::Configure, Stage::Pack];
+    pub const ALL: [Stage; 5] = [
+        Stage::Fetch,
+        Stage::Verify,
+        Stage::Unpack,
+        Stage::Configure,
+        Stage::Pack,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -97,7 +103,13 @@ impl Derivation {
     pub fn output_name(&self) -> String {
         self.name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "+-._~".contains(c) { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "+-._~".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect()
     }
 }
@@ -114,7 +126,10 @@ mod tests {
             args: vec!["pool/main/b/bash/bash_5.1_amd64.deb".into()],
             env: BTreeMap::new(),
             inputs: vec![],
-            fixed_output: Some(FixedOutput { sha256: "ab".repeat(32), size: 3 }),
+            fixed_output: Some(FixedOutput {
+                sha256: "ab".repeat(32),
+                size: 3,
+            }),
         }
     }
 

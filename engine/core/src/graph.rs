@@ -46,10 +46,13 @@ impl Graph {
         }
         let mut input_nodes = Vec::with_capacity(drv.inputs.len());
         for input in &drv.inputs {
-            let n = self.index.get(input).ok_or_else(|| GraphError::MissingInput {
-                name: drv.name.clone(),
-                input: input.clone(),
-            })?;
+            let n = self
+                .index
+                .get(input)
+                .ok_or_else(|| GraphError::MissingInput {
+                    name: drv.name.clone(),
+                    input: input.clone(),
+                })?;
             input_nodes.push(*n);
         }
         let node = self.g.add_node(drv);
@@ -115,12 +118,19 @@ impl Graph {
 
     /// Graphviz rendering of the same DAG, one cluster per stage.
     pub fn to_dot(&self) -> String {
-        let mut s = String::from("digraph rbuild {\n  rankdir=LR;\n  node [shape=box, fontsize=10];\n");
+        let mut s =
+            String::from("digraph rbuild {\n  rankdir=LR;\n  node [shape=box, fontsize=10];\n");
         let nodes = self.nodes_sorted();
         for stage in crate::derivation::Stage::ALL {
-            s.push_str(&format!("  subgraph cluster_{stage} {{\n    label=\"{stage}\";\n"));
+            s.push_str(&format!(
+                "  subgraph cluster_{stage} {{\n    label=\"{stage}\";\n"
+            ));
             for (h, d) in nodes.iter().filter(|(_, d)| d.stage == stage) {
-                let style = if d.uses_network() { ", style=dashed" } else { "" };
+                let style = if d.uses_network() {
+                    ", style=dashed"
+                } else {
+                    ""
+                };
                 s.push_str(&format!(
                     "    \"{}\" [label=\"{}\\n{}\"{}];\n",
                     h.0,

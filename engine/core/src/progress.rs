@@ -51,7 +51,15 @@ impl Progress {
                 b.set_prefix(stage.to_string());
                 b
             });
-            stages.insert(*stage, StageState { total: *total, done: 0, bytes: 0, bar });
+            stages.insert(
+                *stage,
+                StageState {
+                    total: *total,
+                    done: 0,
+                    bytes: 0,
+                    bar,
+                },
+            );
         }
     }
 
@@ -70,7 +78,9 @@ impl Progress {
     /// A derivation of `stage` finished, having produced `bytes`.
     pub fn finished(&self, stage: Stage, name: &str, bytes: u64) {
         let mut stages = self.stages.lock().expect("progress lock");
-        let Some(st) = stages.get_mut(&stage) else { return };
+        let Some(st) = stages.get_mut(&stage) else {
+            return;
+        };
         st.done += 1;
         st.bytes += bytes;
         if let Some(bar) = &st.bar {
@@ -80,7 +90,12 @@ impl Progress {
                 bar.finish_with_message(human(st.bytes));
             }
         } else if !self.quiet && (st.total <= 3 || st.done == st.total) {
-            eprintln!("{stage}: {}/{} done ({}) {name}", st.done, st.total, human(st.bytes));
+            eprintln!(
+                "{stage}: {}/{} done ({}) {name}",
+                st.done,
+                st.total,
+                human(st.bytes)
+            );
         }
     }
 }

@@ -31,7 +31,13 @@ pub enum EngineError {
     #[error(transparent)]
     Fetch(#[from] FetchError),
     #[error("{stage} {name} failed ({status}); full log: {log}\n{tail}")]
-    BuildFailed { name: String, stage: Stage, status: String, log: PathBuf, tail: String },
+    BuildFailed {
+        name: String,
+        stage: Stage,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
     #[error("{stage} {name}: the builder succeeded but wrote no output at $out")]
     NoOutput { name: String, stage: Stage },
     #[error("{0} is not a derivation of this graph")]
@@ -66,8 +72,21 @@ enum Outcome {
 
 impl Engine {
     /// `exe` is the rbuild binary the sandbox re-executes (normally `/proc/self/exe`).
-    pub fn new(store: Arc<Store>, exe: PathBuf, fetcher: Fetcher, jobs: usize, progress: Arc<Progress>) -> Engine {
-        Engine { store, exe, fetcher, jobs: jobs.max(1), progress, idmap: OnceLock::new() }
+    pub fn new(
+        store: Arc<Store>,
+        exe: PathBuf,
+        fetcher: Fetcher,
+        jobs: usize,
+        progress: Arc<Progress>,
+    ) -> Engine {
+        Engine {
+            store,
+            exe,
+            fetcher,
+            jobs: jobs.max(1),
+            progress,
+            idmap: OnceLock::new(),
+        }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -95,7 +114,11 @@ impl Engine {
     }
 
     /// The derivations `target` needs built (not yet valid), and how many valid ones the walk met.
-    fn plan(&self, graph: &Graph, target: &DrvHash) -> Result<(HashSet<DrvHash>, usize), EngineError> {
+    fn plan(
+        &self,
+        graph: &Graph,
+        target: &DrvHash,
+    ) -> Result<(HashSet<DrvHash>, usize), EngineError> {
         let mut needed = HashSet::new();
         let mut seen = HashSet::new();
         let mut reused = 0;
@@ -104,7 +127,9 @@ impl Engine {
             if !seen.insert(h.clone()) {
                 continue;
             }
-            let drv = graph.get(&h).ok_or_else(|| EngineError::UnknownTarget(h.clone()))?;
+            let drv = graph
+                .get(&h)
+                .ok_or_else(|| EngineError::UnknownTarget(h.clone()))?;
             if self.store.valid_output(&h.0)?.is_some() {
                 reused += 1;
                 continue;
@@ -116,7 +141,11 @@ impl Engine {
     }
 
     /// Build whatever `target` needs and return its output.
-    pub async fn realise(self: &Arc<Self>, graph: Arc<Graph>, target: &DrvHash) -> Result<Report, EngineError> {
+    pub async fn realise(
+        self: &Arc<Self>,
+        graph: Arc<Graph>,
+        target: &DrvHash,
+    ) -> Result<Report, EngineError> {
         self.clean_leftovers();
         let (needed, mut reused) = self.plan(&graph, target)?;
         let mut report = Report::default();
@@ -134,7 +163,12 @@ impl Engine {
             let mut ready = Vec::new();
             for h in &needed {
                 let drv = graph.get(h).expect("planned from the graph");
-                let n = drv.inputs.iter().filter(|i| needed.contains(*i)).collect::<HashSet<_>>().len();
+                let n = drv
+                    .inputs
+                    .iter()
+                    .filter(|i| needed.contains(*i))
+                    .collect::<HashSet<_>>()
+                    .len();
                 if n == 0 {
                     ready.push(h.clone());
                 } else {
@@ -148,7 +182,11 @@ impl Engine {
                     for h in ready.drain(..) {
                         let drv = graph.get(&h).expect("planned").clone();
                         let this = Arc::clone(self);
-                        let slots = if drv.uses_network() { fetch_slots.clone() } else { build_slots.clone() };
+                        let slots = if drv.uses_network() {
+                            fetch_slots.clone()
+                        } else {
+                            build_slots.clone()
+                        };
                         tasks.spawn(async move {
                             let _slot = slots.acquire_owned().await.expect("semaphore open");
                             let r = this.build_one(&h, &drv).await;
@@ -156,7 +194,9 @@ impl Engine {
                         });
                     }
                 }
-                let Some(joined) = tasks.join_next().await else { break };
+                let Some(joined) = tasks.join_next().await else {
+                    break;
+                };
                 let (h, drv, r) = joined.expect("build task does not panic");
                 match r {
                     Ok((outcome, bytes)) => {
@@ -195,10 +235,16 @@ impl Engine {
         Ok(report)
     }
 
-    async fn build_one(&self, hash: &DrvHash, drv: &Derivation) -> Result<(Outcome, u64), EngineError> {
+    async fn build_one(
+        &self,
+        hash: &DrvHash,
+        drv: &Derivation,
+    ) -> Result<(Outcome, u64), EngineError> {
         let store = self.store.clone();
         let h = hash.0.clone();
-        let _lock = tokio::task::spawn_blocking(move || store.lock_derivation(&h)).await.expect("lock task")?;
+        let _lock = tokio::task::spawn_blocking(move || store.lock_derivation(&h))
+            .await
+            .expect("lock task")?;
         if let Some(out) = self.store.valid_output(&hash.0)? {
             return Ok((Outcome::Reused, size_of(&out.path)));
         }
@@ -221,17 +267,32 @@ impl Engine {
             inputs: drv.inputs.iter().map(|i| i.0.clone()).collect(),
         };
         let store = self.store.clone();
-        let out = tokio::task::spawn_blocking(move || store.register(&record, &built)).await.expect("register task")?;
+        let out = tokio::task::spawn_blocking(move || store.register(&record, &built))
+            .await
+            .expect("register task")?;
         drop(build_dir);
         Ok((Outcome::Built, size_of(&out.path)))
     }
 
-    async fn run_sandboxed(&self, hash: &DrvHash, drv: &Derivation, build_dir: &Path) -> Result<PathBuf, EngineError> {
+    async fn run_sandboxed(
+        &self,
+        hash: &DrvHash,
+        drv: &Derivation,
+        build_dir: &Path,
+    ) -> Result<PathBuf, EngineError> {
         let map = self.idmap()?;
         let mut inputs = Vec::new();
         for i in &drv.inputs {
-            let out = self.store.valid_output(&i.0)?.ok_or_else(|| EngineError::UnknownTarget(i.clone()))?;
-            let name = out.path.file_name().expect("store paths have names").to_string_lossy().into_owned();
+            let out = self
+                .store
+                .valid_output(&i.0)?
+                .ok_or_else(|| EngineError::UnknownTarget(i.clone()))?;
+            let name = out
+                .path
+                .file_name()
+                .expect("store paths have names")
+                .to_string_lossy()
+                .into_owned();
             inputs.push((out.path, name));
         }
         let mut env: BTreeMap<String, String> = sandbox::fixed_env().into_iter().collect();
@@ -248,10 +309,16 @@ impl Engine {
         let log = build_dir.join("log");
         let log2 = log.clone();
         let map2 = map.clone();
-        let result = tokio::task::spawn_blocking(move || sandbox::run(&exe, &spec, &map2, &log2)).await.expect("sandbox task")?;
+        let result = tokio::task::spawn_blocking(move || sandbox::run(&exe, &spec, &map2, &log2))
+            .await
+            .expect("sandbox task")?;
         let out = build_dir.join("build").join("out");
         if !result.success {
-            let kept = self.store.root().join("log").join(format!("{}.log", hash.0));
+            let kept = self
+                .store
+                .root()
+                .join("log")
+                .join(format!("{}.log", hash.0));
             let _ = std::fs::create_dir_all(kept.parent().expect("log dir"));
             let _ = std::fs::copy(&log, &kept);
             // The builder may have left files owned by subordinate ids.
@@ -265,12 +332,17 @@ impl Engine {
             });
         }
         if std::fs::symlink_metadata(&out).is_err() {
-            return Err(EngineError::NoOutput { name: drv.name.clone(), stage: drv.stage });
+            return Err(EngineError::NoOutput {
+                name: drv.name.clone(),
+                stage: drv.stage,
+            });
         }
         Ok(out)
     }
 }
 
 fn size_of(p: &Path) -> u64 {
-    std::fs::metadata(p).map(|m| if m.is_file() { m.len() } else { 0 }).unwrap_or(0)
+    std::fs::metadata(p)
+        .map(|m| if m.is_file() { m.len() } else { 0 })
+        .unwrap_or(0)
 }

@@ -22,9 +22,19 @@ pub enum FetchError {
     #[error("{url}: {msg}")]
     Transfer { url: String, msg: String },
     #[error("{path}: fixed-output check failed: expected sha256 {expected} ({expected_size} bytes), got {actual} ({actual_size} bytes) from {url}")]
-    HashMismatch { path: String, url: String, expected: String, expected_size: u64, actual: String, actual_size: u64 },
+    HashMismatch {
+        path: String,
+        url: String,
+        expected: String,
+        expected_size: u64,
+        actual: String,
+        actual_size: u64,
+    },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Downloads files from a mirror (`http://`, `https://` or `file://`).
@@ -39,7 +49,10 @@ pub struct Fetcher {
 impl Fetcher {
     /// A fetcher that never touches the network.
     pub fn offline() -> Fetcher {
-        Fetcher { offline: true, ..Fetcher::new(None) }
+        Fetcher {
+            offline: true,
+            ..Fetcher::new(None)
+        }
     }
 
     /// `mirror` is the base URL (`None`: none configured).
@@ -51,7 +64,12 @@ impl Fetcher {
             .user_agent(concat!("rbuild/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("HTTP client builds");
-        Fetcher { mirror: mirror.map(|m| m.trim_end_matches('/').to_owned()), offline: false, client, retries: 3 }
+        Fetcher {
+            mirror: mirror.map(|m| m.trim_end_matches('/').to_owned()),
+            offline: false,
+            client,
+            retries: 3,
+        }
     }
 
     pub fn mirror(&self) -> Option<&str> {
@@ -61,14 +79,23 @@ impl Fetcher {
     /// The URL of a mirror-relative path, or why there is none.
     pub fn url(&self, rel: &str) -> Result<String, FetchError> {
         match (&self.mirror, self.offline) {
-            (_, true) => Err(FetchError::Offline { path: rel.to_owned() }),
-            (None, false) => Err(FetchError::NoMirror { path: rel.to_owned() }),
+            (_, true) => Err(FetchError::Offline {
+                path: rel.to_owned(),
+            }),
+            (None, false) => Err(FetchError::NoMirror {
+                path: rel.to_owned(),
+            }),
             (Some(m), false) => Ok(format!("{m}/{}", rel.trim_start_matches('/'))),
         }
     }
 
     /// Download `rel` (mirror-relative) to `dest` and check it against `expected`.
-    pub async fn fetch_fixed(&self, rel: &str, expected: &FixedOutput, dest: &Path) -> Result<(), FetchError> {
+    pub async fn fetch_fixed(
+        &self,
+        rel: &str,
+        expected: &FixedOutput,
+        dest: &Path,
+    ) -> Result<(), FetchError> {
         let url = self.url(rel)?;
         let (actual, size) = self.download(&url, dest).await?;
         if actual != expected.sha256 || size != expected.size {
@@ -87,13 +114,17 @@ impl Fetcher {
 
     /// Download `url` to `dest` with retries; returns (sha256 hex, size).
     pub async fn download(&self, url: &str, dest: &Path) -> Result<(String, u64), FetchError> {
-        let io = |source| FetchError::Io { path: dest.display().to_string(), source };
+        let io = |source| FetchError::Io {
+            path: dest.display().to_string(),
+            source,
+        };
         let mut last = None;
         for attempt in 0..=self.retries {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 * (1 << attempt))).await;
             }
-            let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(dest).await.map_err(io)?);
+            let mut file =
+                tokio::io::BufWriter::new(tokio::fs::File::create(dest).await.map_err(io)?);
             match self.download_once(url, &mut file).await {
                 Ok(r) => {
                     file.flush().await.map_err(io)?;
@@ -124,14 +155,24 @@ impl Fetcher {
         Err(last.expect("at least one attempt"))
     }
 
-    async fn download_once<W: tokio::io::AsyncWrite + Unpin>(&self, url: &str, sink: &mut W) -> Result<(String, u64), FetchError> {
-        let io = |source| FetchError::Io { path: url.to_owned(), source };
+    async fn download_once<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        url: &str,
+        sink: &mut W,
+    ) -> Result<(String, u64), FetchError> {
+        let io = |source| FetchError::Io {
+            path: url.to_owned(),
+            source,
+        };
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         if let Some(path) = url.strip_prefix("file://") {
             let mut src = tokio::fs::File::open(path)
                 .await
-                .map_err(|e| FetchError::Transfer { url: url.to_owned(), msg: e.to_string() })?;
+                .map_err(|e| FetchError::Transfer {
+                    url: url.to_owned(),
+                    msg: e.to_string(),
+                })?;
             let mut buf = vec![0u8; 1 << 16];
             loop {
                 use tokio::io::AsyncReadExt;
@@ -144,10 +185,16 @@ impl Fetcher {
                 sink.write_all(&buf[..n]).await.map_err(io)?;
             }
         } else if url.starts_with("http://") || url.starts_with("https://") {
-            let transfer = |e: reqwest::Error| FetchError::Transfer { url: url.to_owned(), msg: e.to_string() };
+            let transfer = |e: reqwest::Error| FetchError::Transfer {
+                url: url.to_owned(),
+                msg: e.to_string(),
+            };
             let mut resp = self.client.get(url).send().await.map_err(transfer)?;
             if !resp.status().is_success() {
-                return Err(FetchError::Transfer { url: url.to_owned(), msg: format!("HTTP {}", resp.status()) });
+                return Err(FetchError::Transfer {
+                    url: url.to_owned(),
+                    msg: format!("HTTP {}", resp.status()),
+                });
             }
             while let Some(chunk) = resp.chunk().await.map_err(transfer)? {
                 hasher.update(&chunk);

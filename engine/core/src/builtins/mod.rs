@@ -27,7 +27,10 @@ pub struct BuildContext {
 impl BuildContext {
     /// The SOURCE_DATE_EPOCH of this build (0 when the derivation does not set it).
     pub fn source_date_epoch(&self) -> i64 {
-        self.env.get("SOURCE_DATE_EPOCH").and_then(|s| s.parse().ok()).unwrap_or(0)
+        self.env
+            .get("SOURCE_DATE_EPOCH")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn meta_out(&self) -> PathBuf {
@@ -58,6 +61,7 @@ impl Builtins {
         b.register("pack-tar", pack::pack_tar);
         b.register("pack-layer", pack::pack_layer);
         b.register("pack-oci", pack::pack_oci);
+        b.register("layer-diff", pack::layer_diff);
         b
     }
 
@@ -66,7 +70,9 @@ impl Builtins {
     }
 
     pub fn get(&self, builder: &str) -> Option<BuiltinFn> {
-        builder.strip_prefix("builtin:").and_then(|n| self.map.get(n).copied())
+        builder
+            .strip_prefix("builtin:")
+            .and_then(|n| self.map.get(n).copied())
     }
 
     /// The body of `rbuild __sandbox SPEC`: enter the sandbox and run the named builtin.

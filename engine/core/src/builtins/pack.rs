@@ -3,20 +3,28 @@
 
 use std::fs;
 use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::BuildContext;
 use crate::archive::{self, oci};
+use rbuild_store::meta::{EntryMeta, TreeMeta};
 
 /// `pack-tar`: input 0 is a tree (with its ownership sidecar); `$out` is its deterministic tar.
 pub fn pack_tar(ctx: &BuildContext) -> anyhow::Result<()> {
     let tree = ctx.inputs.first().context("pack-tar needs a tree input")?;
     let meta_path = rbuild_store::meta::sidecar(tree);
     let meta = rbuild_store::meta::TreeMeta::read(&meta_path)?;
-    let f = fs::File::create(&ctx.out).with_context(|| format!("creating {}", ctx.out.display()))?;
-    let w = archive::tar_out::write_tar(tree, &meta, ctx.source_date_epoch(), BufWriter::with_capacity(1 << 20, f))?;
+    let f =
+        fs::File::create(&ctx.out).with_context(|| format!("creating {}", ctx.out.display()))?;
+    let w = archive::tar_out::write_tar(
+        tree,
+        &meta,
+        ctx.source_date_epoch(),
+        BufWriter::with_capacity(1 << 20, f),
+    )?;
     w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
 }
@@ -34,29 +42,176 @@ pub struct LayerInfo {
 /// `$out/layer.json` the digests. Argument 0 is the history line.
 pub fn pack_layer(ctx: &BuildContext) -> anyhow::Result<()> {
     let tar = ctx.inputs.first().context("pack-layer needs a tar input")?;
-    let created_by = ctx.arg(0)?.to_owned();
-    fs::create_dir_all(&ctx.out)?;
+    write_layer_blob(tar, &ctx.out, ctx.arg(0)?)
+}
+
+/// Compress the layer tar `tar` into `out/layer.tar.gz` and record its digests in `out/layer.json`.
+fn write_layer_blob(tar: &Path, out: &Path, created_by: &str) -> anyhow::Result<()> {
+    fs::create_dir_all(out)?;
     let (diff_hex, _) = oci::sha256_file(tar)?;
-    let blob = ctx.out.join("layer.tar.gz");
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let r = BufReader::with_capacity(1 << 20, fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?);
+    let blob = out.join("layer.tar.gz");
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let r = BufReader::with_capacity(
+        1 << 20,
+        fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?,
+    );
     let w = BufWriter::with_capacity(1 << 20, fs::File::create(&blob)?);
     let mut w = archive::tar_out::gzip_parallel(r, w, 6, threads)?;
     w.flush()?;
     let (digest_hex, size) = oci::sha256_file(&blob)?;
-    let info = LayerInfo { diff_id: format!("sha256:{diff_hex}"), digest: format!("sha256:{digest_hex}"), size, created_by };
-    fs::write(ctx.out.join("layer.json"), serde_json::to_vec_pretty(&info)?)?;
+    let info = LayerInfo {
+        diff_id: format!("sha256:{diff_hex}"),
+        digest: format!("sha256:{digest_hex}"),
+        size,
+        created_by: created_by.to_owned(),
+    };
+    fs::write(out.join("layer.json"), serde_json::to_vec_pretty(&info)?)?;
+    Ok(())
+}
+
+/// Whether a path differs between the lower and the upper tree, ignoring mtimes: a file that was
+/// only touched, or rewritten with the same bytes, is unchanged.
+fn differs(lower: &Path, upper: &Path, lm: &EntryMeta, um: &EntryMeta) -> anyhow::Result<bool> {
+    if (lm.uid, lm.gid, lm.mode, &lm.caps) != (um.uid, um.gid, um.mode, &um.caps) {
+        return Ok(true);
+    }
+    let (l, u) = (fs::symlink_metadata(lower)?, fs::symlink_metadata(upper)?);
+    let (lt, ut) = (l.file_type(), u.file_type());
+    if lt.is_dir() != ut.is_dir()
+        || lt.is_symlink() != ut.is_symlink()
+        || lt.is_file() != ut.is_file()
+    {
+        return Ok(true);
+    }
+    if lt.is_symlink() {
+        return Ok(fs::read_link(lower)? != fs::read_link(upper)?);
+    }
+    if lt.is_file() {
+        return Ok(l.len() != u.len()
+            || rbuild_store::hash::file_blake3(lower)? != rbuild_store::hash::file_blake3(upper)?);
+    }
+    Ok(false)
+}
+
+/// `layer-diff`: inputs `[lower tree, upper tree]` (each with its ownership sidecar); argument 0
+/// is the history line. `$out` is an OCI layer (as `pack-layer` makes) holding the change set:
+/// added and changed entries with their parent directories, and a `.wh.NAME` whiteout for each
+/// deleted path (only the topmost one of a deleted subtree).
+pub fn layer_diff(ctx: &BuildContext) -> anyhow::Result<()> {
+    let (lower, upper) = match ctx.inputs.as_slice() {
+        [l, u] => (l, u),
+        _ => anyhow::bail!("layer-diff needs exactly two inputs (lower and upper tree)"),
+    };
+    let lmeta = TreeMeta::read(&rbuild_store::meta::sidecar(lower))?;
+    let umeta = TreeMeta::read(&rbuild_store::meta::sidecar(upper))?;
+    let sde = ctx.source_date_epoch();
+    let work = ctx.out.with_extension("work");
+    let tree = work.join("tree");
+    fs::create_dir_all(&tree)?;
+    let mut meta = TreeMeta::default();
+    let root_meta = umeta.get("").cloned().unwrap_or(EntryMeta {
+        uid: 0,
+        gid: 0,
+        mode: 0o755,
+        mtime: sde,
+        caps: None,
+    });
+    meta.entries.insert(String::new(), root_meta);
+
+    // Make `rel`'s parent directories exist in the change set, with the upper tree's metadata.
+    let ensure_parents = |rel: &str, meta: &mut TreeMeta| -> anyhow::Result<()> {
+        let mut prefix = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            if !meta.entries.contains_key(&prefix) {
+                fs::create_dir_all(tree.join(&prefix))?;
+                let m = umeta
+                    .get(&prefix)
+                    .cloned()
+                    .context("upper tree metadata lacks a parent")?;
+                meta.entries.insert(prefix.clone(), m);
+            }
+        }
+        Ok(())
+    };
+
+    for (rel, um) in umeta.entries.iter().filter(|(r, _)| !r.is_empty()) {
+        let changed = match lmeta.get(rel) {
+            None => true,
+            Some(lm) => differs(&lower.join(rel), &upper.join(rel), lm, um)?,
+        };
+        if !changed {
+            continue;
+        }
+        ensure_parents(rel, &mut meta)?;
+        let src = upper.join(rel);
+        let dst = tree.join(rel);
+        let ft = fs::symlink_metadata(&src)?.file_type();
+        if ft.is_dir() {
+            fs::create_dir_all(&dst)?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
+        } else {
+            fs::copy(&src, &dst).with_context(|| format!("copying {rel}"))?;
+        }
+        meta.entries.insert(rel.clone(), um.clone());
+    }
+    for rel in lmeta
+        .entries
+        .keys()
+        .filter(|r| !r.is_empty() && !umeta.entries.contains_key(*r))
+    {
+        let parent_gone = rel
+            .rsplit_once('/')
+            .is_some_and(|(p, _)| !umeta.entries.contains_key(p));
+        if parent_gone {
+            continue;
+        }
+        ensure_parents(rel, &mut meta)?;
+        let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel.as_str()));
+        let wh = if dir.is_empty() {
+            format!(".wh.{name}")
+        } else {
+            format!("{dir}/.wh.{name}")
+        };
+        fs::write(tree.join(&wh), b"")?;
+        meta.entries.insert(
+            wh,
+            EntryMeta {
+                uid: 0,
+                gid: 0,
+                mode: 0o644,
+                mtime: sde,
+                caps: None,
+            },
+        );
+    }
+    let tar_path = work.join("layer.tar");
+    let f = fs::File::create(&tar_path)?;
+    let w = archive::tar_out::write_tar(&tree, &meta, sde, BufWriter::with_capacity(1 << 20, f))?;
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    write_layer_blob(&tar_path, &ctx.out, ctx.arg(0)?)?;
+    fs::remove_dir_all(&work)?;
     Ok(())
 }
 
 /// `pack-oci`: inputs are layer outputs (bottom first); argument 0 is the image config as JSON
 /// ([`oci::ImageConfig`]); `$out` becomes an OCI image layout.
 pub fn pack_oci(ctx: &BuildContext) -> anyhow::Result<()> {
-    let config: oci::ImageConfig = serde_json::from_str(ctx.arg(0)?).context("pack-oci: image config argument")?;
+    let config: oci::ImageConfig =
+        serde_json::from_str(ctx.arg(0)?).context("pack-oci: image config argument")?;
     let mut layers = Vec::new();
     for input in &ctx.inputs {
         let info_path = input.join("layer.json");
-        let info: LayerInfo = serde_json::from_slice(&fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?)?;
+        let info: LayerInfo = serde_json::from_slice(
+            &fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?,
+        )?;
         layers.push(oci::Layer {
             blob_path: input.join("layer.tar.gz"),
             diff_id: info.diff_id,

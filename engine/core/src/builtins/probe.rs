@@ -12,7 +12,11 @@ pub fn probe(ctx: &BuildContext) -> anyhow::Result<()> {
     let read = |p: &str| fs::read_to_string(p).unwrap_or_default().trim().to_owned();
     let names = |p: &str| {
         let mut v: Vec<String> = fs::read_dir(p)
-            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v

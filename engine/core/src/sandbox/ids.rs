@@ -17,7 +17,14 @@ pub enum IdMap {
     Root,
     /// Unprivileged: uid 0 inside is the invoking user; 1… come from `/etc/subuid`/`subgid`
     /// through the setuid helpers `newuidmap`/`newgidmap`.
-    Subordinate { uid: u32, gid: u32, subuid: (u32, u32), subgid: (u32, u32), newuidmap: PathBuf, newgidmap: PathBuf },
+    Subordinate {
+        uid: u32,
+        gid: u32,
+        subuid: (u32, u32),
+        subgid: (u32, u32),
+        newuidmap: PathBuf,
+        newgidmap: PathBuf,
+    },
 }
 
 impl IdMap {
@@ -31,12 +38,26 @@ impl IdMap {
                 }
                 Ok(())
             }
-            IdMap::Subordinate { uid, gid, subuid, subgid, newuidmap, newgidmap } => {
+            IdMap::Subordinate {
+                uid,
+                gid,
+                subuid,
+                subgid,
+                newuidmap,
+                newgidmap,
+            } => {
                 let n = RANGE - 1;
                 for (tool, own, sub) in [(newuidmap, uid, subuid), (newgidmap, gid, subgid)] {
                     let out = Command::new(tool)
                         .arg(pid.to_string())
-                        .args(["0", &own.to_string(), "1", "1", &sub.0.to_string(), &n.to_string()])
+                        .args([
+                            "0",
+                            &own.to_string(),
+                            "1",
+                            "1",
+                            &sub.0.to_string(),
+                            &n.to_string(),
+                        ])
                         .output()
                         .map_err(|e| format!("running {}: {e}", tool.display()))?;
                     if !out.status.success() {

@@ -41,14 +41,20 @@ pub enum SandboxError {
     #[error("{0}")]
     Unsupported(String),
     #[error("sandbox setup: {what}: {source}")]
-    Setup { what: String, source: std::io::Error },
+    Setup {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("setting up the user namespace id map failed: {0}")]
     IdMap(String),
 }
 
 fn setup(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SandboxError {
     let what = what.into();
-    move |e| SandboxError::Setup { what, source: e.into() }
+    move |e| SandboxError::Setup {
+        what,
+        source: e.into(),
+    }
 }
 
 fn setup_io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -64,7 +70,10 @@ pub const OUT_PATH: &str = "/build/out";
 /// The environment every builder starts from (a derivation's `env` is applied on top).
 pub fn fixed_env() -> Vec<(String, String)> {
     [
-        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
         ("LC_ALL", "C.UTF-8"),
         ("TZ", "UTC"),
         ("HOME", "/build"),
@@ -109,19 +118,32 @@ pub struct RunResult {
 
 /// Spawn the sandbox for `spec` (host side). `exe` is the rbuild binary to re-execute.
 /// `log` receives the builder's whole stderr.
-pub fn run(exe: &Path, spec: &SandboxSpec, map: &IdMap, log: &Path) -> Result<RunResult, SandboxError> {
+pub fn run(
+    exe: &Path,
+    spec: &SandboxSpec,
+    map: &IdMap,
+    log: &Path,
+) -> Result<RunResult, SandboxError> {
     fs::create_dir_all(spec.host_build()).map_err(setup_io("creating the build directory"))?;
     let spec_path = spec.build_dir.join("sandbox.json");
-    fs::write(&spec_path, serde_json::to_vec(spec).expect("spec serializes"))
-        .map_err(setup_io(format!("writing {}", spec_path.display())))?;
-    let log_file = fs::File::create(log).map_err(setup_io(format!("creating {}", log.display())))?;
+    fs::write(
+        &spec_path,
+        serde_json::to_vec(spec).expect("spec serializes"),
+    )
+    .map_err(setup_io(format!("writing {}", spec_path.display())))?;
+    let log_file =
+        fs::File::create(log).map_err(setup_io(format!("creating {}", log.display())))?;
 
     let mut cmd = Command::new(exe);
     cmd.arg("__sandbox").arg(&spec_path);
     cmd.env_clear();
-    cmd.stdin(Stdio::null()).stdout(log_file.try_clone().map_err(setup_io("log"))?).stderr(log_file);
+    cmd.stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(setup_io("log"))?)
+        .stderr(log_file);
     let child = spawn_in_userns(cmd, map)?;
-    let output = child.wait_with_output().map_err(setup_io("waiting for the sandbox"))?;
+    let output = child
+        .wait_with_output()
+        .map_err(setup_io("waiting for the sandbox"))?;
     let tail = tail_of(log, 40);
     Ok(RunResult {
         success: output.status.success(),
@@ -149,7 +171,8 @@ fn tail_of(path: &Path, lines: usize) -> String {
 /// Spawn `cmd` so that it starts in a new user namespace with `map` applied before it execs
 /// (so that it execs as uid 0 of the namespace, with full capabilities there).
 fn spawn_in_userns(mut cmd: Command, map: &IdMap) -> Result<std::process::Child, SandboxError> {
-    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(setup("pipe"))?;
+    let (ready_r, ready_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(setup("pipe"))?;
     let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(setup("pipe"))?;
     let ready_w_fd = ready_w.as_raw_fd();
     let go_r_fd = go_r.as_raw_fd();
@@ -164,7 +187,9 @@ fn spawn_in_userns(mut cmd: Command, map: &IdMap) -> Result<std::process::Child,
             }
             let mut ok = [0u8; 1];
             if libc::read(go_r_fd, ok.as_mut_ptr().cast(), 1) != 1 || ok[0] != 1 {
-                return Err(std::io::Error::other("the user namespace id map was not set up"));
+                return Err(std::io::Error::other(
+                    "the user namespace id map was not set up",
+                ));
             }
             Ok(())
         });
@@ -186,11 +211,16 @@ fn spawn_in_userns(mut cmd: Command, map: &IdMap) -> Result<std::process::Child,
     // Close our copies of the child's ends so the mapper sees EOF if the child died early.
     drop(ready_w);
     drop(go_r);
-    let mapped = mapper.join().unwrap_or_else(|_| Err("id mapper thread panicked".into()));
+    let mapped = mapper
+        .join()
+        .unwrap_or_else(|_| Err("id mapper thread panicked".into()));
     match (spawned, mapped) {
         (Ok(child), Ok(())) => Ok(child),
         (_, Err(e)) => Err(SandboxError::IdMap(e)),
-        (Err(e), Ok(())) => Err(SandboxError::Setup { what: "spawning the sandbox".into(), source: e }),
+        (Err(e), Ok(())) => Err(SandboxError::Setup {
+            what: "spawning the sandbox".into(),
+            source: e,
+        }),
     }
 }
 
@@ -266,8 +296,14 @@ pub fn enter(spec_path: &Path, builder: impl FnOnce(&SandboxSpec) -> i32) -> i32
 
 fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), SandboxError> {
     let what = || format!("bind-mounting {} at {}", src.display(), dst.display());
-    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(setup(what()))?;
+    mount(
+        Some(src),
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(setup(what()))?;
     if readonly {
         // Flags locked by the parent mount (nosuid, nodev, noexec…) must be kept on remount.
         let st = nix::sys::statvfs::statvfs(dst).map_err(setup(what()))?;
@@ -306,8 +342,14 @@ fn mountpoint_like(src: &Path, dst: &Path) -> Result<(), SandboxError> {
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
-    mount(Some("tmpfs"), dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755"))
-        .map_err(setup("mounting /dev"))?;
+    mount(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755"),
+    )
+    .map_err(setup("mounting /dev"))?;
     for d in DEVICES {
         let host = Path::new("/dev").join(d);
         let inside = dev.join(d);
@@ -324,18 +366,36 @@ fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
     }
     let shm = dev.join("shm");
     fs::create_dir(&shm).map_err(setup_io("mkdir /dev/shm"))?;
-    mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
-        .map_err(setup("mounting /dev/shm"))?;
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(setup("mounting /dev/shm"))?;
     Ok(())
 }
 
 fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(setup("making / private"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(setup("making / private"))?;
     let root = spec.build_dir.join("root");
     fs::create_dir_all(&root).map_err(setup_io("mkdir root"))?;
-    mount(Some("tmpfs"), &root, Some("tmpfs"), MsFlags::empty(), Some("mode=755"))
-        .map_err(setup("mounting the sandbox root"))?;
+    mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=755"),
+    )
+    .map_err(setup("mounting the sandbox root"))?;
 
     let inside = |p: &str| root.join(p.trim_start_matches('/'));
     let build = inside(BUILD_DIR);
@@ -358,8 +418,14 @@ fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
     populate_dev(&dev)?;
     let tmp = inside("/tmp");
     fs::create_dir_all(&tmp).map_err(setup_io("mkdir /tmp"))?;
-    mount(Some("tmpfs"), &tmp, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
-        .map_err(setup("mounting /tmp"))?;
+    mount(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(setup("mounting /tmp"))?;
     let proc_ = inside("/proc");
     fs::create_dir_all(&proc_).map_err(setup_io("mkdir /proc"))?;
     mount(
@@ -394,8 +460,13 @@ fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
 /// Bring up `lo` in the (new, empty) network namespace.
 fn loopback_up() -> Result<(), SandboxError> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(setup("socket for lo"))?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(setup("socket for lo"))?;
     // SAFETY: ifreq is plain old data; we pass a valid pointer to an initialized struct.
     unsafe {
         let mut req: libc::ifreq = std::mem::zeroed();
@@ -403,11 +474,17 @@ fn loopback_up() -> Result<(), SandboxError> {
             req.ifr_name[i] = *b as libc::c_char;
         }
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
-            return Err(SandboxError::Setup { what: "reading lo flags".into(), source: std::io::Error::last_os_error() });
+            return Err(SandboxError::Setup {
+                what: "reading lo flags".into(),
+                source: std::io::Error::last_os_error(),
+            });
         }
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
-            return Err(SandboxError::Setup { what: "bringing lo up".into(), source: std::io::Error::last_os_error() });
+            return Err(SandboxError::Setup {
+                what: "bringing lo up".into(),
+                source: std::io::Error::last_os_error(),
+            });
         }
     }
     Ok(())
@@ -423,11 +500,21 @@ pub struct ChrootMounts {
 
 impl ChrootMounts {
     pub fn setup(root: &Path) -> Result<ChrootMounts, SandboxError> {
-        let mut g = ChrootMounts { root: root.to_owned(), mounted: vec![], created: vec![] };
+        let mut g = ChrootMounts {
+            root: root.to_owned(),
+            mounted: vec![],
+            created: vec![],
+        };
         let proc_ = root.join("proc");
         fs::create_dir_all(&proc_).map_err(setup_io("mkdir proc in chroot"))?;
-        mount(Some("proc"), &proc_, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
-            .map_err(setup("mounting proc in the chroot"))?;
+        mount(
+            Some("proc"),
+            &proc_,
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(setup("mounting proc in the chroot"))?;
         g.mounted.push(proc_);
         let dev = root.join("dev");
         fs::create_dir_all(&dev).map_err(setup_io("mkdir dev in chroot"))?;
@@ -460,19 +547,31 @@ impl Drop for ChrootMounts {
 }
 
 /// Inside a sandbox: run `argv` chrooted into `mounts.root()` with exactly `env`, stdout and
-/// stderr going to this process's stderr. Returns the exit status.
+/// stderr going to `log` (a file outside the chroot) or else to this process's stderr. Returns
+/// the exit status.
 pub fn run_chrooted(
     mounts: &ChrootMounts,
     argv: &[&str],
     env: &[(String, String)],
-    stdin: Option<&[u8]>,
+    log: Option<&Path>,
 ) -> Result<std::process::ExitStatus, SandboxError> {
     let root = CString::new(mounts.root().as_os_str().as_encoded_bytes())
         .map_err(|_| SandboxError::Unsupported("chroot path contains NUL".into()))?;
     let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
-    cmd.stdout(std::io::stderr()).stderr(std::io::stderr());
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.args(&argv[1..])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    match log {
+        Some(p) => {
+            let f = fs::File::create(p).map_err(setup_io(format!("creating {}", p.display())))?;
+            let f2 = f.try_clone().map_err(setup_io("log file"))?;
+            cmd.stdout(f).stderr(f2);
+        }
+        None => {
+            cmd.stdout(std::io::stderr()).stderr(std::io::stderr());
+        }
+    }
+    cmd.stdin(Stdio::null());
     // SAFETY: chroot and chdir are async-signal-safe; `root` outlives the spawn.
     unsafe {
         cmd.pre_exec(move || {
@@ -482,9 +581,10 @@ pub fn run_chrooted(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(setup_io(format!("running {} in the chroot", argv[0])))?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data).map_err(setup_io("writing to the command's stdin"))?;
-    }
-    child.wait().map_err(setup_io(format!("waiting for {}", argv[0])))
+    let mut child = cmd
+        .spawn()
+        .map_err(setup_io(format!("running {} in the chroot", argv[0])))?;
+    child
+        .wait()
+        .map_err(setup_io(format!("waiting for {}", argv[0])))
 }

@@ -19,7 +19,10 @@ fn cpath(p: &Path) -> Result<CString, SandboxError> {
 }
 
 fn os_err(what: String) -> SandboxError {
-    SandboxError::Setup { what, source: std::io::Error::last_os_error() }
+    SandboxError::Setup {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
 }
 
 /// The raw `security.capability` xattr of a file, if it has one.
@@ -27,12 +30,22 @@ pub fn read_caps(p: &Path) -> Result<Option<Vec<u8>>, SandboxError> {
     let c = cpath(p)?;
     let mut buf = [0u8; 64];
     // SAFETY: valid NUL-terminated path and a buffer of the given length.
-    let n = unsafe { libc::lgetxattr(c.as_ptr(), CAPS.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            CAPS.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if n < 0 {
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {
             Some(libc::ENODATA) | Some(libc::ENOTSUP) => Ok(None),
-            _ => Err(SandboxError::Setup { what: format!("reading capabilities of {}", p.display()), source: e }),
+            _ => Err(SandboxError::Setup {
+                what: format!("reading capabilities of {}", p.display()),
+                source: e,
+            }),
         };
     }
     Ok(Some(buf[..n as usize].to_vec()))
@@ -46,21 +59,42 @@ fn lchown(p: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
         Some(gid.into()),
         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
-    .map_err(|e| SandboxError::Setup { what: format!("chown {}", p.display()), source: e.into() })
+    .map_err(|e| SandboxError::Setup {
+        what: format!("chown {}", p.display()),
+        source: e.into(),
+    })
 }
 
 /// Give `p` the ownership, mode and capabilities recorded in `e` (mtime too).
 pub fn apply_meta(p: &Path, e: &EntryMeta) -> Result<(), SandboxError> {
-    let md = fs::symlink_metadata(p).map_err(|source| SandboxError::Setup { what: format!("stat {}", p.display()), source })?;
+    let md = fs::symlink_metadata(p).map_err(|source| SandboxError::Setup {
+        what: format!("stat {}", p.display()),
+        source,
+    })?;
     lchown(p, e.uid, e.gid)?;
     if !md.file_type().is_symlink() {
-        fs::set_permissions(p, fs::Permissions::from_mode(e.mode))
-            .map_err(|source| SandboxError::Setup { what: format!("chmod {}", p.display()), source })?;
+        fs::set_permissions(p, fs::Permissions::from_mode(e.mode)).map_err(|source| {
+            SandboxError::Setup {
+                what: format!("chmod {}", p.display()),
+                source,
+            }
+        })?;
         if let Some(hex) = &e.caps {
-            let bytes = hex::decode(hex).map_err(|_| SandboxError::Unsupported(format!("{}: bad caps metadata", p.display())))?;
+            let bytes = hex::decode(hex).map_err(|_| {
+                SandboxError::Unsupported(format!("{}: bad caps metadata", p.display()))
+            })?;
             let c = cpath(p)?;
             // SAFETY: valid path, name and value buffer.
-            if unsafe { libc::lsetxattr(c.as_ptr(), CAPS.as_ptr(), bytes.as_ptr().cast(), bytes.len(), 0) } != 0 {
+            if unsafe {
+                libc::lsetxattr(
+                    c.as_ptr(),
+                    CAPS.as_ptr(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    0,
+                )
+            } != 0
+            {
                 return Err(os_err(format!("setting capabilities on {}", p.display())));
             }
         }
@@ -73,7 +107,10 @@ pub fn apply_meta(p: &Path, e: &EntryMeta) -> Result<(), SandboxError> {
         &t,
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
-    .map_err(|err| SandboxError::Setup { what: format!("setting mtime of {}", p.display()), source: err.into() })?;
+    .map_err(|err| SandboxError::Setup {
+        what: format!("setting mtime of {}", p.display()),
+        source: err.into(),
+    })?;
     Ok(())
 }
 
@@ -92,11 +129,23 @@ pub fn normalize_tree(root: &Path, clamp: i64) -> Result<TreeMeta, SandboxError>
 /// Hardlinked files: the metadata read at the first name (later names see it already normalized).
 type Links = HashMap<(u64, u64), EntryMeta>;
 
-fn walk(p: &Path, rel: &str, clamp: i64, meta: &mut TreeMeta, links: &mut Links) -> Result<(), SandboxError> {
-    let md = fs::symlink_metadata(p).map_err(|source| SandboxError::Setup { what: format!("stat {}", p.display()), source })?;
+fn walk(
+    p: &Path,
+    rel: &str,
+    clamp: i64,
+    meta: &mut TreeMeta,
+    links: &mut Links,
+) -> Result<(), SandboxError> {
+    let md = fs::symlink_metadata(p).map_err(|source| SandboxError::Setup {
+        what: format!("stat {}", p.display()),
+        source,
+    })?;
     let ft = md.file_type();
     if !(ft.is_dir() || ft.is_file() || ft.is_symlink()) {
-        fs::remove_file(p).map_err(|source| SandboxError::Setup { what: format!("removing special file {}", p.display()), source })?;
+        fs::remove_file(p).map_err(|source| SandboxError::Setup {
+            what: format!("removing special file {}", p.display()),
+            source,
+        })?;
         return Ok(());
     }
     if ft.is_file() && md.nlink() > 1 {
@@ -130,14 +179,24 @@ fn walk(p: &Path, rel: &str, clamp: i64, meta: &mut TreeMeta, links: &mut Links)
     if !ft.is_symlink() {
         let plain = (md.mode() & 0o777) | if ft.is_dir() { 0o700 } else { 0o600 };
         if md.mode() & 0o7777 != plain {
-            fs::set_permissions(p, fs::Permissions::from_mode(plain))
-                .map_err(|source| SandboxError::Setup { what: format!("chmod {}", p.display()), source })?;
+            fs::set_permissions(p, fs::Permissions::from_mode(plain)).map_err(|source| {
+                SandboxError::Setup {
+                    what: format!("chmod {}", p.display()),
+                    source,
+                }
+            })?;
         }
     }
     if ft.is_dir() {
-        let entries = fs::read_dir(p).map_err(|source| SandboxError::Setup { what: format!("reading {}", p.display()), source })?;
+        let entries = fs::read_dir(p).map_err(|source| SandboxError::Setup {
+            what: format!("reading {}", p.display()),
+            source,
+        })?;
         for e in entries {
-            let e = e.map_err(|source| SandboxError::Setup { what: format!("reading {}", p.display()), source })?;
+            let e = e.map_err(|source| SandboxError::Setup {
+                what: format!("reading {}", p.display()),
+                source,
+            })?;
             let name = e.file_name();
             let child_rel = if rel.is_empty() {
                 name.to_string_lossy().into_owned()

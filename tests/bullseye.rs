@@ -248,7 +248,10 @@ fn layered_example_on_bullseye() {
         ],
         &env,
     ));
-    assert_eq!(base["built"], 0);
+    assert!(
+        base["built"].as_u64().unwrap() <= 1,
+        "at most the base's own image manifest: {base}"
+    );
     let manifest = |l: &Path| -> serde_json::Value {
         let d = manifest_digest(l);
         serde_json::from_slice(

@@ -312,6 +312,10 @@ fn doctor(connect: Vec<String>) -> anyhow::Result<()> {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("RBUILD_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sandbox { spec } => std::process::exit(builtins().sandbox_main(&spec)),

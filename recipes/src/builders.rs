@@ -68,6 +68,19 @@ fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
     lines.sort();
     fs::create_dir_all(&ctx.out)?;
     fs::write(ctx.out.join("index"), lines.join("\n") + "\n")?;
+    // The same lines, sharded by the first character of the package name, so that each
+    // unpack reads a small file instead of the whole index.
+    let shards = ctx.out.join("index.d");
+    fs::create_dir_all(&shards)?;
+    let mut by_shard: std::collections::BTreeMap<String, String> = Default::default();
+    for l in &lines {
+        let s = by_shard.entry(shard_name(l)).or_default();
+        s.push_str(l);
+        s.push('\n');
+    }
+    for (name, text) in by_shard {
+        fs::write(shards.join(name), text)?;
+    }
     let summary = serde_json::json!({
         "suite": release.suite, "codename": release.codename, "version": release.version,
         "date": release.date, "source_date_epoch": release.source_date_epoch, "signed_by": release.signed_by,
@@ -95,15 +108,33 @@ fn sha256_of(path: &Path) -> anyhow::Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), n_total))
 }
 
+/// The index shard a package name belongs to (its first character).
+fn shard_name(name: &str) -> String {
+    name.chars()
+        .next()
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| "_".into())
+}
+
+/// The verified index lines that can hold `name`.
+fn read_index_for(verified: &Path, name: &str) -> anyhow::Result<String> {
+    let p = verified.join("index.d").join(shard_name(name));
+    match fs::read_to_string(&p) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
 /// Check a `.deb` against the sha256 and size the signed index lists for `name` `version` `arch`.
 fn verify_deb(
-    index: &str,
+    verified: &Path,
     name: &str,
     version: &str,
     arch: &str,
     deb: &Path,
 ) -> anyhow::Result<()> {
-    let entries = packages::lookup_index_line(index, name);
+    let entries = packages::lookup_index_line(&read_index_for(verified, name)?, name);
     let Some(entry) = entries
         .iter()
         .find(|e| e.version == version && e.architecture == arch)
@@ -131,11 +162,11 @@ fn verify_deb(
 /// `.deb` against the sha256 the signed index lists for that package, then unpacks it.
 fn unpack(ctx: &BuildContext) -> anyhow::Result<()> {
     let (name, version, arch) = (ctx.arg(0)?, ctx.arg(1)?, ctx.arg(2)?);
-    let index =
-        fs::read_to_string(ctx.inputs[0].join("index")).context("reading the verified index")?;
     let deb = &ctx.inputs[1];
-    verify_deb(&index, name, version, arch, deb)?;
-    let meta = rbuild_engine::archive::deb::unpack_deb(deb, &ctx.out)?;
+    verify_deb(&ctx.inputs[0], name, version, arch, deb)?;
+    fs::create_dir_all(&ctx.out)?;
+    let plain = ctx.out.join("package.deb");
+    let meta = rbuild_engine::archive::deb::unpack_deb_with_plain(deb, &ctx.out, Some(&plain))?;
     meta.write(&ctx.meta_out())?;
     Ok(())
 }
@@ -237,6 +268,7 @@ const VOLATILE: &[&str] = &[
 /// [`ConfigurePlan`]. Assembles the essential packages, then has the target's own dpkg install
 /// every package in one chrooted run; `$out` is the configured root filesystem.
 fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let plan: ConfigurePlan = serde_json::from_str(ctx.arg(0)?).context("configure plan")?;
     let root = ctx.out.clone();
     fs::create_dir_all(&root)?;
@@ -260,8 +292,14 @@ fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         materialize(&ctx.inputs[p.unpacked], "data/", &root)
             .with_context(|| format!("extracting {}", p.name))?;
     }
+    eprintln!(
+        "configure: {} packages extracted in {:.1?}",
+        seed.len(),
+        started.elapsed()
+    );
     if plan.variant == Variant::Debootstrap {
         install_with_dpkg(ctx, &plan, &root)?;
+        eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
     }
     finish_tree(ctx, &root)
 }
@@ -297,10 +335,14 @@ fn install_with_dpkg(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> a
         root.join("var/lib/dpkg/arch"),
         format!("{}\n", plan.architecture),
     )?;
+    // dpkg reads each package's `package.deb` (data stored uncompressed by the unpack stage)
+    // straight from the sandbox's read-only inputs, bind-mounted into the chroot.
     let mut bootstrap = Vec::new();
     let mut rest = Vec::new();
-    for (i, p) in plan.packages.iter().enumerate() {
-        let inside = stage_deb(root, i, &p.name, &ctx.inputs[p.deb])?;
+    for p in &plan.packages {
+        let input = &ctx.inputs[p.unpacked];
+        let name = input.file_name().context("input path")?.to_string_lossy();
+        let inside = format!("/{INPUTS_IN_CHROOT}/{name}/package.deb");
         if p.bootstrap {
             bootstrap.push(inside)
         } else {
@@ -314,6 +356,7 @@ fn install_with_dpkg(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> a
             ("essential packages", bootstrap),
             ("remaining packages", rest),
         ],
+        true,
     )?;
     // dpkg knows its native architecture; debootstrap leaves no arch file either.
     fs::remove_file(root.join("var/lib/dpkg/arch"))?;
@@ -321,6 +364,8 @@ fn install_with_dpkg(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> a
 }
 
 const DEB_STAGING: &str = "var/cache/rbuild-debs";
+/// Where a builder's `/inputs` appear inside the chroot while dpkg runs.
+const INPUTS_IN_CHROOT: &str = "var/cache/rbuild-inputs";
 
 /// Copy a `.deb` into the tree for dpkg; returns its path inside the chroot.
 fn stage_deb(root: &Path, i: usize, name: &str, deb: &Path) -> anyhow::Result<String> {
@@ -333,11 +378,14 @@ fn stage_deb(root: &Path, i: usize, name: &str, deb: &Path) -> anyhow::Result<St
 
 /// Have the tree's own dpkg install the staged `.deb`s, batch by batch, chrooted: no service
 /// starts (`policy-rc.d`), no fsync, and the database must come out complete (`dpkg --audit`).
+/// With `show_inputs`, the sandbox's `/inputs` are visible (read-only) in the chroot.
 fn dpkg_install(
     ctx: &BuildContext,
     root: &Path,
     batches: &[(&str, Vec<String>)],
+    show_inputs: bool,
 ) -> anyhow::Result<()> {
+    fs::create_dir_all(root.join(DEB_STAGING))?;
     fs::create_dir_all(root.join("etc/dpkg/dpkg.cfg.d"))?;
     fs::create_dir_all(root.join("usr/sbin"))?;
     let policy = root.join("usr/sbin/policy-rc.d");
@@ -354,7 +402,13 @@ fn dpkg_install(
     fs::write(&unsafe_io, "force-unsafe-io\n")?;
 
     let env = chroot_env(ctx);
-    let mounts = ChrootMounts::setup(root)?;
+    let mut mounts = ChrootMounts::setup(root)?;
+    if show_inputs {
+        mounts.bind_readonly(
+            Path::new(rbuild_engine::sandbox::INPUTS_DIR),
+            INPUTS_IN_CHROOT,
+        )?;
+    }
     for (what, batch) in batches {
         if batch.is_empty() {
             continue;
@@ -436,18 +490,16 @@ fn layer(ctx: &BuildContext) -> anyhow::Result<()> {
     fs::create_dir_all(&root)?;
     materialize(&ctx.inputs[0], "", &root).context("copying the lower layers' tree")?;
     if !plan.packages.is_empty() {
-        let index = fs::read_to_string(ctx.inputs[1].join("index"))
-            .context("reading the verified index")?;
         let mut staged = Vec::new();
         for (i, p) in plan.packages.iter().enumerate() {
             let deb = ctx
                 .inputs
                 .get(2 + i)
                 .context("a package's .deb input is missing")?;
-            verify_deb(&index, &p.name, &p.version, &p.architecture, deb)?;
+            verify_deb(&ctx.inputs[1], &p.name, &p.version, &p.architecture, deb)?;
             staged.push(stage_deb(&root, i, &p.name, deb)?);
         }
-        dpkg_install(ctx, &root, &[("packages", staged)])?;
+        dpkg_install(ctx, &root, &[("packages", staged)], false)?;
     }
     let sde = ctx.source_date_epoch();
     for c in &plan.copy {

@@ -48,8 +48,8 @@ pub struct ConfigurePackage {
     pub name: String,
     /// Extracted before dpkg first runs, and installed in dpkg's first pass.
     pub bootstrap: bool,
+    /// The input holding the unpacked package (and `package.deb`, for dpkg).
     pub unpacked: usize,
-    pub deb: usize,
 }
 
 pub fn fetch(name: String, path: &str, sha256: &str, size: u64) -> Derivation {
@@ -136,12 +136,10 @@ pub fn expand(
             fixed_output: None,
         })?;
         configure_inputs.push(unpacked);
-        configure_inputs.push(deb);
         plan.packages.push(ConfigurePackage {
             name: p.name.clone(),
             bootstrap: p.bootstrap,
-            unpacked: configure_inputs.len() - 2,
-            deb: configure_inputs.len() - 1,
+            unpacked: configure_inputs.len() - 1,
         });
     }
     let tree = g.add(Derivation {

@@ -189,7 +189,9 @@ impl Engine {
                         };
                         tasks.spawn(async move {
                             let _slot = slots.acquire_owned().await.expect("semaphore open");
+                            let started = std::time::Instant::now();
                             let r = this.build_one(&h, &drv).await;
+                            tracing::debug!(stage = %drv.stage, name = %drv.name, secs = started.elapsed().as_secs_f64(), "built");
                             (h, drv, r)
                         });
                     }
@@ -313,14 +315,15 @@ impl Engine {
             .await
             .expect("sandbox task")?;
         let out = build_dir.join("build").join("out");
+        // Every build's log is kept beside the store (`<store>/log/<hash>.log`), like `nix log`.
+        let kept = self
+            .store
+            .root()
+            .join("log")
+            .join(format!("{}.log", hash.0));
+        let _ = std::fs::create_dir_all(kept.parent().expect("log dir"));
+        let _ = std::fs::copy(&log, &kept);
         if !result.success {
-            let kept = self
-                .store
-                .root()
-                .join("log")
-                .join(format!("{}.log", hash.0));
-            let _ = std::fs::create_dir_all(kept.parent().expect("log dir"));
-            let _ = std::fs::copy(&log, &kept);
             // The builder may have left files owned by subordinate ids.
             let _ = sandbox::remove_as_mapped_root(&self.exe, &build_dir.join("build"), &map);
             return Err(EngineError::BuildFailed {

@@ -25,7 +25,7 @@ pub fn pack_tar(ctx: &BuildContext) -> anyhow::Result<()> {
         ctx.source_date_epoch(),
         BufWriter::with_capacity(1 << 20, f),
     )?;
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    w.into_inner().map_err(|e| e.into_error())?;
     Ok(())
 }
 
@@ -195,7 +195,7 @@ pub fn layer_diff(ctx: &BuildContext) -> anyhow::Result<()> {
     let tar_path = work.join("layer.tar");
     let f = fs::File::create(&tar_path)?;
     let w = archive::tar_out::write_tar(&tree, &meta, sde, BufWriter::with_capacity(1 << 20, f))?;
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    w.into_inner().map_err(|e| e.into_error())?;
     write_layer_blob(&tar_path, &ctx.out, ctx.arg(0)?)?;
     fs::remove_dir_all(&work)?;
     Ok(())

@@ -533,6 +533,19 @@ impl ChrootMounts {
     pub fn root(&self) -> &Path {
         &self.root
     }
+
+    /// Make `src` (a directory of the sandbox) visible read-only at `rel` inside the chroot,
+    /// until the guard is dropped.
+    pub fn bind_readonly(&mut self, src: &Path, rel: &str) -> Result<(), SandboxError> {
+        let dst = self.root.join(rel.trim_start_matches('/'));
+        if !dst.exists() {
+            fs::create_dir_all(&dst).map_err(setup_io(format!("mkdir {}", dst.display())))?;
+            self.created.push(dst.clone());
+        }
+        bind(src, &dst, true)?;
+        self.mounted.push(dst);
+        Ok(())
+    }
 }
 
 impl Drop for ChrootMounts {
@@ -540,8 +553,12 @@ impl Drop for ChrootMounts {
         for m in self.mounted.iter().rev() {
             let _ = umount2(m.as_path(), MntFlags::MNT_DETACH);
         }
-        for c in &self.created {
-            let _ = fs::remove_file(c);
+        for c in self.created.iter().rev() {
+            let _ = if c.is_dir() {
+                fs::remove_dir(c)
+            } else {
+                fs::remove_file(c)
+            };
         }
     }
 }

@@ -10,6 +10,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// The version of what the built-in builders produce. A derivation names its builder
+/// (`builtin:debian-configure`), not the builder's code, so whenever a builtin's output for the
+/// same inputs changes, this must change too: every derivation hash changes with it and no store
+/// or cache serves an output made by the old code.
+pub const BUILDERS_EPOCH: &str = "builders-2026-11-29\0";
+
 /// The bootstrap stage a derivation belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,6 +96,7 @@ impl Derivation {
     pub fn hash(&self) -> DrvHash {
         let mut h = blake3::Hasher::new();
         h.update(b"rbuild-derivation-v1\0");
+        h.update(BUILDERS_EPOCH.as_bytes());
         h.update(self.canonical_json().as_bytes());
         DrvHash(h.finalize().to_hex().to_string())
     }

@@ -8,8 +8,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rbuild_engine::builtins::fetch::Fetcher;
 use rbuild_engine::builtins::Builtins;
 use rbuild_engine::progress::Progress;
+use rbuild_engine::scheduler::Caches;
 use rbuild_engine::{Engine, Graph};
 use rbuild_recipes::{expand, layers, mirror, recipe};
+use rbuild_store::cache::{PublicKey, SecretKey};
 use rbuild_store::Store;
 
 #[derive(Parser)]
@@ -33,26 +35,16 @@ struct StoreArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Build RECIPE[^OUTPUT] (outputs: image (default), rootfs, tree, index) and print its store path
-    Realise {
-        /// A built-in recipe name (e.g. debian-bullseye) or a path to a .toml recipe, optionally ^OUTPUT
-        recipe: String,
-        #[command(flatten)]
-        store: StoreArgs,
-        /// Make PATH a symlink to the output, and a GC root
-        #[arg(short = 'o', long = "out-link")]
-        out_link: Option<PathBuf>,
-        /// Debian mirror URL (http://, https:// or file://) [default: from the host's apt configuration]
-        #[arg(long, env = "RBUILD_MIRROR")]
-        mirror: Option<String>,
-        /// Never touch the network; fail clearly when something is missing from the store
-        #[arg(long)]
-        offline: bool,
-        /// Sandboxed builds to run at once [default: number of cores]
-        #[arg(short = 'j', long)]
-        jobs: Option<usize>,
-        /// Print one JSON object {output, built, substituted, reused} instead of the path
-        #[arg(long)]
-        json: bool,
+    Realise(RealiseArgs),
+    /// Generate a signing key pair for binary caches (NAME:BASE64 files, as nix-store's)
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Share outputs through a binary cache
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
     },
     /// Print the derivation graph of a recipe
     Graph {
@@ -84,6 +76,192 @@ enum Command {
     Sandbox { spec: PathBuf },
     #[command(name = "__remove", hide = true)]
     Remove { path: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct RealiseArgs {
+    /// A built-in recipe name (e.g. debian-bullseye) or a path to a .toml recipe, optionally ^OUTPUT
+    recipe: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Make PATH a symlink to the output, and a GC root
+    #[arg(short = 'o', long = "out-link")]
+    out_link: Option<PathBuf>,
+    /// Debian mirror URL (http://, https:// or file://) [default: from the host's apt configuration]
+    #[arg(long, env = "RBUILD_MIRROR")]
+    mirror: Option<String>,
+    /// Never touch the network; fail clearly when something is missing from the store
+    #[arg(long)]
+    offline: bool,
+    /// Sandboxed builds to run at once [default: number of cores]
+    #[arg(short = 'j', long)]
+    jobs: Option<usize>,
+    /// Print one JSON object {output, built, substituted, reused} instead of the path
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+#[derive(clap::Args, Default)]
+struct CacheArgs {
+    /// Substitute outputs from this binary cache (repeatable; also `substituters` in config.toml)
+    #[arg(long = "substituter")]
+    substituters: Vec<String>,
+    /// Trust cache entries signed by this public key: a file or NAME:BASE64 (repeatable)
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<String>,
+    /// Push what this run builds to this binary cache (needs --secret-key)
+    #[arg(long)]
+    push_to: Option<String>,
+    /// The secret key that signs pushed entries
+    #[arg(long)]
+    secret_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new key pair: SECRET (keep it private) and PUBLIC (give it to those who trust you)
+    Generate {
+        name: String,
+        secret: PathBuf,
+        public: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Push every output of RECIPE's graph that is valid in the store
+    Push {
+        recipe: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The binary cache (file:///DIR)
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        secret_key: PathBuf,
+    },
+}
+
+/// `$XDG_CONFIG_HOME/rbuild/config.toml`
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    substituters: Vec<String>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    #[serde(default)]
+    push_to: Option<String>,
+    #[serde(default)]
+    secret_key: Option<PathBuf>,
+}
+
+fn config() -> anyhow::Result<Config> {
+    let dir = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    let Some(path) = dir.map(|d| d.join("rbuild/config.toml")) else {
+        return Ok(Config::default());
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) => toml::from_str(&t)
+            .with_context(|| format!("{}: not a valid rbuild config", path.display())),
+        Err(_) => Ok(Config::default()),
+    }
+}
+
+/// Flags first, then the config file.
+fn caches(args: CacheArgs) -> anyhow::Result<Caches> {
+    let cfg = config()?;
+    let mut c = Caches::default();
+    for url in args.substituters.iter().chain(&cfg.substituters) {
+        c.substituters
+            .push(Arc::from(rbuild_store::cache::open(url)?));
+    }
+    for k in args.trusted_keys.iter().chain(&cfg.trusted_keys) {
+        c.trusted.push(PublicKey::load(k)?);
+    }
+    if !c.substituters.is_empty() && c.trusted.is_empty() {
+        bail!("substituters are set but no --trusted-key: rbuild never uses unsigned or untrusted cache entries");
+    }
+    if let Some(url) = args.push_to.or(cfg.push_to) {
+        let key = args
+            .secret_key
+            .or(cfg.secret_key)
+            .context("--push-to needs --secret-key")?;
+        c.push = Some((
+            Arc::from(rbuild_store::cache::open(&url)?),
+            Arc::new(SecretKey::read(&key)?),
+        ));
+    }
+    Ok(c)
+}
+
+fn key_cmd(cmd: KeyCommand) -> anyhow::Result<()> {
+    let KeyCommand::Generate {
+        name,
+        secret,
+        public,
+    } = cmd;
+    let key = SecretKey::generate(&name)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret)
+        .with_context(|| format!("creating {}", secret.display()))?;
+    use std::io::Write;
+    writeln!(f, "{}", key.to_text())?;
+    std::fs::write(&public, format!("{}\n", key.public().to_text()))
+        .with_context(|| format!("writing {}", public.display()))?;
+    Ok(())
+}
+
+fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
+    let CacheCommand::Push {
+        recipe,
+        store,
+        to,
+        secret_key,
+    } = cmd;
+    let (recipe_arg, output) = split_output(&recipe);
+    let expanded = load_locked(recipe_arg, None, true)?;
+    let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
+    let dir = default_store(store.store)?;
+    let store =
+        Store::open(&dir).with_context(|| format!("opening the store at {}", dir.display()))?;
+    let cache = rbuild_store::cache::open(&to)?;
+    let key = SecretKey::read(&secret_key)?;
+    // The target's closure: every derivation it needs that this store holds.
+    let mut stack = vec![target];
+    let mut seen = std::collections::HashSet::new();
+    let (mut pushed, mut blobs) = (0, 0);
+    while let Some(h) = stack.pop() {
+        if !seen.insert(h.clone()) {
+            continue;
+        }
+        let drv = expanded
+            .graph
+            .get(&h)
+            .context("derivation not in the graph")?;
+        stack.extend(drv.inputs.iter().cloned());
+        if let Some(out) = store.valid_output(&h.0)? {
+            blobs += rbuild_store::cache::push(
+                cache.as_ref(),
+                &key,
+                &h.0,
+                &drv.output_name(),
+                &out.content_hash,
+                &out.path,
+            )?;
+            pushed += 1;
+        }
+    }
+    eprintln!("{to}: pushed {pushed} outputs ({blobs} new blobs)");
+    Ok(())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -169,15 +347,18 @@ fn load_locked(arg: &str, mirror: Option<&str>, offline: bool) -> anyhow::Result
     layers::load_any(arg, true)?.expand()
 }
 
-fn realise(
-    arg: &str,
-    store: Option<PathBuf>,
-    out_link: Option<PathBuf>,
-    mirror_flag: Option<String>,
-    offline: bool,
-    jobs: Option<usize>,
-    json: bool,
-) -> anyhow::Result<()> {
+fn realise(args: RealiseArgs) -> anyhow::Result<()> {
+    let RealiseArgs {
+        recipe,
+        store,
+        out_link,
+        mirror: mirror_flag,
+        offline,
+        jobs,
+        json,
+        cache,
+    } = args;
+    let (arg, store, caches) = (recipe.as_str(), store.store, caches(cache)?);
     let (recipe_arg, output) = split_output(arg);
     let expanded = load_locked(recipe_arg, mirror_flag.as_deref(), offline)?;
     let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
@@ -198,13 +379,9 @@ fn realise(
     };
     let exe = PathBuf::from(SELF_EXE);
     let progress = Arc::new(Progress::new(false));
-    let engine = Arc::new(Engine::new(
-        store.clone(),
-        exe,
-        fetcher,
-        jobs,
-        progress.clone(),
-    ));
+    let engine = Arc::new(
+        Engine::new(store.clone(), exe, fetcher, jobs, progress.clone()).with_caches(caches),
+    );
     let graph = Arc::new(expanded.graph);
     let report = runtime(jobs)?
         .block_on(engine.realise(graph, &target))
@@ -328,15 +505,9 @@ fn main() {
                 }
             })
         }
-        Command::Realise {
-            recipe,
-            store,
-            out_link,
-            mirror,
-            offline,
-            jobs,
-            json,
-        } => realise(&recipe, store.store, out_link, mirror, offline, jobs, json),
+        Command::Realise(args) => realise(args),
+        Command::Key { command } => key_cmd(command),
+        Command::Cache { command } => cache_cmd(command),
         Command::Graph { recipe, format } => graph_cmd(&recipe, format),
         Command::Lock {
             recipe,

@@ -9,6 +9,7 @@
 //! The store knows nothing about recipes, Debian or sandboxes: it stores, hashes, locks and
 //! collects garbage.
 
+pub mod cache;
 pub mod hash;
 pub mod meta;
 
@@ -83,7 +84,7 @@ impl BuildDir {
 impl Drop for BuildDir {
     fn drop(&mut self) {
         let _ = remove_all(&self.path);
-        let _ = fs::remove_file(self.path.with_extension("lock"));
+        let _ = fs::remove_file(lock_of(&self.path));
     }
 }
 
@@ -198,19 +199,27 @@ impl Store {
     pub fn new_build_dir(&self, label: &str) -> Result<BuildDir> {
         let tmp = self.root.join("tmp");
         for n in 0u32.. {
-            let path = tmp.join(format!("{}-{n}-{label}", std::process::id()));
-            let lock_path = path.with_extension("lock");
+            let name = format!("{}-{n}-{label}", std::process::id());
+            let path = tmp.join(&name);
+            let lock_path = lock_of(&path);
+            if lock_path.exists() || path.exists() {
+                continue;
+            }
+            // The lock is taken under a hidden name and then renamed into place, so a visible
+            // lock file is always held by a live builder (`clean_stale_builds` relies on it).
+            let hidden = tmp.join(format!(".{name}.lock.new"));
             let f = match fs::OpenOptions::new()
                 .create_new(true)
                 .write(true)
-                .open(&lock_path)
+                .open(&hidden)
             {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(StoreError::io(&lock_path, e)),
+                Err(e) => return Err(StoreError::io(&hidden, e)),
             };
             let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock)
-                .map_err(|(_, e)| StoreError::io(&lock_path, e.into()))?;
+                .map_err(|(_, e)| StoreError::io(&hidden, e.into()))?;
+            fs::rename(&hidden, &lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
             fs::create_dir(&path).map_err(|e| StoreError::io(&path, e))?;
             return Ok(BuildDir { path, _lock: lock });
         }
@@ -224,10 +233,41 @@ impl Store {
         for entry in fs::read_dir(&tmp).map_err(|e| StoreError::io(&tmp, e))? {
             let entry = entry.map_err(|e| StoreError::io(&tmp, e))?;
             let path = entry.path();
-            if path.extension().is_some_and(|e| e == "lock") {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                // A lock being taken (or left by a builder killed while taking it).
+                let free = fs::File::open(&path)
+                    .map(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok())
+                    .unwrap_or(false);
+                let old = entry
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 60);
+                if free && old {
+                    let _ = fs::remove_file(&path);
+                }
                 continue;
             }
-            let lock_path = path.with_extension("lock");
+            if path.extension().is_some_and(|e| e == "lock") {
+                // A lock whose builder died before creating its directory.
+                let dir = path.with_file_name(
+                    path.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_suffix(".lock"))
+                        .unwrap_or_default(),
+                );
+                if !dir.exists() {
+                    let free = fs::File::open(&path)
+                        .map(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok())
+                        .unwrap_or(false);
+                    if free {
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+                continue;
+            }
+            let lock_path = lock_of(&path);
             let held = match fs::File::open(&lock_path) {
                 Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err(),
                 Err(_) => false,
@@ -249,6 +289,17 @@ impl Store {
     /// valid only when the database row is committed, so a crash in between leaves garbage that
     /// the next build of the same derivation removes, never a registered partial output.
     pub fn register(&self, drv: &DrvRecord, built: &Path) -> Result<Output> {
+        self.register_expecting(drv, built, None)
+    }
+
+    /// [`Store::register`], refusing (before anything is moved) an output whose content hash is
+    /// not `expected` — for outputs that came from a binary cache.
+    pub fn register_expecting(
+        &self,
+        drv: &DrvRecord,
+        built: &Path,
+        expected: Option<&str>,
+    ) -> Result<Output> {
         let built_meta = meta::sidecar(built);
         let tree_meta = if built_meta.exists() {
             Some(meta::TreeMeta::read(&built_meta)?)
@@ -256,6 +307,12 @@ impl Store {
             None
         };
         let content_hash = hash::content_hash(built, tree_meta.as_ref())?;
+        if let Some(expected) = expected.filter(|e| *e != content_hash) {
+            return Err(StoreError::Corrupt {
+                path: built.to_owned(),
+                what: format!("content hash check failed: the signed cache entry says {expected}, the downloaded output hashes to {content_hash}"),
+            });
+        }
         let dest = self.output_path(&drv.hash, &drv.name);
         let dest_meta = meta::sidecar(&dest);
         // Leftovers of an interrupted registration of this very derivation (we hold its lock).
@@ -416,6 +473,13 @@ pub struct GcReport {
     pub unremovable: Vec<PathBuf>,
 }
 
+/// The lock file held while the scratch directory `dir` is in use: `<dir>.lock`.
+pub fn lock_of(dir: &Path) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push(".lock");
+    s.into()
+}
+
 /// Remove a file or a whole tree, making directories writable first where needed.
 pub fn remove_all(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -486,12 +550,10 @@ mod tests {
         let b = store.new_build_dir("t").unwrap();
         fs::write(b.path().join("half"), b"partial").unwrap();
         let p = b.path().to_owned();
-        std::mem::forget(b); // as if the process died: lock file stays, dir stays
-                             // The lock is still held by this process's open file, so simulate the death by
-                             // releasing it: forget leaked the fd; reopening the store from another "process" sees the
-                             // lock as held. Drop the leaked lock by closing all fds is not possible here, so instead
-                             // remove the lock file, which is what a dead process leaves free.
-        let _ = fs::remove_file(p.with_extension("lock"));
+        // As if the process died: the directory stays. Its lock would be released by the
+        // kernel; here the leaked descriptor still holds it, so take the lock file away instead.
+        std::mem::forget(b);
+        let _ = fs::remove_file(lock_of(&p));
         // A stale output dir of an unfinished registration is not valid either.
         fs::create_dir_all(store.output_path("h2", "x")).unwrap();
         drop(store);

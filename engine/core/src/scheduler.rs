@@ -8,8 +8,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use rbuild_store::cache::{BinaryCache, CacheEntry, PublicKey, SecretKey};
 use rbuild_store::{DrvRecord, Store};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -42,6 +43,21 @@ pub enum EngineError {
     NoOutput { name: String, stage: Stage },
     #[error("{0} is not a derivation of this graph")]
     UnknownTarget(DrvHash),
+    #[error("substituting {name} from {url} failed: {msg}")]
+    Substitute {
+        hash: DrvHash,
+        name: String,
+        url: String,
+        msg: String,
+    },
+}
+
+/// The binary caches a realise may substitute from and push to.
+#[derive(Default, Clone)]
+pub struct Caches {
+    pub substituters: Vec<Arc<dyn BinaryCache>>,
+    pub trusted: Vec<PublicKey>,
+    pub push: Option<(Arc<dyn BinaryCache>, Arc<SecretKey>)>,
 }
 
 /// What one `realise` did.
@@ -63,10 +79,18 @@ pub struct Engine {
     jobs: usize,
     progress: Arc<Progress>,
     idmap: OnceLock<Result<IdMap, String>>,
+    caches: Caches,
+    /// Derivations the current plan takes from a cache: substituter index and verified entry.
+    substitutes: Mutex<HashMap<DrvHash, (usize, CacheEntry)>>,
+    /// Cache entries that failed to substitute in this run: built locally instead.
+    refused: Mutex<HashSet<DrvHash>>,
+    /// Caches already warned about in this run.
+    warned: Mutex<HashSet<String>>,
 }
 
 enum Outcome {
     Built,
+    Substituted,
     Reused,
 }
 
@@ -86,7 +110,46 @@ impl Engine {
             jobs: jobs.max(1),
             progress,
             idmap: OnceLock::new(),
+            caches: Caches::default(),
+            substitutes: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashSet::new()),
+            warned: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Substitute from and push to these binary caches.
+    pub fn with_caches(mut self, caches: Caches) -> Engine {
+        self.caches = caches;
+        self
+    }
+
+    /// The first substituter with a trusted entry for `h`. Untrusted, unreadable or unreachable
+    /// caches are reported and skipped: the derivation is then built.
+    fn find_substitute(&self, h: &DrvHash, name: &str) -> Option<(usize, CacheEntry)> {
+        if self.refused.lock().expect("lock").contains(h) {
+            return None;
+        }
+        for (i, cache) in self.caches.substituters.iter().enumerate() {
+            match rbuild_store::cache::query(cache.as_ref(), &h.0, &self.caches.trusted) {
+                Ok(Some(entry)) => return Some((i, entry)),
+                Ok(None) => {}
+                Err(e) => {
+                    // One warning per cache and run; each entry is refused all the same.
+                    if self
+                        .warned
+                        .lock()
+                        .expect("lock")
+                        .insert(cache.url().to_owned())
+                    {
+                        self.progress.line(&format!(
+                            "warning: {}: not using its entry for {name}: {e}; building instead (other refused entries of this cache are not reported)",
+                            cache.url()
+                        ));
+                    }
+                }
+            }
+        }
+        None
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -108,7 +171,7 @@ impl Engine {
         if let Ok(map) = self.idmap() {
             for p in self.store.leftovers() {
                 let _ = sandbox::remove_as_mapped_root(&self.exe, p, &map);
-                let _ = std::fs::remove_file(p.with_extension("lock"));
+                let _ = std::fs::remove_file(rbuild_store::lock_of(p));
             }
         }
     }
@@ -135,19 +198,52 @@ impl Engine {
                 continue;
             }
             needed.insert(h.clone());
+            // As in Nix: what a cache has is fetched, and its build-time inputs are not needed.
+            if let Some(sub) = self.find_substitute(&h, &drv.name) {
+                self.substitutes
+                    .lock()
+                    .expect("lock")
+                    .insert(h.clone(), sub);
+                continue;
+            }
             stack.extend(drv.inputs.iter().cloned());
         }
         Ok((needed, reused))
     }
 
-    /// Build whatever `target` needs and return its output.
+    /// Build (or substitute) whatever `target` needs and return its output. A cache entry that
+    /// turns out bad while downloading is reported and the plan is made again without it.
     pub async fn realise(
         self: &Arc<Self>,
         graph: Arc<Graph>,
         target: &DrvHash,
     ) -> Result<Report, EngineError> {
         self.clean_leftovers();
-        let (needed, mut reused) = self.plan(&graph, target)?;
+        loop {
+            match self.realise_once(graph.clone(), target).await {
+                Err(EngineError::Substitute {
+                    hash,
+                    name,
+                    url,
+                    msg,
+                }) => {
+                    self.progress.line(&format!(
+                        "warning: {url}: refused the output of {name}: {msg}; building it instead"
+                    ));
+                    self.refused.lock().expect("lock").insert(hash);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn realise_once(
+        self: &Arc<Self>,
+        graph: Arc<Graph>,
+        target: &DrvHash,
+    ) -> Result<Report, EngineError> {
+        self.substitutes.lock().expect("lock").clear();
+        let (needed, mut reused) = tokio::task::block_in_place(|| self.plan(&graph, target))?;
         let mut report = Report::default();
         if !needed.is_empty() {
             let mut counts = BTreeMap::new();
@@ -204,6 +300,7 @@ impl Engine {
                     Ok((outcome, bytes)) => {
                         match outcome {
                             Outcome::Built => report.built += 1,
+                            Outcome::Substituted => report.substituted += 1,
                             Outcome::Reused => reused += 1,
                         }
                         self.progress.finished(drv.stage, &drv.name, bytes);
@@ -252,6 +349,38 @@ impl Engine {
         }
         let label: String = drv.output_name().chars().take(40).collect();
         let build_dir = self.store.new_build_dir(&label)?;
+        let record = DrvRecord {
+            hash: hash.0.clone(),
+            name: drv.output_name(),
+            stage: drv.stage.to_string(),
+            json: drv.canonical_json(),
+            inputs: drv.inputs.iter().map(|i| i.0.clone()).collect(),
+        };
+        let substitute = self.substitutes.lock().expect("lock").get(hash).cloned();
+        if let Some((i, entry)) = substitute {
+            let cache = self.caches.substituters[i].clone();
+            let store = self.store.clone();
+            let out = build_dir.path().join("out");
+            let fail = |msg: String| EngineError::Substitute {
+                hash: hash.clone(),
+                name: drv.name.clone(),
+                url: cache.url().to_owned(),
+                msg,
+            };
+            let cache2 = cache.clone();
+            let registered = tokio::task::spawn_blocking(move || -> Result<_, String> {
+                rbuild_store::cache::fetch(cache2.as_ref(), &entry, &out)
+                    .map_err(|e| e.to_string())?;
+                store
+                    .register_expecting(&record, &out, Some(&entry.body.content_hash))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .expect("substitute task")
+            .map_err(fail)?;
+            drop(build_dir);
+            return Ok((Outcome::Substituted, size_of(&registered.path)));
+        }
         let built = match &drv.fixed_output {
             Some(fo) => {
                 let out = build_dir.path().join("out");
@@ -261,18 +390,30 @@ impl Engine {
             }
             None => self.run_sandboxed(hash, drv, build_dir.path()).await?,
         };
-        let record = DrvRecord {
-            hash: hash.0.clone(),
-            name: drv.output_name(),
-            stage: drv.stage.to_string(),
-            json: drv.canonical_json(),
-            inputs: drv.inputs.iter().map(|i| i.0.clone()).collect(),
-        };
         let store = self.store.clone();
         let out = tokio::task::spawn_blocking(move || store.register(&record, &built))
             .await
             .expect("register task")?;
         drop(build_dir);
+        if let Some((cache, key)) = self.caches.push.clone() {
+            let (h, name, out2) = (hash.0.clone(), drv.output_name(), out.clone());
+            let pushed = tokio::task::spawn_blocking(move || {
+                rbuild_store::cache::push(
+                    cache.as_ref(),
+                    &key,
+                    &h,
+                    &name,
+                    &out2.content_hash,
+                    &out2.path,
+                )
+            })
+            .await
+            .expect("push task");
+            if let Err(e) = pushed {
+                self.progress
+                    .line(&format!("warning: pushing {}: {e}", drv.name));
+            }
+        }
         Ok((Outcome::Built, size_of(&out.path)))
     }
 

@@ -525,6 +525,8 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
         drv: drv.clone(),
         msg,
     };
+    // Every path must sit in a directory this fetch created: never below a symlink.
+    let mut dirs: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for node in &entry.body.nodes {
         let rel = match node {
             CacheNode::Dir { path, .. }
@@ -534,6 +536,19 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
         };
         if rel.split('/').any(|c| c == ".." || c == ".") || rel.starts_with('/') {
             return Err(bad(format!("path {rel:?} escapes the output")));
+        }
+        if !rel.is_empty() {
+            let parent = rel.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+            if !dirs.contains(parent) {
+                return Err(bad(format!(
+                    "{rel:?} is not inside a directory of the output"
+                )));
+            }
+        } else if !matches!(node, CacheNode::Dir { .. } | CacheNode::File { .. }) {
+            return Err(bad("the output itself must be a file or a directory".into()));
+        }
+        if let CacheNode::Dir { path, .. } = node {
+            dirs.insert(path.as_str());
         }
         let p = if rel.is_empty() {
             dest.to_owned()
@@ -566,7 +581,12 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
                 std::os::unix::fs::symlink(target, &p).map_err(io(p.display()))?
             }
             CacheNode::Hardlink { target, .. } => {
-                if target.split('/').any(|c| c == "..") {
+                let target_is_file = entry
+                    .body
+                    .nodes
+                    .iter()
+                    .any(|n| matches!(n, CacheNode::File { path, .. } if path == target));
+                if !target_is_file || target.split('/').any(|c| c == "..") {
                     return Err(bad(format!(
                         "hardlink target {target:?} escapes the output"
                     )));
@@ -676,5 +696,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("blob sha256"), "{err}");
+    }
+
+    #[test]
+    fn entries_cannot_write_through_their_own_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = open(&format!("file://{}", t.path().join("cache").display())).unwrap();
+        let victim = t.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let body = EntryBody {
+            drv_hash: "h".into(),
+            name: "x".into(),
+            content_hash: "c".into(),
+            nodes: vec![
+                CacheNode::Dir {
+                    path: "".into(),
+                    mode: 0o755,
+                },
+                CacheNode::Symlink {
+                    path: "etc".into(),
+                    target: victim.display().to_string(),
+                },
+                CacheNode::Dir {
+                    path: "etc/sub".into(),
+                    mode: 0o755,
+                },
+            ],
+            meta: None,
+        };
+        let key = SecretKey::generate("k").unwrap();
+        let entry = CacheEntry {
+            signatures: vec![key.sign(&body)],
+            body,
+        };
+        let err = fetch(cache.as_ref(), &entry, &t.path().join("dest"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not inside a directory of the output"),
+            "{err}"
+        );
+        assert!(!victim.join("sub").exists());
     }
 }

@@ -448,13 +448,14 @@ impl Store {
             }
             tx.execute("DELETE FROM outputs WHERE drv_hash = ?1", params![hash])
                 .map_err(|e| self.db_err(e))?;
-            doomed.push(PathBuf::from(path));
+            doomed.push((hash.clone(), PathBuf::from(path)));
         }
         tx.commit().map_err(|e| self.db_err(e))?;
         drop(db);
         // Invalidated first, deleted second: a crash in between leaves only unregistered files.
-        for path in doomed {
+        for (hash, path) in doomed {
             let _ = fs::remove_file(meta::sidecar(&path));
+            let _ = fs::remove_file(self.root.join("log").join(format!("{hash}.log")));
             match remove_all(&path) {
                 Ok(()) => report.deleted += 1,
                 Err(_) => report.unremovable.push(path),

@@ -882,3 +882,77 @@ fn file_cache_substitutes_signed_outputs_only() {
         "tar substituted; layer and image built: {e}"
     );
 }
+
+/// The same through plain HTTP (GET/PUT/HEAD) on loopback: push, substitute with a dead
+/// mirror, and a cache that does not answer does not stop a local build.
+#[test]
+fn http_cache_round_trip_and_dead_cache() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let (sec, public) = keypair(t.path(), "ci");
+    let url = serve_http(&t.path().join("served"));
+    let recipe = a.recipe.to_str().unwrap();
+    let store_a = t.path().join("a");
+    let r = json(&rbuild(&[
+        "realise",
+        recipe,
+        "--store",
+        store_a.to_str().unwrap(),
+        "--json",
+        "--mirror",
+        &a.mirror_url(),
+        "--push-to",
+        &url,
+        "--secret-key",
+        &sec,
+    ]));
+    assert_eq!(r["built"], 13);
+    assert!(
+        t.path().join("served/entries").read_dir().unwrap().count() >= 13,
+        "pushed while building"
+    );
+    let b = json(&rbuild(&[
+        "realise",
+        recipe,
+        "--store",
+        t.path().join("b").to_str().unwrap(),
+        "--json",
+        "--mirror",
+        "http://127.0.0.1:9/debian",
+        "--substituter",
+        &url,
+        "--trusted-key",
+        &public,
+    ]));
+    assert_eq!(
+        (b["built"].as_u64(), b["substituted"].as_u64()),
+        (Some(0), Some(1)),
+        "{b}"
+    );
+    assert_eq!(
+        image_manifest_digest(Path::new(b["output"].as_str().unwrap())),
+        image_manifest_digest(Path::new(r["output"].as_str().unwrap()))
+    );
+    // Nothing listens on port 9: the cache is dead, the build goes on from the mirror.
+    let o = rbuild(&[
+        "realise",
+        recipe,
+        "--store",
+        t.path().join("c").to_str().unwrap(),
+        "--json",
+        "--mirror",
+        &a.mirror_url(),
+        "--substituter",
+        "http://127.0.0.1:9/cache",
+        "--trusted-key",
+        &public,
+    ]);
+    let c = json(&o);
+    assert_eq!(c["built"], 13);
+    assert!(
+        stderr(&o).contains("127.0.0.1:9/cache"),
+        "warned: {}",
+        stderr(&o)
+    );
+}

@@ -266,12 +266,158 @@ pub trait BinaryCache: Send + Sync {
 
 /// Open a cache by URL.
 pub fn open(url: &str) -> Result<Box<dyn BinaryCache>, CacheError> {
-    match url.strip_prefix("file://") {
-        Some(dir) => Ok(Box::new(FileCache {
+    if let Some(dir) = url.strip_prefix("file://") {
+        return Ok(Box::new(FileCache {
             url: url.to_owned(),
             dir: PathBuf::from(dir),
-        })),
-        None => Err(CacheError::UnsupportedUrl(url.to_owned())),
+        }));
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(std::time::Duration::from_secs(10)))
+            .timeout_recv_response(Some(std::time::Duration::from_secs(60)))
+            .build()
+            .into();
+        return Ok(Box::new(HttpCache {
+            url: url.trim_end_matches('/').to_owned(),
+            agent,
+        }));
+    }
+    Err(CacheError::UnsupportedUrl(url.to_owned()))
+}
+
+/// `http://` / `https://`: plain GET, PUT and HEAD of `entries/<drv-hash>.json` and
+/// `blobs/sha256/<digest>` below the URL, so any WebDAV-enabled server or object-store gateway
+/// serves it.
+pub struct HttpCache {
+    url: String,
+    agent: ureq::Agent,
+}
+
+impl HttpCache {
+    fn err(&self, msg: impl std::fmt::Display) -> CacheError {
+        CacheError::Backend {
+            url: self.url.clone(),
+            msg: msg.to_string(),
+        }
+    }
+
+    fn blob_url(&self, digest: &str) -> Result<String, CacheError> {
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(self.err(format!("not a sha256 digest: {digest:?}")));
+        }
+        Ok(format!("{}/blobs/sha256/{digest}", self.url))
+    }
+
+    fn check_put(&self, what: &str, status: u16) -> Result<(), CacheError> {
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(self.err(format!("PUT {what}: HTTP {status}")))
+        }
+    }
+}
+
+impl BinaryCache for HttpCache {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let url = format!("{}/entries/{drv_hash}.json", self.url);
+        let resp = self
+            .agent
+            .get(&url)
+            .call()
+            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+        match resp.status().as_u16() {
+            404 => Ok(None),
+            200 => {
+                let mut body = Vec::new();
+                resp.into_body()
+                    .into_reader()
+                    .take(64 << 20)
+                    .read_to_end(&mut body)
+                    .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+                Ok(Some(body))
+            }
+            s => Err(self.err(format!("GET {url}: HTTP {s}"))),
+        }
+    }
+
+    fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        let url = format!("{}/entries/{drv_hash}.json", self.url);
+        let resp = self
+            .agent
+            .put(&url)
+            .send(bytes)
+            .map_err(|e| self.err(format!("PUT {url}: {e}")))?;
+        self.check_put(&url, resp.status().as_u16())
+    }
+
+    fn missing_blobs(&self, digests: &[String]) -> Result<Vec<String>, CacheError> {
+        // Plain HTTP has no batch query: HEAD requests, eight at a time.
+        let mut missing = Vec::new();
+        for chunk in digests.chunks(8) {
+            let results: Vec<Result<Option<String>, CacheError>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|d| {
+                        sc.spawn(move || {
+                            let url = self.blob_url(d)?;
+                            let resp = self
+                                .agent
+                                .head(&url)
+                                .call()
+                                .map_err(|e| self.err(format!("HEAD {url}: {e}")))?;
+                            match resp.status().as_u16() {
+                                200 => Ok(None),
+                                404 => Ok(Some(d.clone())),
+                                s => Err(self.err(format!("HEAD {url}: HTTP {s}"))),
+                            }
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(self.err("HEAD thread panicked")))
+                    })
+                    .collect()
+            });
+            for r in results {
+                missing.extend(r?);
+            }
+        }
+        Ok(missing)
+    }
+
+    fn get_blob(&self, digest: &str, dest: &mut dyn Write) -> Result<(), CacheError> {
+        let url = self.blob_url(digest)?;
+        let resp = self
+            .agent
+            .get(&url)
+            .call()
+            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+        if resp.status().as_u16() != 200 {
+            return Err(self.err(format!("GET {url}: HTTP {}", resp.status().as_u16())));
+        }
+        std::io::copy(&mut resp.into_body().into_reader(), dest)
+            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+        Ok(())
+    }
+
+    fn put_blob(&self, digest: &str, src: &Path) -> Result<(), CacheError> {
+        let url = self.blob_url(digest)?;
+        let f = fs::File::open(src).map_err(io(src.display()))?;
+        let resp = self
+            .agent
+            .put(&url)
+            .send(f)
+            .map_err(|e| self.err(format!("PUT {url}: {e}")))?;
+        self.check_put(&url, resp.status().as_u16())
     }
 }
 

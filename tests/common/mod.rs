@@ -402,3 +402,91 @@ pub fn user_dir(parent: &Path, name: &str, user: Option<&str>) -> PathBuf {
     }
     d
 }
+
+/// A minimal WebDAV-like HTTP/1.1 server on loopback for binary-cache tests: GET, HEAD and PUT
+/// of files below `root` (bodies with Content-Length or chunked), keep-alive. Its thread ends
+/// with the test process.
+pub fn serve_http(root: &Path) -> String {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let root = root.to_owned();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let (method, path) = (
+                        parts.next().unwrap_or("").to_owned(),
+                        parts.next().unwrap_or("/").to_owned(),
+                    );
+                    let (mut len, mut chunked) = (0usize, false);
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        let lower = h.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                            chunked = true;
+                        }
+                    }
+                    let mut body = Vec::new();
+                    if chunked {
+                        loop {
+                            let mut size = String::new();
+                            r.read_line(&mut size).unwrap();
+                            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+                            let mut chunk = vec![0; n + 2];
+                            r.read_exact(&mut chunk).unwrap();
+                            if n == 0 {
+                                break;
+                            }
+                            body.extend_from_slice(&chunk[..n]);
+                        }
+                    } else {
+                        body.resize(len, 0);
+                        r.read_exact(&mut body).unwrap();
+                    }
+                    let file = root.join(path.trim_start_matches('/'));
+                    let (status, payload) = match method.as_str() {
+                        "PUT" => {
+                            fs::create_dir_all(file.parent().unwrap()).unwrap();
+                            fs::write(&file, &body).unwrap();
+                            ("201 Created", Vec::new())
+                        }
+                        "GET" | "HEAD" => match fs::read(&file) {
+                            Ok(b) => ("200 OK", b),
+                            Err(_) => ("404 Not Found", Vec::new()),
+                        },
+                        _ => ("405 Method Not Allowed", Vec::new()),
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n",
+                        payload.len()
+                    );
+                    if w.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    if method != "HEAD" && w.write_all(&payload).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}

@@ -156,6 +156,70 @@ fn debian_bullseye_as_root_and_unprivileged() {
     ));
     assert!(u["built"].as_u64().unwrap() > 300);
     assert_eq!(manifest_digest(&user_result), digest, "same bits as root");
+
+    // The user shares the closure through a directory; root, with an empty store and a dead
+    // mirror, substitutes the image from it instead of building.
+    let keys = user_dir(t.path(), "keys", Some(&user));
+    let (sec, public) = (keys.join("a.sec"), keys.join("a.pub"));
+    let shared = user_dir(t.path(), "shared", Some(&user));
+    let cache = format!("file://{}", shared.display());
+    ok(&rbuild_as(
+        Some(&user),
+        &[
+            "key",
+            "generate",
+            "dev-a",
+            sec.to_str().unwrap(),
+            public.to_str().unwrap(),
+        ],
+        &env,
+    ));
+    ok(&rbuild_as(
+        Some(&user),
+        &[
+            "cache",
+            "push",
+            "debian-bullseye",
+            "--store",
+            s2.to_str().unwrap(),
+            "--to",
+            &cache,
+            "--secret-key",
+            sec.to_str().unwrap(),
+        ],
+        &env,
+    ));
+    let started = Instant::now();
+    let sub = json(&rbuild_as(
+        None,
+        &[
+            "realise",
+            "debian-bullseye",
+            "--store",
+            t.path().join("root-store-2").to_str().unwrap(),
+            "--json",
+            "--mirror",
+            "http://127.0.0.1:9/dead",
+            "--substituter",
+            &cache,
+            "--trusted-key",
+            public.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    eprintln!(
+        "substituted from a shared directory in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (sub["built"].as_u64(), sub["substituted"].as_u64()),
+        (Some(0), Some(1)),
+        "{sub}"
+    );
+    assert_eq!(
+        manifest_digest(Path::new(sub["output"].as_str().unwrap())),
+        digest
+    );
     if !have("podman") {
         eprintln!("podman not installed: image not run");
         return;

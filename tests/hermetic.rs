@@ -12,6 +12,18 @@ use std::path::Path;
 
 use common::*;
 
+/// The lock text with the pin of `old` (sha256 and size) changed to that of `new`.
+fn repin(lock_text: &str, old: &[u8], new: &[u8]) -> String {
+    let text = lock_text
+        .replace(&sha256_hex(old), &sha256_hex(new))
+        .replace(
+            &format!("size = {}", old.len()),
+            &format!("size = {}", new.len()),
+        );
+    assert_ne!(text, lock_text, "the lock pinned the old file");
+    text
+}
+
 fn lock(a: &Archive) {
     let o = rbuild(&[
         "lock",
@@ -313,14 +325,7 @@ fn hand_edited_lock_pointing_at_another_deb_fails_verification() {
     let good = fs::read(&path).unwrap();
     fs::write(&path, &evil).unwrap();
     let lock_text = fs::read_to_string(a.lock_path()).unwrap();
-    let tampered = lock_text
-        .replace(&sha256_hex(&good), &sha256_hex(&evil))
-        .replace(
-            &format!("size = {}", good.len()),
-            &format!("size = {}", evil.len()),
-        );
-    assert_ne!(tampered, lock_text);
-    fs::write(a.lock_path(), tampered).unwrap();
+    fs::write(a.lock_path(), repin(&lock_text, &good, &evil)).unwrap();
     let store = t.path().join("store");
     let o = rbuild(&[
         "realise",
@@ -372,13 +377,7 @@ fn unpinned_signer_and_tampered_index_are_refused() {
         stderr(&o)
     );
     let lock_text = fs::read_to_string(a.lock_path()).unwrap();
-    let swapped = lock_text
-        .replace(&sha256_hex(&good_ir), &sha256_hex(&bad_ir))
-        .replace(
-            &format!("size = {}", good_ir.len()),
-            &format!("size = {}", bad_ir.len()),
-        );
-    fs::write(a.lock_path(), &swapped).unwrap();
+    fs::write(a.lock_path(), repin(&lock_text, &good_ir, &bad_ir)).unwrap();
     let o = rbuild(&[
         "realise",
         a.recipe.to_str().unwrap(),
@@ -404,13 +403,7 @@ fn unpinned_signer_and_tampered_index_are_refused() {
     let good_idx = fs::read(&idx).unwrap();
     let bad_idx = gz(b"Package: hello\nVersion: 9\nArchitecture: amd64\nFilename: pool/x.deb\nSize: 1\nSHA256: 00\n");
     fs::write(&idx, &bad_idx).unwrap();
-    let swapped = lock_text
-        .replace(&sha256_hex(&good_idx), &sha256_hex(&bad_idx))
-        .replace(
-            &format!("size = {}", good_idx.len()),
-            &format!("size = {}", bad_idx.len()),
-        );
-    fs::write(a.lock_path(), &swapped).unwrap();
+    fs::write(a.lock_path(), repin(&lock_text, &good_idx, &bad_idx)).unwrap();
     let o = rbuild(&[
         "realise",
         a.recipe.to_str().unwrap(),

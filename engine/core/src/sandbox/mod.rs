@@ -338,18 +338,27 @@ fn mountpoint_like(src: &Path, dst: &Path) -> Result<(), SandboxError> {
     }
 }
 
+fn mount_tmpfs(dir: &Path, flags: MsFlags, options: &str, what: &str) -> Result<(), SandboxError> {
+    mount(Some("tmpfs"), dir, Some("tmpfs"), flags, Some(options)).map_err(setup(what))
+}
+
+/// A fresh procfs (of the sandbox's own pid namespace) at `dir`.
+fn mount_proc(dir: &Path) -> Result<(), SandboxError> {
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), dir, Some("proc"), flags, None::<&str>)
+        .map_err(setup(format!("mounting proc at {}", dir.display())))
+}
+
 /// The device nodes every sandbox (and every chroot a builder enters) gets, bind-mounted.
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
-    mount(
-        Some("tmpfs"),
+    mount_tmpfs(
         dev,
-        Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=755"),
-    )
-    .map_err(setup("mounting /dev"))?;
+        "mode=755",
+        "mounting /dev",
+    )?;
     for d in DEVICES {
         let host = Path::new("/dev").join(d);
         let inside = dev.join(d);
@@ -366,14 +375,12 @@ fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
     }
     let shm = dev.join("shm");
     fs::create_dir(&shm).map_err(setup_io("mkdir /dev/shm"))?;
-    mount(
-        Some("tmpfs"),
+    mount_tmpfs(
         &shm,
-        Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )
-    .map_err(setup("mounting /dev/shm"))?;
+        "mode=1777",
+        "mounting /dev/shm",
+    )?;
     Ok(())
 }
 
@@ -388,14 +395,12 @@ fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
     .map_err(setup("making / private"))?;
     let root = spec.build_dir.join("root");
     fs::create_dir_all(&root).map_err(setup_io("mkdir root"))?;
-    mount(
-        Some("tmpfs"),
+    mount_tmpfs(
         &root,
-        Some("tmpfs"),
         MsFlags::empty(),
-        Some("mode=755"),
-    )
-    .map_err(setup("mounting the sandbox root"))?;
+        "mode=755",
+        "mounting the sandbox root",
+    )?;
 
     let inside = |p: &str| root.join(p.trim_start_matches('/'));
     let build = inside(BUILD_DIR);
@@ -418,24 +423,15 @@ fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
     populate_dev(&dev)?;
     let tmp = inside("/tmp");
     fs::create_dir_all(&tmp).map_err(setup_io("mkdir /tmp"))?;
-    mount(
-        Some("tmpfs"),
+    mount_tmpfs(
         &tmp,
-        Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )
-    .map_err(setup("mounting /tmp"))?;
+        "mode=1777",
+        "mounting /tmp",
+    )?;
     let proc_ = inside("/proc");
     fs::create_dir_all(&proc_).map_err(setup_io("mkdir /proc"))?;
-    mount(
-        Some("proc"),
-        &proc_,
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(setup("mounting /proc"))?;
+    mount_proc(&proc_)?;
 
     let old = root.join(".old-root");
     fs::create_dir_all(&old).map_err(setup_io("mkdir .old-root"))?;
@@ -507,14 +503,7 @@ impl ChrootMounts {
         };
         let proc_ = root.join("proc");
         fs::create_dir_all(&proc_).map_err(setup_io("mkdir proc in chroot"))?;
-        mount(
-            Some("proc"),
-            &proc_,
-            Some("proc"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .map_err(setup("mounting proc in the chroot"))?;
+        mount_proc(&proc_)?;
         g.mounted.push(proc_);
         let dev = root.join("dev");
         fs::create_dir_all(&dev).map_err(setup_io("mkdir dev in chroot"))?;

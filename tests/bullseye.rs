@@ -70,7 +70,7 @@ fn debian_bullseye_as_root_and_unprivileged() {
         &env,
     ));
     let cold = started.elapsed();
-    assert!(r["built"].as_u64().unwrap() > 300, "{r}");
+    assert!(r["built"].as_u64().unwrap() > 200, "{r}");
     let digest = manifest_digest(&result);
 
     // Warm, offline, without a network: nothing built, and far faster.
@@ -154,7 +154,7 @@ fn debian_bullseye_as_root_and_unprivileged() {
         ],
         &env,
     ));
-    assert!(u["built"].as_u64().unwrap() > 300);
+    assert!(u["built"].as_u64().unwrap() > 200);
     assert_eq!(manifest_digest(&user_result), digest, "same bits as root");
 
     // The user shares the closure through a directory; root, with an empty store and a dead
@@ -299,7 +299,7 @@ fn layered_example_on_bullseye() {
         ))
     };
     let r = realise(&result);
-    assert!(r["built"].as_u64().unwrap() > 300, "{r}");
+    assert!(r["built"].as_u64().unwrap() > 200, "{r}");
     let base = json(&rbuild_as(
         user.as_deref(),
         &[

@@ -308,8 +308,22 @@ fn graph_has_five_stages_unique_hashes_network_only_on_fetch() {
 
 #[test]
 fn hand_edited_lock_pointing_at_another_deb_fails_verification() {
+    // `extract` unpacks every package (the unpack stage checks it); `debootstrap` unpacks only
+    // the Essential closure, and configure checks the others before dpkg sees them.
+    for variant in ["extract", "debootstrap"] {
+        hand_edited_lock_fails(variant);
+    }
+}
+
+fn hand_edited_lock_fails(variant: &str) {
     let t = tempfile::tempdir().unwrap();
     let a = make_archive(t.path());
+    let text = fs::read_to_string(&a.recipe).unwrap();
+    fs::write(
+        &a.recipe,
+        text.replace("variant = \"extract\"", &format!("variant = \"{variant}\"")),
+    )
+    .unwrap();
     lock(&a);
     // Swap hello's .deb for another one, and make the lock pin *its* hash: the fetch succeeds,
     // the signed index disagrees.

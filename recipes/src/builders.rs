@@ -165,8 +165,7 @@ fn unpack(ctx: &BuildContext) -> anyhow::Result<()> {
     let deb = &ctx.inputs[1];
     verify_deb(&ctx.inputs[0], name, version, arch, deb)?;
     fs::create_dir_all(&ctx.out)?;
-    let plain = ctx.out.join("package.deb");
-    let meta = rbuild_engine::archive::deb::unpack_deb_with_plain(deb, &ctx.out, Some(&plain))?;
+    let meta = rbuild_engine::archive::deb::unpack_deb(deb, &ctx.out)?;
     meta.write(&ctx.meta_out())?;
     Ok(())
 }
@@ -289,7 +288,10 @@ fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         Variant::Debootstrap => plan.packages.iter().filter(|p| p.bootstrap).collect(),
     };
     for p in &seed {
-        materialize(&ctx.inputs[p.unpacked], "data/", &root)
+        let unpacked = p
+            .unpacked
+            .with_context(|| format!("configure: {} was not unpacked", p.name))?;
+        materialize(&ctx.inputs[unpacked], "data/", &root)
             .with_context(|| format!("extracting {}", p.name))?;
     }
     eprintln!(
@@ -335,14 +337,17 @@ fn install_with_dpkg(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> a
         root.join("var/lib/dpkg/arch"),
         format!("{}\n", plan.architecture),
     )?;
-    // dpkg reads each package's `package.deb` (data stored uncompressed by the unpack stage)
-    // straight from the sandbox's read-only inputs, bind-mounted into the chroot.
+    // dpkg reads each `.deb` straight from the sandbox's read-only inputs, bind-mounted into
+    // the chroot; those no unpack derivation checked are checked against the signed index here.
     let mut bootstrap = Vec::new();
     let mut rest = Vec::new();
     for p in &plan.packages {
-        let input = &ctx.inputs[p.unpacked];
+        let input = &ctx.inputs[p.deb];
+        if p.unpacked.is_none() {
+            verify_deb(&ctx.inputs[0], &p.name, &p.version, &p.architecture, input)?;
+        }
         let name = input.file_name().context("input path")?.to_string_lossy();
-        let inside = format!("/{INPUTS_IN_CHROOT}/{name}/package.deb");
+        let inside = format!("/{INPUTS_IN_CHROOT}/{name}");
         if p.bootstrap {
             bootstrap.push(inside)
         } else {

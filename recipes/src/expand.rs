@@ -46,10 +46,14 @@ pub struct ConfigurePlan {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConfigurePackage {
     pub name: String,
+    pub version: String,
+    pub architecture: String,
     /// Extracted before dpkg first runs, and installed in dpkg's first pass.
     pub bootstrap: bool,
-    /// The input holding the unpacked package (and `package.deb`, for dpkg).
-    pub unpacked: usize,
+    /// The input holding the unpacked package, for the packages configure lays out itself.
+    pub unpacked: Option<usize>,
+    /// The input holding the `.deb`.
+    pub deb: usize,
 }
 
 pub fn fetch(name: String, path: &str, sha256: &str, size: u64) -> Derivation {
@@ -126,20 +130,31 @@ pub fn expand(
             &p.sha256,
             p.size,
         ))?;
-        let unpacked = g.add(Derivation {
-            name: format!("{}_{}_{}", p.name, p.version, p.architecture),
-            stage: Stage::Unpack,
-            builder: "builtin:debian-unpack".into(),
-            args: vec![p.name.clone(), p.version.clone(), p.architecture.clone()],
-            env: BTreeMap::new(),
-            inputs: vec![verify.clone(), deb.clone()],
-            fixed_output: None,
-        })?;
-        configure_inputs.push(unpacked);
+        // What configure lays out itself is unpacked (each package its own output); the rest
+        // is unpacked by the target's dpkg from the verified `.deb`.
+        let unpack = p.bootstrap || recipe.variant == Variant::Extract;
+        let unpacked = if unpack {
+            configure_inputs.push(g.add(Derivation {
+                name: format!("{}_{}_{}", p.name, p.version, p.architecture),
+                stage: Stage::Unpack,
+                builder: "builtin:debian-unpack".into(),
+                args: vec![p.name.clone(), p.version.clone(), p.architecture.clone()],
+                env: BTreeMap::new(),
+                inputs: vec![verify.clone(), deb.clone()],
+                fixed_output: None,
+            })?);
+            Some(configure_inputs.len() - 1)
+        } else {
+            None
+        };
+        configure_inputs.push(deb);
         plan.packages.push(ConfigurePackage {
             name: p.name.clone(),
+            version: p.version.clone(),
+            architecture: p.architecture.clone(),
             bootstrap: p.bootstrap,
-            unpacked: configure_inputs.len() - 1,
+            unpacked,
+            deb: configure_inputs.len() - 1,
         });
     }
     let tree = g.add(Derivation {

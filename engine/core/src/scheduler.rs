@@ -86,6 +86,8 @@ pub struct Engine {
     refused: Mutex<HashSet<DrvHash>>,
     /// Caches already warned about in this run.
     warned: Mutex<HashSet<String>>,
+    /// Substituters (by index) that failed to answer: not asked again.
+    dead: Mutex<HashSet<usize>>,
 }
 
 enum Outcome {
@@ -114,6 +116,7 @@ impl Engine {
             substitutes: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
+            dead: Mutex::new(HashSet::new()),
         }
     }
 
@@ -130,11 +133,20 @@ impl Engine {
             return None;
         }
         for (i, cache) in self.caches.substituters.iter().enumerate() {
+            if self.dead.lock().expect("lock").contains(&i) {
+                continue;
+            }
             match rbuild_store::cache::query(cache.as_ref(), &h.0, &self.caches.trusted) {
                 Ok(Some(entry)) => return Some((i, entry)),
                 Ok(None) => {}
                 Err(e) => {
-                    // One warning per cache and run; each entry is refused all the same.
+                    // A cache that cannot be reached is not asked again in this run; a refused
+                    // entry is reported once per cache (each is refused all the same).
+                    let unreachable =
+                        !matches!(e, rbuild_store::cache::CacheError::BadEntry { .. });
+                    if unreachable {
+                        self.dead.lock().expect("lock").insert(i);
+                    }
                     if self
                         .warned
                         .lock()
@@ -142,8 +154,13 @@ impl Engine {
                         .insert(cache.url().to_owned())
                     {
                         self.progress.line(&format!(
-                            "warning: {}: not using its entry for {name}: {e}; building instead (other refused entries of this cache are not reported)",
-                            cache.url()
+                            "warning: {}: asking for {name}: {e}; {}",
+                            cache.url(),
+                            if unreachable {
+                                "not using this cache in this run, building instead"
+                            } else {
+                                "building instead (other refused entries of this cache are not reported)"
+                            }
                         ));
                     }
                 }

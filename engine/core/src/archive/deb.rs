@@ -29,26 +29,6 @@ const CAPS_PAX_KEY: &[u8] = b"SCHILY.xattr.security.capability";
 /// exist yet). Returns the metadata of every path below `out`, keyed `""`, `"control"`,
 /// `"control/…"`, `"data"` and `"data/…"`.
 pub fn unpack_deb(deb: &Path, out: &Path) -> Result<TreeMeta, ArchiveError> {
-    unpack_deb_with_plain(deb, out, None)
-}
-
-/// Like [`unpack_deb`], and also write to `plain` the same package with its data member stored
-/// uncompressed (`data.tar`), decompressed once while unpacking: dpkg installs such a package
-/// without decompressing it again.
-pub fn unpack_deb_with_plain(
-    deb: &Path,
-    out: &Path,
-    plain: Option<&Path>,
-) -> Result<TreeMeta, ArchiveError> {
-    let mut plain = match plain {
-        Some(p) => {
-            let mut f = File::create(p).map_err(|e| ArchiveError::io(p, e))?;
-            f.write_all(b"!<arch>\n")
-                .map_err(|e| ArchiveError::io(p, e))?;
-            Some((p, f))
-        }
-        None => None,
-    };
     let archive = deb
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -68,8 +48,6 @@ pub fn unpack_deb_with_plain(
 
     // 0: expecting debian-binary, 1: expecting control.tar*, 2: expecting data.tar*, 3: done.
     let mut state = 0;
-    // Where the plain package's data member header starts, once it is being written.
-    let mut plain_data: Option<u64> = None;
     while let Some(member) = ar.next_entry() {
         let mut member =
             member.map_err(|e| member_err("", format!("not a valid ar archive: {e}")))?;
@@ -88,10 +66,6 @@ pub fn unpack_deb_with_plain(
                     .take(64)
                     .read_to_end(&mut version)
                     .map_err(|e| member_err(&ident, format!("unreadable: {e}")))?;
-                if let Some((p, f)) = plain.as_mut() {
-                    write_ar_member(f, "debian-binary", &version)
-                        .map_err(|e| ArchiveError::io(p, e))?;
-                }
                 if !version.starts_with(b"2.") {
                     return Err(member_err(
                         &ident,
@@ -116,29 +90,8 @@ pub fn unpack_deb_with_plain(
                         format!("unexpected member where {base}[.gz|.xz|.zst] should be"),
                     ));
                 };
-                let mut raw_control = Vec::new();
-                let reader: Box<dyn Read + '_> = match (plain.as_mut(), state) {
-                    (Some((p, f)), 1) => {
-                        // Small: copied as it is, compressed or not.
-                        member
-                            .read_to_end(&mut raw_control)
-                            .map_err(|e| member_err(&ident, format!("unreadable: {e}")))?;
-                        write_ar_member(f, &ident, &raw_control)
-                            .map_err(|e| ArchiveError::io(p, e))?;
-                        decoder(&raw_control[..], suffix)
-                            .map_err(|problem| member_err(&ident, problem))?
-                    }
-                    (Some((p, f)), _) => {
-                        let start =
-                            begin_ar_member(f, "data.tar").map_err(|e| ArchiveError::io(p, e))?;
-                        let inner = decoder(&mut member, suffix)
-                            .map_err(|problem| member_err(&ident, problem))?;
-                        plain_data = Some(start);
-                        Box::new(Tee { inner, copy: f })
-                    }
-                    (None, _) => decoder(&mut member, suffix)
-                        .map_err(|problem| member_err(&ident, problem))?,
-                };
+                let reader =
+                    decoder(&mut member, suffix).map_err(|problem| member_err(&ident, problem))?;
                 let root = out.join(kind);
                 fs::create_dir(&root).map_err(|e| ArchiveError::io(&root, e))?;
                 meta.entries.insert(kind.to_owned(), default_dir_meta(0));
@@ -158,67 +111,12 @@ pub fn unpack_deb_with_plain(
             _ => break,
         }
     }
-    if let (Some((p, f)), Some(start)) = (plain.as_mut(), plain_data) {
-        finish_ar_member(f, start).map_err(|e| ArchiveError::io(p, e))?;
-    }
     match state {
         0 => Err(member_err("", "empty archive: not a Debian package".into())),
         1 => Err(member_err("", "no control.tar member".into())),
         2 => Err(member_err("", "no data.tar member".into())),
         _ => Ok(meta),
     }
-}
-
-/// A reader that copies what it reads into a file.
-struct Tee<'a, R> {
-    inner: R,
-    copy: &'a mut File,
-}
-
-impl<R: Read> Read for Tee<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.copy.write_all(&buf[..n])?;
-        Ok(n)
-    }
-}
-
-fn ar_header(name: &str, size: u64) -> Vec<u8> {
-    format!(
-        "{name:<16}{:<12}{:<6}{:<6}{:<8}{size:<10}`\n",
-        0, 0, 0, "100644"
-    )
-    .into_bytes()
-}
-
-fn write_ar_member(f: &mut File, name: &str, data: &[u8]) -> io::Result<()> {
-    f.write_all(&ar_header(name, data.len() as u64))?;
-    f.write_all(data)?;
-    if data.len() % 2 == 1 {
-        f.write_all(b"\n")?;
-    }
-    Ok(())
-}
-
-/// Write a member header whose size is patched by [`finish_ar_member`]; returns its offset.
-fn begin_ar_member(f: &mut File, name: &str) -> io::Result<u64> {
-    use std::io::Seek;
-    let start = f.stream_position()?;
-    f.write_all(&ar_header(name, 0))?;
-    Ok(start)
-}
-
-fn finish_ar_member(f: &mut File, start: u64) -> io::Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let end = f.stream_position()?;
-    let size = end - start - 60;
-    if size % 2 == 1 {
-        f.write_all(b"\n")?;
-    }
-    f.seek(SeekFrom::Start(start + 48))?;
-    f.write_all(format!("{size:<10}").as_bytes())?;
-    f.seek(SeekFrom::End(0))?;
-    Ok(())
 }
 
 /// The `control` file of a package unpacked by [`unpack_deb`].

@@ -7,45 +7,28 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use rbuild_engine::{Derivation, FixedOutput, Stage};
 use rbuild_store::meta::{EntryMeta, TreeMeta};
 
+fn root_owned(mode: u32) -> EntryMeta {
+    EntryMeta {
+        uid: 0,
+        gid: 0,
+        mode,
+        mtime: 0,
+        caps: None,
+    }
+}
+
 fn tree() -> (tempfile::TempDir, TreeMeta) {
     let t = tempfile::tempdir().unwrap();
     let mut meta = TreeMeta::default();
-    meta.entries.insert(
-        String::new(),
-        EntryMeta {
-            uid: 0,
-            gid: 0,
-            mode: 0o755,
-            mtime: 0,
-            caps: None,
-        },
-    );
+    meta.entries.insert(String::new(), root_owned(0o755));
     for d in 0..20 {
         let dir = format!("d{d}");
         fs::create_dir(t.path().join(&dir)).unwrap();
-        meta.entries.insert(
-            dir.clone(),
-            EntryMeta {
-                uid: 0,
-                gid: 0,
-                mode: 0o755,
-                mtime: 0,
-                caps: None,
-            },
-        );
+        meta.entries.insert(dir.clone(), root_owned(0o755));
         for f in 0..50 {
             let rel = format!("{dir}/f{f}");
             fs::write(t.path().join(&rel), vec![f as u8; 4096 + f * 100]).unwrap();
-            meta.entries.insert(
-                rel,
-                EntryMeta {
-                    uid: 0,
-                    gid: 0,
-                    mode: 0o644,
-                    mtime: 0,
-                    caps: None,
-                },
-            );
+            meta.entries.insert(rel, root_owned(0o644));
         }
     }
     (t, meta)

@@ -24,6 +24,24 @@ fn repin(lock_text: &str, old: &[u8], new: &[u8]) -> String {
     text
 }
 
+/// Realise `a`'s recipe into `store` from its mirror, expecting failure; returns stderr.
+fn realise_fails(a: &Archive, store: &Path) -> String {
+    let o = rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+    ]);
+    assert!(
+        !o.status.success(),
+        "expected a failure: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    stderr(&o)
+}
+
 fn lock(a: &Archive) {
     let o = rbuild(&[
         "lock",
@@ -341,16 +359,7 @@ fn hand_edited_lock_fails(variant: &str) {
     let lock_text = fs::read_to_string(a.lock_path()).unwrap();
     fs::write(a.lock_path(), repin(&lock_text, &good, &evil)).unwrap();
     let store = t.path().join("store");
-    let o = rbuild(&[
-        "realise",
-        a.recipe.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--mirror",
-        &a.mirror_url(),
-    ]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
+    let err = realise_fails(&a, &store);
     assert!(
         err.contains("verify")
             && err.contains("sha256")
@@ -392,16 +401,7 @@ fn unpinned_signer_and_tampered_index_are_refused() {
     );
     let lock_text = fs::read_to_string(a.lock_path()).unwrap();
     fs::write(a.lock_path(), repin(&lock_text, &good_ir, &bad_ir)).unwrap();
-    let o = rbuild(&[
-        "realise",
-        a.recipe.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--mirror",
-        &a.mirror_url(),
-    ]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
+    let err = realise_fails(&a, &store);
     assert!(
         err.contains("verify") && err.contains("InRelease") && err.contains("signature"),
         "{err}"
@@ -418,16 +418,7 @@ fn unpinned_signer_and_tampered_index_are_refused() {
     let bad_idx = gz(b"Package: hello\nVersion: 9\nArchitecture: amd64\nFilename: pool/x.deb\nSize: 1\nSHA256: 00\n");
     fs::write(&idx, &bad_idx).unwrap();
     fs::write(a.lock_path(), repin(&lock_text, &good_idx, &bad_idx)).unwrap();
-    let o = rbuild(&[
-        "realise",
-        a.recipe.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--mirror",
-        &a.mirror_url(),
-    ]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
+    let err = realise_fails(&a, &store);
     assert!(
         err.contains("Packages.gz")
             && err.contains(&sha256_hex(&good_idx))

@@ -257,6 +257,11 @@ pub trait BinaryCache: Send + Sync {
     fn url(&self) -> &str;
     /// The signed entry of a derivation, if the cache has one.
     fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError>;
+    /// The entries of many derivations at once (backends override this to ask in parallel or
+    /// in one request).
+    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        drv_hashes.iter().map(|h| self.get_entry(h)).collect()
+    }
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError>;
     /// Which of `digests` the cache lacks, asked in one batch.
     fn missing_blobs(&self, digests: &[String]) -> Result<Vec<String>, CacheError>;
@@ -344,6 +349,30 @@ impl BinaryCache for HttpCache {
             }
             s => Err(self.err(format!("GET {url}: HTTP {s}"))),
         }
+    }
+
+    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        // Sixteen GETs in flight at a time.
+        let mut out = Vec::with_capacity(drv_hashes.len());
+        for chunk in drv_hashes.chunks(16) {
+            let results: Vec<Result<Option<Vec<u8>>, CacheError>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|h| sc.spawn(move || self.get_entry(h)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(self.err("GET thread panicked")))
+                    })
+                    .collect()
+            });
+            for r in results {
+                out.push(r?);
+            }
+        }
+        Ok(out)
     }
 
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
@@ -643,10 +672,37 @@ pub fn query(
     drv_hash: &str,
     trusted: &[PublicKey],
 ) -> Result<Option<CacheEntry>, CacheError> {
-    let Some(bytes) = cache.get_entry(drv_hash)? else {
-        return Ok(None);
-    };
-    let entry: CacheEntry = serde_json::from_slice(&bytes).map_err(|e| CacheError::BadEntry {
+    match cache.get_entry(drv_hash)? {
+        Some(bytes) => parse_entry(drv_hash, &bytes, trusted).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// What a cache says about one derivation: a trusted entry, none, or why its entry is refused.
+pub type Answer = Result<Option<CacheEntry>, CacheError>;
+
+/// [`query`] for many derivations in one batch. The outer error is the cache's (unreachable);
+/// the inner ones are per entry (untrusted, malformed).
+pub fn query_many(
+    cache: &dyn BinaryCache,
+    drv_hashes: &[String],
+    trusted: &[PublicKey],
+) -> Result<Vec<Answer>, CacheError> {
+    let raw = cache.get_entries(drv_hashes)?;
+    Ok(drv_hashes
+        .iter()
+        .zip(raw)
+        .map(|(h, bytes)| bytes.map(|b| parse_entry(h, &b, trusted)).transpose())
+        .collect())
+}
+
+/// Parse an entry and check that it is the one asked for and that a trusted key signed it.
+fn parse_entry(
+    drv_hash: &str,
+    bytes: &[u8],
+    trusted: &[PublicKey],
+) -> Result<CacheEntry, CacheError> {
+    let entry: CacheEntry = serde_json::from_slice(bytes).map_err(|e| CacheError::BadEntry {
         drv: drv_hash.into(),
         msg: format!("not valid JSON: {e}"),
     })?;
@@ -660,7 +716,7 @@ pub fn query(
         drv: drv_hash.into(),
         msg,
     })?;
-    Ok(Some(entry))
+    Ok(entry)
 }
 
 /// Recreate a (verified) entry's output at `dest` (and its sidecar), checking every blob

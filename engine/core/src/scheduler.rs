@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use rbuild_store::cache::{BinaryCache, CacheEntry, PublicKey, SecretKey};
+use rbuild_store::cache::{Answer, BinaryCache, CacheEntry, PublicKey, SecretKey};
 use rbuild_store::{DrvRecord, Store};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -88,6 +88,8 @@ pub struct Engine {
     warned: Mutex<HashSet<String>>,
     /// Substituters (by index) that failed to answer: not asked again.
     dead: Mutex<HashSet<usize>>,
+    /// Answers of substituters asked in one batch before planning.
+    prefetched: Mutex<HashMap<(usize, DrvHash), Answer>>,
 }
 
 enum Outcome {
@@ -117,6 +119,7 @@ impl Engine {
             refused: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
             dead: Mutex::new(HashSet::new()),
+            prefetched: Mutex::new(HashMap::new()),
         }
     }
 
@@ -136,7 +139,16 @@ impl Engine {
             if self.dead.lock().expect("lock").contains(&i) {
                 continue;
             }
-            match rbuild_store::cache::query(cache.as_ref(), &h.0, &self.caches.trusted) {
+            let prefetched = self
+                .prefetched
+                .lock()
+                .expect("lock")
+                .remove(&(i, h.clone()));
+            let answer = match prefetched {
+                Some(answer) => answer,
+                None => rbuild_store::cache::query(cache.as_ref(), &h.0, &self.caches.trusted),
+            };
+            match answer {
                 Ok(Some(entry)) => return Some((i, entry)),
                 Ok(None) => {}
                 Err(e) => {
@@ -191,6 +203,45 @@ impl Engine {
                 let _ = std::fs::remove_file(rbuild_store::lock_of(p));
             }
         }
+    }
+
+    /// Ask each substituter in one batch about everything `target` would need built, unless it
+    /// has `target` itself (then planning stops there after one question). Answers are kept for
+    /// [`Engine::find_substitute`]; a cache that fails here is asked again (and reported) there.
+    fn prefetch(&self, graph: &Graph, target: &DrvHash) -> Result<(), EngineError> {
+        if self.caches.substituters.is_empty() {
+            return Ok(());
+        }
+        let mut unbuilt = Vec::new();
+        let mut seen = HashSet::new();
+        let mut stack = vec![target.clone()];
+        while let Some(h) = stack.pop() {
+            if !seen.insert(h.clone()) || self.store.valid_output(&h.0)?.is_some() {
+                continue;
+            }
+            if let Some(drv) = graph.get(&h) {
+                stack.extend(drv.inputs.iter().cloned());
+            }
+            unbuilt.push(h);
+        }
+        let trusted = &self.caches.trusted;
+        for (i, cache) in self.caches.substituters.iter().enumerate() {
+            let Ok(top) = rbuild_store::cache::query(cache.as_ref(), &target.0, trusted) else {
+                continue;
+            };
+            let mut prefetched = self.prefetched.lock().expect("lock");
+            if top.is_some() {
+                prefetched.insert((i, target.clone()), Ok(top));
+                continue;
+            }
+            let hashes: Vec<String> = unbuilt.iter().map(|h| h.0.clone()).collect();
+            if let Ok(answers) = rbuild_store::cache::query_many(cache.as_ref(), &hashes, trusted) {
+                for (h, a) in unbuilt.iter().zip(answers) {
+                    prefetched.insert((i, h.clone()), a);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The derivations `target` needs built (not yet valid), and how many valid ones the walk met.
@@ -260,7 +311,11 @@ impl Engine {
         target: &DrvHash,
     ) -> Result<Report, EngineError> {
         self.substitutes.lock().expect("lock").clear();
-        let (needed, mut reused) = tokio::task::block_in_place(|| self.plan(&graph, target))?;
+        let (needed, mut reused) = tokio::task::block_in_place(|| {
+            self.prefetch(&graph, target)?;
+            self.plan(&graph, target)
+        })?;
+        self.prefetched.lock().expect("lock").clear();
         let mut report = Report::default();
         if !needed.is_empty() {
             let mut counts = BTreeMap::new();

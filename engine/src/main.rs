@@ -405,15 +405,31 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Write to stdout; a reader that went away (`rbuild graph … | head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 fn graph_cmd(arg: &str, format: GraphFormat) -> anyhow::Result<()> {
     let (recipe_arg, _) = split_output(arg);
-    let expanded = load_locked(recipe_arg, None, true)?;
+    let loaded = layers::load_any(recipe_arg, true)?;
+    if !loaded.has_lock() {
+        let lock = loaded.lock_path().unwrap_or_default();
+        bail!(
+            "{}: no lock; run `rbuild lock {recipe_arg}` first",
+            lock.display()
+        );
+    }
+    let expanded = loaded.expand()?;
     let g: &Graph = &expanded.graph;
     match format {
-        GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&g.to_json())?),
-        GraphFormat::Dot => print!("{}", g.to_dot()),
+        GraphFormat::Json => print_out(&(serde_json::to_string_pretty(&g.to_json())? + "\n")),
+        GraphFormat::Dot => print_out(&g.to_dot()),
     }
-    Ok(())
 }
 
 fn lock_cmd(arg: &str, mirror_flag: Option<String>, output: Option<PathBuf>) -> anyhow::Result<()> {

@@ -954,3 +954,281 @@ fn http_cache_round_trip_and_dead_cache() {
         stderr(&o)
     );
 }
+
+/// The same against a real REAPI server (BuildGrid): push while building, push again (nothing
+/// new), substitute with a dead mirror, refuse an untrusted key and a rewritten entry, use a
+/// partial cache (another instance name) for what it has, and survive a dead `grpc://` cache.
+#[test]
+fn grpc_cache_on_buildgrid() {
+    let bg = buildgrid();
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let (sec, public) = keypair(t.path(), "alice-2026");
+    let (_, bob_pub) = keypair(t.path(), "bob");
+    let recipe = a.recipe.to_str().unwrap();
+    let store_a = t.path().join("a");
+    let r = realise_json(
+        None,
+        &a,
+        "",
+        &store_a,
+        &["--push-to", &bg.url, "--secret-key", &sec],
+    );
+    assert_eq!(r["built"], 13);
+    let again = rbuild(&[
+        "cache",
+        "push",
+        recipe,
+        "--store",
+        store_a.to_str().unwrap(),
+        "--to",
+        &bg.url,
+        "--secret-key",
+        &sec,
+    ]);
+    ok(&again);
+    assert!(
+        stderr(&again).contains("(0 new blobs)"),
+        "{}",
+        stderr(&again)
+    );
+
+    let dead = "http://127.0.0.1:9/debian";
+    let from = |store: &str, mirror: &str, caches: &[&str], key: &str| {
+        let store = t.path().join(store);
+        let mut args = vec![
+            "realise",
+            recipe,
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+            "--mirror",
+            mirror,
+            "--trusted-key",
+            key,
+        ];
+        for c in caches {
+            args.extend(["--substituter", c]);
+        }
+        rbuild(&args)
+    };
+    let b = json(&from("b", dead, &[&bg.url], &public));
+    assert_eq!(
+        (b["built"].as_u64(), b["substituted"].as_u64()),
+        (Some(0), Some(1)),
+        "{b}"
+    );
+    let digest = image_manifest_digest(Path::new(r["output"].as_str().unwrap()));
+    assert_eq!(
+        image_manifest_digest(Path::new(b["output"].as_str().unwrap())),
+        digest
+    );
+
+    // Untrusted key: refused, said so; with a dead mirror the realise fails.
+    let o = from("c", dead, &[&bg.url], &bob_pub);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no valid signature by a trusted key"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A cache that rewrites the image's entry (here: another content hash, same signature) is
+    // refused; the layer below the image is still substituted, the image is built.
+    let image_drv = Path::new(r["output"].as_str().unwrap())
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split_once('-')
+        .unwrap()
+        .0
+        .to_owned();
+    let cache = rbuild_store::cache::open(&bg.url).unwrap();
+    let mut entry: serde_json::Value =
+        serde_json::from_slice(&cache.get_entry(&image_drv).unwrap().expect("pushed")).unwrap();
+    entry["body"]["content_hash"] = "blake3:0000".into();
+    cache
+        .put_entry(&image_drv, &serde_json::to_vec(&entry).unwrap())
+        .unwrap();
+    let o = from("d", &a.mirror_url(), &[&bg.url], &public);
+    let d = json(&o);
+    assert_eq!(
+        (d["built"].as_u64(), d["substituted"].as_u64()),
+        (Some(1), Some(1)),
+        "{d}"
+    );
+    assert!(stderr(&o).contains("no valid signature"), "{}", stderr(&o));
+    assert_eq!(
+        image_manifest_digest(Path::new(d["output"].as_str().unwrap())),
+        digest
+    );
+
+    // Partial: instance `other` (same CAS, its own ActionCache) has only the root filesystem tar;
+    // a dead cache in front of it is warned about and skipped.
+    let other = format!("{}/other", bg.url);
+    ok(&rbuild(&[
+        "cache",
+        "push",
+        &format!("{recipe}^rootfs"),
+        "--store",
+        store_a.to_str().unwrap(),
+        "--to",
+        &other,
+        "--secret-key",
+        &sec,
+    ]));
+    let o = from("e", dead, &["grpc://127.0.0.1:9", &other], &public);
+    let e = json(&o);
+    assert_eq!(
+        (e["substituted"].as_u64(), e["built"].as_u64()),
+        (Some(1), Some(2)),
+        "tar substituted; layer and image built: {e}"
+    );
+    assert!(
+        stderr(&o).contains("grpc://127.0.0.1:9"),
+        "warned: {}",
+        stderr(&o)
+    );
+
+    // A cache that accepts connections and never answers, and one that answers garbage: both
+    // are reported (after RBUILD_CACHE_TIMEOUT for the silent one) and the build goes on.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let garbage = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("grpc://{}", silent.local_addr().unwrap());
+    let garbage_url = format!("grpc://{}", garbage.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().collect();
+        drop(held);
+    });
+    std::thread::spawn(move || {
+        for c in garbage.incoming() {
+            let _ = std::io::Write::write_all(
+                &mut c.unwrap(),
+                b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\ngarbage",
+            );
+        }
+    });
+    let store_f = t.path().join("f");
+    let o = rbuild_as(
+        None,
+        &[
+            "realise",
+            recipe,
+            "--store",
+            store_f.to_str().unwrap(),
+            "--json",
+            "--mirror",
+            &a.mirror_url(),
+            "--trusted-key",
+            &public,
+            "--substituter",
+            &silent_url,
+            "--substituter",
+            &garbage_url,
+        ],
+        &[("RBUILD_CACHE_TIMEOUT", "2")],
+    );
+    assert_eq!(json(&o)["built"], 13);
+    for url in [&silent_url, &garbage_url] {
+        assert!(
+            stderr(&o).contains(url.as_str()),
+            "warned about {url}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+/// The REAPI backend below the CLI: small files go in batches, files over the batch limit
+/// through ByteStream, equal files once; a fetched tree equals the pushed one, and the CAS is
+/// shared across instance names while the ActionCache is not.
+#[test]
+fn grpc_backend_batches_small_blobs_and_streams_large_ones() {
+    use rbuild_store::cache;
+    use std::os::unix::fs::MetadataExt;
+    let bg = buildgrid();
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    fs::create_dir_all(out.join("many")).unwrap();
+    for i in 0..300 {
+        fs::write(
+            out.join(format!("many/{i}")),
+            format!("file {i}\n").repeat(i),
+        )
+        .unwrap();
+    }
+    // Not compressible, not all zero: 3 MiB twice (one blob), 9 MiB once (over the 4 MiB batch).
+    let noise = |n: usize, seed: u8| -> Vec<u8> {
+        let mut v = Vec::with_capacity(n);
+        let mut x = seed as u64 | 1;
+        while v.len() < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    };
+    fs::write(out.join("three-a"), noise(3 << 20, 1)).unwrap();
+    fs::write(out.join("three-b"), noise(3 << 20, 1)).unwrap();
+    fs::write(out.join("nine"), noise((9 << 20) + 7, 2)).unwrap();
+    fs::write(out.join("empty"), b"").unwrap();
+    fs::hard_link(out.join("nine"), out.join("nine-link")).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/env", out.join("abs")).unwrap();
+
+    let c = cache::open(&bg.url).unwrap();
+    let key = cache::SecretKey::generate("k").unwrap();
+    let n = cache::push(c.as_ref(), &key, "drv1", "x", "c1", &out).unwrap();
+    // 299 non-empty small contents, one 3 MiB, one 9 MiB; the empty blob is always there.
+    assert_eq!(n, 299 + 1 + 1, "one upload per distinct content");
+    assert_eq!(
+        cache::push(c.as_ref(), &key, "drv1", "x", "c1", &out).unwrap(),
+        0
+    );
+
+    let other = cache::open(&format!("{}/other", bg.url)).unwrap();
+    assert!(
+        other.get_entry("drv1").unwrap().is_none(),
+        "own ActionCache"
+    );
+    assert_eq!(
+        cache::push(other.as_ref(), &key, "drv1", "x", "c1", &out).unwrap(),
+        0,
+        "shared CAS: nothing to upload"
+    );
+
+    let entry = cache::query(c.as_ref(), "drv1", &[key.public()])
+        .unwrap()
+        .unwrap();
+    let dest = t.path().join("dest");
+    cache::fetch(c.as_ref(), &entry, &dest).unwrap();
+    for i in [0, 1, 150, 299] {
+        let p = format!("many/{i}");
+        assert_eq!(
+            fs::read(dest.join(&p)).unwrap(),
+            fs::read(out.join(&p)).unwrap()
+        );
+    }
+    for f in ["three-a", "three-b", "nine", "empty"] {
+        assert_eq!(
+            fs::read(dest.join(f)).unwrap(),
+            fs::read(out.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        fs::metadata(dest.join("nine")).unwrap().ino(),
+        fs::metadata(dest.join("nine-link")).unwrap().ino()
+    );
+    assert_eq!(
+        fs::read_link(dest.join("abs")).unwrap(),
+        Path::new("/usr/bin/env")
+    );
+    assert_eq!(
+        c.missing_blobs(&entry.body.blobs()).unwrap(),
+        vec![],
+        "every blob is in the CAS"
+    );
+}

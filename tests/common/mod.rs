@@ -490,3 +490,77 @@ pub fn serve_http(root: &Path) -> String {
     });
     format!("http://{addr}")
 }
+
+/// A BuildGrid server (the Remote Execution API's CAS, ByteStream and ActionCache, in memory) on
+/// a free loopback port, stopped when dropped. `bgd` comes from `RBUILD_BGD` or `PATH`
+/// (`tests/buildgrid/setup.sh` installs it; `.ci/run` does so and sets `RBUILD_BGD`).
+pub struct BuildGrid {
+    child: std::process::Child,
+    /// `grpc://127.0.0.1:PORT`; instance `other` (`URL/other`) has its own ActionCache.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for BuildGrid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn buildgrid() -> BuildGrid {
+    let bgd = std::env::var("RBUILD_BGD")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "bgd".into());
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/buildgrid/buildgrid.yml"),
+    )
+    .unwrap()
+    .replace("127.0.0.1:50051", &format!("127.0.0.1:{port}"));
+    let config_path = dir.path().join("buildgrid.yml");
+    fs::write(&config_path, config).unwrap();
+    let log = dir.path().join("bgd.log");
+    let mut child = Command::new(&bgd)
+        .args(["server", "start"])
+        .arg(&config_path)
+        .current_dir(dir.path())
+        .stdout(fs::File::create(&log).unwrap())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start BuildGrid ({bgd}: {e}): run tests/buildgrid/setup.sh and set \
+                 RBUILD_BGD to the path it prints"
+            )
+        });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "BuildGrid exited ({status}): {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "BuildGrid did not listen on 127.0.0.1:{port} within 90 s: {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    BuildGrid {
+        child,
+        url: format!("grpc://127.0.0.1:{port}"),
+        _dir: dir,
+    }
+}

@@ -165,8 +165,13 @@ impl Engine {
                         .expect("lock")
                         .insert(cache.url().to_owned())
                     {
+                        // Backend errors name the cache themselves.
+                        let why = match &e {
+                            rbuild_store::cache::CacheError::Backend { msg, .. } => msg.clone(),
+                            other => other.to_string(),
+                        };
                         self.progress.line(&format!(
-                            "warning: {}: asking for {name}: {e}; {}",
+                            "warning: binary cache {}: asking for {name}: {why}; {}",
                             cache.url(),
                             if unreachable {
                                 "not using this cache in this run, building instead"

@@ -7,8 +7,19 @@
 //! listing before anything is registered — the store then re-hashes the whole output and compares
 //! it with the signed content hash.
 //!
-//! Backends implement [`BinaryCache`]; `file://DIR` (a directory, possibly on a shared
-//! filesystem: every write goes to a temporary name and is renamed into place) is built in.
+//! Backends implement [`BinaryCache`]:
+//! - [`file`]: `file:///DIR`, a directory, possibly on a shared filesystem;
+//! - [`http`]: `http(s)://URL`, plain GET/PUT/HEAD of content-addressed objects;
+//! - [`reapi`]: `grpc(s)://HOST:PORT[/INSTANCE]`, the Bazel Remote Execution API v2 (CAS,
+//!   ByteStream and ActionCache), as served by BuildGrid, Buildbarn, bazel-remote or NativeLink.
+//!
+//! Every file blob is known by its SHA-256 and its BLAKE3 digest (both are in the signed entry):
+//! REAPI servers that list BLAKE3 in their capabilities get BLAKE3 addresses, everything else
+//! SHA-256.
+
+pub mod file;
+pub mod http;
+pub mod reapi;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -32,7 +43,7 @@ pub enum CacheError {
     BadEntry { drv: String, msg: String },
     #[error("{path}: {msg}")]
     Key { path: String, msg: String },
-    #[error("unsupported binary cache URL {0:?} (supported: file:///DIR)")]
+    #[error("unsupported binary cache URL {0:?} (supported: file:///DIR, http(s)://HOST/PATH, grpc(s)://HOST:PORT[/INSTANCE])")]
     UnsupportedUrl(String),
 }
 
@@ -54,6 +65,9 @@ pub enum CacheNode {
         mode: u32,
         sha256: String,
         size: u64,
+        /// Absent in entries written before rbuild kept both digests.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blake3: Option<String>,
     },
     Symlink {
         path: String,
@@ -95,12 +109,22 @@ impl EntryBody {
         v
     }
 
-    pub fn blobs(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self
+    /// The distinct file blobs of the entry, sorted by SHA-256.
+    pub fn blobs(&self) -> Vec<BlobRef> {
+        let mut v: Vec<BlobRef> = self
             .nodes
             .iter()
             .filter_map(|n| match n {
-                CacheNode::File { sha256, size, .. } => Some((sha256.clone(), *size)),
+                CacheNode::File {
+                    sha256,
+                    size,
+                    blake3,
+                    ..
+                } => Some(BlobRef {
+                    sha256: sha256.clone(),
+                    blake3: blake3.clone(),
+                    size: *size,
+                }),
                 _ => None,
             })
             .collect();
@@ -109,6 +133,81 @@ impl EntryBody {
         v
     }
 }
+
+/// A file blob: its size and digests. Backends address it by SHA-256, or by BLAKE3 where the
+/// server prefers it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlobRef {
+    pub sha256: String,
+    pub blake3: Option<String>,
+    pub size: u64,
+}
+
+impl BlobRef {
+    /// The digest and size of `bytes`.
+    pub fn of(bytes: &[u8]) -> BlobRef {
+        BlobRef {
+            sha256: hex::encode(Sha256::digest(bytes)),
+            blake3: Some(blake3::hash(bytes).to_hex().to_string()),
+            size: bytes.len() as u64,
+        }
+    }
+
+    /// Hash a file in one pass: both digests and its size.
+    pub fn of_file(p: &Path) -> Result<BlobRef, CacheError> {
+        let mut f = fs::File::open(p).map_err(io(p.display()))?;
+        let mut sha = Sha256::new();
+        let mut b3 = blake3::Hasher::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut size = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(io(p.display()))?;
+            if n == 0 {
+                break;
+            }
+            sha.update(&buf[..n]);
+            b3.update(&buf[..n]);
+            size += n as u64;
+        }
+        Ok(BlobRef {
+            sha256: hex::encode(sha.finalize()),
+            blake3: Some(b3.finalize().to_hex().to_string()),
+            size,
+        })
+    }
+
+    /// A SHA-256 hex digest is 64 lowercase hex digits: nothing else becomes a file name or URL.
+    pub fn check(&self) -> Result<(), String> {
+        let ok =
+            |d: &str| d.len() == 64 && d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !ok(&self.sha256) {
+            return Err(format!("not a sha256 digest: {:?}", self.sha256));
+        }
+        match &self.blake3 {
+            Some(b) if !ok(b) => Err(format!("not a blake3 digest: {b:?}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How long a cache may take to connect, or to answer one request (or send the next piece of a
+/// download): `RBUILD_CACHE_TIMEOUT` seconds, 30 by default. A cache slower than that is reported
+/// and not used in this run.
+pub fn timeout() -> std::time::Duration {
+    let secs = std::env::var("RBUILD_CACHE_TIMEOUT")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(30);
+    std::time::Duration::from_secs(secs)
+}
+
+/// Blobs up to this size travel whole (in batches where the backend has them); larger ones
+/// stream.
+pub const SMALL_BLOB: u64 = 1 << 20;
+
+/// Receives small blobs whole: the index of the blob in the request, and its bytes.
+pub type BlobSink<'a> = dyn FnMut(usize, Vec<u8>) -> Result<(), CacheError> + 'a;
 
 /// A key pair's secret half, `NAME:BASE64(seed)` on disk (like nix-store's key files).
 pub struct SecretKey {
@@ -262,285 +361,43 @@ pub trait BinaryCache: Send + Sync {
     fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
         drv_hashes.iter().map(|h| self.get_entry(h)).collect()
     }
+    /// Publish an entry. Called only once every blob it names is in the cache.
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError>;
-    /// Which of `digests` the cache lacks, asked in one batch.
-    fn missing_blobs(&self, digests: &[String]) -> Result<Vec<String>, CacheError>;
-    fn get_blob(&self, digest: &str, dest: &mut dyn Write) -> Result<(), CacheError>;
-    fn put_blob(&self, digest: &str, src: &Path) -> Result<(), CacheError>;
+    /// Which of `blobs` the cache lacks, asked in as few requests as the protocol allows.
+    fn missing_blobs(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>, CacheError>;
+    /// Stream one blob into `dest`.
+    fn get_blob(&self, blob: &BlobRef, dest: &mut dyn Write) -> Result<(), CacheError>;
+    /// Many small blobs (each at most [`SMALL_BLOB`]), handed to `sink` whole, in any order.
+    fn get_small_blobs(&self, blobs: &[BlobRef], sink: &mut BlobSink) -> Result<(), CacheError> {
+        for (i, b) in blobs.iter().enumerate() {
+            let mut v = Vec::with_capacity(b.size as usize);
+            self.get_blob(b, &mut v)?;
+            sink(i, v)?;
+        }
+        Ok(())
+    }
+    fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), CacheError>;
+    /// Upload many blobs (backends batch and parallelize).
+    fn put_blobs(&self, blobs: &[(BlobRef, PathBuf)]) -> Result<(), CacheError> {
+        for (b, p) in blobs {
+            self.put_blob(b, p)?;
+        }
+        Ok(())
+    }
 }
 
-/// Open a cache by URL.
+/// Open a cache by URL. Nothing is contacted yet.
 pub fn open(url: &str) -> Result<Box<dyn BinaryCache>, CacheError> {
     if let Some(dir) = url.strip_prefix("file://") {
-        return Ok(Box::new(FileCache {
-            url: url.to_owned(),
-            dir: PathBuf::from(dir),
-        }));
+        return Ok(Box::new(file::FileCache::new(url, dir)));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(std::time::Duration::from_secs(10)))
-            .timeout_recv_response(Some(std::time::Duration::from_secs(60)))
-            .build()
-            .into();
-        return Ok(Box::new(HttpCache {
-            url: url.trim_end_matches('/').to_owned(),
-            agent,
-        }));
+        return Ok(Box::new(http::HttpCache::new(url)));
+    }
+    if url.starts_with("grpc://") || url.starts_with("grpcs://") {
+        return Ok(Box::new(reapi::GrpcCache::new(url)?));
     }
     Err(CacheError::UnsupportedUrl(url.to_owned()))
-}
-
-/// `http://` / `https://`: plain GET, PUT and HEAD of `entries/<drv-hash>.json` and
-/// `blobs/sha256/<digest>` below the URL, so any WebDAV-enabled server or object-store gateway
-/// serves it.
-pub struct HttpCache {
-    url: String,
-    agent: ureq::Agent,
-}
-
-impl HttpCache {
-    fn err(&self, msg: impl std::fmt::Display) -> CacheError {
-        CacheError::Backend {
-            url: self.url.clone(),
-            msg: msg.to_string(),
-        }
-    }
-
-    fn blob_url(&self, digest: &str) -> Result<String, CacheError> {
-        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(self.err(format!("not a sha256 digest: {digest:?}")));
-        }
-        Ok(format!("{}/blobs/sha256/{digest}", self.url))
-    }
-
-    fn check_put(&self, what: &str, status: u16) -> Result<(), CacheError> {
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(self.err(format!("PUT {what}: HTTP {status}")))
-        }
-    }
-}
-
-impl BinaryCache for HttpCache {
-    fn url(&self) -> &str {
-        &self.url
-    }
-
-    fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let url = format!("{}/entries/{drv_hash}.json", self.url);
-        let resp = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
-        match resp.status().as_u16() {
-            404 => Ok(None),
-            200 => {
-                let mut body = Vec::new();
-                resp.into_body()
-                    .into_reader()
-                    .take(64 << 20)
-                    .read_to_end(&mut body)
-                    .map_err(|e| self.err(format!("GET {url}: {e}")))?;
-                Ok(Some(body))
-            }
-            s => Err(self.err(format!("GET {url}: HTTP {s}"))),
-        }
-    }
-
-    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        // Sixteen GETs in flight at a time.
-        let mut out = Vec::with_capacity(drv_hashes.len());
-        for chunk in drv_hashes.chunks(16) {
-            let results: Vec<Result<Option<Vec<u8>>, CacheError>> = std::thread::scope(|sc| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|h| sc.spawn(move || self.get_entry(h)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(self.err("GET thread panicked")))
-                    })
-                    .collect()
-            });
-            for r in results {
-                out.push(r?);
-            }
-        }
-        Ok(out)
-    }
-
-    fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
-        let url = format!("{}/entries/{drv_hash}.json", self.url);
-        let resp = self
-            .agent
-            .put(&url)
-            .send(bytes)
-            .map_err(|e| self.err(format!("PUT {url}: {e}")))?;
-        self.check_put(&url, resp.status().as_u16())
-    }
-
-    fn missing_blobs(&self, digests: &[String]) -> Result<Vec<String>, CacheError> {
-        // Plain HTTP has no batch query: HEAD requests, eight at a time.
-        let mut missing = Vec::new();
-        for chunk in digests.chunks(8) {
-            let results: Vec<Result<Option<String>, CacheError>> = std::thread::scope(|sc| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|d| {
-                        sc.spawn(move || {
-                            let url = self.blob_url(d)?;
-                            let resp = self
-                                .agent
-                                .head(&url)
-                                .call()
-                                .map_err(|e| self.err(format!("HEAD {url}: {e}")))?;
-                            match resp.status().as_u16() {
-                                200 => Ok(None),
-                                404 => Ok(Some(d.clone())),
-                                s => Err(self.err(format!("HEAD {url}: HTTP {s}"))),
-                            }
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(self.err("HEAD thread panicked")))
-                    })
-                    .collect()
-            });
-            for r in results {
-                missing.extend(r?);
-            }
-        }
-        Ok(missing)
-    }
-
-    fn get_blob(&self, digest: &str, dest: &mut dyn Write) -> Result<(), CacheError> {
-        let url = self.blob_url(digest)?;
-        let resp = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
-        if resp.status().as_u16() != 200 {
-            return Err(self.err(format!("GET {url}: HTTP {}", resp.status().as_u16())));
-        }
-        std::io::copy(&mut resp.into_body().into_reader(), dest)
-            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
-        Ok(())
-    }
-
-    fn put_blob(&self, digest: &str, src: &Path) -> Result<(), CacheError> {
-        let url = self.blob_url(digest)?;
-        let f = fs::File::open(src).map_err(io(src.display()))?;
-        let resp = self
-            .agent
-            .put(&url)
-            .send(f)
-            .map_err(|e| self.err(format!("PUT {url}: {e}")))?;
-        self.check_put(&url, resp.status().as_u16())
-    }
-}
-
-/// `file:///DIR`: `DIR/entries/<drv-hash>.json` and `DIR/blobs/sha256/<digest>`.
-pub struct FileCache {
-    url: String,
-    dir: PathBuf,
-}
-
-impl FileCache {
-    fn blob_path(&self, digest: &str) -> Result<PathBuf, CacheError> {
-        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(CacheError::Backend {
-                url: self.url.clone(),
-                msg: format!("not a sha256 digest: {digest:?}"),
-            });
-        }
-        Ok(self.dir.join("blobs/sha256").join(digest))
-    }
-
-    /// Write `path` atomically: temporary name in the same directory, then rename.
-    fn write_atomic(
-        &self,
-        path: &Path,
-        write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
-    ) -> Result<(), CacheError> {
-        let parent = path.parent().expect("cache paths have parents");
-        fs::create_dir_all(parent).map_err(io(parent.display()))?;
-        let tmp = parent.join(
-            format!(
-                ".tmp-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            )
-            .replace(['(', ')'], ""),
-        );
-        let mut f = fs::File::create(&tmp).map_err(io(tmp.display()))?;
-        write(&mut f).map_err(io(tmp.display()))?;
-        let _ = f.set_permissions(fs::Permissions::from_mode(0o644));
-        fs::rename(&tmp, path).map_err(io(path.display()))
-    }
-}
-
-impl BinaryCache for FileCache {
-    fn url(&self) -> &str {
-        &self.url
-    }
-
-    fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let p = self.dir.join("entries").join(format!("{drv_hash}.json"));
-        match fs::read(&p) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CacheError::Io(p.display().to_string(), e)),
-        }
-    }
-
-    fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
-        self.write_atomic(
-            &self.dir.join("entries").join(format!("{drv_hash}.json")),
-            |f| f.write_all(bytes),
-        )
-    }
-
-    fn missing_blobs(&self, digests: &[String]) -> Result<Vec<String>, CacheError> {
-        let mut missing = Vec::new();
-        for d in digests {
-            if !self.blob_path(d)?.exists() {
-                missing.push(d.clone());
-            }
-        }
-        Ok(missing)
-    }
-
-    fn get_blob(&self, digest: &str, dest: &mut dyn Write) -> Result<(), CacheError> {
-        let p = self.blob_path(digest)?;
-        let mut f = fs::File::open(&p).map_err(io(p.display()))?;
-        std::io::copy(&mut f, dest).map_err(io(p.display()))?;
-        Ok(())
-    }
-
-    fn put_blob(&self, digest: &str, src: &Path) -> Result<(), CacheError> {
-        let dest = self.blob_path(digest)?;
-        self.write_atomic(&dest, |f| {
-            std::io::copy(&mut fs::File::open(src)?, f).map(|_| ())
-        })
-    }
-}
-
-fn sha256_file(p: &Path) -> Result<(String, u64), CacheError> {
-    let mut f = fs::File::open(p).map_err(io(p.display()))?;
-    let mut h = Sha256::new();
-    let n = std::io::copy(&mut f, &mut h).map_err(io(p.display()))?;
-    Ok((hex::encode(h.finalize()), n))
 }
 
 /// Describe a registered output (a file or a tree) for publishing.
@@ -549,7 +406,7 @@ pub fn describe(
     name: &str,
     content_hash: &str,
     out: &Path,
-) -> Result<(EntryBody, Vec<(String, PathBuf)>), CacheError> {
+) -> Result<(EntryBody, Vec<(BlobRef, PathBuf)>), CacheError> {
     let meta_path = sidecar(out);
     let meta = if meta_path.exists() {
         Some(
@@ -583,7 +440,7 @@ fn walk(
     p: &Path,
     rel: &str,
     nodes: &mut Vec<CacheNode>,
-    files: &mut Vec<(String, PathBuf)>,
+    files: &mut Vec<(BlobRef, PathBuf)>,
     links: &mut Links,
 ) -> Result<(), CacheError> {
     let md = fs::symlink_metadata(p).map_err(io(p.display()))?;
@@ -605,14 +462,15 @@ fn walk(
             }
             links.insert((md.dev(), md.ino()), rel.to_owned());
         }
-        let (sha256, size) = sha256_file(p)?;
-        files.push((sha256.clone(), p.to_owned()));
+        let blob = BlobRef::of_file(p)?;
         nodes.push(CacheNode::File {
             path: rel.into(),
             mode: md.mode() & 0o777,
-            sha256,
-            size,
+            sha256: blob.sha256.clone(),
+            size: blob.size,
+            blake3: blob.blake3.clone(),
         });
+        files.push((blob, p.to_owned()));
     } else if ft.is_dir() {
         nodes.push(CacheNode::Dir {
             path: rel.into(),
@@ -635,8 +493,8 @@ fn walk(
     Ok(())
 }
 
-/// Publish a registered output: missing blobs first (asked in one batch), the signed entry last.
-/// Returns how many blobs were uploaded.
+/// Publish a registered output: missing blobs first (asked in one batch), the signed entry only
+/// once they are all there. Returns how many blobs were uploaded.
 pub fn push(
     cache: &dyn BinaryCache,
     key: &SecretKey,
@@ -646,15 +504,14 @@ pub fn push(
     out: &Path,
 ) -> Result<usize, CacheError> {
     let (body, files) = describe(drv_hash, name, content_hash, out)?;
-    let digests: Vec<String> = body.blobs().into_iter().map(|(d, _)| d).collect();
-    let missing: std::collections::HashSet<String> =
-        cache.missing_blobs(&digests)?.into_iter().collect();
-    let mut uploaded = std::collections::HashSet::new();
-    for (digest, path) in &files {
-        if missing.contains(digest) && uploaded.insert(digest.clone()) {
-            cache.put_blob(digest, path)?;
-        }
-    }
+    let missing: std::collections::HashSet<BlobRef> =
+        cache.missing_blobs(&body.blobs())?.into_iter().collect();
+    let mut seen = std::collections::HashSet::new();
+    let upload: Vec<(BlobRef, PathBuf)> = files
+        .into_iter()
+        .filter(|(b, _)| missing.contains(b) && seen.insert(b.clone()))
+        .collect();
+    cache.put_blobs(&upload)?;
     let entry = CacheEntry {
         signatures: vec![key.sign(&body)],
         body,
@@ -663,7 +520,7 @@ pub fn push(
         drv_hash,
         &serde_json::to_vec(&entry).expect("entries serialize"),
     )?;
-    Ok(uploaded.len())
+    Ok(upload.len())
 }
 
 /// Fetch and check the entry of `drv_hash`: `Ok(None)` if the cache has none.
@@ -721,22 +578,39 @@ fn parse_entry(
 
 /// Recreate a (verified) entry's output at `dest` (and its sidecar), checking every blob
 /// against its digest. The caller registers it, which re-hashes it against `content_hash`.
+///
+/// Directories and symlinks are laid out first, then small files are fetched in batches, large
+/// ones streamed, and hardlinks made last.
 pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result<(), CacheError> {
     let drv = &entry.body.drv_hash;
     let bad = |msg: String| CacheError::BadEntry {
         drv: drv.clone(),
         msg,
     };
+    let at = |rel: &str| {
+        if rel.is_empty() {
+            dest.to_owned()
+        } else {
+            dest.join(rel)
+        }
+    };
     // Every path must sit in a directory this fetch created: never below a symlink.
     let mut dirs: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut files: Vec<(&str, u32, BlobRef)> = Vec::new();
+    let mut hardlinks: Vec<(&str, &str)> = Vec::new();
     for node in &entry.body.nodes {
         let rel = match node {
             CacheNode::Dir { path, .. }
             | CacheNode::File { path, .. }
             | CacheNode::Symlink { path, .. }
-            | CacheNode::Hardlink { path, .. } => path,
+            | CacheNode::Hardlink { path, .. } => path.as_str(),
         };
-        if rel.split('/').any(|c| c == ".." || c == ".") || rel.starts_with('/') {
+        if rel
+            .split('/')
+            .any(|c| c == ".." || c == "." || c.is_empty())
+            && !rel.is_empty()
+            || rel.starts_with('/')
+        {
             return Err(bad(format!("path {rel:?} escapes the output")));
         }
         if !rel.is_empty() {
@@ -749,53 +623,103 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
         } else if !matches!(node, CacheNode::Dir { .. } | CacheNode::File { .. }) {
             return Err(bad("the output itself must be a file or a directory".into()));
         }
-        if let CacheNode::Dir { path, .. } = node {
-            dirs.insert(path.as_str());
-        }
-        let p = if rel.is_empty() {
-            dest.to_owned()
-        } else {
-            dest.join(rel)
-        };
+        let p = at(rel);
         match node {
             CacheNode::Dir { mode, .. } => {
+                dirs.insert(rel);
                 fs::create_dir(&p).map_err(io(p.display()))?;
                 fs::set_permissions(&p, fs::Permissions::from_mode(mode | 0o700))
                     .map_err(io(p.display()))?;
             }
             CacheNode::File {
-                mode, sha256, size, ..
+                mode,
+                sha256,
+                size,
+                blake3,
+                ..
             } => {
-                let mut f = HashingWriter {
-                    file: fs::File::create(&p).map_err(io(p.display()))?,
-                    hash: Sha256::new(),
-                    n: 0,
+                let blob = BlobRef {
+                    sha256: sha256.clone(),
+                    blake3: blake3.clone(),
+                    size: *size,
                 };
-                cache.get_blob(sha256, &mut f)?;
-                let actual = hex::encode(f.hash.finalize());
-                if &actual != sha256 || f.n != *size {
-                    return Err(bad(format!("{rel}: blob sha256 {actual} ({} bytes), the signed entry says {sha256} ({size} bytes)", f.n)));
-                }
-                fs::set_permissions(&p, fs::Permissions::from_mode(mode | 0o600))
-                    .map_err(io(p.display()))?;
+                blob.check().map_err(|e| bad(format!("{rel}: {e}")))?;
+                files.push((rel, *mode, blob));
             }
             CacheNode::Symlink { target, .. } => {
                 std::os::unix::fs::symlink(target, &p).map_err(io(p.display()))?
             }
-            CacheNode::Hardlink { target, .. } => {
-                let target_is_file = entry
-                    .body
-                    .nodes
-                    .iter()
-                    .any(|n| matches!(n, CacheNode::File { path, .. } if path == target));
-                if !target_is_file || target.split('/').any(|c| c == "..") {
-                    return Err(bad(format!(
-                        "hardlink target {target:?} escapes the output"
-                    )));
-                }
-                fs::hard_link(dest.join(target), &p).map_err(io(p.display()))?
-            }
+            CacheNode::Hardlink { target, .. } => hardlinks.push((rel, target)),
         }
+    }
+    let check = |rel: &str, blob: &BlobRef, actual: String, n: u64| {
+        if actual != blob.sha256 || n != blob.size {
+            Err(bad(format!(
+                "{rel}: blob sha256 {actual} ({n} bytes), the signed entry says {} ({} bytes)",
+                blob.sha256, blob.size
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    let finish = |rel: &str, mode: u32| {
+        let p = at(rel);
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode | 0o600)).map_err(io(p.display()))
+    };
+    let (small, large): (Vec<_>, Vec<_>) = files.iter().partition(|f| f.2.size <= SMALL_BLOB);
+    // Equal small files are asked for once.
+    let mut wanted: Vec<BlobRef> = small.iter().map(|f| f.2.clone()).collect();
+    wanted.sort();
+    wanted.dedup();
+    let mut by_blob: std::collections::HashMap<&BlobRef, Vec<(&str, u32)>> = Default::default();
+    for (rel, mode, blob) in &small {
+        by_blob.entry(blob).or_default().push((rel, *mode));
+    }
+    let mut got = vec![false; wanted.len()];
+    cache.get_small_blobs(&wanted, &mut |i, bytes| {
+        let blob = wanted
+            .get(i)
+            .ok_or_else(|| bad(format!("the cache answered a blob not asked for (#{i})")))?;
+        for (rel, mode) in &by_blob[blob] {
+            check(
+                rel,
+                blob,
+                hex::encode(Sha256::digest(&bytes)),
+                bytes.len() as u64,
+            )?;
+            let p = at(rel);
+            fs::write(&p, &bytes).map_err(io(p.display()))?;
+            finish(rel, *mode)?;
+        }
+        got[i] = true;
+        Ok(())
+    })?;
+    if let Some(i) = got.iter().position(|g| !g) {
+        return Err(bad(format!(
+            "the cache did not send blob {}",
+            wanted[i].sha256
+        )));
+    }
+    for (rel, mode, blob) in large {
+        let p = at(rel);
+        let mut f = HashingWriter {
+            file: fs::File::create(&p).map_err(io(p.display()))?,
+            hash: Sha256::new(),
+            n: 0,
+        };
+        cache.get_blob(blob, &mut f)?;
+        check(rel, blob, hex::encode(f.hash.finalize()), f.n)?;
+        finish(rel, *mode)?;
+    }
+    for (rel, target) in hardlinks {
+        let target_is_file = files.iter().any(|f| f.0 == target);
+        if !target_is_file {
+            return Err(bad(format!(
+                "hardlink target {target:?} is not a file of the output"
+            )));
+        }
+        let p = at(rel);
+        fs::hard_link(dest.join(target), &p).map_err(io(p.display()))?
     }
     if let Some(meta) = &entry.body.meta {
         meta.write(&sidecar(dest)).map_err(|e| bad(e.to_string()))?;
@@ -803,6 +727,7 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
     Ok(())
 }
 
+/// A file being written, and the SHA-256 and length of what was written so far.
 struct HashingWriter {
     file: fs::File,
     hash: Sha256,
@@ -892,7 +817,7 @@ mod tests {
         let entry = query(cache.as_ref(), "h", &[alice.public()])
             .unwrap()
             .unwrap();
-        let digest = entry.body.blobs()[0].0.clone();
+        let digest = entry.body.blobs()[0].sha256.clone();
         fs::write(dir.join("blobs/sha256").join(&digest), b"evil").unwrap();
         let err = fetch(cache.as_ref(), &entry, &t.path().join("dest"))
             .unwrap_err()

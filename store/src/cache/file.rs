@@ -1,0 +1,100 @@
+//! `file:///DIR`: `DIR/entries/<drv-hash>.json` and `DIR/blobs/sha256/<digest>`. Every write goes
+//! to a temporary name in the same directory and is renamed into place, so concurrent writers on
+//! a shared filesystem are safe and readers never see half a file.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::{io, BinaryCache, BlobRef, CacheError};
+
+pub struct FileCache {
+    url: String,
+    dir: PathBuf,
+}
+
+impl FileCache {
+    pub fn new(url: &str, dir: &str) -> FileCache {
+        FileCache {
+            url: url.to_owned(),
+            dir: PathBuf::from(dir),
+        }
+    }
+
+    fn blob_path(&self, blob: &BlobRef) -> Result<PathBuf, CacheError> {
+        blob.check().map_err(|msg| CacheError::Backend {
+            url: self.url.clone(),
+            msg,
+        })?;
+        Ok(self.dir.join("blobs/sha256").join(&blob.sha256))
+    }
+
+    /// Write `path` atomically: temporary name in the same directory, then rename.
+    fn write_atomic(
+        &self,
+        path: &Path,
+        write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+    ) -> Result<(), CacheError> {
+        let parent = path.parent().expect("cache paths have parents");
+        fs::create_dir_all(parent).map_err(io(parent.display()))?;
+        let tmp = parent.join(
+            format!(
+                ".tmp-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            )
+            .replace(['(', ')'], ""),
+        );
+        let mut f = fs::File::create(&tmp).map_err(io(tmp.display()))?;
+        write(&mut f).map_err(io(tmp.display()))?;
+        let _ = f.set_permissions(fs::Permissions::from_mode(0o644));
+        fs::rename(&tmp, path).map_err(io(path.display()))
+    }
+}
+
+impl BinaryCache for FileCache {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let p = self.dir.join("entries").join(format!("{drv_hash}.json"));
+        match fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CacheError::Io(p.display().to_string(), e)),
+        }
+    }
+
+    fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        self.write_atomic(
+            &self.dir.join("entries").join(format!("{drv_hash}.json")),
+            |f| f.write_all(bytes),
+        )
+    }
+
+    fn missing_blobs(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>, CacheError> {
+        let mut missing = Vec::new();
+        for b in blobs {
+            if !self.blob_path(b)?.exists() {
+                missing.push(b.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    fn get_blob(&self, blob: &BlobRef, dest: &mut dyn Write) -> Result<(), CacheError> {
+        let p = self.blob_path(blob)?;
+        let mut f = fs::File::open(&p).map_err(io(p.display()))?;
+        std::io::copy(&mut f, dest).map_err(io(p.display()))?;
+        Ok(())
+    }
+
+    fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), CacheError> {
+        let dest = self.blob_path(blob)?;
+        self.write_atomic(&dest, |f| {
+            std::io::copy(&mut fs::File::open(src)?, f).map(|_| ())
+        })
+    }
+}

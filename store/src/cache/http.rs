@@ -1,0 +1,186 @@
+//! `http://` / `https://`: plain GET, PUT and HEAD of `entries/<drv-hash>.json` and
+//! `blobs/sha256/<digest>` below the URL, so any WebDAV-enabled server or object-store gateway
+//! serves it. Plain HTTP has no batch requests: lookups and transfers run several at a time.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::{io, BinaryCache, BlobRef, BlobSink, CacheError};
+
+/// Requests in flight at a time.
+const PARALLEL: usize = 8;
+
+pub struct HttpCache {
+    url: String,
+    agent: ureq::Agent,
+}
+
+impl HttpCache {
+    pub fn new(url: &str) -> HttpCache {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(super::timeout()))
+            .timeout_recv_response(Some(super::timeout()))
+            .timeout_per_read(Some(super::timeout()))
+            .build()
+            .into();
+        HttpCache {
+            url: url.trim_end_matches('/').to_owned(),
+            agent,
+        }
+    }
+
+    /// Run `f` on every item, [`PARALLEL`] at a time, results in order.
+    fn parallel<T: Sync, R: Send>(
+        &self,
+        items: &[T],
+        f: impl Fn(&T) -> Result<R, CacheError> + Sync,
+    ) -> Result<Vec<R>, CacheError> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(PARALLEL) {
+            let results: Vec<Result<R, CacheError>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = chunk.iter().map(|x| sc.spawn(|| f(x))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(self.err("request thread panicked")))
+                    })
+                    .collect()
+            });
+            for r in results {
+                out.push(r?);
+            }
+        }
+        Ok(out)
+    }
+    fn err(&self, msg: impl std::fmt::Display) -> CacheError {
+        CacheError::Backend {
+            url: self.url.clone(),
+            msg: msg.to_string(),
+        }
+    }
+
+    fn blob_url(&self, blob: &BlobRef) -> Result<String, CacheError> {
+        blob.check().map_err(|e| self.err(e))?;
+        Ok(format!("{}/blobs/sha256/{}", self.url, blob.sha256))
+    }
+
+    fn check_put(&self, what: &str, status: u16) -> Result<(), CacheError> {
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(self.err(format!("PUT {what}: HTTP {status}")))
+        }
+    }
+}
+
+impl BinaryCache for HttpCache {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let url = format!("{}/entries/{drv_hash}.json", self.url);
+        let resp = self
+            .agent
+            .get(&url)
+            .call()
+            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+        match resp.status().as_u16() {
+            404 => Ok(None),
+            200 => {
+                let mut body = Vec::new();
+                resp.into_body()
+                    .into_reader()
+                    .take(64 << 20)
+                    .read_to_end(&mut body)
+                    .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+                Ok(Some(body))
+            }
+            s => Err(self.err(format!("GET {url}: HTTP {s}"))),
+        }
+    }
+
+    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        self.parallel(drv_hashes, |h| self.get_entry(h))
+    }
+
+    fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        let url = format!("{}/entries/{drv_hash}.json", self.url);
+        let resp = self
+            .agent
+            .put(&url)
+            .send(bytes)
+            .map_err(|e| self.err(format!("PUT {url}: {e}")))?;
+        self.check_put(&url, resp.status().as_u16())
+    }
+
+    fn missing_blobs(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>, CacheError> {
+        let found = self.parallel(blobs, |b| {
+            let url = self.blob_url(b)?;
+            let resp = self
+                .agent
+                .head(&url)
+                .call()
+                .map_err(|e| self.err(format!("HEAD {url}: {e}")))?;
+            match resp.status().as_u16() {
+                200 => Ok(true),
+                404 => Ok(false),
+                s => Err(self.err(format!("HEAD {url}: HTTP {s}"))),
+            }
+        })?;
+        Ok(blobs
+            .iter()
+            .zip(found)
+            .filter(|(_, f)| !f)
+            .map(|(b, _)| b.clone())
+            .collect())
+    }
+
+    fn get_blob(&self, blob: &BlobRef, dest: &mut dyn Write) -> Result<(), CacheError> {
+        let url = self.blob_url(blob)?;
+        let resp = self
+            .agent
+            .get(&url)
+            .call()
+            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+        if resp.status().as_u16() != 200 {
+            return Err(self.err(format!("GET {url}: HTTP {}", resp.status().as_u16())));
+        }
+        std::io::copy(&mut resp.into_body().into_reader(), dest)
+            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+        Ok(())
+    }
+
+    fn get_small_blobs(&self, blobs: &[BlobRef], sink: &mut BlobSink) -> Result<(), CacheError> {
+        for (n, chunk) in blobs.chunks(PARALLEL * 4).enumerate() {
+            let got = self.parallel(chunk, |b| {
+                let mut v = Vec::with_capacity(b.size as usize);
+                self.get_blob(b, &mut v)?;
+                Ok(v)
+            })?;
+            for (i, bytes) in got.into_iter().enumerate() {
+                sink(n * PARALLEL * 4 + i, bytes)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put_blobs(&self, blobs: &[(BlobRef, PathBuf)]) -> Result<(), CacheError> {
+        self.parallel(blobs, |(b, p)| self.put_blob(b, p))
+            .map(|_| ())
+    }
+
+    fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), CacheError> {
+        let url = self.blob_url(blob)?;
+        let f = fs::File::open(src).map_err(io(src.display()))?;
+        let resp = self
+            .agent
+            .put(&url)
+            .send(f)
+            .map_err(|e| self.err(format!("PUT {url}: {e}")))?;
+        self.check_put(&url, resp.status().as_u16())
+    }
+}

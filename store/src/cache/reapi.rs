@@ -1,0 +1,895 @@
+//! `grpc://HOST:PORT[/INSTANCE]` and `grpcs://…`: a binary cache on a Bazel Remote Execution API
+//! v2 server (BuildGrid, Buildbarn, bazel-remote, NativeLink).
+//!
+//! - File blobs live in the CAS: existence is asked with `FindMissingBlobs` (thousands of digests
+//!   a request), small blobs travel in `BatchUpdateBlobs` / `BatchReadBlobs` requests up to the
+//!   server's batch limit, large ones stream through ByteStream `Write` / `Read` in 1 MiB chunks.
+//! - A derivation's signed entry (the same JSON document the other backends store, listing and
+//!   signature included) is a CAS blob too. The ActionCache maps a synthetic Action — whose
+//!   Command names the derivation hash — to an ActionResult with one output file,
+//!   `rbuild-entry.json`, naming that blob. A server may rewrite the ActionResult (add metadata,
+//!   drop inlined contents) without breaking anything: only the entry blob's digest is read
+//!   from it, and the entry is checked against its own signature and derivation hash.
+//! - Digests are SHA-256, or BLAKE3 when the server lists BLAKE3 in `GetCapabilities`.
+//!
+//! The trait is blocking; this backend runs its own small tokio runtime, so it can be called from
+//! any thread, including from inside another runtime's tasks.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::google::bytestream as bs;
+use prost::Message;
+use re::action_cache_client::ActionCacheClient;
+use re::capabilities_client::CapabilitiesClient;
+use re::content_addressable_storage_client::ContentAddressableStorageClient as CasClient;
+use re::digest_function::Value as DigestFunction;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use super::{BinaryCache, BlobRef, BlobSink, CacheError};
+
+/// The output file of an entry's ActionResult.
+const ENTRY_FILE: &str = "rbuild-entry.json";
+/// Largest gRPC message this client accepts.
+const MAX_MESSAGE: usize = 64 << 20;
+/// ByteStream chunk size.
+const CHUNK: usize = 1 << 20;
+/// Digests per FindMissingBlobs request.
+const FIND_BATCH: usize = 4096;
+/// Requests in flight at a time.
+const PARALLEL: usize = 8;
+/// Entries larger than this are refused (a tree listing of a whole system is a few MiB).
+const MAX_ENTRY: u64 = 256 << 20;
+
+/// What the server said in `GetCapabilities`.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    blake3: bool,
+    /// Largest total of blob bytes in one batch request.
+    batch: u64,
+    ac_update: bool,
+}
+
+pub struct GrpcCache {
+    url: String,
+    instance: String,
+    /// Always `Some` until drop (dropped in the background: this may be dropped inside another
+    /// runtime).
+    rt: Option<tokio::runtime::Runtime>,
+    channel: Channel,
+    caps: OnceLock<Result<Caps, String>>,
+}
+
+impl Drop for GrpcCache {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn status(what: &str, s: tonic::Status) -> String {
+    let mut msg = format!("{what}: {:?}", s.code());
+    if !s.message().is_empty() {
+        msg += &format!(": {}", s.message());
+    }
+    // Transport failures keep the useful part ("Connection refused") in the source chain.
+    let mut source = std::error::Error::source(&s);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !msg.contains(&text) {
+            msg += &format!(": {text}");
+        }
+        source = e.source();
+    }
+    msg
+}
+
+/// `"".to_string()` or `"INSTANCE/"`: the prefix of ByteStream resource names.
+fn prefix(instance: &str) -> String {
+    if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    }
+}
+
+impl GrpcCache {
+    /// A client for `url`. Nothing is contacted until the first request.
+    pub fn new(url: &str) -> Result<GrpcCache, CacheError> {
+        let bad = |msg: String| CacheError::Backend {
+            url: url.to_owned(),
+            msg,
+        };
+        let (tls, rest) = if let Some(r) = url.strip_prefix("grpcs://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("grpc://") {
+            (false, r)
+        } else {
+            return Err(CacheError::UnsupportedUrl(url.to_owned()));
+        };
+        let (authority, instance) = rest.split_once('/').unwrap_or((rest, ""));
+        if authority.is_empty() || !authority.contains(':') {
+            return Err(bad(
+                "expected grpc://HOST:PORT or grpcs://HOST:PORT, optionally followed by /INSTANCE"
+                    .into(),
+            ));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("rbuild-reapi")
+            .enable_all()
+            .build()
+            .map_err(|e| bad(format!("starting the gRPC client: {e}")))?;
+        let scheme = if tls { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{authority}"))
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(super::timeout())
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .tcp_nodelay(true);
+        if tls {
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().with_native_roots())
+                .map_err(|e| bad(format!("TLS: {e}")))?;
+        }
+        let channel = {
+            let _guard = rt.enter();
+            endpoint.connect_lazy()
+        };
+        Ok(GrpcCache {
+            url: url.to_owned(),
+            instance: instance.trim_end_matches('/').to_owned(),
+            rt: Some(rt),
+            channel,
+            caps: OnceLock::new(),
+        })
+    }
+
+    fn err(&self, msg: impl std::fmt::Display) -> CacheError {
+        CacheError::Backend {
+            url: self.url.clone(),
+            msg: msg.to_string(),
+        }
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime lives until drop")
+    }
+
+    /// Run `fut` on this cache's runtime and wait for it from this (any) thread.
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, String>> + Send + 'static,
+    ) -> Result<T, CacheError> {
+        self.run_raw(fut).map_err(|m| self.err(m))
+    }
+
+    fn run_raw<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, String>> + Send + 'static,
+    ) -> Result<T, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt().spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| "the gRPC client stopped".to_owned())?
+    }
+
+    fn ctx(&self) -> Result<Ctx, CacheError> {
+        let caps = *self
+            .caps
+            .get_or_init(|| {
+                let mut client = CapabilitiesClient::new(self.channel.clone())
+                    .max_decoding_message_size(MAX_MESSAGE);
+                let instance = self.instance.clone();
+                self.run_raw(async move {
+                    let req = re::GetCapabilitiesRequest {
+                        instance_name: instance,
+                    };
+                    let caps = match timed("GetCapabilities", client.get_capabilities(req)).await
+                    {
+                        Ok(r) => r.into_inner().cache_capabilities,
+                        Err(e) => return Err(e),
+                    };
+                    let Some(caps) = caps else {
+                        return Err("GetCapabilities: the server has no CAS".into());
+                    };
+                    let fns = &caps.digest_functions;
+                    let blake3 = fns.contains(&(DigestFunction::Blake3 as i32));
+                    if !blake3 && !fns.is_empty() && !fns.contains(&(DigestFunction::Sha256 as i32))
+                    {
+                        return Err(format!(
+                            "the server supports neither SHA-256 nor BLAKE3 digests (it lists {:?})",
+                            fns.iter()
+                                .map(|f| DigestFunction::try_from(*f)
+                                    .map(|v| v.as_str_name().to_owned())
+                                    .unwrap_or_else(|_| f.to_string()))
+                                .collect::<Vec<_>>()
+                        ));
+                    }
+                    // Leave room for the request's own fields.
+                    let limit = match caps.max_batch_total_size_bytes {
+                        n if n <= 0 => 4 << 20,
+                        n => (n as u64).min(MAX_MESSAGE as u64),
+                    };
+                    Ok(Caps {
+                        blake3,
+                        batch: limit.saturating_sub(64 << 10).max(64 << 10),
+                        ac_update: caps
+                            .action_cache_update_capabilities
+                            .is_some_and(|c| c.update_enabled),
+                    })
+                })
+            })
+            .as_ref()
+            .map_err(|m| self.err(m))?;
+        Ok(Ctx {
+            instance: self.instance.clone(),
+            caps,
+            cas: CasClient::new(self.channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+            ac: ActionCacheClient::new(self.channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+            bytestream: bs::byte_stream_client::ByteStreamClient::new(self.channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        })
+    }
+}
+
+/// `fut`, failing after [`super::timeout`].
+async fn timed<T>(
+    what: &str,
+    fut: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(super::timeout(), fut).await {
+        Ok(r) => r.map_err(|s| status(what, s)),
+        Err(_) => Err(format!(
+            "{what}: no answer within {} s",
+            super::timeout().as_secs()
+        )),
+    }
+}
+
+/// What a ByteStream upload sends.
+enum Source {
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+/// Everything a request needs; cheap to clone into tasks.
+#[derive(Clone)]
+struct Ctx {
+    instance: String,
+    caps: Caps,
+    cas: CasClient<Channel>,
+    ac: ActionCacheClient<Channel>,
+    bytestream: bs::byte_stream_client::ByteStreamClient<Channel>,
+}
+
+impl Ctx {
+    fn digest_function(&self) -> i32 {
+        if self.caps.blake3 {
+            DigestFunction::Blake3 as i32
+        } else {
+            DigestFunction::Sha256 as i32
+        }
+    }
+
+    /// The digest of bytes made here.
+    fn digest_of(&self, bytes: &[u8]) -> re::Digest {
+        re::Digest {
+            hash: if self.caps.blake3 {
+                blake3::hash(bytes).to_hex().to_string()
+            } else {
+                hex::encode(Sha256::digest(bytes))
+            },
+            size_bytes: bytes.len() as i64,
+        }
+    }
+
+    /// The server's address of a blob.
+    fn digest(&self, b: &BlobRef) -> Result<re::Digest, String> {
+        let hash = if self.caps.blake3 {
+            b.blake3.clone().ok_or_else(|| {
+                format!(
+                    "blob {} has no BLAKE3 digest (its entry predates them), and the server uses BLAKE3",
+                    b.sha256
+                )
+            })?
+        } else {
+            b.sha256.clone()
+        };
+        Ok(re::Digest {
+            hash,
+            size_bytes: b.size as i64,
+        })
+    }
+
+    /// `blobs/HASH/SIZE`, with the digest function's name for BLAKE3 (as REAPI asks for
+    /// functions other than the classic ones).
+    fn blob_path(&self, d: &re::Digest) -> String {
+        if self.caps.blake3 {
+            format!("blobs/blake3/{}/{}", d.hash, d.size_bytes)
+        } else {
+            format!("blobs/{}/{}", d.hash, d.size_bytes)
+        }
+    }
+
+    /// The Action whose ActionCache entry holds `drv_hash`'s signed entry, and its digest.
+    /// The Command is not meant to be run: it names the derivation.
+    fn action(&self, drv_hash: &str) -> (Vec<(re::Digest, Vec<u8>)>, re::Digest) {
+        let command = re::Command {
+            arguments: vec!["rbuild-substitute".into(), drv_hash.into()],
+            output_paths: vec![ENTRY_FILE.into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let command_digest = self.digest_of(&command);
+        let action = re::Action {
+            command_digest: Some(command_digest.clone()),
+            input_root_digest: Some(self.digest_of(&[])),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let action_digest = self.digest_of(&action);
+        (
+            vec![(command_digest, command), (action_digest.clone(), action)],
+            action_digest,
+        )
+    }
+
+    async fn find_missing(&mut self, digests: Vec<re::Digest>) -> Result<Vec<re::Digest>, String> {
+        let mut missing = Vec::new();
+        for chunk in digests.chunks(FIND_BATCH) {
+            let req = re::FindMissingBlobsRequest {
+                instance_name: self.instance.clone(),
+                blob_digests: chunk.to_vec(),
+                digest_function: self.digest_function(),
+            };
+            let resp = timed("FindMissingBlobs", self.cas.find_missing_blobs(req)).await?;
+            missing.extend(resp.into_inner().missing_blob_digests);
+        }
+        Ok(missing)
+    }
+
+    async fn batch_update(&mut self, blobs: Vec<(re::Digest, Vec<u8>)>) -> Result<(), String> {
+        let req = re::BatchUpdateBlobsRequest {
+            instance_name: self.instance.clone(),
+            requests: blobs
+                .into_iter()
+                .map(|(digest, data)| re::batch_update_blobs_request::Request {
+                    digest: Some(digest),
+                    data,
+                    ..Default::default()
+                })
+                .collect(),
+            digest_function: self.digest_function(),
+        };
+        let resp = timed("BatchUpdateBlobs", self.cas.batch_update_blobs(req)).await?;
+        for r in resp.into_inner().responses {
+            if let Some(s) = r.status.filter(|s| s.code != 0) {
+                let d = r.digest.unwrap_or_default();
+                return Err(format!(
+                    "BatchUpdateBlobs: blob {}/{}: code {}: {}",
+                    d.hash, d.size_bytes, s.code, s.message
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn batch_read(
+        &mut self,
+        digests: Vec<re::Digest>,
+    ) -> Result<Vec<(re::Digest, Vec<u8>)>, String> {
+        let req = re::BatchReadBlobsRequest {
+            instance_name: self.instance.clone(),
+            digests,
+            digest_function: self.digest_function(),
+            ..Default::default()
+        };
+        let resp = timed("BatchReadBlobs", self.cas.batch_read_blobs(req)).await?;
+        let mut out = Vec::new();
+        for r in resp.into_inner().responses {
+            let d = r.digest.unwrap_or_default();
+            if let Some(s) = r.status.filter(|s| s.code != 0) {
+                return Err(format!(
+                    "BatchReadBlobs: blob {}/{}: {}: {}",
+                    d.hash,
+                    d.size_bytes,
+                    tonic::Code::from_i32(s.code).description(),
+                    s.message
+                ));
+            }
+            out.push((d, r.data));
+        }
+        Ok(out)
+    }
+
+    /// Stream a blob from the server, each chunk to `sink`; fails past `max` bytes.
+    async fn read_stream(
+        &mut self,
+        d: &re::Digest,
+        mut sink: impl FnMut(Vec<u8>) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let name = format!("{}{}", prefix(&self.instance), self.blob_path(d));
+        let req = bs::ReadRequest {
+            resource_name: name.clone(),
+            read_offset: 0,
+            read_limit: 0,
+        };
+        let what = format!("ByteStream.Read {name}");
+        let mut stream = timed(&what, self.bytestream.read(req)).await?.into_inner();
+        let mut n = 0u64;
+        loop {
+            let msg = match tokio::time::timeout(super::timeout(), stream.message()).await {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => break,
+                Ok(Err(s)) => return Err(status(&what, s)),
+                Err(_) => {
+                    return Err(format!(
+                        "{what}: stalled for {} s",
+                        super::timeout().as_secs()
+                    ))
+                }
+            };
+            n += msg.data.len() as u64;
+            if n > d.size_bytes as u64 {
+                return Err(format!(
+                    "{what}: more than the {} bytes asked for",
+                    d.size_bytes
+                ));
+            }
+            sink(msg.data)?;
+        }
+        Ok(())
+    }
+
+    /// Upload a blob through ByteStream, in [`CHUNK`]s.
+    async fn write_stream(&mut self, d: re::Digest, src: Source) -> Result<(), String> {
+        static UPLOADS: AtomicU64 = AtomicU64::new(0);
+        let id = blake3::hash(
+            format!(
+                "{}-{}-{:?}",
+                std::process::id(),
+                UPLOADS.fetch_add(1, Ordering::Relaxed),
+                std::time::SystemTime::now()
+            )
+            .as_bytes(),
+        )
+        .to_hex();
+        let uuid = format!(
+            "{}-{}-4{}-8{}-{}",
+            &id[0..8],
+            &id[8..12],
+            &id[13..16],
+            &id[17..20],
+            &id[20..32]
+        );
+        let name = format!(
+            "{}uploads/{uuid}/{}",
+            prefix(&self.instance),
+            self.blob_path(&d)
+        );
+        let what = format!("ByteStream.Write {name}");
+        let size = d.size_bytes;
+        let (tx, rx) = tokio::sync::mpsc::channel::<bs::WriteRequest>(4);
+        let reader = {
+            let name = name.clone();
+            tokio::spawn(async move {
+                let (mut file, label, bytes) = match src {
+                    Source::File(path) => (
+                        Some(
+                            tokio::fs::File::open(&path)
+                                .await
+                                .map_err(|e| format!("{}: {e}", path.display()))?,
+                        ),
+                        path.display().to_string(),
+                        Vec::new(),
+                    ),
+                    Source::Bytes(b) => (None, "entry".to_owned(), b),
+                };
+                let mut offset = 0i64;
+                loop {
+                    let buf = match &mut file {
+                        Some(f) => {
+                            let mut buf = vec![0u8; CHUNK];
+                            let mut filled = 0;
+                            while filled < CHUNK {
+                                let n = f
+                                    .read(&mut buf[filled..])
+                                    .await
+                                    .map_err(|e| format!("{label}: {e}"))?;
+                                if n == 0 {
+                                    break;
+                                }
+                                filled += n;
+                            }
+                            buf.truncate(filled);
+                            buf
+                        }
+                        None => {
+                            let at = (offset as usize).min(bytes.len());
+                            bytes[at..(at + CHUNK).min(bytes.len())].to_vec()
+                        }
+                    };
+                    let filled = buf.len();
+                    let last = offset + filled as i64 >= size || filled == 0;
+                    let req = bs::WriteRequest {
+                        resource_name: if offset == 0 {
+                            name.clone()
+                        } else {
+                            String::new()
+                        },
+                        write_offset: offset,
+                        finish_write: last,
+                        data: buf,
+                    };
+                    offset += filled as i64;
+                    if tx.send(req).await.is_err() || last {
+                        break;
+                    }
+                }
+                if offset != size {
+                    return Err(format!(
+                        "{label}: {offset} bytes, expected {size} (changed while uploading?)"
+                    ));
+                }
+                Ok(())
+            })
+        };
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        // A long upload is bounded by the keep-alive, not by a fixed deadline.
+        let resp = self
+            .bytestream
+            .write(stream)
+            .await
+            .map_err(|s| status(&what, s))?;
+        reader.await.map_err(|e| format!("{what}: reader: {e}"))??;
+        let committed = resp.into_inner().committed_size;
+        // A server that already had the blob may stop early and report its full size.
+        if committed != size {
+            return Err(format!(
+                "{what}: the server committed {committed} of {size} bytes"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Read a whole blob (batch if it fits, stream otherwise).
+    async fn read_whole(&mut self, d: re::Digest) -> Result<Vec<u8>, String> {
+        if (d.size_bytes as u64) <= self.caps.batch {
+            let mut got = self.batch_read(vec![d.clone()]).await?;
+            match got.pop() {
+                Some((_, data)) => Ok(data),
+                None => Err(format!("BatchReadBlobs: no answer for {}", d.hash)),
+            }
+        } else {
+            let mut v = Vec::with_capacity(d.size_bytes as usize);
+            self.read_stream(&d, |chunk| {
+                v.extend(chunk);
+                Ok(())
+            })
+            .await?;
+            Ok(v)
+        }
+    }
+
+    /// The signed entry of `drv_hash`, if the ActionCache has one.
+    async fn get_entry(mut self, drv_hash: String) -> Result<Option<Vec<u8>>, String> {
+        let (_, action_digest) = self.action(&drv_hash);
+        let req = re::GetActionResultRequest {
+            instance_name: self.instance.clone(),
+            action_digest: Some(action_digest),
+            inline_output_files: vec![ENTRY_FILE.into()],
+            digest_function: self.digest_function(),
+            ..Default::default()
+        };
+        let result =
+            match tokio::time::timeout(super::timeout(), self.ac.get_action_result(req)).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(s)) if s.code() == tonic::Code::NotFound => return Ok(None),
+                Ok(Err(s)) => return Err(status("GetActionResult", s)),
+                Err(_) => {
+                    return Err(format!(
+                        "GetActionResult: no answer within {} s",
+                        super::timeout().as_secs()
+                    ))
+                }
+            };
+        let Some(file) = result
+            .output_files
+            .into_iter()
+            .find(|f| f.path == ENTRY_FILE)
+        else {
+            return Err(format!(
+                "the ActionResult for {drv_hash} has no {ENTRY_FILE} (not written by rbuild?)"
+            ));
+        };
+        let d = file.digest.unwrap_or_default();
+        if d.size_bytes < 0 || d.size_bytes as u64 > MAX_ENTRY {
+            return Err(format!(
+                "the entry of {drv_hash} claims {} bytes",
+                d.size_bytes
+            ));
+        }
+        let bytes = if !file.contents.is_empty() || d.size_bytes == 0 {
+            file.contents
+        } else {
+            self.read_whole(d.clone()).await?
+        };
+        // Entries are checked against their signature later; this catches transport damage.
+        if self.digest_of(&bytes) != d {
+            return Err(format!(
+                "the entry blob of {drv_hash} does not match its digest {}",
+                d.hash
+            ));
+        }
+        Ok(Some(bytes))
+    }
+}
+
+impl BinaryCache for GrpcCache {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let ctx = self.ctx()?;
+        self.run(ctx.get_entry(drv_hash.to_owned()))
+    }
+
+    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        // REAPI has no batch ActionCache lookup: PARALLEL lookups in flight.
+        let ctx = self.ctx()?;
+        let hashes = drv_hashes.to_vec();
+        self.run(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, h) in hashes.into_iter().enumerate() {
+                let ctx = ctx.clone();
+                let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    (i, ctx.get_entry(h).await)
+                });
+            }
+            let mut out = vec![None; tasks.len()];
+            while let Some(r) = tasks.join_next().await {
+                let (i, r) = r.map_err(|e| format!("lookup task: {e}"))?;
+                out[i] = r?;
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        let mut ctx = self.ctx()?;
+        if !ctx.caps.ac_update {
+            return Err(self.err(
+                "the server does not allow ActionCache updates (enable allow-updates on its action cache)",
+            ));
+        }
+        let (mut blobs, action_digest) = ctx.action(drv_hash);
+        let entry_digest = ctx.digest_of(bytes);
+        let bytes = bytes.to_vec();
+        self.run(async move {
+            if bytes.len() as u64 <= ctx.caps.batch {
+                blobs.push((entry_digest.clone(), bytes));
+            } else {
+                ctx.write_stream(entry_digest.clone(), Source::Bytes(bytes))
+                    .await?;
+            }
+            ctx.batch_update(blobs).await?;
+            let req = re::UpdateActionResultRequest {
+                instance_name: ctx.instance.clone(),
+                action_digest: Some(action_digest),
+                action_result: Some(re::ActionResult {
+                    output_files: vec![re::OutputFile {
+                        path: ENTRY_FILE.into(),
+                        digest: Some(entry_digest),
+                        ..Default::default()
+                    }],
+                    exit_code: 0,
+                    ..Default::default()
+                }),
+                digest_function: ctx.digest_function(),
+                ..Default::default()
+            };
+            timed("UpdateActionResult", ctx.ac.update_action_result(req)).await?;
+            Ok(())
+        })
+    }
+
+    fn missing_blobs(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>, CacheError> {
+        let mut ctx = self.ctx()?;
+        let mut by_hash: HashMap<String, BlobRef> = HashMap::new();
+        let mut digests = Vec::with_capacity(blobs.len());
+        for b in blobs {
+            let d = ctx.digest(b).map_err(|m| self.err(m))?;
+            by_hash.insert(d.hash.clone(), b.clone());
+            digests.push(d);
+        }
+        let missing = self.run(async move { ctx.find_missing(digests).await })?;
+        Ok(missing
+            .into_iter()
+            .filter_map(|d| by_hash.get(&d.hash).cloned())
+            .collect())
+    }
+
+    fn get_blob(&self, blob: &BlobRef, dest: &mut dyn Write) -> Result<(), CacheError> {
+        let mut ctx = self.ctx()?;
+        let d = ctx.digest(blob).map_err(|m| self.err(m))?;
+        // The stream is read on the runtime; chunks come here through a short queue so a slow
+        // disk holds the download back instead of filling memory.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        self.rt().spawn(async move {
+            let r = ctx
+                .read_stream(&d, |chunk| {
+                    tx.send(chunk)
+                        .map_err(|_| "the reader went away".to_owned())
+                })
+                .await;
+            drop(tx);
+            let _ = done_tx.send(r);
+        });
+        let mut write_err = None;
+        for chunk in rx {
+            if write_err.is_none() {
+                if let Err(e) = dest.write_all(&chunk) {
+                    write_err = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = write_err {
+            return Err(self.err(format!("writing blob {}: {e}", blob.sha256)));
+        }
+        done_rx
+            .recv()
+            .map_err(|_| self.err("the gRPC client stopped"))?
+            .map_err(|m| self.err(m))
+    }
+
+    fn get_small_blobs(&self, blobs: &[BlobRef], sink: &mut BlobSink) -> Result<(), CacheError> {
+        let ctx = self.ctx()?;
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut batches: Vec<Vec<re::Digest>> = vec![];
+        let mut streamed = vec![];
+        let mut total = 0u64;
+        for (i, b) in blobs.iter().enumerate() {
+            let d = ctx.digest(b).map_err(|m| self.err(m))?;
+            index.insert(d.hash.clone(), i);
+            if b.size > ctx.caps.batch {
+                streamed.push(d);
+                continue;
+            }
+            if batches.is_empty() || total + b.size > ctx.caps.batch {
+                batches.push(vec![]);
+                total = 0;
+            }
+            total += b.size;
+            batches.last_mut().expect("a batch").push(d);
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(re::Digest, Vec<u8>), String>>(64);
+        self.rt().spawn(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL / 2));
+            let mut tasks = tokio::task::JoinSet::new();
+            let jobs = batches
+                .into_iter()
+                .map(|b| (b, false))
+                .chain(streamed.into_iter().map(|d| (vec![d], true)));
+            for (digests, stream) in jobs {
+                let mut ctx = ctx.clone();
+                let tx = tx.clone();
+                let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let got = if stream {
+                        let d = digests[0].clone();
+                        ctx.read_whole(d.clone()).await.map(|v| vec![(d, v)])
+                    } else {
+                        ctx.batch_read(digests).await
+                    };
+                    let tx2 = tx;
+                    // The receiver writes files: wait for room off the runtime's threads.
+                    let _ = tokio::task::spawn_blocking(move || match got {
+                        Ok(v) => v.into_iter().all(|x| tx2.send(Ok(x)).is_ok()),
+                        Err(e) => tx2.send(Err(e)).is_ok(),
+                    })
+                    .await;
+                });
+            }
+            drop(tx);
+            while tasks.join_next().await.is_some() {}
+        });
+        for r in rx {
+            let (d, data) = r.map_err(|m| self.err(m))?;
+            let i = *index.get(&d.hash).ok_or_else(|| {
+                self.err(format!("the server sent blob {} not asked for", d.hash))
+            })?;
+            sink(i, data)?;
+        }
+        Ok(())
+    }
+
+    fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), CacheError> {
+        self.put_blobs(&[(blob.clone(), src.to_owned())])
+    }
+
+    fn put_blobs(&self, blobs: &[(BlobRef, PathBuf)]) -> Result<(), CacheError> {
+        let ctx = self.ctx()?;
+        let mut batches: Vec<Vec<(re::Digest, PathBuf)>> = vec![];
+        let mut streamed = vec![];
+        let mut total = 0u64;
+        for (b, p) in blobs {
+            let d = ctx.digest(b).map_err(|m| self.err(m))?;
+            if b.size > ctx.caps.batch.min(super::SMALL_BLOB) {
+                streamed.push(vec![(d, p.clone())]);
+                continue;
+            }
+            if batches.is_empty() || total + b.size > ctx.caps.batch {
+                batches.push(vec![]);
+                total = 0;
+            }
+            total += b.size;
+            batches.last_mut().expect("a batch").push((d, p.clone()));
+        }
+        self.run(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL / 2));
+            let mut tasks = tokio::task::JoinSet::new();
+            for (job, stream) in batches
+                .into_iter()
+                .map(|b| (b, false))
+                .chain(streamed.into_iter().map(|b| (b, true)))
+            {
+                let mut ctx = ctx.clone();
+                let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    if stream {
+                        let (d, p) = job.into_iter().next().expect("one blob");
+                        return ctx.write_stream(d, Source::File(p)).await;
+                    }
+                    let mut blobs = Vec::with_capacity(job.len());
+                    for (d, p) in job {
+                        let data = tokio::fs::read(&p)
+                            .await
+                            .map_err(|e| format!("{}: {e}", p.display()))?;
+                        if data.len() as i64 != d.size_bytes {
+                            return Err(format!(
+                                "{}: {} bytes, expected {} (changed while uploading?)",
+                                p.display(),
+                                data.len(),
+                                d.size_bytes
+                            ));
+                        }
+                        blobs.push((d, data));
+                    }
+                    ctx.batch_update(blobs).await
+                });
+                while let Some(r) = tasks.try_join_next() {
+                    r.map_err(|e| format!("upload task: {e}"))??;
+                }
+            }
+            while let Some(r) = tasks.join_next().await {
+                r.map_err(|e| format!("upload task: {e}"))??;
+            }
+            Ok(())
+        })
+    }
+}

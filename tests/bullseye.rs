@@ -157,12 +157,15 @@ fn debian_bullseye_as_root_and_unprivileged() {
     assert!(u["built"].as_u64().unwrap() > 200);
     assert_eq!(manifest_digest(&user_result), digest, "same bits as root");
 
-    // The user shares the closure through a directory; root, with an empty store and a dead
-    // mirror, substitutes the image from it instead of building.
+    // Developer A (the user) pushes the closure to a shared directory and to BuildGrid (REAPI).
+    // Developer B (a second unprivileged user, or root when there is none), with empty stores and
+    // a dead mirror, substitutes the image from each instead of building; with a key B does not
+    // trust, nothing from the cache is used.
     let keys = user_dir(t.path(), "keys", Some(&user));
     let (sec, public) = (keys.join("a.sec"), keys.join("a.pub"));
     let shared = user_dir(t.path(), "shared", Some(&user));
-    let cache = format!("file://{}", shared.display());
+    let bg = buildgrid();
+    let caches = [format!("file://{}", shared.display()), bg.url.clone()];
     ok(&rbuild_as(
         Some(&user),
         &[
@@ -174,52 +177,94 @@ fn debian_bullseye_as_root_and_unprivileged() {
         ],
         &env,
     ));
+    for cache in &caches {
+        let started = Instant::now();
+        let o = rbuild_as(
+            Some(&user),
+            &[
+                "cache",
+                "push",
+                "debian-bullseye",
+                "--store",
+                s2.to_str().unwrap(),
+                "--to",
+                cache,
+                "--secret-key",
+                sec.to_str().unwrap(),
+            ],
+            &env,
+        );
+        ok(&o);
+        eprintln!(
+            "developer A pushed to {cache} in {:?}: {}",
+            started.elapsed(),
+            stderr(&o).trim()
+        );
+    }
+    let dev_b = std::env::var("RBUILD_TEST_USER2")
+        .ok()
+        .filter(|u| !u.is_empty() && test_user().is_some());
+    if dev_b.is_none() {
+        eprintln!("RBUILD_TEST_USER2 not set: developer B is root");
+    }
+    let b_keys = user_dir(t.path(), "b-keys", dev_b.as_deref());
+    let b_own = b_keys.join("b.pub");
     ok(&rbuild_as(
-        Some(&user),
+        dev_b.as_deref(),
         &[
-            "cache",
-            "push",
-            "debian-bullseye",
-            "--store",
-            s2.to_str().unwrap(),
-            "--to",
-            &cache,
-            "--secret-key",
-            sec.to_str().unwrap(),
-        ],
-        &env,
-    ));
-    let started = Instant::now();
-    let sub = json(&rbuild_as(
-        None,
-        &[
-            "realise",
-            "debian-bullseye",
-            "--store",
-            t.path().join("root-store-2").to_str().unwrap(),
-            "--json",
-            "--mirror",
-            "http://127.0.0.1:9/dead",
-            "--substituter",
-            &cache,
-            "--trusted-key",
-            public.to_str().unwrap(),
+            "key",
+            "generate",
+            "dev-b",
+            b_keys.join("b.sec").to_str().unwrap(),
+            b_own.to_str().unwrap(),
         ],
         &[],
     ));
-    eprintln!(
-        "substituted from a shared directory in {:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        (sub["built"].as_u64(), sub["substituted"].as_u64()),
-        (Some(0), Some(1)),
-        "{sub}"
-    );
-    assert_eq!(
-        manifest_digest(Path::new(sub["output"].as_str().unwrap())),
-        digest
-    );
+    for (i, cache) in caches.iter().enumerate() {
+        let store = user_dir(t.path(), &format!("b-store-{i}"), dev_b.as_deref());
+        let realise_b = |key: &Path| {
+            rbuild_as(
+                dev_b.as_deref(),
+                &[
+                    "realise",
+                    "debian-bullseye",
+                    "--store",
+                    store.to_str().unwrap(),
+                    "--json",
+                    "--mirror",
+                    "http://127.0.0.1:9/dead",
+                    "--substituter",
+                    cache,
+                    "--trusted-key",
+                    key.to_str().unwrap(),
+                ],
+                &[],
+            )
+        };
+        let o = realise_b(&b_own);
+        assert!(!o.status.success(), "untrusted cache used: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("no valid signature by a trusted key"),
+            "{}",
+            stderr(&o)
+        );
+        let started = Instant::now();
+        let sub = json(&realise_b(&public));
+        eprintln!(
+            "developer B substituted from {cache} in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            (sub["built"].as_u64(), sub["substituted"].as_u64()),
+            (Some(0), Some(1)),
+            "{cache}: {sub}"
+        );
+        assert_eq!(
+            manifest_digest(Path::new(sub["output"].as_str().unwrap())),
+            digest,
+            "{cache}"
+        );
+    }
     if !have("podman") {
         eprintln!("podman not installed: image not run");
         return;

@@ -1232,3 +1232,113 @@ fn grpc_backend_batches_small_blobs_and_streams_large_ones() {
         "every blob is in the CAS"
     );
 }
+
+/// A REAPI server that lists only BLAKE3 (and rejects any blob whose BLAKE3 digest is wrong):
+/// push and substitute work with BLAKE3 addresses, existence is asked in batches, and large
+/// blobs stream. Then the server starts lying about blob contents: every lie is caught against
+/// the signed SHA-256 listing, and the outputs are built instead.
+#[test]
+fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
+    use std::sync::atomic::Ordering;
+    let (url, state) = reapi_server::start();
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let (sec, public) = keypair(t.path(), "alice-2026");
+    let recipe = a.recipe.to_str().unwrap();
+    let r = realise_json(
+        None,
+        &a,
+        "",
+        &t.path().join("a"),
+        &["--push-to", &url, "--secret-key", &sec],
+    );
+    assert_eq!(r["built"], 13);
+    let (calls, asked) = (
+        state.find_missing_calls.load(Ordering::Relaxed),
+        state.digests_asked.load(Ordering::Relaxed),
+    );
+    assert!(
+        calls <= 13 && asked > 2 * calls,
+        "one FindMissingBlobs per output, many digests each: {calls} calls, {asked} digests"
+    );
+    let digest = image_manifest_digest(Path::new(r["output"].as_str().unwrap()));
+    let from = |store: &str, mirror: &str| {
+        rbuild(&[
+            "realise",
+            recipe,
+            "--store",
+            t.path().join(store).to_str().unwrap(),
+            "--json",
+            "--mirror",
+            mirror,
+            "--substituter",
+            &url,
+            "--trusted-key",
+            &public,
+        ])
+    };
+    let b = json(&from("b", "http://127.0.0.1:9/debian"));
+    assert_eq!(
+        (b["built"].as_u64(), b["substituted"].as_u64()),
+        (Some(0), Some(1)),
+        "{b}"
+    );
+    assert_eq!(
+        image_manifest_digest(Path::new(b["output"].as_str().unwrap())),
+        digest
+    );
+
+    // Large blobs: over the server's 1 MiB batch limit, so through ByteStream both ways.
+    {
+        use rbuild_store::cache;
+        let out = t.path().join("big");
+        fs::create_dir_all(&out).unwrap();
+        let big: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(out.join("big"), &big).unwrap();
+        let c = cache::open(&url).unwrap();
+        let key = cache::SecretKey::generate("k").unwrap();
+        assert_eq!(
+            cache::push(c.as_ref(), &key, "big", "x", "c", &out).unwrap(),
+            1
+        );
+        let entry = cache::query(c.as_ref(), "big", &[key.public()])
+            .unwrap()
+            .unwrap();
+        cache::fetch(c.as_ref(), &entry, &t.path().join("big-back")).unwrap();
+        assert_eq!(fs::read(t.path().join("big-back/big")).unwrap(), big);
+        assert!(state.stream_writes.load(Ordering::Relaxed) >= 1);
+        assert!(state.stream_reads.load(Ordering::Relaxed) >= 1);
+    }
+
+    // The server now lies about every file blob (entries and Actions stay intact).
+    let keep: HashSet<String> = state
+        .actions
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|(action, result)| {
+            let mut v = vec![action.clone()];
+            v.extend(
+                result
+                    .output_files
+                    .iter()
+                    .map(|f| f.digest.clone().unwrap().hash),
+            );
+            v
+        })
+        .collect();
+    for (hash, data) in state.blobs.lock().unwrap().iter_mut() {
+        if !keep.contains(hash) && !data.is_empty() {
+            data[0] ^= 0xff;
+        }
+    }
+    let o = from("c", &a.mirror_url());
+    let c = json(&o);
+    assert!(c["built"].as_u64().unwrap() >= 1, "{c}");
+    assert!(stderr(&o).contains("blob sha256"), "{}", stderr(&o));
+    assert_eq!(
+        image_manifest_digest(Path::new(c["output"].as_str().unwrap())),
+        digest
+    );
+}

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::Read;
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
@@ -1341,4 +1342,118 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         image_manifest_digest(Path::new(c["output"].as_str().unwrap())),
         digest
     );
+}
+
+/// `grpcs://`: BuildGrid serving TLS with a certificate from a CA made for the test. With that CA
+/// in `SSL_CERT_FILE` the push goes through; without it the certificate is refused.
+#[test]
+fn grpcs_cache_checks_the_server_certificate() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl");
+        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=rbuild test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-keyout",
+                "key.pem",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let bg = buildgrid_with_tls(Some((&d.join("key.pem"), &d.join("cert.pem"))));
+    assert!(bg.url.starts_with("grpcs://"));
+
+    ok(&rbuild(&[
+        "key",
+        "generate",
+        "k",
+        d.join("k.sec").to_str().unwrap(),
+        d.join("k.pub").to_str().unwrap(),
+    ]));
+    let a = make_archive(&d.join("archive"));
+    lock(&a);
+    let store = d.join("store");
+    realise_json(None, &a, "^rootfs", &store, &[]);
+    let push = |env: &[(&str, &str)]| {
+        rbuild_as(
+            None,
+            &[
+                "cache",
+                "push",
+                &format!("{}^rootfs", a.recipe.display()),
+                "--store",
+                store.to_str().unwrap(),
+                "--to",
+                &bg.url,
+                "--secret-key",
+                d.join("k.sec").to_str().unwrap(),
+            ],
+            env,
+        )
+    };
+    let o = push(&[("SSL_CERT_FILE", d.join("ca.pem").to_str().unwrap())]);
+    ok(&o);
+    assert!(stderr(&o).contains("new blobs"), "{}", stderr(&o));
+    let o = push(&[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("certificate"), "{}", stderr(&o));
 }

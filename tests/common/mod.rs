@@ -511,6 +511,11 @@ impl Drop for BuildGrid {
 }
 
 pub fn buildgrid() -> BuildGrid {
+    buildgrid_with_tls(None)
+}
+
+/// [`buildgrid`] serving TLS with this key and certificate (PEM): its URL is `grpcs://`.
+pub fn buildgrid_with_tls(tls: Option<(&Path, &Path)>) -> BuildGrid {
     let bgd = std::env::var("RBUILD_BGD")
         .ok()
         .filter(|b| !b.is_empty())
@@ -526,6 +531,17 @@ pub fn buildgrid() -> BuildGrid {
     )
     .unwrap()
     .replace("127.0.0.1:50051", &format!("127.0.0.1:{port}"));
+    let config = match tls {
+        None => config,
+        Some((key, cert)) => config.replace(
+            "insecure-mode: true",
+            &format!(
+                "insecure-mode: false\n    credentials:\n      tls-server-key: {}\n      tls-server-cert: {}",
+                key.display(),
+                cert.display()
+            ),
+        ),
+    };
     let config_path = dir.path().join("buildgrid.yml");
     fs::write(&config_path, config).unwrap();
     let log = dir.path().join("bgd.log");
@@ -562,7 +578,10 @@ pub fn buildgrid() -> BuildGrid {
     }
     BuildGrid {
         child,
-        url: format!("grpc://127.0.0.1:{port}"),
+        url: format!(
+            "{}://127.0.0.1:{port}",
+            if tls.is_some() { "grpcs" } else { "grpc" }
+        ),
         _dir: dir,
     }
 }

@@ -1263,6 +1263,23 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         calls <= 13 && asked > 2 * calls,
         "one FindMissingBlobs per output, many digests each: {calls} calls, {asked} digests"
     );
+    // `cache push` of the whole closure to an empty server asks about all its blobs at once.
+    let (url2, state2) = reapi_server::start();
+    let o = rbuild(&[
+        "cache",
+        "push",
+        recipe,
+        "--store",
+        t.path().join("a").to_str().unwrap(),
+        "--to",
+        &url2,
+        "--secret-key",
+        &sec,
+    ]);
+    ok(&o);
+    assert!(stderr(&o).contains("pushed 13 outputs"), "{}", stderr(&o));
+    assert_eq!(state2.find_missing_calls.load(Ordering::Relaxed), 1);
+    assert_eq!(state2.actions.lock().unwrap().len(), 13);
     let digest = image_manifest_digest(Path::new(r["output"].as_str().unwrap()));
     let from = |store: &str, mirror: &str| {
         rbuild(&[

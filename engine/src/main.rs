@@ -136,7 +136,7 @@ enum CacheCommand {
         recipe: String,
         #[command(flatten)]
         store: StoreArgs,
-        /// The binary cache (file:///DIR)
+        /// The binary cache: file:///DIR, http(s)://URL or grpc(s)://HOST:PORT[/INSTANCE]
         #[arg(long)]
         to: String,
         #[arg(long)]
@@ -238,7 +238,7 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
     // The target's closure: every derivation it needs that this store holds.
     let mut stack = vec![target];
     let mut seen = std::collections::HashSet::new();
-    let (mut pushed, mut blobs) = (0, 0);
+    let mut valid = Vec::new();
     while let Some(h) = stack.pop() {
         if !seen.insert(h.clone()) {
             continue;
@@ -249,18 +249,20 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
             .context("derivation not in the graph")?;
         stack.extend(drv.inputs.iter().cloned());
         if let Some(out) = store.valid_output(&h.0)? {
-            blobs += rbuild_store::cache::push(
-                cache.as_ref(),
-                &key,
-                &h.0,
-                &drv.output_name(),
-                &out.content_hash,
-                &out.path,
-            )?;
-            pushed += 1;
+            valid.push((h.0.clone(), drv.output_name(), out));
         }
     }
-    eprintln!("{to}: pushed {pushed} outputs ({blobs} new blobs)");
+    let outputs: Vec<rbuild_store::cache::Publish> = valid
+        .iter()
+        .map(|(h, name, out)| rbuild_store::cache::Publish {
+            drv_hash: h,
+            name,
+            content_hash: &out.content_hash,
+            path: &out.path,
+        })
+        .collect();
+    let blobs = rbuild_store::cache::push_many(cache.as_ref(), &key, &outputs)?;
+    eprintln!("{to}: pushed {} outputs ({blobs} new blobs)", outputs.len());
     Ok(())
 }
 

@@ -493,6 +493,14 @@ fn walk(
     Ok(())
 }
 
+/// A registered output to publish: derivation hash, name, content hash, path.
+pub struct Publish<'a> {
+    pub drv_hash: &'a str,
+    pub name: &'a str,
+    pub content_hash: &'a str,
+    pub path: &'a Path,
+}
+
 /// Publish a registered output: missing blobs first (asked in one batch), the signed entry only
 /// once they are all there. Returns how many blobs were uploaded.
 pub fn push(
@@ -503,23 +511,69 @@ pub fn push(
     content_hash: &str,
     out: &Path,
 ) -> Result<usize, CacheError> {
-    let (body, files) = describe(drv_hash, name, content_hash, out)?;
-    let missing: std::collections::HashSet<BlobRef> =
-        cache.missing_blobs(&body.blobs())?.into_iter().collect();
+    push_many(
+        cache,
+        key,
+        &[Publish {
+            drv_hash,
+            name,
+            content_hash,
+            path: out,
+        }],
+    )
+}
+
+/// Publish many outputs (a closure) at once: one existence query for the blobs of all of them,
+/// one upload of what is missing (deduplicated across outputs), then the signed entries, several
+/// at a time. Returns how many blobs were uploaded.
+pub fn push_many(
+    cache: &dyn BinaryCache,
+    key: &SecretKey,
+    outputs: &[Publish],
+) -> Result<usize, CacheError> {
+    let mut bodies = Vec::with_capacity(outputs.len());
+    let mut files: Vec<(BlobRef, PathBuf)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
+    for o in outputs {
+        let (body, f) = describe(o.drv_hash, o.name, o.content_hash, o.path)?;
+        files.extend(f.into_iter().filter(|(b, _)| seen.insert(b.clone())));
+        bodies.push(body);
+    }
+    let all: Vec<BlobRef> = files.iter().map(|(b, _)| b.clone()).collect();
+    let missing: std::collections::HashSet<BlobRef> =
+        cache.missing_blobs(&all)?.into_iter().collect();
     let upload: Vec<(BlobRef, PathBuf)> = files
         .into_iter()
-        .filter(|(b, _)| missing.contains(b) && seen.insert(b.clone()))
+        .filter(|(b, _)| missing.contains(b))
         .collect();
     cache.put_blobs(&upload)?;
-    let entry = CacheEntry {
-        signatures: vec![key.sign(&body)],
-        body,
-    };
-    cache.put_entry(
-        drv_hash,
-        &serde_json::to_vec(&entry).expect("entries serialize"),
-    )?;
+    let entries: Vec<(String, Vec<u8>)> = bodies
+        .into_iter()
+        .map(|body| {
+            let drv = body.drv_hash.clone();
+            let entry = CacheEntry {
+                signatures: vec![key.sign(&body)],
+                body,
+            };
+            (drv, serde_json::to_vec(&entry).expect("entries serialize"))
+        })
+        .collect();
+    for chunk in entries.chunks(8) {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|(drv, bytes)| sc.spawn(move || cache.put_entry(drv, bytes)))
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(CacheError::Backend {
+                        url: cache.url().to_owned(),
+                        msg: "an upload thread panicked".into(),
+                    })
+                })
+            })
+        })?;
+    }
     Ok(upload.len())
 }
 

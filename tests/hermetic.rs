@@ -748,6 +748,32 @@ fn keypair(dir: &Path, name: &str) -> (String, String) {
     )
 }
 
+/// `rbuild realise --json` of `a`'s recipe into `store` with these substituters, trusting `key`.
+fn realise_from(
+    a: &Archive,
+    store: &Path,
+    mirror: &str,
+    caches: &[&str],
+    key: &str,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut args = vec![
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--json",
+        "--mirror",
+        mirror,
+        "--trusted-key",
+        key,
+    ];
+    for c in caches {
+        args.extend(["--substituter", c]);
+    }
+    rbuild_as(None, &args, env)
+}
+
 /// A shared-directory binary cache: a second store substitutes instead of building (without
 /// touching the mirror), entries signed by an untrusted key or with tampered blobs are refused
 /// and built instead, a partial cache is used for what it has, and pushing twice uploads nothing.
@@ -785,21 +811,7 @@ fn file_cache_substitutes_signed_outputs_only() {
     );
 
     let dead = "http://127.0.0.1:9/debian";
-    let from_cache = |store: &Path, key: &str| {
-        rbuild(&[
-            "realise",
-            recipe,
-            "--store",
-            store.to_str().unwrap(),
-            "--json",
-            "--mirror",
-            dead,
-            "--substituter",
-            &cache,
-            "--trusted-key",
-            key,
-        ])
-    };
+    let from_cache = |store: &Path, key: &str| realise_from(&a, store, dead, &[&cache], key, &[]);
     let b = json(&from_cache(&t.path().join("b"), &alice_pub));
     assert_eq!(
         (b["built"].as_u64(), b["substituted"].as_u64()),
@@ -825,19 +837,14 @@ fn file_cache_substitutes_signed_outputs_only() {
     for e in fs::read_dir(&blobs).unwrap() {
         fs::write(e.unwrap().path(), b"tampered").unwrap();
     }
-    let o = rbuild(&[
-        "realise",
-        recipe,
-        "--store",
-        t.path().join("d").to_str().unwrap(),
-        "--json",
-        "--mirror",
+    let o = realise_from(
+        &a,
+        &t.path().join("d"),
         &a.mirror_url(),
-        "--substituter",
-        &cache,
-        "--trusted-key",
+        &[&cache],
         &alice_pub,
-    ]);
+        &[],
+    );
     let d = json(&o);
     assert!(d["built"].as_u64().unwrap() >= 1, "{d}");
     assert!(stderr(&o).contains("blob sha256"), "{}", stderr(&o));
@@ -860,21 +867,15 @@ fn file_cache_substitutes_signed_outputs_only() {
         "--secret-key",
         &alice_sec,
     ]));
-    let e = json(&rbuild(&[
-        "realise",
-        recipe,
-        "--store",
-        t.path().join("e").to_str().unwrap(),
-        "--json",
-        "--mirror",
+    let nowhere = format!("file://{}", t.path().join("nowhere").display());
+    let e = json(&realise_from(
+        &a,
+        &t.path().join("e"),
         dead,
-        "--substituter",
-        &format!("file://{}", t.path().join("nowhere").display()),
-        "--substituter",
-        &partial_url,
-        "--trusted-key",
+        &[&nowhere, &partial_url],
         &alice_pub,
-    ]));
+        &[],
+    ));
     assert_eq!(
         (e["substituted"].as_u64(), e["built"].as_u64()),
         (Some(1), Some(2)),
@@ -911,19 +912,14 @@ fn http_cache_round_trip_and_dead_cache() {
         t.path().join("served/entries").read_dir().unwrap().count() >= 13,
         "pushed while building"
     );
-    let b = json(&rbuild(&[
-        "realise",
-        recipe,
-        "--store",
-        t.path().join("b").to_str().unwrap(),
-        "--json",
-        "--mirror",
+    let b = json(&realise_from(
+        &a,
+        &t.path().join("b"),
         "http://127.0.0.1:9/debian",
-        "--substituter",
-        &url,
-        "--trusted-key",
+        &[&url],
         &public,
-    ]));
+        &[],
+    ));
     assert_eq!(
         (b["built"].as_u64(), b["substituted"].as_u64()),
         (Some(0), Some(1)),
@@ -934,19 +930,14 @@ fn http_cache_round_trip_and_dead_cache() {
         image_manifest_digest(Path::new(r["output"].as_str().unwrap()))
     );
     // Nothing listens on port 9: the cache is dead, the build goes on from the mirror.
-    let o = rbuild(&[
-        "realise",
-        recipe,
-        "--store",
-        t.path().join("c").to_str().unwrap(),
-        "--json",
-        "--mirror",
+    let o = realise_from(
+        &a,
+        &t.path().join("c"),
         &a.mirror_url(),
-        "--substituter",
-        "http://127.0.0.1:9/cache",
-        "--trusted-key",
+        &["http://127.0.0.1:9/cache"],
         &public,
-    ]);
+        &[],
+    );
     let c = json(&o);
     assert_eq!(c["built"], 13);
     assert!(
@@ -997,22 +988,7 @@ fn grpc_cache_on_buildgrid() {
 
     let dead = "http://127.0.0.1:9/debian";
     let from = |store: &str, mirror: &str, caches: &[&str], key: &str| {
-        let store = t.path().join(store);
-        let mut args = vec![
-            "realise",
-            recipe,
-            "--store",
-            store.to_str().unwrap(),
-            "--json",
-            "--mirror",
-            mirror,
-            "--trusted-key",
-            key,
-        ];
-        for c in caches {
-            args.extend(["--substituter", c]);
-        }
-        rbuild(&args)
+        realise_from(&a, &t.path().join(store), mirror, caches, key, &[])
     };
     let b = json(&from("b", dead, &[&bg.url], &public));
     assert_eq!(
@@ -1111,24 +1087,12 @@ fn grpc_cache_on_buildgrid() {
             );
         }
     });
-    let store_f = t.path().join("f");
-    let o = rbuild_as(
-        None,
-        &[
-            "realise",
-            recipe,
-            "--store",
-            store_f.to_str().unwrap(),
-            "--json",
-            "--mirror",
-            &a.mirror_url(),
-            "--trusted-key",
-            &public,
-            "--substituter",
-            &silent_url,
-            "--substituter",
-            &garbage_url,
-        ],
+    let o = realise_from(
+        &a,
+        &t.path().join("f"),
+        &a.mirror_url(),
+        &[&silent_url, &garbage_url],
+        &public,
         &[("RBUILD_CACHE_TIMEOUT", "2")],
     );
     assert_eq!(json(&o)["built"], 13);
@@ -1282,19 +1246,7 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
     assert_eq!(state2.actions.lock().unwrap().len(), 13);
     let digest = image_manifest_digest(Path::new(r["output"].as_str().unwrap()));
     let from = |store: &str, mirror: &str| {
-        rbuild(&[
-            "realise",
-            recipe,
-            "--store",
-            t.path().join(store).to_str().unwrap(),
-            "--json",
-            "--mirror",
-            mirror,
-            "--substituter",
-            &url,
-            "--trusted-key",
-            &public,
-        ])
+        realise_from(&a, &t.path().join(store), mirror, &[&url], &public, &[])
     };
     let b = json(&from("b", "http://127.0.0.1:9/debian"));
     assert_eq!(

@@ -650,6 +650,7 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
     };
     // Every path must sit in a directory this fetch created: never below a symlink.
     let mut dirs: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut paths: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut files: Vec<(&str, u32, BlobRef)> = Vec::new();
     let mut hardlinks: Vec<(&str, &str)> = Vec::new();
     for node in &entry.body.nodes {
@@ -676,6 +677,9 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
             }
         } else if !matches!(node, CacheNode::Dir { .. } | CacheNode::File { .. }) {
             return Err(bad("the output itself must be a file or a directory".into()));
+        }
+        if !paths.insert(rel) {
+            return Err(bad(format!("{rel:?} is listed twice")));
         }
         let p = at(rel);
         match node {
@@ -742,7 +746,7 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
                 bytes.len() as u64,
             )?;
             let p = at(rel);
-            fs::write(&p, &bytes).map_err(io(p.display()))?;
+            create_new(&p)?.write_all(&bytes).map_err(io(p.display()))?;
             finish(rel, *mode)?;
         }
         got[i] = true;
@@ -757,7 +761,7 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
     for (rel, mode, blob) in large {
         let p = at(rel);
         let mut f = HashingWriter {
-            file: fs::File::create(&p).map_err(io(p.display()))?,
+            file: create_new(&p)?,
             hash: Sha256::new(),
             n: 0,
         };
@@ -779,6 +783,15 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
         meta.write(&sidecar(dest)).map_err(|e| bad(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Create a file that must not exist yet (so never through a symlink).
+fn create_new(p: &Path) -> Result<fs::File, CacheError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(p)
+        .map_err(io(p.display()))
 }
 
 /// A file being written, and the SHA-256 and length of what was written so far.
@@ -918,5 +931,52 @@ mod tests {
             "{err}"
         );
         assert!(!victim.join("sub").exists());
+    }
+
+    #[test]
+    fn entries_cannot_write_a_file_through_their_own_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out");
+        fs::create_dir_all(&out).unwrap();
+        fs::write(out.join("f"), b"evil").unwrap();
+        let cache = open(&format!("file://{}", t.path().join("cache").display())).unwrap();
+        let key = SecretKey::generate("k").unwrap();
+        push(cache.as_ref(), &key, "h", "x", "c", &out).unwrap();
+        let mut entry = query(cache.as_ref(), "h", &[key.public()])
+            .unwrap()
+            .unwrap();
+        // A symlink `a` to a victim file, then a file `a` with the blob's contents.
+        let victim = t.path().join("victim");
+        fs::write(&victim, b"safe").unwrap();
+        let file = entry.body.nodes[1].clone();
+        let CacheNode::File {
+            sha256,
+            size,
+            blake3,
+            mode,
+            ..
+        } = file
+        else {
+            panic!("{file:?}")
+        };
+        entry.body.nodes = vec![
+            entry.body.nodes[0].clone(),
+            CacheNode::Symlink {
+                path: "a".into(),
+                target: victim.display().to_string(),
+            },
+            CacheNode::File {
+                path: "a".into(),
+                mode,
+                sha256,
+                size,
+                blake3,
+            },
+        ];
+        let err = fetch(cache.as_ref(), &entry, &t.path().join("dest"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listed twice"), "{err}");
+        assert_eq!(fs::read(&victim).unwrap(), b"safe");
     }
 }

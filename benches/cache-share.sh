@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# How long sharing debian-bullseye through each kind of binary cache takes: build once into a
+# store, push the closure to a directory and to a BuildGrid (REAPI) on loopback, push again
+# (nothing new), then substitute into empty stores with a dead mirror. Prints one line per step.
+#
+#   benches/cache-share.sh            (needs BuildGrid: RBUILD_BGD or tests/buildgrid/setup.sh)
+#
+# The mirror is RBUILD_MIRROR, else the host's apt configuration (as rbuild itself chooses).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+rbuild=${RBUILD:-$here/target/release/rbuild}
+if [ ! -x "$rbuild" ]; then
+    (cd "$here" && cargo build --release -q -p rbuild)
+fi
+bgd=${RBUILD_BGD:-$("$here/tests/buildgrid/setup.sh")}
+work=$(mktemp -d "${TMPDIR:-/tmp}/rbuild-cache-bench.XXXXXX")
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+sed "s/127.0.0.1:50051/127.0.0.1:$port/" "$here/tests/buildgrid/buildgrid.yml" >"$work/bg.yml"
+(cd "$work" && exec "$bgd" server start "$work/bg.yml" >"$work/bgd.log" 2>&1) &
+bg_pid=$!
+trap 'kill $bg_pid 2>/dev/null || true; rm -rf "$work" 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+done
+
+now() { date +%s.%N; }
+step() { # LABEL COMMAND...
+    local label=$1; shift
+    local t0 t1
+    t0=$(now)
+    local out
+    out=$("$@" 2>&1 | tail -n 1)
+    t1=$(now)
+    printf '%-44s %6.2f s   %s\n' "$label" "$(echo "$t1 - $t0" | bc)" "$out"
+}
+"$rbuild" key generate bench "$work/k.sec" "$work/k.pub" 2>/dev/null
+step "build (cold)" "$rbuild" realise debian-bullseye --store "$work/a" --json
+for cache in "file://$work/shared" "grpc://127.0.0.1:$port"; do
+    kind=${cache%%:*}
+    step "push closure to $kind" "$rbuild" cache push debian-bullseye --store "$work/a" --to "$cache" --secret-key "$work/k.sec"
+    step "push again to $kind" "$rbuild" cache push debian-bullseye --store "$work/a" --to "$cache" --secret-key "$work/k.sec"
+    step "substitute from $kind (empty store)" "$rbuild" realise debian-bullseye --store "$work/b-$kind" --json \
+        --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
+    step "substitute ^rootfs from $kind (empty store)" "$rbuild" realise 'debian-bullseye^rootfs' --store "$work/c-$kind" --json \
+        --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
+done

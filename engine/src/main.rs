@@ -452,7 +452,9 @@ fn gc_cmd(store: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = default_store(store)?;
     let store =
         Store::open(&dir).with_context(|| format!("opening the store at {}", dir.display()))?;
-    let r = store.gc()?;
+    let r = store.gc(|| {
+        eprintln!("gc: waiting for the other rbuild processes using this store to finish")
+    })?;
     eprintln!(
         "gc: deleted {} outputs; {} roots kept, {} stale roots dropped",
         r.deleted, r.roots_kept, r.roots_dropped

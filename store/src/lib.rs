@@ -100,6 +100,9 @@ pub struct Store {
     /// Scratch directories of killed builds that could not be removed as this user (they hold
     /// files owned by subordinate ids); the engine removes them inside a user namespace.
     leftovers: Vec<PathBuf>,
+    /// A shared lock on `gc.lock`, held while this store is open: [`Store::gc`] turns it into an
+    /// exclusive one, so it never deletes an output another process is building from.
+    users: Flock<fs::File>,
 }
 
 const SCHEMA: &str = "
@@ -134,11 +137,21 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(dberr)?;
         conn.execute_batch(SCHEMA).map_err(dberr)?;
+        let gc_lock = root.join("gc.lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&gc_lock)
+            .map_err(|e| StoreError::io(&gc_lock, e))?;
+        let users = Flock::lock(f, FlockArg::LockShared)
+            .map_err(|(_, e)| StoreError::io(&gc_lock, e.into()))?;
         let mut store = Store {
             root,
             db_path,
             db: Mutex::new(conn),
             leftovers: Vec::new(),
+            users,
         };
         store.leftovers = store.clean_stale_builds()?;
         Ok(store)
@@ -388,7 +401,23 @@ impl Store {
 
     /// Delete every output that no GC root reaches. Roots whose link was removed or now points
     /// elsewhere are dropped first. Returns the number of outputs deleted.
-    pub fn gc(&self) -> Result<GcReport> {
+    ///
+    /// Waits until no other process has the store open (`waiting` is called once if it has to),
+    /// so no build or push is using an output while it goes.
+    pub fn gc(&self, waiting: impl FnOnce()) -> Result<GcReport> {
+        let gc_lock = self.root.join("gc.lock");
+        if self.users.relock(FlockArg::LockExclusiveNonblock).is_err() {
+            waiting();
+            self.users
+                .relock(FlockArg::LockExclusive)
+                .map_err(|e| StoreError::io(&gc_lock, e.into()))?;
+        }
+        let report = self.gc_locked();
+        let _ = self.users.relock(FlockArg::LockShared);
+        report
+    }
+
+    fn gc_locked(&self) -> Result<GcReport> {
         let mut db = self.db.lock().expect("store db lock");
         let roots: Vec<(String, String)> = {
             let mut st = db
@@ -577,13 +606,41 @@ mod tests {
         }
         let link = dir.path().join("result");
         store.add_root(&link, "a").unwrap();
-        let r = store.gc().unwrap();
+        let r = store
+            .gc(|| panic!("nobody else has the store open"))
+            .unwrap();
         assert_eq!(r.deleted, 1);
         assert!(paths[0].exists() && !paths[1].exists());
         assert!(store.valid_output("a").unwrap().is_some());
         assert!(store.valid_output("b").unwrap().is_none());
         fs::remove_file(&link).unwrap();
-        assert_eq!(store.gc().unwrap().deleted, 1);
+        assert_eq!(store.gc(|| ()).unwrap().deleted, 1);
         assert!(!paths[0].exists());
+    }
+
+    /// GC waits while another process (here: another open handle, as a concurrent build has)
+    /// uses the store, and deletes nothing until it is gone.
+    #[test]
+    fn gc_waits_for_other_users_of_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("s");
+        let builder = Store::open(&root).unwrap();
+        let b = builder.new_build_dir("t").unwrap();
+        let out = b.path().join("out");
+        fs::write(&out, b"input of a running build").unwrap();
+        let path = builder.register(&record("x"), &out).unwrap().path;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gc = std::thread::spawn(move || {
+            let store = Store::open(&root).unwrap();
+            store.gc(|| tx.send("waiting").unwrap()).unwrap().deleted
+        });
+        assert_eq!(rx.recv().unwrap(), "waiting");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(path.exists(), "nothing deleted while the store is in use");
+        assert!(!gc.is_finished());
+        drop(b);
+        drop(builder);
+        assert_eq!(gc.join().unwrap(), 1);
+        assert!(!path.exists());
     }
 }

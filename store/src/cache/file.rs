@@ -38,14 +38,21 @@ impl FileCache {
     ) -> Result<(), CacheError> {
         let parent = path.parent().expect("cache paths have parents");
         fs::create_dir_all(parent).map_err(io(parent.display()))?;
-        let tmp = parent.join(
-            format!(
-                ".tmp-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            )
-            .replace(['(', ')'], ""),
-        );
+        // Unique across threads, processes and machines sharing the directory.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let tmp = parent.join(format!(
+            ".tmp-{}-{}-{nanos}-{}",
+            host.replace('/', "_"),
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let mut f = fs::File::create(&tmp).map_err(io(tmp.display()))?;
         write(&mut f).map_err(io(tmp.display()))?;
         let _ = f.set_permissions(fs::Permissions::from_mode(0o644));

@@ -979,4 +979,53 @@ mod tests {
         assert!(err.contains("listed twice"), "{err}");
         assert_eq!(fs::read(&victim).unwrap(), b"safe");
     }
+
+    #[test]
+    fn concurrent_pushes_to_one_directory_are_safe() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out");
+        fs::create_dir_all(&out).unwrap();
+        for i in 0..50 {
+            fs::write(out.join(i.to_string()), vec![i as u8; 1000 * i]).unwrap();
+        }
+        let url = format!("file://{}", t.path().join("cache").display());
+        let key = SecretKey::generate("k").unwrap();
+        std::thread::scope(|sc| {
+            for _ in 0..4 {
+                sc.spawn(|| {
+                    let cache = open(&url).unwrap();
+                    push(cache.as_ref(), &key, "h", "x", "c", &out).unwrap();
+                });
+            }
+        });
+        let cache = open(&url).unwrap();
+        let entry = query(cache.as_ref(), "h", &[key.public()])
+            .unwrap()
+            .unwrap();
+        fetch(cache.as_ref(), &entry, &t.path().join("dest")).unwrap();
+        for i in 0..50 {
+            let name = i.to_string();
+            assert_eq!(
+                fs::read(t.path().join("dest").join(&name)).unwrap(),
+                fs::read(out.join(&name)).unwrap()
+            );
+        }
+        let leftovers: Vec<_> = walk_names(&t.path().join("cache"))
+            .into_iter()
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    fn walk_names(d: &Path) -> Vec<String> {
+        let mut v = vec![];
+        for e in fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            v.push(e.file_name().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                v.extend(walk_names(&e.path()));
+            }
+        }
+        v
+    }
 }

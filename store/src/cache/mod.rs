@@ -814,6 +814,9 @@ impl Write for HashingWriter {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -1281,6 +1281,40 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         assert!(state.stream_reads.load(Ordering::Relaxed) >= 1);
     }
 
+    // The server evicts one blob of the image's output (as an LRU CAS does, keeping the
+    // ActionCache result): the image is a quiet miss and is built from the substituted layer.
+    let image_entry: serde_json::Value = {
+        let actions = state.actions.lock().unwrap();
+        let blobs = state.blobs.lock().unwrap();
+        actions
+            .values()
+            .map(|r| {
+                let d = r.output_files[0].digest.clone().unwrap();
+                serde_json::from_slice::<serde_json::Value>(&blobs[&d.hash]).unwrap()
+            })
+            .find(|e| e["body"]["name"].as_str().unwrap().ends_with("-oci"))
+            .expect("the image's entry")
+    };
+    let evicted = image_entry["body"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["type"] == "file" && n["size"].as_u64() > Some(0))
+        .unwrap()["blake3"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let kept = state.blobs.lock().unwrap().remove(&evicted).unwrap();
+    let o = from("e", &a.mirror_url());
+    let e = json(&o);
+    assert_eq!(
+        (e["built"].as_u64(), e["substituted"].as_u64()),
+        (Some(1), Some(1)),
+        "{e}"
+    );
+    assert!(!stderr(&o).contains("refused"), "{}", stderr(&o));
+    state.blobs.lock().unwrap().insert(evicted, kept);
+
     // The server now lies about every file blob (entries and Actions stay intact).
     let keep: HashSet<String> = state
         .actions

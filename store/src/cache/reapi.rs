@@ -93,6 +93,16 @@ fn status(what: &str, s: tonic::Status) -> String {
     msg
 }
 
+/// A per-blob status of a batch answer: its code's name, and the server's message if any.
+fn rpc_status(s: &bazel_remote_apis::google::rpc::Status) -> String {
+    let code = format!("{:?}", tonic::Code::from_i32(s.code));
+    if s.message.is_empty() {
+        code
+    } else {
+        format!("{code}: {}", s.message)
+    }
+}
+
 /// `"".to_string()` or `"INSTANCE/"`: the prefix of ByteStream resource names.
 fn prefix(instance: &str) -> String {
     if instance.is_empty() {
@@ -383,8 +393,10 @@ impl Ctx {
             if let Some(s) = r.status.filter(|s| s.code != 0) {
                 let d = r.digest.unwrap_or_default();
                 return Err(format!(
-                    "BatchUpdateBlobs: blob {}/{}: code {}: {}",
-                    d.hash, d.size_bytes, s.code, s.message
+                    "BatchUpdateBlobs: blob {}/{}: {}",
+                    d.hash,
+                    d.size_bytes,
+                    rpc_status(&s)
                 ));
             }
         }
@@ -407,11 +419,10 @@ impl Ctx {
             let d = r.digest.unwrap_or_default();
             if let Some(s) = r.status.filter(|s| s.code != 0) {
                 return Err(format!(
-                    "BatchReadBlobs: blob {}/{}: {}: {}",
+                    "BatchReadBlobs: blob {}/{}: {}",
                     d.hash,
                     d.size_bytes,
-                    tonic::Code::from_i32(s.code).description(),
-                    s.message
+                    rpc_status(&s)
                 ));
             }
             out.push((d, r.data));
@@ -588,6 +599,50 @@ impl Ctx {
         }
     }
 
+    /// Entries whose blobs are not all in the CAS any more become misses: servers evict CAS
+    /// blobs independently of ActionCache results (BuildGrid only checks the blobs a result
+    /// names, here the entry itself), and a half-evicted output is a miss, not a failure.
+    /// Entries that do not parse are left for the caller to report.
+    async fn complete_only(
+        &mut self,
+        mut entries: Vec<Option<Vec<u8>>>,
+    ) -> Result<Vec<Option<Vec<u8>>>, String> {
+        let mut wanted: Vec<Vec<String>> = vec![Vec::new(); entries.len()];
+        let mut digests = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, bytes) in entries.iter().enumerate() {
+            let Some(entry) = bytes
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<super::CacheEntry>(b).ok())
+            else {
+                continue;
+            };
+            for blob in entry.body.blobs() {
+                let Ok(d) = self.digest(&blob) else { continue };
+                wanted[i].push(d.hash.clone());
+                if d.size_bytes > 0 && seen.insert(d.hash.clone()) {
+                    digests.push(d);
+                }
+            }
+        }
+        if digests.is_empty() {
+            return Ok(entries);
+        }
+        let missing: std::collections::HashSet<String> = self
+            .find_missing(digests)
+            .await?
+            .into_iter()
+            .map(|d| d.hash)
+            .collect();
+        for (entry, hashes) in entries.iter_mut().zip(wanted) {
+            if hashes.iter().any(|h| missing.contains(h)) {
+                tracing::debug!("an entry's blobs were evicted from the CAS: treated as a miss");
+                *entry = None;
+            }
+        }
+        Ok(entries)
+    }
+
     /// The signed entry of `drv_hash`, if the ActionCache has one.
     async fn get_entry(mut self, drv_hash: String) -> Result<Option<Vec<u8>>, String> {
         let (_, action_digest) = self.action(&drv_hash);
@@ -648,15 +703,17 @@ impl BinaryCache for GrpcCache {
     }
 
     fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let ctx = self.ctx()?;
-        self.run(ctx.get_entry(drv_hash.to_owned()))
+        self.get_entries(&[drv_hash.to_owned()])
+            .map(|mut v| v.pop().flatten())
     }
 
     fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        // REAPI has no batch ActionCache lookup: PARALLEL lookups in flight.
-        let ctx = self.ctx()?;
+        // REAPI has no batch ActionCache lookup: PARALLEL lookups in flight, then one
+        // existence query for the blobs of every entry found.
+        let mut ctx = self.ctx()?;
         let hashes = drv_hashes.to_vec();
         self.run(async move {
+            let n = hashes.len();
             let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
             let mut tasks = tokio::task::JoinSet::new();
             for (i, h) in hashes.into_iter().enumerate() {
@@ -667,12 +724,12 @@ impl BinaryCache for GrpcCache {
                     (i, ctx.get_entry(h).await)
                 });
             }
-            let mut out = vec![None; tasks.len()];
+            let mut out = vec![None; n];
             while let Some(r) = tasks.join_next().await {
                 let (i, r) = r.map_err(|e| format!("lookup task: {e}"))?;
                 out[i] = r?;
             }
-            Ok(out)
+            ctx.complete_only(out).await
         })
     }
 

@@ -1042,6 +1042,19 @@ fn grpc_cache_on_buildgrid() {
         digest
     );
 
+    // `rbuild cache check` says what each cache is, and fails when one cannot be used.
+    let o = rbuild(&["cache", "check", &bg.url, "grpc://127.0.0.1:9"]);
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!(
+            "{}: ok, a Remote Execution API v2 cache: SHA-256 digests",
+            bg.url
+        )) && out.contains("ActionCache updates allowed"),
+        "{out}"
+    );
+    assert!(out.contains("grpc://127.0.0.1:9: FAILED"), "{out}");
+
     // Partial: instance `other` (same CAS, its own ActionCache) has only the root filesystem tar;
     // a dead cache in front of it is warned about and skipped.
     let other = format!("{}/other", bg.url);

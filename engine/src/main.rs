@@ -131,6 +131,9 @@ enum KeyCommand {
 
 #[derive(Subcommand)]
 enum CacheCommand {
+    /// Contact binary caches and say what each is (default: the substituters and push-to of
+    /// config.toml)
+    Check { urls: Vec<String> },
     /// Push every output of RECIPE's graph that is valid in the store
     Push {
         recipe: String,
@@ -221,12 +224,15 @@ fn key_cmd(cmd: KeyCommand) -> anyhow::Result<()> {
 }
 
 fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
-    let CacheCommand::Push {
-        recipe,
-        store,
-        to,
-        secret_key,
-    } = cmd;
+    let (recipe, store, to, secret_key) = match cmd {
+        CacheCommand::Check { urls } => return cache_check(urls),
+        CacheCommand::Push {
+            recipe,
+            store,
+            to,
+            secret_key,
+        } => (recipe, store, to, secret_key),
+    };
     let (recipe_arg, output) = split_output(&recipe);
     let expanded = load_locked(recipe_arg, None, true)?;
     let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
@@ -263,6 +269,32 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
         .collect();
     let blobs = rbuild_store::cache::push_many(cache.as_ref(), &key, &outputs)?;
     eprintln!("{to}: pushed {} outputs ({blobs} new blobs)", outputs.len());
+    Ok(())
+}
+
+/// `rbuild cache check`: one line per cache; fails if any cannot be used.
+fn cache_check(mut urls: Vec<String>) -> anyhow::Result<()> {
+    if urls.is_empty() {
+        let cfg = config()?;
+        urls = cfg.substituters;
+        urls.extend(cfg.push_to.filter(|p| !urls.contains(p)));
+        if urls.is_empty() {
+            bail!("no cache given, and config.toml names no substituters or push-to");
+        }
+    }
+    let mut failed = 0;
+    for url in &urls {
+        match rbuild_store::cache::open(url).and_then(|c| c.check()) {
+            Ok(what) => println!("{url}: ok, {what}"),
+            Err(e) => {
+                failed += 1;
+                println!("{url}: FAILED: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} caches cannot be used", urls.len());
+    }
     Ok(())
 }
 

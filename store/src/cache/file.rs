@@ -98,6 +98,28 @@ impl BinaryCache for FileCache {
         Ok(())
     }
 
+    fn check(&self) -> Result<String, CacheError> {
+        let md = fs::metadata(&self.dir).map_err(io(self.dir.display()))?;
+        if !md.is_dir() {
+            return Err(CacheError::Backend {
+                url: self.url.clone(),
+                msg: format!("{} is not a directory", self.dir.display()),
+            });
+        }
+        let entries = fs::read_dir(self.dir.join("entries"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let writable = nix::unistd::access(&self.dir, nix::unistd::AccessFlags::W_OK).is_ok();
+        Ok(format!(
+            "a directory with {entries} entries, {}",
+            if writable {
+                "writable by this user"
+            } else {
+                "read-only for this user (substitute only)"
+            }
+        ))
+    }
+
     fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), CacheError> {
         let dest = self.blob_path(blob)?;
         self.write_atomic(&dest, |f| {

@@ -377,6 +377,11 @@ pub trait BinaryCache: Send + Sync {
         Ok(())
     }
     fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), CacheError>;
+    /// Contact the cache and say what it is (for `rbuild cache check`).
+    fn check(&self) -> Result<String, CacheError> {
+        self.get_entry(&"0".repeat(64))?;
+        Ok("answers entry lookups".into())
+    }
     /// Upload many blobs (backends batch and parallelize).
     fn put_blobs(&self, blobs: &[(BlobRef, PathBuf)]) -> Result<(), CacheError> {
         for (b, p) in blobs {

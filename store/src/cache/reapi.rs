@@ -771,6 +771,26 @@ impl BinaryCache for GrpcCache {
         })
     }
 
+    fn check(&self) -> Result<String, CacheError> {
+        let caps = self.ctx()?.caps;
+        self.get_entry(&"0".repeat(64))?;
+        Ok(format!(
+            "a Remote Execution API v2 cache{}: {} digests, batches up to {} KiB, ActionCache updates {}",
+            if self.instance.is_empty() {
+                String::new()
+            } else {
+                format!(" (instance {:?})", self.instance)
+            },
+            if caps.blake3 { "BLAKE3" } else { "SHA-256" },
+            caps.batch >> 10,
+            if caps.ac_update {
+                "allowed"
+            } else {
+                "refused (substitute only)"
+            }
+        ))
+    }
+
     fn missing_blobs(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>, CacheError> {
         let mut ctx = self.ctx()?;
         let mut by_hash: HashMap<String, BlobRef> = HashMap::new();

@@ -884,7 +884,8 @@ fn file_cache_substitutes_signed_outputs_only() {
 }
 
 /// The same through plain HTTP (GET/PUT/HEAD) on loopback: push, substitute with a dead
-/// mirror, and a cache that does not answer does not stop a local build.
+/// mirror, a cache that does not answer does not stop a local build, an untrusted key and
+/// tampered blobs are refused, a partial cache is used for what it has.
 #[test]
 fn http_cache_round_trip_and_dead_cache() {
     let t = tempfile::tempdir().unwrap();
@@ -944,6 +945,70 @@ fn http_cache_round_trip_and_dead_cache() {
         stderr(&o).contains("127.0.0.1:9/cache"),
         "warned: {}",
         stderr(&o)
+    );
+
+    // Untrusted: refused, said so; with a dead mirror the realise fails.
+    let (_, bob_pub) = keypair(t.path(), "bob");
+    let o = realise_from(
+        &a,
+        &t.path().join("d"),
+        "http://127.0.0.1:9/debian",
+        &[&url],
+        &bob_pub,
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no valid signature by a trusted key"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Partial: another path of the server holds only the root filesystem tar.
+    let partial = format!("{url}/partial");
+    ok(&rbuild(&[
+        "cache",
+        "push",
+        &format!("{recipe}^rootfs"),
+        "--store",
+        store_a.to_str().unwrap(),
+        "--to",
+        &partial,
+        "--secret-key",
+        &sec,
+    ]));
+    let e = json(&realise_from(
+        &a,
+        &t.path().join("e"),
+        "http://127.0.0.1:9/debian",
+        &[&partial],
+        &public,
+        &[],
+    ));
+    assert_eq!(
+        (e["substituted"].as_u64(), e["built"].as_u64()),
+        (Some(1), Some(2)),
+        "tar substituted; layer and image built: {e}"
+    );
+
+    // Tampered blobs: caught while downloading, built from the mirror instead.
+    for f in fs::read_dir(t.path().join("served/blobs/sha256")).unwrap() {
+        fs::write(f.unwrap().path(), b"tampered").unwrap();
+    }
+    let o = realise_from(
+        &a,
+        &t.path().join("f"),
+        &a.mirror_url(),
+        &[&url],
+        &public,
+        &[],
+    );
+    let f = json(&o);
+    assert!(f["built"].as_u64().unwrap() >= 1, "{f}");
+    assert!(stderr(&o).contains("blob sha256"), "{}", stderr(&o));
+    assert_eq!(
+        image_manifest_digest(Path::new(f["output"].as_str().unwrap())),
+        image_manifest_digest(Path::new(r["output"].as_str().unwrap()))
     );
 }
 

@@ -37,10 +37,23 @@ impl Progress {
         }
     }
 
-    /// Announce how many derivations of each stage will run.
+    /// Announce how many derivations of each stage will run. Called again after a replan, it
+    /// extends the existing bars instead of adding new ones.
     pub fn plan(&self, counts: &BTreeMap<Stage, usize>) {
         let mut stages = self.stages.lock().expect("progress lock");
+        for (stage, st) in stages.iter_mut() {
+            st.total = st.done + counts.get(stage).copied().unwrap_or(0);
+            if let Some(bar) = &st.bar {
+                bar.set_length(st.total as u64);
+                if st.done == st.total {
+                    bar.finish_with_message(human(st.bytes));
+                }
+            }
+        }
         for (stage, total) in counts {
+            if stages.contains_key(stage) {
+                continue;
+            }
             let bar = self.multi.as_ref().map(|m| {
                 let b = m.add(ProgressBar::new(*total as u64));
                 b.set_style(
@@ -105,5 +118,33 @@ impl Drop for Progress {
         if let Some(m) = &self.multi {
             let _ = m.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replan_extends_the_stages_instead_of_starting_over() {
+        let p = Progress::new(true);
+        p.plan(&BTreeMap::from([(Stage::Fetch, 3), (Stage::Pack, 1)]));
+        p.finished(Stage::Fetch, "a", 10);
+        p.finished(Stage::Pack, "img", 5);
+        // A refused substitute: two fetches left, and now an unpack.
+        p.plan(&BTreeMap::from([(Stage::Fetch, 2), (Stage::Unpack, 1)]));
+        let stages = p.stages.lock().unwrap();
+        let totals: Vec<(Stage, usize, usize, u64)> = stages
+            .iter()
+            .map(|(s, st)| (*s, st.done, st.total, st.bytes))
+            .collect();
+        assert_eq!(
+            totals,
+            vec![
+                (Stage::Fetch, 1, 3, 10),
+                (Stage::Unpack, 0, 1, 0),
+                (Stage::Pack, 1, 1, 5)
+            ]
+        );
     }
 }

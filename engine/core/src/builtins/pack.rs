@@ -98,7 +98,9 @@ fn differs(lower: &Path, upper: &Path, lm: &EntryMeta, um: &EntryMeta) -> anyhow
 /// `layer-diff`: inputs `[lower tree, upper tree]` (each with its ownership sidecar); argument 0
 /// is the history line. `$out` is an OCI layer (as `pack-layer` makes) holding the change set:
 /// added and changed entries with their parent directories, and a `.wh.NAME` whiteout for each
-/// deleted path (only the topmost one of a deleted subtree).
+/// deleted path (only the topmost one of a deleted subtree; explicit whiteouts, as the OCI
+/// layer specification recommends, never opaque ones). A path whose type changed is written
+/// whole: applying it removes the old path first.
 pub fn layer_diff(ctx: &BuildContext) -> anyhow::Result<()> {
     let (lower, upper) = match ctx.inputs.as_slice() {
         [l, u] => (l, u),
@@ -167,9 +169,12 @@ pub fn layer_diff(ctx: &BuildContext) -> anyhow::Result<()> {
         .keys()
         .filter(|r| !r.is_empty() && !umeta.entries.contains_key(*r))
     {
-        let parent_gone = rel
-            .rsplit_once('/')
-            .is_some_and(|(p, _)| !umeta.entries.contains_key(p));
+        // Below a directory that is gone or is now a file or symlink: the parent's own entry
+        // (its whiteout, or its replacement, which removes the old path) covers it.
+        let parent_gone = rel.rsplit_once('/').is_some_and(|(p, _)| {
+            !umeta.entries.contains_key(p)
+                || !fs::symlink_metadata(upper.join(p)).is_ok_and(|m| m.is_dir())
+        });
         if parent_gone {
             continue;
         }
@@ -223,4 +228,91 @@ pub fn pack_oci(ctx: &BuildContext) -> anyhow::Result<()> {
     let ref_name = ctx.args.get(1).map(String::as_str);
     oci::write_layout(&ctx.out, &layers, &config, ref_name)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rbuild_store::meta::sidecar;
+    use std::collections::BTreeMap;
+
+    fn tree(root: &Path, entries: &[(&str, Option<&str>)]) {
+        let mut meta = TreeMeta::default();
+        fs::create_dir_all(root).unwrap();
+        for (rel, content) in entries {
+            let p = root.join(rel);
+            match content {
+                Some(c) => fs::write(&p, c).unwrap(),
+                None if !rel.is_empty() => fs::create_dir(&p).unwrap(),
+                None => {}
+            }
+            let mode = if content.is_some() { 0o644 } else { 0o755 };
+            meta.entries.insert(
+                rel.to_string(),
+                EntryMeta {
+                    uid: 0,
+                    gid: 0,
+                    mode,
+                    mtime: 0,
+                    caps: None,
+                },
+            );
+        }
+        meta.write(&sidecar(root)).unwrap();
+    }
+
+    fn layer_entries(out: &Path) -> Vec<String> {
+        let gz = fs::File::open(out.join("layer.tar.gz")).unwrap();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+        ar.entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let kind = if e.header().entry_type().is_dir() {
+                    "/"
+                } else {
+                    ""
+                };
+                let path = e.path().unwrap().display().to_string();
+                format!("{}{kind}", path.trim_end_matches('/'))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_file_is_written_whole_without_whiteouts_below_it() {
+        let t = tempfile::tempdir().unwrap();
+        let (lower, upper) = (t.path().join("lower"), t.path().join("upper"));
+        tree(
+            &lower,
+            &[
+                ("", None),
+                ("opt", None),
+                ("opt/x", None),
+                ("opt/x/a", Some("old")),
+                ("opt/gone", Some("bye")),
+                ("keep", Some("same")),
+            ],
+        );
+        tree(
+            &upper,
+            &[
+                ("", None),
+                ("opt", None),
+                ("opt/x", Some("now a file")),
+                ("keep", Some("same")),
+            ],
+        );
+        let out = t.path().join("out");
+        layer_diff(&BuildContext {
+            args: vec!["test".into()],
+            env: BTreeMap::new(),
+            inputs: vec![lower, upper],
+            out: out.clone(),
+        })
+        .unwrap();
+        let mut got = layer_entries(&out);
+        got.sort();
+        assert_eq!(got, vec!["opt/", "opt/.wh.gone", "opt/x"], "{got:?}");
+    }
 }

@@ -640,11 +640,23 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     fs::create_dir_all(app_dir.join("files")).unwrap();
     fs::write(app_dir.join("files/motd"), "hello from a layer\n").unwrap();
     fs::write(app_dir.join("files/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    // A directory copied whole: files keep whether they are executable.
+    fs::create_dir_all(app_dir.join("files/conf.d/sub")).unwrap();
+    fs::write(app_dir.join("files/conf.d/a.conf"), "a = 1\n").unwrap();
+    fs::write(app_dir.join("files/conf.d/sub/run.sh"), "#!/bin/sh\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(
+            app_dir.join("files/conf.d/sub/run.sh"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+    }
     let write_recipe = |second_to: &str| {
         fs::write(
             app_dir.join("app.toml"),
             format!(
-                "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{{ from = \"files/motd\", to = \"/etc/motd\", mode = \"0644\" }}]\n\n[[layers]]\ncopy = [{{ from = \"files/tool\", to = \"{second_to}\", mode = \"4755\" }}]\n\n[config]\nentrypoint = [\"/bin/sh\", \"-c\"]\ncmd = [\"echo hello\"]\nenv = [\"LANG=C.UTF-8\"]\nuser = \"app\"\nworkdir = \"/home/app\"\nlabels = {{ \"org.opencontainers.image.title\" = \"app\" }}\n"
+                "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{{ from = \"files/motd\", to = \"/etc/motd\", mode = \"0644\" }}, {{ from = \"files/conf.d\", to = \"/etc/app/\" }}]\n\n[[layers]]\ncopy = [{{ from = \"files/tool\", to = \"{second_to}\", mode = \"4755\" }}]\n\n[config]\nentrypoint = [\"/bin/sh\", \"-c\"]\ncmd = [\"echo hello\"]\nenv = [\"LANG=C.UTF-8\"]\nuser = \"app\"\nworkdir = \"/home/app\"\nlabels = {{ \"org.opencontainers.image.title\" = \"app\" }}\n"
             ),
         )
         .unwrap();
@@ -715,7 +727,18 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     flate2::read::GzDecoder::new(&blob(&layout, layers[1]["digest"].as_str().unwrap())[..])
         .read_to_end(&mut first)
         .unwrap();
-    assert!(read_tar(&first).contains_key("etc/motd"));
+    let first = read_tar(&first);
+    assert!(first.contains_key("etc/motd"));
+    let mode = |p: &str| first[p].1 & 0o7777;
+    assert_eq!(
+        (
+            mode("etc/app"),
+            mode("etc/app/a.conf"),
+            mode("etc/app/sub/run.sh")
+        ),
+        (0o755, 0o644, 0o755)
+    );
+    assert_eq!(first["etc/app/a.conf"].5, b"a = 1\n");
 
     // Nothing edited: nothing built. Last layer edited: its tree, its diff and the image only.
     assert_eq!(realise()["built"], 0);

@@ -281,6 +281,53 @@ fn merge_config(mut c: ImageConfig, spec: &ConfigSpec) -> ImageConfig {
     c
 }
 
+/// The regular files `copy` takes from `from`: `from` itself (relative path "") or, for a
+/// directory, every file below it (relative paths, sorted). Symlinks and special files are refused.
+fn files_to_copy(from: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let md =
+        std::fs::symlink_metadata(from).with_context(|| format!("reading {}", from.display()))?;
+    if md.is_file() {
+        return Ok(vec![(String::new(), from.to_owned())]);
+    }
+    if !md.is_dir() {
+        bail!(
+            "{} is neither a regular file nor a directory",
+            from.display()
+        );
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![(String::new(), from.to_owned())];
+    while let Some((rel, dir)) = stack.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let child_rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push((child_rel, e.path()));
+            } else if ft.is_file() {
+                out.push((child_rel, e.path()));
+            } else {
+                bail!(
+                    "{} is a symlink or special file; copy takes regular files and directories",
+                    e.path().display()
+                );
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn is_executable(p: &Path) -> anyhow::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    Ok(std::fs::metadata(p)?.permissions().mode() & 0o111 != 0)
+}
+
 fn parse_mode(m: &Option<String>, what: &str) -> anyhow::Result<u32> {
     match m {
         None => Ok(0o644),
@@ -341,23 +388,28 @@ fn expand_layered(
         }
         let mut copy = Vec::new();
         for c in &spec.copy {
+            let what = format!("{}: layer {} copy {}", path.display(), i + 1, c.from);
             let from = dir.join(&c.from);
-            let bytes = std::fs::read(&from).with_context(|| {
-                format!(
-                    "{}: layer {}: copy from {}",
-                    path.display(),
-                    i + 1,
-                    from.display()
-                )
-            })?;
-            copy.push(CopyFile {
-                to: c.to.clone(),
-                mode: parse_mode(
-                    &c.mode,
-                    &format!("{}: layer {} copy {}", path.display(), i + 1, c.from),
-                )?,
-                content: hex::encode(bytes),
-            });
+            for (rel, file) in files_to_copy(&from).with_context(|| what.clone())? {
+                let bytes = std::fs::read(&file)
+                    .with_context(|| format!("{what}: reading {}", file.display()))?;
+                let mode = match &c.mode {
+                    Some(_) => parse_mode(&c.mode, &what)?,
+                    // Files of a directory keep whether they are executable.
+                    None if !rel.is_empty() && is_executable(&file)? => 0o755,
+                    None => 0o644,
+                };
+                let to = if rel.is_empty() {
+                    c.to.clone()
+                } else {
+                    format!("{}/{rel}", c.to.trim_end_matches('/'))
+                };
+                copy.push(CopyFile {
+                    to,
+                    mode,
+                    content: hex::encode(bytes),
+                });
+            }
         }
         let plan = LayerPlan {
             packages: locked

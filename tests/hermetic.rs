@@ -1380,6 +1380,52 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         assert_eq!(fs::read(t.path().join("big-back/big")).unwrap(), big);
         assert!(state.stream_writes.load(Ordering::Relaxed) >= 1);
         assert!(state.stream_reads.load(Ordering::Relaxed) >= 1);
+        // Uploading a blob the server has (another pusher was first): the server ends the
+        // write early with the full size, and that is a success.
+        // (Larger than the upload queue, so the client is still sending when the server stops.)
+        let huge: Vec<u8> = (0..24u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+        fs::write(t.path().join("huge"), &huge).unwrap();
+        let blob = cache::BlobRef::of(&huge);
+        c.put_blob(&blob, &t.path().join("huge")).unwrap();
+        c.put_blob(&blob, &t.path().join("huge")).unwrap();
+        assert_eq!(state.early_writes.load(Ordering::Relaxed), 1);
+
+        // One unreadable entry is refused alone: the others of the batch are used. Push
+        // "broken", then empty its ActionResult (no rbuild-entry.json any more).
+        cache::push(c.as_ref(), &key, "broken", "x", "c", &out).unwrap();
+        let broken_action = {
+            let actions = state.actions.lock().unwrap();
+            let blobs = state.blobs.lock().unwrap();
+            actions
+                .iter()
+                .find(|(_, r)| {
+                    let d = r.output_files[0].digest.clone().unwrap();
+                    serde_json::from_slice::<serde_json::Value>(&blobs[&d.hash]).unwrap()["body"]
+                        ["drv_hash"]
+                        == "broken"
+                })
+                .unwrap()
+                .0
+                .clone()
+        };
+        state
+            .actions
+            .lock()
+            .unwrap()
+            .insert(broken_action, Default::default());
+        let answers = cache::query_many(
+            c.as_ref(),
+            &["broken".into(), "big".into(), "absent".into()],
+            &[key.public()],
+        )
+        .unwrap();
+        assert!(
+            matches!(&answers[0], Err(cache::CacheError::BadEntry { .. })),
+            "{:?}",
+            answers[0].as_ref().err()
+        );
+        assert!(matches!(answers[1], Ok(Some(_))));
+        assert!(matches!(answers[2], Ok(None)));
     }
 
     // The server evicts one blob of the image's output (as an LRU CAS does, keeping the
@@ -1389,8 +1435,9 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         let blobs = state.blobs.lock().unwrap();
         actions
             .values()
-            .map(|r| {
-                let d = r.output_files[0].digest.clone().unwrap();
+            .filter_map(|r| r.output_files.first())
+            .map(|f| {
+                let d = f.digest.clone().unwrap();
                 serde_json::from_slice::<serde_json::Value>(&blobs[&d.hash]).unwrap()
             })
             .find(|e| e["body"]["name"].as_str().unwrap().ends_with("-oci"))

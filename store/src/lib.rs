@@ -137,15 +137,10 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(dberr)?;
         conn.execute_batch(SCHEMA).map_err(dberr)?;
-        let gc_lock = root.join("gc.lock");
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&gc_lock)
-            .map_err(|e| StoreError::io(&gc_lock, e))?;
-        let users = Flock::lock(f, FlockArg::LockShared)
-            .map_err(|(_, e)| StoreError::io(&gc_lock, e.into()))?;
+        // A pending gc holds `gc-intent.lock`: wait behind it rather than keep it waiting.
+        let intent = lock_file(&root.join("gc-intent.lock"), FlockArg::LockShared)?;
+        let users = lock_file(&root.join("gc.lock"), FlockArg::LockShared)?;
+        drop(intent);
         let mut store = Store {
             root,
             db_path,
@@ -406,14 +401,29 @@ impl Store {
     /// so no build or push is using an output while it goes.
     pub fn gc(&self, waiting: impl FnOnce()) -> Result<GcReport> {
         let gc_lock = self.root.join("gc.lock");
+        let intent_path = self.root.join("gc-intent.lock");
+        // Stores opened from now on wait for this gc (flock does not queue an exclusive lock
+        // ahead of new shared ones: without this, a stream of builds could starve gc).
+        let intent = match lock_file(&intent_path, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err(_) => {
+                waiting();
+                return self.gc_after(lock_file(&intent_path, FlockArg::LockExclusive)?, &gc_lock);
+            }
+        };
         if self.users.relock(FlockArg::LockExclusiveNonblock).is_err() {
             waiting();
-            self.users
-                .relock(FlockArg::LockExclusive)
-                .map_err(|e| StoreError::io(&gc_lock, e.into()))?;
         }
+        self.gc_after(intent, &gc_lock)
+    }
+
+    fn gc_after(&self, _intent: Flock<fs::File>, gc_lock: &Path) -> Result<GcReport> {
+        // A failed conversion may have dropped the shared lock: take the exclusive one outright.
+        retry_eintr(|| self.users.relock(FlockArg::LockExclusive))
+            .map_err(|e| StoreError::io(gc_lock, e.into()))?;
         let report = self.gc_locked();
-        let _ = self.users.relock(FlockArg::LockShared);
+        retry_eintr(|| self.users.relock(FlockArg::LockShared))
+            .map_err(|e| StoreError::io(gc_lock, e.into()))?;
         report
     }
 
@@ -501,6 +511,32 @@ pub struct GcReport {
     pub roots_dropped: usize,
     /// Outputs invalidated but not removable as this user.
     pub unremovable: Vec<PathBuf>,
+}
+
+/// Open (creating) `path` and flock it, retrying when a signal interrupts the wait.
+fn lock_file(path: &Path, arg: FlockArg) -> Result<Flock<fs::File>> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))?;
+    loop {
+        match Flock::lock(f, arg) {
+            Ok(l) => return Ok(l),
+            Err((back, nix::errno::Errno::EINTR)) => f = back,
+            Err((_, e)) => return Err(StoreError::io(path, e.into())),
+        }
+    }
+}
+
+fn retry_eintr(mut f: impl FnMut() -> nix::Result<()>) -> nix::Result<()> {
+    loop {
+        match f() {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r,
+        }
+    }
 }
 
 /// The lock file held while the scratch directory `dir` is in use: `<dir>.lock`.
@@ -619,7 +655,7 @@ mod tests {
     }
 
     /// GC waits while another process (here: another open handle, as a concurrent build has)
-    /// uses the store, and deletes nothing until it is gone.
+    /// uses the store, and deletes nothing until it is gone; stores opened meanwhile wait for it.
     #[test]
     fn gc_waits_for_other_users_of_the_store() {
         let dir = tempfile::tempdir().unwrap();
@@ -635,12 +671,17 @@ mod tests {
             store.gc(|| tx.send("waiting").unwrap()).unwrap().deleted
         });
         assert_eq!(rx.recv().unwrap(), "waiting");
+        // A store opened meanwhile waits behind the pending gc instead of starving it.
+        let root2 = dir.path().join("s");
+        let late = std::thread::spawn(move || Store::open(&root2).map(|_| ()).is_ok());
         std::thread::sleep(std::time::Duration::from_millis(200));
         assert!(path.exists(), "nothing deleted while the store is in use");
         assert!(!gc.is_finished());
+        assert!(!late.is_finished(), "a new user waits for the pending gc");
         drop(b);
         drop(builder);
         assert_eq!(gc.join().unwrap(), 1);
+        assert!(late.join().unwrap());
         assert!(!path.exists());
     }
 }

@@ -94,7 +94,9 @@ impl BinaryCache for FileCache {
     fn get_blob(&self, blob: &BlobRef, dest: &mut dyn Write) -> Result<(), CacheError> {
         let p = self.blob_path(blob)?;
         let mut f = fs::File::open(&p).map_err(io(p.display()))?;
-        std::io::copy(&mut f, dest).map_err(io(p.display()))?;
+        // A FIFO or an endless file in a shared directory stops one byte past the listing.
+        std::io::copy(&mut std::io::Read::take(&mut f, blob.size + 1), dest)
+            .map_err(io(p.display()))?;
         Ok(())
     }
 

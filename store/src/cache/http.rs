@@ -6,7 +6,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::{io, BinaryCache, BlobRef, BlobSink, CacheError};
+use super::{io, BinaryCache, BlobRef, BlobSink, CacheError, RawEntry};
 
 /// Requests in flight at a time.
 const PARALLEL: usize = 8;
@@ -103,8 +103,12 @@ impl BinaryCache for HttpCache {
         }
     }
 
-    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        self.parallel(drv_hashes, |h| self.get_entry(h))
+    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<RawEntry>, CacheError> {
+        Ok(self
+            .parallel(drv_hashes, |h| self.get_entry(h))?
+            .into_iter()
+            .map(Ok)
+            .collect())
     }
 
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
@@ -149,15 +153,19 @@ impl BinaryCache for HttpCache {
         if resp.status().as_u16() != 200 {
             return Err(self.err(format!("GET {url}: HTTP {}", resp.status().as_u16())));
         }
-        std::io::copy(&mut resp.into_body().into_reader(), dest)
-            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+        // One byte more than the listing says is enough to tell it is wrong.
+        std::io::copy(
+            &mut resp.into_body().into_reader().take(blob.size + 1),
+            dest,
+        )
+        .map_err(|e| self.err(format!("GET {url}: {e}")))?;
         Ok(())
     }
 
     fn get_small_blobs(&self, blobs: &[BlobRef], sink: &mut BlobSink) -> Result<(), CacheError> {
         for (n, chunk) in blobs.chunks(PARALLEL * 4).enumerate() {
             let got = self.parallel(chunk, |b| {
-                let mut v = Vec::with_capacity(b.size as usize);
+                let mut v = Vec::with_capacity(b.size.min(super::SMALL_BLOB) as usize);
                 self.get_blob(b, &mut v)?;
                 Ok(v)
             })?;

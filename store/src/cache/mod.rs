@@ -206,6 +206,10 @@ pub fn timeout() -> std::time::Duration {
 /// stream.
 pub const SMALL_BLOB: u64 = 1 << 20;
 
+/// What a cache holds for one derivation: its entry's bytes, nothing, or why that entry alone
+/// cannot be read.
+pub type RawEntry = Result<Option<Vec<u8>>, CacheError>;
+
 /// Receives small blobs whole: the index of the blob in the request, and its bytes.
 pub type BlobSink<'a> = dyn FnMut(usize, Vec<u8>) -> Result<(), CacheError> + 'a;
 
@@ -358,8 +362,13 @@ pub trait BinaryCache: Send + Sync {
     fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError>;
     /// The entries of many derivations at once (backends override this to ask in parallel or
     /// in one request).
-    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        drv_hashes.iter().map(|h| self.get_entry(h)).collect()
+    /// The outer error is the cache's (unreachable, broken); an inner one is about that one
+    /// entry (unreadable, damaged), which is then refused while the others are used.
+    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<RawEntry>, CacheError> {
+        drv_hashes
+            .iter()
+            .map(|h| self.get_entry(h).map(Ok))
+            .collect()
     }
     /// Publish an entry. Called only once every blob it names is in the cache.
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError>;
@@ -370,7 +379,7 @@ pub trait BinaryCache: Send + Sync {
     /// Many small blobs (each at most [`SMALL_BLOB`]), handed to `sink` whole, in any order.
     fn get_small_blobs(&self, blobs: &[BlobRef], sink: &mut BlobSink) -> Result<(), CacheError> {
         for (i, b) in blobs.iter().enumerate() {
-            let mut v = Vec::with_capacity(b.size as usize);
+            let mut v = Vec::with_capacity(b.size.min(SMALL_BLOB) as usize);
             self.get_blob(b, &mut v)?;
             sink(i, v)?;
         }
@@ -608,7 +617,7 @@ pub fn query_many(
     Ok(drv_hashes
         .iter()
         .zip(raw)
-        .map(|(h, bytes)| bytes.map(|b| parse_entry(h, &b, trusted)).transpose())
+        .map(|(h, r)| r.and_then(|bytes| bytes.map(|b| parse_entry(h, &b, trusted)).transpose()))
         .collect())
 }
 

@@ -34,7 +34,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use super::{BinaryCache, BlobRef, BlobSink, CacheError};
+use super::{BinaryCache, BlobRef, BlobSink, CacheError, RawEntry};
 
 /// The output file of an entry's ActionResult.
 const ENTRY_FILE: &str = "rbuild-entry.json";
@@ -44,6 +44,11 @@ const MAX_MESSAGE: usize = 64 << 20;
 const CHUNK: usize = 1 << 20;
 /// Digests per FindMissingBlobs request.
 const FIND_BATCH: usize = 4096;
+/// What a blob costs in a batch request besides its bytes (digest, framing, status), counted
+/// so that many tiny blobs never push a request over the server's message limit.
+const PER_BLOB: u64 = 256;
+/// Blobs per batch request at most.
+const BATCH_BLOBS: usize = 4096;
 /// Requests in flight at a time.
 const PARALLEL: usize = 8;
 /// Entries larger than this are refused (a tree listing of a whole system is a few MiB).
@@ -196,6 +201,8 @@ impl GrpcCache {
     }
 
     fn ctx(&self) -> Result<Ctx, CacheError> {
+        // A failure is kept too: a run does not wait twice for a cache that did not answer
+        // (the scheduler stops asking a cache that failed, for the rest of the run).
         let caps = *self
             .caps
             .get_or_init(|| {
@@ -234,7 +241,11 @@ impl GrpcCache {
                     };
                     Ok(Caps {
                         blake3,
-                        batch: limit.saturating_sub(64 << 10).max(64 << 10),
+                        batch: if limit > 128 << 10 {
+                            limit - (64 << 10)
+                        } else {
+                            limit / 2
+                        },
                         ac_update: caps
                             .action_cache_update_capabilities
                             .is_some_and(|c| c.update_enabled),
@@ -550,7 +561,12 @@ impl Ctx {
                         data: buf,
                     };
                     offset += filled as i64;
-                    if tx.send(req).await.is_err() || last {
+                    if tx.send(req).await.is_err() {
+                        // The server ended the write early: it has the blob already (its
+                        // committed size says so) or it failed (its status says so).
+                        return Ok(());
+                    }
+                    if last {
                         break;
                     }
                 }
@@ -563,12 +579,16 @@ impl Ctx {
             })
         };
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        // A long upload is bounded by the keep-alive, not by a fixed deadline.
-        let resp = self
-            .bytestream
-            .write(stream)
-            .await
-            .map_err(|s| status(&what, s))?;
+        // The cache timeout, plus a second for every MiB: a server that takes the bytes and
+        // never answers does not hang the push.
+        let limit = super::timeout() + Duration::from_secs(size as u64 >> 20);
+        let resp = match tokio::time::timeout(limit, self.bytestream.write(stream)).await {
+            Ok(r) => r.map_err(|s| status(&what, s))?,
+            Err(_) => {
+                reader.abort();
+                return Err(format!("{what}: no answer within {} s", limit.as_secs()));
+            }
+        };
         reader.await.map_err(|e| format!("{what}: reader: {e}"))??;
         let committed = resp.into_inner().committed_size;
         // A server that already had the blob may stop early and report its full size.
@@ -582,14 +602,15 @@ impl Ctx {
 
     /// Read a whole blob (batch if it fits, stream otherwise).
     async fn read_whole(&mut self, d: re::Digest) -> Result<Vec<u8>, String> {
-        if (d.size_bytes as u64) <= self.caps.batch {
+        if (d.size_bytes as u64) + PER_BLOB <= self.caps.batch {
             let mut got = self.batch_read(vec![d.clone()]).await?;
             match got.pop() {
                 Some((_, data)) => Ok(data),
                 None => Err(format!("BatchReadBlobs: no answer for {}", d.hash)),
             }
         } else {
-            let mut v = Vec::with_capacity(d.size_bytes as usize);
+            // Grown as bytes arrive, not reserved on the server's word.
+            let mut v = Vec::with_capacity((d.size_bytes as u64).min(super::SMALL_BLOB) as usize);
             self.read_stream(&d, |chunk| {
                 v.extend(chunk);
                 Ok(())
@@ -603,16 +624,15 @@ impl Ctx {
     /// blobs independently of ActionCache results (BuildGrid only checks the blobs a result
     /// names, here the entry itself), and a half-evicted output is a miss, not a failure.
     /// Entries that do not parse are left for the caller to report.
-    async fn complete_only(
-        &mut self,
-        mut entries: Vec<Option<Vec<u8>>>,
-    ) -> Result<Vec<Option<Vec<u8>>>, String> {
+    async fn complete_only(&mut self, mut entries: Vec<Entry>) -> Result<Vec<Entry>, String> {
         let mut wanted: Vec<Vec<String>> = vec![Vec::new(); entries.len()];
         let mut digests = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (i, bytes) in entries.iter().enumerate() {
             let Some(entry) = bytes
-                .as_deref()
+                .as_ref()
+                .ok()
+                .and_then(|b| b.as_deref())
                 .and_then(|b| serde_json::from_slice::<super::CacheEntry>(b).ok())
             else {
                 continue;
@@ -637,14 +657,15 @@ impl Ctx {
         for (entry, hashes) in entries.iter_mut().zip(wanted) {
             if hashes.iter().any(|h| missing.contains(h)) {
                 tracing::debug!("an entry's blobs were evicted from the CAS: treated as a miss");
-                *entry = None;
+                *entry = Ok(None);
             }
         }
         Ok(entries)
     }
 
-    /// The signed entry of `drv_hash`, if the ActionCache has one.
-    async fn get_entry(mut self, drv_hash: String) -> Result<Option<Vec<u8>>, String> {
+    /// The signed entry of `drv_hash`, if the ActionCache has one. The outer error is the
+    /// server's (unreachable, failing); the inner one is about this entry alone.
+    async fn get_entry(mut self, drv_hash: String) -> Result<Entry, String> {
         let (_, action_digest) = self.action(&drv_hash);
         let req = re::GetActionResultRequest {
             instance_name: self.instance.clone(),
@@ -656,7 +677,7 @@ impl Ctx {
         let result =
             match tokio::time::timeout(super::timeout(), self.ac.get_action_result(req)).await {
                 Ok(Ok(r)) => r.into_inner(),
-                Ok(Err(s)) if s.code() == tonic::Code::NotFound => return Ok(None),
+                Ok(Err(s)) if s.code() == tonic::Code::NotFound => return Ok(Ok(None)),
                 Ok(Err(s)) => return Err(status("GetActionResult", s)),
                 Err(_) => {
                     return Err(format!(
@@ -665,37 +686,50 @@ impl Ctx {
                     ))
                 }
             };
+        let bad = |msg: String| {
+            Ok(Err(CacheError::BadEntry {
+                drv: drv_hash.clone(),
+                msg,
+            }))
+        };
         let Some(file) = result
             .output_files
             .into_iter()
             .find(|f| f.path == ENTRY_FILE)
         else {
-            return Err(format!(
-                "the ActionResult for {drv_hash} has no {ENTRY_FILE} (not written by rbuild?)"
+            return bad(format!(
+                "its ActionResult names no {ENTRY_FILE} (not written by rbuild?)"
             ));
         };
         let d = file.digest.unwrap_or_default();
         if d.size_bytes < 0 || d.size_bytes as u64 > MAX_ENTRY {
-            return Err(format!(
-                "the entry of {drv_hash} claims {} bytes",
-                d.size_bytes
-            ));
+            return bad(format!("the entry claims {} bytes", d.size_bytes));
         }
         let bytes = if !file.contents.is_empty() || d.size_bytes == 0 {
             file.contents
         } else {
-            self.read_whole(d.clone()).await?
+            // The entry blob itself may have been evicted while the result stayed: a miss.
+            if !self.find_missing(vec![d.clone()]).await?.is_empty() {
+                return Ok(Ok(None));
+            }
+            match self.read_whole(d.clone()).await {
+                Ok(b) => b,
+                Err(e) => return bad(e),
+            }
         };
         // Entries are checked against their signature later; this catches transport damage.
         if self.digest_of(&bytes) != d {
-            return Err(format!(
-                "the entry blob of {drv_hash} does not match its digest {}",
+            return bad(format!(
+                "the entry blob does not match its digest {}",
                 d.hash
             ));
         }
-        Ok(Some(bytes))
+        Ok(Ok(Some(bytes)))
     }
 }
+
+/// One entry lookup: its bytes, none, or why this entry cannot be used.
+type Entry = Result<Option<Vec<u8>>, CacheError>;
 
 impl BinaryCache for GrpcCache {
     fn url(&self) -> &str {
@@ -703,11 +737,12 @@ impl BinaryCache for GrpcCache {
     }
 
     fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        self.get_entries(&[drv_hash.to_owned()])
-            .map(|mut v| v.pop().flatten())
+        self.get_entries(&[drv_hash.to_owned()])?
+            .pop()
+            .unwrap_or(Ok(None))
     }
 
-    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<RawEntry>, CacheError> {
         // REAPI has no batch ActionCache lookup: PARALLEL lookups in flight, then one
         // existence query for the blobs of every entry found.
         let mut ctx = self.ctx()?;
@@ -724,7 +759,7 @@ impl BinaryCache for GrpcCache {
                     (i, ctx.get_entry(h).await)
                 });
             }
-            let mut out = vec![None; n];
+            let mut out: Vec<Entry> = (0..n).map(|_| Ok(None)).collect();
             while let Some(r) = tasks.join_next().await {
                 let (i, r) = r.map_err(|e| format!("lookup task: {e}"))?;
                 out[i] = r?;
@@ -744,7 +779,7 @@ impl BinaryCache for GrpcCache {
         let entry_digest = ctx.digest_of(bytes);
         let bytes = bytes.to_vec();
         self.run(async move {
-            if bytes.len() as u64 <= ctx.caps.batch {
+            if bytes.len() as u64 + 3 * PER_BLOB + 4096 <= ctx.caps.batch {
                 blobs.push((entry_digest.clone(), bytes));
             } else {
                 ctx.write_stream(entry_digest.clone(), Source::Bytes(bytes))
@@ -814,27 +849,22 @@ impl BinaryCache for GrpcCache {
         // disk holds the download back instead of filling memory.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-        self.rt().spawn(async move {
+        let task = self.rt().spawn(async move {
             let r = ctx
                 .read_stream(&d, |chunk| {
-                    tx.send(chunk)
+                    // Waiting for the writer must not hold up this runtime's other work.
+                    tokio::task::block_in_place(|| tx.send(chunk))
                         .map_err(|_| "the reader went away".to_owned())
                 })
                 .await;
             drop(tx);
             let _ = done_tx.send(r);
         });
-        let mut write_err = None;
         for chunk in rx {
-            if write_err.is_none() {
-                if let Err(e) = dest.write_all(&chunk) {
-                    write_err = Some(e);
-                    break;
-                }
+            if let Err(e) = dest.write_all(&chunk) {
+                task.abort();
+                return Err(self.err(format!("writing blob {}: {e}", blob.sha256)));
             }
-        }
-        if let Some(e) = write_err {
-            return Err(self.err(format!("writing blob {}: {e}", blob.sha256)));
         }
         done_rx
             .recv()
@@ -851,19 +881,24 @@ impl BinaryCache for GrpcCache {
         for (i, b) in blobs.iter().enumerate() {
             let d = ctx.digest(b).map_err(|m| self.err(m))?;
             index.insert(d.hash.clone(), i);
-            if b.size > ctx.caps.batch {
+            let cost = b.size + PER_BLOB;
+            if cost > ctx.caps.batch {
                 streamed.push(d);
                 continue;
             }
-            if batches.is_empty() || total + b.size > ctx.caps.batch {
+            if batches
+                .last()
+                .is_none_or(|l| total + cost > ctx.caps.batch || l.len() >= BATCH_BLOBS)
+            {
                 batches.push(vec![]);
                 total = 0;
             }
-            total += b.size;
+            total += cost;
             batches.last_mut().expect("a batch").push(d);
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(re::Digest, Vec<u8>), String>>(64);
-        self.rt().spawn(async move {
+        // Aborting this task drops its JoinSet, which aborts every read still running.
+        let coordinator = self.rt().spawn(async move {
             let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL / 2));
             let mut tasks = tokio::task::JoinSet::new();
             let jobs = batches
@@ -894,14 +929,21 @@ impl BinaryCache for GrpcCache {
             drop(tx);
             while tasks.join_next().await.is_some() {}
         });
-        for r in rx {
-            let (d, data) = r.map_err(|m| self.err(m))?;
-            let i = *index.get(&d.hash).ok_or_else(|| {
-                self.err(format!("the server sent blob {} not asked for", d.hash))
-            })?;
-            sink(i, data)?;
+        let deliver = || -> Result<(), CacheError> {
+            for r in rx {
+                let (d, data) = r.map_err(|m| self.err(m))?;
+                let i = *index.get(&d.hash).ok_or_else(|| {
+                    self.err(format!("the server sent blob {} not asked for", d.hash))
+                })?;
+                sink(i, data)?;
+            }
+            Ok(())
+        };
+        let r = deliver();
+        if r.is_err() {
+            coordinator.abort();
         }
-        Ok(())
+        r
     }
 
     fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), CacheError> {
@@ -915,15 +957,19 @@ impl BinaryCache for GrpcCache {
         let mut total = 0u64;
         for (b, p) in blobs {
             let d = ctx.digest(b).map_err(|m| self.err(m))?;
-            if b.size > ctx.caps.batch.min(super::SMALL_BLOB) {
+            let cost = b.size + PER_BLOB;
+            if cost > ctx.caps.batch.min(super::SMALL_BLOB) {
                 streamed.push(vec![(d, p.clone())]);
                 continue;
             }
-            if batches.is_empty() || total + b.size > ctx.caps.batch {
+            if batches
+                .last()
+                .is_none_or(|l| total + cost > ctx.caps.batch || l.len() >= BATCH_BLOBS)
+            {
                 batches.push(vec![]);
                 total = 0;
             }
-            total += b.size;
+            total += cost;
             batches.last_mut().expect("a batch").push((d, p.clone()));
         }
         self.run(async move {

@@ -797,6 +797,29 @@ fn realise_from(
     rbuild_as(None, &args, env)
 }
 
+/// Overwrite every blob in `blobs`; a realise into `store` from `cache` must catch it, build
+/// from the mirror instead, and still make the image of `built` (an earlier realise's JSON).
+fn tampered_blobs_are_refused(
+    a: &Archive,
+    blobs: &Path,
+    store: &Path,
+    cache: &str,
+    key: &str,
+    built: &serde_json::Value,
+) {
+    for f in fs::read_dir(blobs).unwrap() {
+        fs::write(f.unwrap().path(), b"tampered").unwrap();
+    }
+    let o = realise_from(a, store, &a.mirror_url(), &[cache], key, &[]);
+    let r = json(&o);
+    assert!(r["built"].as_u64().unwrap() >= 1, "{r}");
+    assert!(stderr(&o).contains("blob sha256"), "{}", stderr(&o));
+    assert_eq!(
+        image_manifest_digest(Path::new(r["output"].as_str().unwrap())),
+        image_manifest_digest(Path::new(built["output"].as_str().unwrap()))
+    );
+}
+
 /// A shared-directory binary cache: a second store substitutes instead of building (without
 /// touching the mirror), entries signed by an untrusted key or with tampered blobs are refused
 /// and built instead, a partial cache is used for what it has, and pushing twice uploads nothing.
@@ -856,24 +879,13 @@ fn file_cache_substitutes_signed_outputs_only() {
     );
 
     // Tampered blob: caught while downloading; built from the mirror instead.
-    let blobs = cache_dir.join("blobs/sha256");
-    for e in fs::read_dir(&blobs).unwrap() {
-        fs::write(e.unwrap().path(), b"tampered").unwrap();
-    }
-    let o = realise_from(
+    tampered_blobs_are_refused(
         &a,
+        &cache_dir.join("blobs/sha256"),
         &t.path().join("d"),
-        &a.mirror_url(),
-        &[&cache],
+        &cache,
         &alice_pub,
-        &[],
-    );
-    let d = json(&o);
-    assert!(d["built"].as_u64().unwrap() >= 1, "{d}");
-    assert!(stderr(&o).contains("blob sha256"), "{}", stderr(&o));
-    assert_eq!(
-        image_manifest_digest(Path::new(d["output"].as_str().unwrap())),
-        image_manifest_digest(Path::new(r["output"].as_str().unwrap()))
+        &r,
     );
 
     // A partial cache (only the root filesystem tar) and a cache that does not exist.
@@ -1015,23 +1027,13 @@ fn http_cache_round_trip_and_dead_cache() {
     );
 
     // Tampered blobs: caught while downloading, built from the mirror instead.
-    for f in fs::read_dir(t.path().join("served/blobs/sha256")).unwrap() {
-        fs::write(f.unwrap().path(), b"tampered").unwrap();
-    }
-    let o = realise_from(
+    tampered_blobs_are_refused(
         &a,
+        &t.path().join("served/blobs/sha256"),
         &t.path().join("f"),
-        &a.mirror_url(),
-        &[&url],
+        &url,
         &public,
-        &[],
-    );
-    let f = json(&o);
-    assert!(f["built"].as_u64().unwrap() >= 1, "{f}");
-    assert!(stderr(&o).contains("blob sha256"), "{}", stderr(&o));
-    assert_eq!(
-        image_manifest_digest(Path::new(f["output"].as_str().unwrap())),
-        image_manifest_digest(Path::new(r["output"].as_str().unwrap()))
+        &r,
     );
 }
 

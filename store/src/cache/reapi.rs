@@ -284,6 +284,32 @@ async fn timed<T>(
     }
 }
 
+/// Split `(size, item)`s into batch requests of at most `batch` bytes (counting [`PER_BLOB`]
+/// each) and [`BATCH_BLOBS`] items, and the items to stream one by one (costing more than
+/// `stream_over`).
+fn plan_batches<T>(items: Vec<(u64, T)>, batch: u64, stream_over: u64) -> (Vec<Vec<T>>, Vec<T>) {
+    let mut batches: Vec<Vec<T>> = vec![];
+    let mut streamed = vec![];
+    let mut total = 0u64;
+    for (size, item) in items {
+        let cost = size + PER_BLOB;
+        if cost > stream_over {
+            streamed.push(item);
+            continue;
+        }
+        if batches
+            .last()
+            .is_none_or(|l| total + cost > batch || l.len() >= BATCH_BLOBS)
+        {
+            batches.push(vec![]);
+            total = 0;
+        }
+        total += cost;
+        batches.last_mut().expect("a batch").push(item);
+    }
+    (batches, streamed)
+}
+
 /// What a ByteStream upload sends.
 enum Source {
     File(PathBuf),
@@ -875,27 +901,13 @@ impl BinaryCache for GrpcCache {
     fn get_small_blobs(&self, blobs: &[BlobRef], sink: &mut BlobSink) -> Result<(), CacheError> {
         let ctx = self.ctx()?;
         let mut index: HashMap<String, usize> = HashMap::new();
-        let mut batches: Vec<Vec<re::Digest>> = vec![];
-        let mut streamed = vec![];
-        let mut total = 0u64;
+        let mut digests = Vec::with_capacity(blobs.len());
         for (i, b) in blobs.iter().enumerate() {
             let d = ctx.digest(b).map_err(|m| self.err(m))?;
             index.insert(d.hash.clone(), i);
-            let cost = b.size + PER_BLOB;
-            if cost > ctx.caps.batch {
-                streamed.push(d);
-                continue;
-            }
-            if batches
-                .last()
-                .is_none_or(|l| total + cost > ctx.caps.batch || l.len() >= BATCH_BLOBS)
-            {
-                batches.push(vec![]);
-                total = 0;
-            }
-            total += cost;
-            batches.last_mut().expect("a batch").push(d);
+            digests.push((b.size, d));
         }
+        let (batches, streamed) = plan_batches(digests, ctx.caps.batch, ctx.caps.batch);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(re::Digest, Vec<u8>), String>>(64);
         // Aborting this task drops its JoinSet, which aborts every read still running.
         let coordinator = self.rt().spawn(async move {
@@ -952,26 +964,13 @@ impl BinaryCache for GrpcCache {
 
     fn put_blobs(&self, blobs: &[(BlobRef, PathBuf)]) -> Result<(), CacheError> {
         let ctx = self.ctx()?;
-        let mut batches: Vec<Vec<(re::Digest, PathBuf)>> = vec![];
-        let mut streamed = vec![];
-        let mut total = 0u64;
+        let mut files = Vec::with_capacity(blobs.len());
         for (b, p) in blobs {
-            let d = ctx.digest(b).map_err(|m| self.err(m))?;
-            let cost = b.size + PER_BLOB;
-            if cost > ctx.caps.batch.min(super::SMALL_BLOB) {
-                streamed.push(vec![(d, p.clone())]);
-                continue;
-            }
-            if batches
-                .last()
-                .is_none_or(|l| total + cost > ctx.caps.batch || l.len() >= BATCH_BLOBS)
-            {
-                batches.push(vec![]);
-                total = 0;
-            }
-            total += cost;
-            batches.last_mut().expect("a batch").push((d, p.clone()));
+            files.push((b.size, (ctx.digest(b).map_err(|m| self.err(m))?, p.clone())));
         }
+        let (batches, streamed) =
+            plan_batches(files, ctx.caps.batch, ctx.caps.batch.min(super::SMALL_BLOB));
+        let streamed: Vec<Vec<_>> = streamed.into_iter().map(|x| vec![x]).collect();
         self.run(async move {
             let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL / 2));
             let mut tasks = tokio::task::JoinSet::new();
@@ -1014,5 +1013,29 @@ impl BinaryCache for GrpcCache {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_bytes_overhead_and_count() {
+        // Many empty blobs: the count cap and the per-blob overhead split them.
+        let (b, s) = plan_batches((0..5000).map(|i| (0, i)).collect(), 4 << 20, 4 << 20);
+        assert!(s.is_empty());
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![4096, 904]);
+        let (b, _) = plan_batches((0..5000).map(|i| (0, i)).collect(), 256 * 1000, 1 << 20);
+        assert!(b.iter().all(|x| x.len() <= 1000), "{}", b[0].len());
+        // Bytes: every batch within the limit; big items streamed.
+        let items: Vec<(u64, usize)> = (0..100).map(|i| ((i % 7) as u64 * 100_000, i)).collect();
+        let (b, s) = plan_batches(items.clone(), 1 << 20, 500_000);
+        for batch in &b {
+            let bytes: u64 = batch.iter().map(|i| items[*i].0 + PER_BLOB).sum();
+            assert!(bytes <= 1 << 20, "{bytes}");
+        }
+        assert!(s.iter().all(|i| items[*i].0 + PER_BLOB > 500_000));
+        assert_eq!(b.iter().map(Vec::len).sum::<usize>() + s.len(), 100);
     }
 }

@@ -1144,6 +1144,32 @@ fn grpc_cache_on_buildgrid() {
         "{out}"
     );
     assert!(out.contains("grpc://127.0.0.1:9: FAILED"), "{out}");
+    // A server whose ActionCache takes no updates: said by `cache check`, and a push stops
+    // before uploading anything.
+    let readonly = format!("{}/readonly", bg.url);
+    let o = rbuild(&["cache", "check", &readonly]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("ActionCache updates refused"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = rbuild(&[
+        "cache",
+        "push",
+        recipe,
+        "--store",
+        store_a.to_str().unwrap(),
+        "--to",
+        &readonly,
+        "--secret-key",
+        &sec,
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("does not allow ActionCache updates"),
+        "{}",
+        stderr(&o)
+    );
 
     // Partial: instance `other` (same CAS, its own ActionCache) has only the root filesystem tar;
     // a dead cache in front of it is warned about and skipped.

@@ -169,6 +169,16 @@ impl GrpcCache {
         })
     }
 
+    fn can_publish(&self, ctx: &Ctx) -> Result<(), CacheError> {
+        if ctx.caps.ac_update {
+            Ok(())
+        } else {
+            Err(self.err(
+                "the server does not allow ActionCache updates (BuildGrid: allow-updates: true on its action cache)",
+            ))
+        }
+    }
+
     fn err(&self, msg: impl std::fmt::Display) -> CacheError {
         CacheError::Backend {
             url: self.url.clone(),
@@ -467,7 +477,7 @@ impl Ctx {
         Ok(out)
     }
 
-    /// Stream a blob from the server, each chunk to `sink`; fails past `max` bytes.
+    /// Stream a blob from the server, each chunk to `sink`; fails past the digest's size.
     async fn read_stream(
         &mut self,
         d: &re::Digest,
@@ -796,11 +806,7 @@ impl BinaryCache for GrpcCache {
 
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
         let mut ctx = self.ctx()?;
-        if !ctx.caps.ac_update {
-            return Err(self.err(
-                "the server does not allow ActionCache updates (enable allow-updates on its action cache)",
-            ));
-        }
+        self.can_publish(&ctx)?;
         let (mut blobs, action_digest) = ctx.action(drv_hash);
         let entry_digest = ctx.digest_of(bytes);
         let bytes = bytes.to_vec();
@@ -964,6 +970,8 @@ impl BinaryCache for GrpcCache {
 
     fn put_blobs(&self, blobs: &[(BlobRef, PathBuf)]) -> Result<(), CacheError> {
         let ctx = self.ctx()?;
+        // Blobs without an entry to name them would only take space: say so before uploading.
+        self.can_publish(&ctx)?;
         let mut files = Vec::with_capacity(blobs.len());
         for (b, p) in blobs {
             files.push((b.size, (ctx.digest(b).map_err(|m| self.err(m))?, p.clone())));

@@ -648,7 +648,8 @@ fn parse_entry(
 /// against its digest. The caller registers it, which re-hashes it against `content_hash`.
 ///
 /// Directories and symlinks are laid out first, then small files are fetched in batches, large
-/// ones streamed, and hardlinks made last.
+/// ones streamed, and hardlinks made last. Only permission bits are applied: the store never
+/// holds setuid, setgid or sticky bits (real modes live in the sidecar).
 pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result<(), CacheError> {
     let drv = &entry.body.drv_hash;
     let bad = |msg: String| CacheError::BadEntry {
@@ -700,7 +701,7 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
             CacheNode::Dir { mode, .. } => {
                 dirs.insert(rel);
                 fs::create_dir(&p).map_err(io(p.display()))?;
-                fs::set_permissions(&p, fs::Permissions::from_mode(mode | 0o700))
+                fs::set_permissions(&p, fs::Permissions::from_mode((mode & 0o777) | 0o700))
                     .map_err(io(p.display()))?;
             }
             CacheNode::File {
@@ -736,7 +737,8 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
     };
     let finish = |rel: &str, mode: u32| {
         let p = at(rel);
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode | 0o600)).map_err(io(p.display()))
+        fs::set_permissions(&p, fs::Permissions::from_mode((mode & 0o777) | 0o600))
+            .map_err(io(p.display()))
     };
     let (small, large): (Vec<_>, Vec<_>) = files.iter().partition(|f| f.2.size <= SMALL_BLOB);
     // Equal small files are asked for once.
@@ -1044,5 +1046,31 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn fetched_files_never_get_setuid_bits() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out");
+        fs::create_dir_all(&out).unwrap();
+        fs::write(out.join("su"), b"binary").unwrap();
+        let cache = open(&format!("file://{}", t.path().join("cache").display())).unwrap();
+        let key = SecretKey::generate("k").unwrap();
+        push(cache.as_ref(), &key, "h", "x", "c", &out).unwrap();
+        let mut entry = query(cache.as_ref(), "h", &[key.public()])
+            .unwrap()
+            .unwrap();
+        for n in &mut entry.body.nodes {
+            match n {
+                CacheNode::File { mode, .. } => *mode = 0o4755,
+                CacheNode::Dir { mode, .. } => *mode = 0o3777,
+                _ => {}
+            }
+        }
+        let dest = t.path().join("dest");
+        fetch(cache.as_ref(), &entry, &dest).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dest.join("su")), 0o755);
+        assert_eq!(mode(&dest), 0o777);
     }
 }

@@ -8,13 +8,7 @@ use rbuild_engine::{Derivation, FixedOutput, Stage};
 use rbuild_store::meta::{EntryMeta, TreeMeta};
 
 fn root_owned(mode: u32) -> EntryMeta {
-    EntryMeta {
-        uid: 0,
-        gid: 0,
-        mode,
-        mtime: 0,
-        caps: None,
-    }
+    EntryMeta::root(mode, 0)
 }
 
 fn tree() -> (tempfile::TempDir, TreeMeta) {

@@ -395,13 +395,7 @@ fn dpkg_install(
     fs::create_dir_all(root.join("usr/sbin"))?;
     let policy = root.join("usr/sbin/policy-rc.d");
     fs::write(&policy, "#!/bin/sh\nexit 101\n")?;
-    let exec = rbuild_store::meta::EntryMeta {
-        uid: 0,
-        gid: 0,
-        mode: 0o755,
-        mtime: ctx.source_date_epoch(),
-        caps: None,
-    };
+    let exec = rbuild_store::meta::EntryMeta::root(0o755, ctx.source_date_epoch());
     sandbox::apply_meta(&policy, &exec)?;
     let unsafe_io = root.join("etc/dpkg/dpkg.cfg.d/rbuild-unsafe-io");
     fs::write(&unsafe_io, "force-unsafe-io\n")?;
@@ -516,13 +510,7 @@ fn layer(ctx: &BuildContext) -> anyhow::Result<()> {
             );
         }
         let dst = root.join(rel);
-        let dir_meta = rbuild_store::meta::EntryMeta {
-            uid: 0,
-            gid: 0,
-            mode: 0o755,
-            mtime: sde,
-            caps: None,
-        };
+        let dir_meta = rbuild_store::meta::EntryMeta::root(0o755, sde);
         let mut missing = Vec::new();
         let mut parent = dst.parent();
         while let Some(p) = parent.filter(|p| !p.exists()) {
@@ -538,16 +526,7 @@ fn layer(ctx: &BuildContext) -> anyhow::Result<()> {
         }
         fs::write(&dst, hex::decode(&c.content).context("copy: file content")?)
             .with_context(|| format!("copy: writing {}", c.to))?;
-        sandbox::apply_meta(
-            &dst,
-            &rbuild_store::meta::EntryMeta {
-                uid: 0,
-                gid: 0,
-                mode: c.mode,
-                mtime: sde,
-                caps: None,
-            },
-        )?;
+        sandbox::apply_meta(&dst, &rbuild_store::meta::EntryMeta::root(c.mode, sde))?;
     }
     if !plan.run.is_empty() {
         let env = chroot_env(ctx);

@@ -138,13 +138,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         tree(t.path());
         let mut meta = TreeMeta::default();
-        let e = EntryMeta {
-            uid: 0,
-            gid: 0,
-            mode: 0o644,
-            mtime: 0,
-            caps: None,
-        };
+        let e = EntryMeta::root(0o644, 0);
         meta.entries.insert("a/b/f".into(), e.clone());
         let base = content_hash(t.path(), Some(&meta)).unwrap();
 

@@ -29,6 +29,19 @@ pub struct EntryMeta {
     pub caps: Option<String>,
 }
 
+impl EntryMeta {
+    /// A path owned by root (uid and gid 0), without file capabilities.
+    pub fn root(mode: u32, mtime: i64) -> EntryMeta {
+        EntryMeta {
+            uid: 0,
+            gid: 0,
+            mode,
+            mtime,
+            caps: None,
+        }
+    }
+}
+
 /// Metadata of a whole tree, keyed by path relative to the tree root ("" is the root itself).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeMeta {

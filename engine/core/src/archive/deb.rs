@@ -126,13 +126,7 @@ pub fn read_control(deb_tree: &Path) -> Result<String, ArchiveError> {
 }
 
 fn default_dir_meta(mtime: i64) -> EntryMeta {
-    EntryMeta {
-        uid: 0,
-        gid: 0,
-        mode: 0o755,
-        mtime,
-        caps: None,
-    }
+    EntryMeta::root(0o755, mtime)
 }
 
 /// A streaming decompressor for a member, chosen by the suffix after `.tar`.

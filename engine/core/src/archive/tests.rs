@@ -655,16 +655,7 @@ fn make_layer(dir: &Path, name: &str) -> Layer {
     let tar_path = dir.join(format!("{name}.tar"));
     let mut meta = TreeMeta::default();
     for (k, mode) in [("etc", 0o755), ("etc/os-release", 0o644), ("hello", 0o644)] {
-        meta.entries.insert(
-            k.into(),
-            EntryMeta {
-                uid: 0,
-                gid: 0,
-                mode,
-                mtime: 1,
-                caps: None,
-            },
-        );
+        meta.entries.insert(k.into(), EntryMeta::root(mode, 1));
     }
     write_tar(&tree, &meta, 100, fs::File::create(&tar_path).unwrap()).unwrap();
     let blob = dir.join(format!("{name}.tar.gz"));
@@ -893,13 +884,7 @@ fn write_tar_hardlinks_only_with_equal_meta() {
     fs::hard_link(t.join("a"), t.join("b")).unwrap();
     fs::hard_link(t.join("a"), t.join("c")).unwrap();
     let mut meta = TreeMeta::default();
-    let em = |mode| EntryMeta {
-        uid: 0,
-        gid: 0,
-        mode,
-        mtime: 0,
-        caps: None,
-    };
+    let em = |mode| EntryMeta::root(mode, 0);
     meta.entries.insert("a".into(), em(0o755));
     meta.entries.insert("b".into(), em(0o755));
     meta.entries.insert("c".into(), em(0o4755));

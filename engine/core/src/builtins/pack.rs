@@ -113,13 +113,10 @@ pub fn layer_diff(ctx: &BuildContext) -> anyhow::Result<()> {
     let tree = work.join("tree");
     fs::create_dir_all(&tree)?;
     let mut meta = TreeMeta::default();
-    let root_meta = umeta.get("").cloned().unwrap_or(EntryMeta {
-        uid: 0,
-        gid: 0,
-        mode: 0o755,
-        mtime: sde,
-        caps: None,
-    });
+    let root_meta = umeta
+        .get("")
+        .cloned()
+        .unwrap_or(EntryMeta::root(0o755, sde));
     meta.entries.insert(String::new(), root_meta);
 
     // Make `rel`'s parent directories exist in the change set, with the upper tree's metadata.
@@ -186,16 +183,7 @@ pub fn layer_diff(ctx: &BuildContext) -> anyhow::Result<()> {
             format!("{dir}/.wh.{name}")
         };
         fs::write(tree.join(&wh), b"")?;
-        meta.entries.insert(
-            wh,
-            EntryMeta {
-                uid: 0,
-                gid: 0,
-                mode: 0o644,
-                mtime: sde,
-                caps: None,
-            },
-        );
+        meta.entries.insert(wh, EntryMeta::root(0o644, sde));
     }
     let tar_path = work.join("layer.tar");
     let f = fs::File::create(&tar_path)?;
@@ -247,16 +235,8 @@ mod tests {
                 None => {}
             }
             let mode = if content.is_some() { 0o644 } else { 0o755 };
-            meta.entries.insert(
-                rel.to_string(),
-                EntryMeta {
-                    uid: 0,
-                    gid: 0,
-                    mode,
-                    mtime: 0,
-                    caps: None,
-                },
-            );
+            meta.entries
+                .insert(rel.to_string(), EntryMeta::root(mode, 0));
         }
         meta.write(&sidecar(root)).unwrap();
     }

@@ -952,18 +952,25 @@ mod tests {
         assert!(!victim.join("sub").exists());
     }
 
+    /// A directory cache below `t` holding one pushed output, a directory with one file `name`:
+    /// the cache and the output's entry (for the test to rewrite).
+    fn pushed_one_file(t: &Path, name: &str, content: &[u8]) -> (Box<dyn BinaryCache>, CacheEntry) {
+        let out = t.join("out");
+        fs::create_dir_all(&out).unwrap();
+        fs::write(out.join(name), content).unwrap();
+        let cache = open(&format!("file://{}", t.join("cache").display())).unwrap();
+        let key = SecretKey::generate("k").unwrap();
+        push(cache.as_ref(), &key, "h", "x", "c", &out).unwrap();
+        let entry = query(cache.as_ref(), "h", &[key.public()])
+            .unwrap()
+            .unwrap();
+        (cache, entry)
+    }
+
     #[test]
     fn entries_cannot_write_a_file_through_their_own_symlink() {
         let t = tempfile::tempdir().unwrap();
-        let out = t.path().join("out");
-        fs::create_dir_all(&out).unwrap();
-        fs::write(out.join("f"), b"evil").unwrap();
-        let cache = open(&format!("file://{}", t.path().join("cache").display())).unwrap();
-        let key = SecretKey::generate("k").unwrap();
-        push(cache.as_ref(), &key, "h", "x", "c", &out).unwrap();
-        let mut entry = query(cache.as_ref(), "h", &[key.public()])
-            .unwrap()
-            .unwrap();
+        let (cache, mut entry) = pushed_one_file(t.path(), "f", b"evil");
         // A symlink `a` to a victim file, then a file `a` with the blob's contents.
         let victim = t.path().join("victim");
         fs::write(&victim, b"safe").unwrap();
@@ -1029,37 +1036,17 @@ mod tests {
                 fs::read(out.join(&name)).unwrap()
             );
         }
-        let leftovers: Vec<_> = walk_names(&t.path().join("cache"))
+        let leftovers: Vec<_> = super::props::listing(&t.path().join("cache"))
             .into_iter()
-            .filter(|n| n.starts_with(".tmp-"))
+            .filter(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with(".tmp-")))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
-    }
-
-    fn walk_names(d: &Path) -> Vec<String> {
-        let mut v = vec![];
-        for e in fs::read_dir(d).unwrap() {
-            let e = e.unwrap();
-            v.push(e.file_name().to_string_lossy().into_owned());
-            if e.file_type().unwrap().is_dir() {
-                v.extend(walk_names(&e.path()));
-            }
-        }
-        v
     }
 
     #[test]
     fn fetched_files_never_get_setuid_bits() {
         let t = tempfile::tempdir().unwrap();
-        let out = t.path().join("out");
-        fs::create_dir_all(&out).unwrap();
-        fs::write(out.join("su"), b"binary").unwrap();
-        let cache = open(&format!("file://{}", t.path().join("cache").display())).unwrap();
-        let key = SecretKey::generate("k").unwrap();
-        push(cache.as_ref(), &key, "h", "x", "c", &out).unwrap();
-        let mut entry = query(cache.as_ref(), "h", &[key.public()])
-            .unwrap()
-            .unwrap();
+        let (cache, mut entry) = pushed_one_file(t.path(), "su", b"binary");
         for n in &mut entry.body.nodes {
             match n {
                 CacheNode::File { mode, .. } => *mode = 0o4755,

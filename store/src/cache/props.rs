@@ -60,7 +60,8 @@ fn node(blobs: Vec<BlobRef>, outside: String) -> impl Strategy<Value = CacheNode
     ]
 }
 
-fn listing(dir: &Path) -> Vec<String> {
+/// Every path below `dir` (not `dir` itself), recursively.
+pub(super) fn listing(dir: &Path) -> Vec<String> {
     let mut v = vec![];
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {

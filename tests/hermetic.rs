@@ -120,6 +120,19 @@ fn image_manifest_digest(layout: &Path) -> String {
     index["manifests"][0]["digest"].as_str().unwrap().to_owned()
 }
 
+/// The image manifest digest of a `realise --json` result.
+fn output_digest(r: &serde_json::Value) -> String {
+    image_manifest_digest(Path::new(r["output"].as_str().unwrap()))
+}
+
+/// `(built, substituted)` of a `realise --json` result.
+fn counts(r: &serde_json::Value) -> (u64, u64) {
+    (
+        r["built"].as_u64().unwrap(),
+        r["substituted"].as_u64().unwrap(),
+    )
+}
+
 fn blob(layout: &Path, digest: &str) -> Vec<u8> {
     fs::read(
         layout
@@ -258,10 +271,7 @@ fn realise_and_check(user: Option<&str>) {
     // Another store (and, if run as root here, another user) gets the same bits.
     let store2 = user_dir(t.path(), "store2", None);
     let r2 = realise_json(None, &a, "", &store2, &[]);
-    assert_eq!(
-        image_manifest_digest(Path::new(r2["output"].as_str().unwrap())),
-        mdigest
-    );
+    assert_eq!(output_digest(&r2), mdigest);
 }
 
 #[test]
@@ -814,10 +824,7 @@ fn tampered_blobs_are_refused(
     let r = json(&o);
     assert!(r["built"].as_u64().unwrap() >= 1, "{r}");
     assert!(stderr(&o).contains("blob sha256"), "{}", stderr(&o));
-    assert_eq!(
-        image_manifest_digest(Path::new(r["output"].as_str().unwrap())),
-        image_manifest_digest(Path::new(built["output"].as_str().unwrap()))
-    );
+    assert_eq!(output_digest(&r), output_digest(built));
 }
 
 /// A shared-directory binary cache: a second store substitutes instead of building (without
@@ -859,15 +866,8 @@ fn file_cache_substitutes_signed_outputs_only() {
     let dead = "http://127.0.0.1:9/debian";
     let from_cache = |store: &Path, key: &str| realise_from(&a, store, dead, &[&cache], key, &[]);
     let b = json(&from_cache(&t.path().join("b"), &alice_pub));
-    assert_eq!(
-        (b["built"].as_u64(), b["substituted"].as_u64()),
-        (Some(0), Some(1)),
-        "only the image itself is fetched: {b}"
-    );
-    assert_eq!(
-        image_manifest_digest(Path::new(b["output"].as_str().unwrap())),
-        image_manifest_digest(Path::new(r["output"].as_str().unwrap()))
-    );
+    assert_eq!(counts(&b), (0, 1), "only the image itself is fetched: {b}");
+    assert_eq!(output_digest(&b), output_digest(&r));
 
     // Untrusted: refused, said so, and (with a dead mirror) the build fails instead of using it.
     let o = from_cache(&t.path().join("c"), &bob_pub);
@@ -912,8 +912,8 @@ fn file_cache_substitutes_signed_outputs_only() {
         &[],
     ));
     assert_eq!(
-        (e["substituted"].as_u64(), e["built"].as_u64()),
-        (Some(1), Some(2)),
+        counts(&e),
+        (2, 1),
         "tar substituted; layer and image built: {e}"
     );
 }
@@ -956,15 +956,8 @@ fn http_cache_round_trip_and_dead_cache() {
         &public,
         &[],
     ));
-    assert_eq!(
-        (b["built"].as_u64(), b["substituted"].as_u64()),
-        (Some(0), Some(1)),
-        "{b}"
-    );
-    assert_eq!(
-        image_manifest_digest(Path::new(b["output"].as_str().unwrap())),
-        image_manifest_digest(Path::new(r["output"].as_str().unwrap()))
-    );
+    assert_eq!(counts(&b), (0, 1), "{b}");
+    assert_eq!(output_digest(&b), output_digest(&r));
     // Nothing listens on port 9: the cache is dead, the build goes on from the mirror.
     let o = realise_from(
         &a,
@@ -1021,8 +1014,8 @@ fn http_cache_round_trip_and_dead_cache() {
         &[],
     ));
     assert_eq!(
-        (e["substituted"].as_u64(), e["built"].as_u64()),
-        (Some(1), Some(2)),
+        counts(&e),
+        (2, 1),
         "tar substituted; layer and image built: {e}"
     );
 
@@ -1081,16 +1074,9 @@ fn grpc_cache_on_buildgrid() {
         realise_from(&a, &t.path().join(store), mirror, caches, key, &[])
     };
     let b = json(&from("b", dead, &[&bg.url], &public));
-    assert_eq!(
-        (b["built"].as_u64(), b["substituted"].as_u64()),
-        (Some(0), Some(1)),
-        "{b}"
-    );
-    let digest = image_manifest_digest(Path::new(r["output"].as_str().unwrap()));
-    assert_eq!(
-        image_manifest_digest(Path::new(b["output"].as_str().unwrap())),
-        digest
-    );
+    assert_eq!(counts(&b), (0, 1), "{b}");
+    let digest = output_digest(&r);
+    assert_eq!(output_digest(&b), digest);
 
     // Untrusted key: refused, said so; with a dead mirror the realise fails.
     let o = from("c", dead, &[&bg.url], &bob_pub);
@@ -1121,16 +1107,9 @@ fn grpc_cache_on_buildgrid() {
         .unwrap();
     let o = from("d", &a.mirror_url(), &[&bg.url], &public);
     let d = json(&o);
-    assert_eq!(
-        (d["built"].as_u64(), d["substituted"].as_u64()),
-        (Some(1), Some(1)),
-        "{d}"
-    );
+    assert_eq!(counts(&d), (1, 1), "{d}");
     assert!(stderr(&o).contains("no valid signature"), "{}", stderr(&o));
-    assert_eq!(
-        image_manifest_digest(Path::new(d["output"].as_str().unwrap())),
-        digest
-    );
+    assert_eq!(output_digest(&d), digest);
 
     // `rbuild cache check` says what each cache is, and fails when one cannot be used.
     let o = rbuild(&["cache", "check", &bg.url, "grpc://127.0.0.1:9"]);
@@ -1188,8 +1167,8 @@ fn grpc_cache_on_buildgrid() {
     let o = from("e", dead, &["grpc://127.0.0.1:9", &other], &public);
     let e = json(&o);
     assert_eq!(
-        (e["substituted"].as_u64(), e["built"].as_u64()),
-        (Some(1), Some(2)),
+        counts(&e),
+        (2, 1),
         "tar substituted; layer and image built: {e}"
     );
     assert!(
@@ -1373,20 +1352,13 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
     assert!(stderr(&o).contains("pushed 13 outputs"), "{}", stderr(&o));
     assert_eq!(state2.find_missing_calls.load(Ordering::Relaxed), 1);
     assert_eq!(state2.actions.lock().unwrap().len(), 13);
-    let digest = image_manifest_digest(Path::new(r["output"].as_str().unwrap()));
+    let digest = output_digest(&r);
     let from = |store: &str, mirror: &str| {
         realise_from(&a, &t.path().join(store), mirror, &[&url], &public, &[])
     };
     let b = json(&from("b", "http://127.0.0.1:9/debian"));
-    assert_eq!(
-        (b["built"].as_u64(), b["substituted"].as_u64()),
-        (Some(0), Some(1)),
-        "{b}"
-    );
-    assert_eq!(
-        image_manifest_digest(Path::new(b["output"].as_str().unwrap())),
-        digest
-    );
+    assert_eq!(counts(&b), (0, 1), "{b}");
+    assert_eq!(output_digest(&b), digest);
 
     // Large blobs: over the server's 1 MiB batch limit, so through ByteStream both ways.
     {
@@ -1483,11 +1455,7 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
     let kept = state.blobs.lock().unwrap().remove(&evicted).unwrap();
     let o = from("e", &a.mirror_url());
     let e = json(&o);
-    assert_eq!(
-        (e["built"].as_u64(), e["substituted"].as_u64()),
-        (Some(1), Some(1)),
-        "{e}"
-    );
+    assert_eq!(counts(&e), (1, 1), "{e}");
     assert!(!stderr(&o).contains("refused"), "{}", stderr(&o));
     state.blobs.lock().unwrap().insert(evicted, kept);
 
@@ -1517,10 +1485,7 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
     let c = json(&o);
     assert!(c["built"].as_u64().unwrap() >= 1, "{c}");
     assert!(stderr(&o).contains("blob sha256"), "{}", stderr(&o));
-    assert_eq!(
-        image_manifest_digest(Path::new(c["output"].as_str().unwrap())),
-        digest
-    );
+    assert_eq!(output_digest(&c), digest);
 }
 
 /// `grpcs://`: BuildGrid serving TLS with a certificate from a CA made for the test. With that CA

@@ -593,6 +593,15 @@ mod tests {
 
     const DATE: &str = "Sat, 09 Aug 2025 09:16:30 UTC";
 
+    /// [`verify_inrelease`] with `key` as the keyring and the only pinned fingerprint.
+    fn verify_by(
+        key: &testkit::TestKey,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<Release, DebianError> {
+        verify_inrelease(name, bytes, &key.public_armored(), &[key.fingerprint()])
+    }
+
     fn sample() -> (testkit::TestKey, String, Vec<u8>) {
         let key = generate_key("rbuild test <t@example.invalid>");
         let text = release_text(
@@ -680,36 +689,18 @@ mod tests {
         let s = String::from_utf8(signed).unwrap();
         let tampered = s.replace("Suite: testsuite", "Suite: evilsuite");
         assert_ne!(s, tampered);
-        let err = verify_inrelease(
-            "InRelease",
-            tampered.as_bytes(),
-            &key.public_armored(),
-            &[key.fingerprint()],
-        )
-        .unwrap_err();
+        let err = verify_by(&key, "InRelease", tampered.as_bytes()).unwrap_err();
         assert!(matches!(err, DebianError::NoValidSignature { .. }), "{err}");
         assert!(err.to_string().contains("BAD signature"), "{err}");
         // A changed hash line is refused too.
         let tampered = s.replacen("Packages", "Packagez", 1);
-        assert!(verify_inrelease(
-            "InRelease",
-            tampered.as_bytes(),
-            &key.public_armored(),
-            &[key.fingerprint()]
-        )
-        .is_err());
+        assert!(verify_by(&key, "InRelease", tampered.as_bytes()).is_err());
     }
 
     #[test]
     fn unsigned_release_is_refused() {
         let (key, text, _) = sample();
-        let err = verify_inrelease(
-            "dists/x/InRelease",
-            text.as_bytes(),
-            &key.public_armored(),
-            &[key.fingerprint()],
-        )
-        .unwrap_err();
+        let err = verify_by(&key, "dists/x/InRelease", text.as_bytes()).unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("dists/x/InRelease: "), "{msg}");
         assert!(
@@ -720,13 +711,7 @@ mod tests {
             "{msg}"
         );
         // An empty file, too.
-        assert!(verify_inrelease(
-            "dists/x/InRelease",
-            b"",
-            &key.public_armored(),
-            &[key.fingerprint()]
-        )
-        .is_err());
+        assert!(verify_by(&key, "dists/x/InRelease", b"").is_err());
     }
 
     #[test]
@@ -734,13 +719,7 @@ mod tests {
         let (key, _, signed) = sample();
         let s = String::from_utf8(signed).unwrap();
         let cut = &s[..s.find("-----BEGIN PGP SIGNATURE-----").unwrap()];
-        assert!(verify_inrelease(
-            "InRelease",
-            cut.as_bytes(),
-            &key.public_armored(),
-            &[key.fingerprint()]
-        )
-        .is_err());
+        assert!(verify_by(&key, "InRelease", cut.as_bytes()).is_err());
     }
 
     #[test]
@@ -866,23 +845,11 @@ mod tests {
         let text = release_text("s", "c", DATE, &[]);
         // Signed 8 days ago, while the key was valid.
         let signed = testkit::clearsign_at(&key, &text, now - 8 * day);
-        let r = verify_inrelease(
-            "InRelease",
-            &signed,
-            &key.public_armored(),
-            &[key.fingerprint()],
-        )
-        .unwrap();
+        let r = verify_by(&key, "InRelease", &signed).unwrap();
         assert_eq!(r.signed_by, vec![key.fingerprint()]);
         // A signature made after the key expired is refused.
         let late = testkit::clearsign_at(&key, &text, now - 2 * day);
-        let err = verify_inrelease(
-            "InRelease",
-            &late,
-            &key.public_armored(),
-            &[key.fingerprint()],
-        )
-        .unwrap_err();
+        let err = verify_by(&key, "InRelease", &late).unwrap_err();
         assert!(matches!(err, DebianError::NoValidSignature { .. }), "{err}");
         assert!(
             err.to_string().contains("not usable at signature time"),

@@ -594,11 +594,7 @@ mod tests {
     const DATE: &str = "Sat, 09 Aug 2025 09:16:30 UTC";
 
     /// [`verify_inrelease`] with `key` as the keyring and the only pinned fingerprint.
-    fn verify_by(
-        key: &testkit::TestKey,
-        name: &str,
-        bytes: &[u8],
-    ) -> Result<Release, DebianError> {
+    fn verify_by(key: &testkit::TestKey, name: &str, bytes: &[u8]) -> Result<Release, DebianError> {
         verify_inrelease(name, bytes, &key.public_armored(), &[key.fingerprint()])
     }
 
@@ -671,15 +667,7 @@ mod tests {
         );
         assert!(msg.contains(&other.fingerprint()), "{msg}");
         // The signer is named (by its signing subkey's fingerprint).
-        let signer_subkey = key
-            .cert
-            .keys()
-            .subkeys()
-            .next()
-            .unwrap()
-            .key()
-            .fingerprint()
-            .to_hex();
+        let signer_subkey = key.subkey_fingerprint();
         assert!(msg.contains(&signer_subkey), "{msg}");
     }
 
@@ -782,15 +770,7 @@ mod tests {
     #[test]
     fn pinning_a_subkey_fingerprint_is_explained() {
         let (key, _, signed) = sample();
-        let sub = key
-            .cert
-            .keys()
-            .subkeys()
-            .next()
-            .unwrap()
-            .key()
-            .fingerprint()
-            .to_hex();
+        let sub = key.subkey_fingerprint();
         let err = verify_inrelease(
             "InRelease",
             &signed,

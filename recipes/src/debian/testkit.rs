@@ -39,6 +39,18 @@ impl TestKey {
             .expect("serializing a freshly generated certificate")
     }
 
+    /// The signing subkey's fingerprint, as a signature names its issuer.
+    pub fn subkey_fingerprint(&self) -> String {
+        self.cert
+            .keys()
+            .subkeys()
+            .next()
+            .expect("a test key has a signing subkey")
+            .key()
+            .fingerprint()
+            .to_hex()
+    }
+
     fn signing_keypair(&self) -> KeyPair {
         let ka = self
             .cert

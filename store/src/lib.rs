@@ -102,7 +102,7 @@ pub struct Store {
     leftovers: Vec<PathBuf>,
     /// A shared lock on `gc.lock`, held while this store is open: [`Store::gc`] turns it into an
     /// exclusive one, so it never deletes an output another process is building from.
-    users: Flock<fs::File>,
+    users: Mutex<Option<Flock<fs::File>>>,
 }
 
 const SCHEMA: &str = "
@@ -146,7 +146,7 @@ impl Store {
             db_path,
             db: Mutex::new(conn),
             leftovers: Vec::new(),
-            users,
+            users: Mutex::new(Some(users)),
         };
         store.leftovers = store.clean_stale_builds()?;
         Ok(store)
@@ -402,28 +402,33 @@ impl Store {
     pub fn gc(&self, waiting: impl FnOnce()) -> Result<GcReport> {
         let gc_lock = self.root.join("gc.lock");
         let intent_path = self.root.join("gc-intent.lock");
+        let lock_err = |e: nix::errno::Errno| StoreError::io(&gc_lock, e.into());
+        let mut waiting = Some(waiting);
+        let mut wait = || waiting.take().map(|w| w());
+        let mut users = self.users.lock().expect("store lock");
+        let shared = users.take().expect("an open store holds its gc.lock");
+        // Step aside first: another pending gc waits for every user, this one included.
+        let file = shared.unlock().map_err(|(_, e)| lock_err(e))?;
         // Stores opened from now on wait for this gc (flock does not queue an exclusive lock
         // ahead of new shared ones: without this, a stream of builds could starve gc).
         let intent = match lock_file(&intent_path, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err(_) => {
-                waiting();
-                return self.gc_after(lock_file(&intent_path, FlockArg::LockExclusive)?, &gc_lock);
+                wait();
+                lock_file(&intent_path, FlockArg::LockExclusive)?
             }
         };
-        if self.users.relock(FlockArg::LockExclusiveNonblock).is_err() {
-            waiting();
-        }
-        self.gc_after(intent, &gc_lock)
-    }
-
-    fn gc_after(&self, _intent: Flock<fs::File>, gc_lock: &Path) -> Result<GcReport> {
-        // A failed conversion may have dropped the shared lock: take the exclusive one outright.
-        retry_eintr(|| self.users.relock(FlockArg::LockExclusive))
-            .map_err(|e| StoreError::io(gc_lock, e.into()))?;
+        let exclusive = match flock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((file, _)) => {
+                wait();
+                flock(file, FlockArg::LockExclusive).map_err(|(_, e)| lock_err(e))?
+            }
+        };
         let report = self.gc_locked();
-        retry_eintr(|| self.users.relock(FlockArg::LockShared))
-            .map_err(|e| StoreError::io(gc_lock, e.into()))?;
+        retry_eintr(|| exclusive.relock(FlockArg::LockShared)).map_err(lock_err)?;
+        *users = Some(exclusive);
+        drop(intent);
         report
     }
 
@@ -513,19 +518,26 @@ pub struct GcReport {
     pub unremovable: Vec<PathBuf>,
 }
 
-/// Open (creating) `path` and flock it, retrying when a signal interrupts the wait.
+/// Open (creating) `path` and flock it (see [`flock`]).
 fn lock_file(path: &Path, arg: FlockArg) -> Result<Flock<fs::File>> {
-    let mut f = fs::OpenOptions::new()
+    let f = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
         .map_err(|e| StoreError::io(path, e))?;
+    flock(f, arg).map_err(|(_, e)| StoreError::io(path, e.into()))
+}
+
+/// Flock `f`, retrying when a signal interrupts the wait; on failure, the file back.
+fn flock(
+    mut f: fs::File,
+    arg: FlockArg,
+) -> std::result::Result<Flock<fs::File>, (fs::File, nix::errno::Errno)> {
     loop {
         match Flock::lock(f, arg) {
-            Ok(l) => return Ok(l),
             Err((back, nix::errno::Errno::EINTR)) => f = back,
-            Err((_, e)) => return Err(StoreError::io(path, e.into())),
+            r => return r,
         }
     }
 }
@@ -683,5 +695,26 @@ mod tests {
         assert_eq!(gc.join().unwrap(), 1);
         assert!(late.join().unwrap());
         assert!(!path.exists());
+    }
+
+    /// Two gcs at once (each process also a user of the store) both finish.
+    #[test]
+    fn concurrent_gcs_do_not_wait_for_each_other_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("s");
+        Store::open(&root).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            let (root, tx) = (root.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let store = Store::open(&root).unwrap();
+                tx.send(store.gc(|| ()).map(|_| true).map_err(|e| e.to_string()))
+                    .unwrap();
+            });
+        }
+        for _ in 0..2 {
+            let done = rx.recv_timeout(std::time::Duration::from_secs(30));
+            assert_eq!(done, Ok(Ok(true)), "a gc never finished, or failed");
+        }
     }
 }

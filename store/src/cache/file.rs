@@ -22,6 +22,10 @@ impl FileCache {
         }
     }
 
+    fn entry_path(&self, drv_hash: &str) -> PathBuf {
+        self.dir.join("entries").join(format!("{drv_hash}.json"))
+    }
+
     fn blob_path(&self, blob: &BlobRef) -> Result<PathBuf, CacheError> {
         blob.check().map_err(|msg| CacheError::Backend {
             url: self.url.clone(),
@@ -66,7 +70,7 @@ impl BinaryCache for FileCache {
     }
 
     fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let p = self.dir.join("entries").join(format!("{drv_hash}.json"));
+        let p = self.entry_path(drv_hash);
         match fs::read(&p) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -75,10 +79,7 @@ impl BinaryCache for FileCache {
     }
 
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
-        self.write_atomic(
-            &self.dir.join("entries").join(format!("{drv_hash}.json")),
-            |f| f.write_all(bytes),
-        )
+        self.write_atomic(&self.entry_path(drv_hash), |f| f.write_all(bytes))
     }
 
     fn missing_blobs(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>, CacheError> {

@@ -62,6 +62,10 @@ impl HttpCache {
         }
     }
 
+    fn entry_url(&self, drv_hash: &str) -> String {
+        format!("{}/entries/{drv_hash}.json", self.url)
+    }
+
     fn blob_url(&self, blob: &BlobRef) -> Result<String, CacheError> {
         blob.check().map_err(|e| self.err(e))?;
         Ok(format!("{}/blobs/sha256/{}", self.url, blob.sha256))
@@ -82,7 +86,7 @@ impl BinaryCache for HttpCache {
     }
 
     fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let url = format!("{}/entries/{drv_hash}.json", self.url);
+        let url = self.entry_url(drv_hash);
         let resp = self
             .agent
             .get(&url)
@@ -112,7 +116,7 @@ impl BinaryCache for HttpCache {
     }
 
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
-        let url = format!("{}/entries/{drv_hash}.json", self.url);
+        let url = self.entry_url(drv_hash);
         let resp = self
             .agent
             .put(&url)

@@ -295,6 +295,19 @@ pub fn rbuild_bin() -> PathBuf {
     BIN.get_or_init(|| {
         use std::os::unix::fs::PermissionsExt;
         let src = PathBuf::from(env!("CARGO_BIN_EXE_rbuild"));
+        // Copies left by test processes that have ended (a few hundred MB each) go first.
+        if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ended = name
+                    .strip_prefix("rbuild-test-bin-")
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                if ended {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let dir = std::env::temp_dir().join(format!("rbuild-test-bin-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();

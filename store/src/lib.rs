@@ -12,6 +12,7 @@
 pub mod cache;
 pub mod hash;
 pub mod meta;
+pub mod verify;
 
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -68,6 +69,15 @@ pub struct Output {
     pub content_hash: String,
 }
 
+/// A valid output and the derivation it is the output of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub drv_hash: String,
+    /// The derivation's (path-safe) name.
+    pub name: String,
+    pub output: Output,
+}
+
 /// A scratch directory for one build, removed on drop. Holds a lock so that a concurrent
 /// `Store::open` never mistakes it for the leftovers of a killed build.
 pub struct BuildDir {
@@ -78,6 +88,13 @@ pub struct BuildDir {
 impl BuildDir {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The descriptor of the directory's lock: a process holding a copy of it keeps the
+    /// directory from being taken for the leftovers of a killed build.
+    pub fn lock_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self._lock.as_raw_fd()
     }
 }
 
@@ -114,6 +131,8 @@ CREATE TABLE IF NOT EXISTS outputs (
 CREATE TABLE IF NOT EXISTS refs (
     drv_hash TEXT NOT NULL, input_hash TEXT NOT NULL, PRIMARY KEY (drv_hash, input_hash));
 CREATE TABLE IF NOT EXISTS roots (link TEXT PRIMARY KEY, drv_hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS listings (
+    drv_hash TEXT PRIMARY KEY, content_hash TEXT NOT NULL, listing BLOB NOT NULL);
 ";
 
 impl Store {
@@ -314,7 +333,10 @@ impl Store {
         } else {
             None
         };
-        let content_hash = hash::content_hash(built, tree_meta.as_ref())?;
+        let hash::Hashed {
+            content_hash,
+            listing,
+        } = hash::hash_and_list(built, tree_meta.as_ref())?;
         if let Some(expected) = expected.filter(|e| *e != content_hash) {
             return Err(StoreError::Corrupt {
                 path: built.to_owned(),
@@ -355,11 +377,127 @@ impl Store {
             params![drv.hash, dest.to_string_lossy(), content_hash, now],
         )
         .map_err(|e| self.db_err(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO listings (drv_hash, content_hash, listing) VALUES (?1, ?2, ?3)",
+            params![drv.hash, content_hash, listing.encode()],
+        )
+        .map_err(|e| self.db_err(e))?;
         tx.commit().map_err(|e| self.db_err(e))?;
         Ok(Output {
             path: dest,
             content_hash,
         })
+    }
+
+    /// Every valid output, with its derivation's name where the store recorded one.
+    pub fn outputs(&self) -> Result<Vec<Registered>> {
+        let db = self.db.lock().expect("store db lock");
+        let mut st = db
+            .prepare(
+                "SELECT o.drv_hash, o.path, o.content_hash, d.name FROM outputs o
+                 LEFT JOIN derivations d ON d.hash = o.drv_hash ORDER BY o.drv_hash",
+            )
+            .map_err(|e| self.db_err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(Registered {
+                    drv_hash: r.get(0)?,
+                    output: Output {
+                        path: PathBuf::from(r.get::<_, String>(1)?),
+                        content_hash: r.get(2)?,
+                    },
+                    name: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                })
+            })
+            .map_err(|e| self.db_err(e))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| self.db_err(e))?;
+        Ok(rows)
+    }
+
+    /// The per-path listing recorded when the output of `hash` was registered with content hash
+    /// `content_hash` (`None` for outputs registered before rbuild kept listings).
+    pub fn listing(&self, hash: &str, content_hash: &str) -> Result<Option<hash::Listing>> {
+        let db = self.db.lock().expect("store db lock");
+        let blob: Option<Vec<u8>> = db
+            .query_row(
+                "SELECT listing FROM listings WHERE drv_hash = ?1 AND content_hash = ?2",
+                params![hash, content_hash],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.db_err(e))?;
+        blob.map(|b| {
+            hash::Listing::decode(&b).ok_or_else(|| StoreError::Corrupt {
+                path: self.db_path.clone(),
+                what: format!("the listing of {hash} cannot be decoded"),
+            })
+        })
+        .transpose()
+    }
+
+    /// What the store recorded about derivation `hash` when an output of it was registered.
+    pub fn derivation(&self, hash: &str) -> Result<Option<DrvRecord>> {
+        let db = self.db.lock().expect("store db lock");
+        let row: Option<(String, String, String)> = db
+            .query_row(
+                "SELECT name, stage, json FROM derivations WHERE hash = ?1",
+                params![hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| self.db_err(e))?;
+        let Some((name, stage, json)) = row else {
+            return Ok(None);
+        };
+        let mut st = db
+            .prepare("SELECT input_hash FROM refs WHERE drv_hash = ?1")
+            .map_err(|e| self.db_err(e))?;
+        let inputs = st
+            .query_map(params![hash], |r| r.get(0))
+            .map_err(|e| self.db_err(e))?
+            .collect::<std::result::Result<Vec<String>, _>>()
+            .map_err(|e| self.db_err(e))?;
+        Ok(Some(DrvRecord {
+            hash: hash.to_owned(),
+            name,
+            stage,
+            json,
+            inputs,
+        }))
+    }
+
+    /// Make the output of `hash` invalid (its row goes first) and delete its files: for an
+    /// output found damaged, before it is built again. Takes the derivation's build lock.
+    /// Returns what was registered, if anything was.
+    pub fn invalidate(&self, hash: &str) -> Result<Option<Output>> {
+        let _lock = self.lock_derivation(hash)?;
+        let Some(out) = self.valid_output(hash)? else {
+            return Ok(None);
+        };
+        {
+            let mut db = self.db.lock().expect("store db lock");
+            let tx = db.transaction().map_err(|e| self.db_err(e))?;
+            for table in ["outputs", "listings"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE drv_hash = ?1"),
+                    params![hash],
+                )
+                .map_err(|e| self.db_err(e))?;
+            }
+            tx.commit().map_err(|e| self.db_err(e))?;
+        }
+        // Out of the way into a scratch directory, deleted with it (or by the next open).
+        let bin = self.new_build_dir("damaged")?;
+        let side = meta::sidecar(&out.path);
+        if fs::symlink_metadata(&side).is_ok() {
+            fs::rename(&side, bin.path().join("out.meta")).map_err(|e| StoreError::io(&side, e))?;
+        }
+        if fs::symlink_metadata(&out.path).is_ok() {
+            fs::rename(&out.path, bin.path().join("out"))
+                .map_err(|e| StoreError::io(&out.path, e))?;
+        }
+        Ok(Some(out))
     }
 
     /// Make `link` a symlink to the output of `hash` and record it as a GC root.
@@ -491,6 +629,8 @@ impl Store {
                 continue;
             }
             tx.execute("DELETE FROM outputs WHERE drv_hash = ?1", params![hash])
+                .map_err(|e| self.db_err(e))?;
+            tx.execute("DELETE FROM listings WHERE drv_hash = ?1", params![hash])
                 .map_err(|e| self.db_err(e))?;
             doomed.push((hash.clone(), PathBuf::from(path)));
         }

@@ -1,0 +1,235 @@
+//! Checking that registered outputs are still what was registered: every output is hashed again
+//! (with its sidecar) and compared with the content hash recorded at registration; where they
+//! differ, the per-path listing recorded in the same walk names the paths.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::hash::{self, Listing, PathChange, VisitNode};
+use crate::meta::{self, TreeMeta};
+use crate::{Registered, Store, StoreError};
+
+/// How an output differs from its registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Damage {
+    /// The output's path is gone.
+    Missing,
+    /// It cannot be hashed any more: an unreadable file, a fifo or device put into it, an
+    /// unreadable sidecar.
+    Unreadable(String),
+    /// It hashes to something else. `changes` are the paths that differ from the listing
+    /// recorded at registration, or `None` when the output was registered before rbuild kept
+    /// listings (then only the hash says it differs).
+    Differs {
+        actual: String,
+        changes: Option<Vec<PathChange>>,
+    },
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Damage::Missing => f.write_str("missing"),
+            Damage::Unreadable(e) => write!(f, "cannot be hashed: {e}"),
+            Damage::Differs { actual, .. } => write!(f, "hashes to {actual}"),
+        }
+    }
+}
+
+/// The check of one output.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub output: Registered,
+    /// Bytes of file contents read.
+    pub bytes: u64,
+    /// `None`: intact.
+    pub damage: Option<Damage>,
+}
+
+/// Hash `out` again (with its sidecar, if it has one) and list it: the content hash, the listing
+/// and the bytes read. `visit` sees every path of the walk.
+pub fn rehash(
+    out: &Path,
+    opts: &hash::Options,
+    visit: &mut dyn FnMut(&hash::Visit) -> Result<(), StoreError>,
+) -> Result<(hash::Hashed, Option<TreeMeta>, u64), StoreError> {
+    let side = meta::sidecar(out);
+    let tree_meta = match std::fs::symlink_metadata(&side) {
+        Ok(_) => Some(TreeMeta::read(&side)?),
+        Err(_) => None,
+    };
+    let mut bytes = 0u64;
+    let hashed = hash::walk(out, tree_meta.as_ref(), opts, &mut |v| {
+        if let VisitNode::File { size, .. } = v.node {
+            bytes += size;
+        }
+        visit(v)
+    })?;
+    Ok((hashed, tree_meta, bytes))
+}
+
+/// Compare a fresh walk with a registration: `None` if it matches, else the damage (the paths
+/// named from `recorded`, the listing registration kept, if any).
+pub fn compare(
+    registered_hash: &str,
+    recorded: Option<&Listing>,
+    actual: &hash::Hashed,
+) -> Option<Damage> {
+    if actual.content_hash == registered_hash {
+        return None;
+    }
+    Some(Damage::Differs {
+        actual: actual.content_hash.clone(),
+        changes: recorded.map(|l| l.diff(&actual.listing)),
+    })
+}
+
+/// Check one registered output.
+pub fn check(store: &Store, output: &Registered) -> Result<Checked, StoreError> {
+    let recorded = store.listing(&output.drv_hash, &output.output.content_hash)?;
+    let path = &output.output.path;
+    let done = |bytes, damage| Checked {
+        output: output.clone(),
+        bytes,
+        damage,
+    };
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(done(0, Some(Damage::Missing)));
+    }
+    let opts = hash::Options {
+        list: recorded.is_some(),
+        sha256: false,
+    };
+    match rehash(path, &opts, &mut |_| Ok(())) {
+        Ok((hashed, _, bytes)) => Ok(done(
+            bytes,
+            compare(&output.output.content_hash, recorded.as_ref(), &hashed),
+        )),
+        Err(e) => Ok(done(0, Some(Damage::Unreadable(e.to_string())))),
+    }
+}
+
+/// Check `outputs` on `threads` threads, each taking the next unchecked output. Results come
+/// back in the order of `outputs`.
+pub fn check_all(
+    store: &Store,
+    outputs: &[Registered],
+    threads: usize,
+) -> Result<Vec<Checked>, StoreError> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<Checked, StoreError>>>> =
+        Mutex::new(outputs.iter().map(|_| None).collect());
+    std::thread::scope(|sc| {
+        for _ in 0..threads.max(1).min(outputs.len().max(1)) {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(o) = outputs.get(i) else { break };
+                let r = check(store, o);
+                results.lock().expect("results lock")[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("results lock")
+        .into_iter()
+        .map(|r| r.expect("every output checked"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DrvRecord;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn register(store: &Store, hash: &str, files: &[(&str, &[u8])]) -> Registered {
+        let b = store.new_build_dir("t").unwrap();
+        let out = b.path().join("out");
+        fs::create_dir(&out).unwrap();
+        for (name, bytes) in files {
+            fs::write(out.join(name), bytes).unwrap();
+        }
+        let rec = DrvRecord {
+            hash: hash.into(),
+            name: format!("n-{hash}"),
+            stage: "pack".into(),
+            json: "{}".into(),
+            inputs: vec![],
+        };
+        store.register(&rec, &out).unwrap();
+        store
+            .outputs()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.drv_hash == hash)
+            .unwrap()
+    }
+
+    #[test]
+    fn intact_outputs_pass_and_damaged_ones_name_their_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = register(&store, "a", &[("f", b"one"), ("g", b"two")]);
+        let b = register(&store, "b", &[("f", b"three")]);
+        let c = register(&store, "c", &[("f", b"four")]);
+        assert_eq!(a.name, "n-a");
+        let all = store.outputs().unwrap();
+        let checked = check_all(&store, &all, 2).unwrap();
+        assert!(checked.iter().all(|c| c.damage.is_none()), "{checked:?}");
+        assert_eq!(checked.iter().map(|c| c.bytes).sum::<u64>(), 3 + 3 + 5 + 4);
+
+        fs::write(a.output.path.join("g"), b"twO").unwrap();
+        fs::remove_dir_all(&c.output.path).unwrap();
+        let checked = check_all(&store, &all, 2).unwrap();
+        let damage: Vec<_> = checked.iter().map(|c| c.damage.clone()).collect();
+        let Some(Damage::Differs {
+            changes: Some(changes),
+            ..
+        }) = &damage[0]
+        else {
+            panic!("{damage:?}")
+        };
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].path, "g");
+        assert_eq!(changes[0].change, hash::Change::Contents);
+        assert_eq!(damage[1], None, "b is intact");
+        assert_eq!(damage[2], Some(Damage::Missing));
+
+        // An output registered before listings existed: damage is found, paths cannot be named.
+        store
+            .db
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM listings WHERE drv_hash = 'b'", [])
+            .unwrap();
+        fs::set_permissions(b.output.path.join("f"), fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            check(&store, &b).unwrap().damage,
+            Some(Damage::Differs { changes: None, .. })
+        ));
+    }
+
+    #[test]
+    fn invalidate_removes_row_listing_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = register(&store, "a", &[("f", b"one")]);
+        assert!(store
+            .listing("a", &a.output.content_hash)
+            .unwrap()
+            .is_some());
+        let rec = store.derivation("a").unwrap().unwrap();
+        assert_eq!((rec.name.as_str(), rec.json.as_str()), ("n-a", "{}"));
+        assert_eq!(store.invalidate("a").unwrap(), Some(a.output.clone()));
+        assert_eq!(store.valid_output("a").unwrap(), None);
+        assert!(store
+            .listing("a", &a.output.content_hash)
+            .unwrap()
+            .is_none());
+        assert!(!a.output.path.exists());
+        assert_eq!(store.invalidate("a").unwrap(), None);
+    }
+}

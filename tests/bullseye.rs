@@ -1,7 +1,8 @@
 //! End-to-end: the real `debian-bullseye` from the host's Debian mirror (its apt configuration,
 //! or `RBUILD_MIRROR`), as root and as an unprivileged user with a subordinate id range, checked
-//! with real peers (podman/skopeo/umoci) where installed. Skipped, with a note, when no mirror is
-//! configured.
+//! with real peers (podman/skopeo/umoci). Without a mirror, a test user or a peer, the part that
+//! needs it is skipped the shared way (`common::skip`: loudly, summarised by `tests/run.sh`, and a
+//! failure under CI).
 
 mod common;
 
@@ -11,8 +12,17 @@ use std::time::Instant;
 
 use common::*;
 
-fn mirror() -> Option<String> {
-    rbuild_recipes::mirror::choose(None)
+/// The host's Debian mirror, or `None` after skipping `test` the shared way.
+fn mirror(test: &str) -> Option<String> {
+    let m = rbuild_recipes::mirror::choose(None);
+    if m.is_none() {
+        skip(
+            test,
+            "no Debian mirror: none in the host's apt configuration and RBUILD_MIRROR unset",
+            "set RBUILD_MIRROR to a Debian mirror's URL, or configure one for apt",
+        );
+    }
+    m
 }
 
 fn manifest_digest(layout: &Path) -> String {
@@ -21,13 +31,10 @@ fn manifest_digest(layout: &Path) -> String {
     index["manifests"][0]["digest"].as_str().unwrap().to_owned()
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+/// Whether `tool` (from the Debian package of the same name) is installed; if not, `what` is
+/// skipped the shared way.
+fn have(what: &str, tool: &str) -> bool {
+    skip::have_tool(what, tool, tool)
 }
 
 fn sh(cmd: &mut Command) -> String {
@@ -43,10 +50,7 @@ fn sh(cmd: &mut Command) -> String {
 
 #[test]
 fn debian_bullseye_as_root_and_unprivileged() {
-    let Some(mirror) = mirror() else {
-        eprintln!(
-            "skipped: no Debian mirror in the host's apt configuration and RBUILD_MIRROR unset"
-        );
+    let Some(mirror) = mirror("debian_bullseye_as_root_and_unprivileged") else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -128,15 +132,19 @@ fn debian_bullseye_as_root_and_unprivileged() {
         "su is setuid root in the tar"
     );
 
-    if have("skopeo") {
+    if have(
+        "debian_bullseye_as_root_and_unprivileged: skopeo inspect",
+        "skopeo",
+    ) {
         sh(Command::new("skopeo")
             .arg("inspect")
             .arg(format!("oci:{}", result.display())));
     }
 
     // An unprivileged user, another store: the same image digest, and rootless podman runs it.
-    let Some(user) = test_user() else {
-        eprintln!("unprivileged part skipped: RBUILD_TEST_USER not set");
+    let Some(user) =
+        require_test_user("debian_bullseye_as_root_and_unprivileged: the unprivileged part")
+    else {
         return;
     };
     let s2 = user_dir(t.path(), "user-store", Some(&user));
@@ -205,7 +213,12 @@ fn debian_bullseye_as_root_and_unprivileged() {
         .ok()
         .filter(|u| !u.is_empty() && test_user().is_some());
     if dev_b.is_none() {
-        eprintln!("RBUILD_TEST_USER2 not set: developer B is root");
+        skip(
+            "debian_bullseye_as_root_and_unprivileged: developer B as a second user",
+            "RBUILD_TEST_USER2 is not set (developer B is root instead)",
+            "set RBUILD_TEST_USER2 to a second user with a subordinate id range \
+             (.ci/run creates rbuild-test2)",
+        );
     }
     let b_keys = user_dir(t.path(), "b-keys", dev_b.as_deref());
     let b_own = b_keys.join("b.pub");
@@ -265,8 +278,10 @@ fn debian_bullseye_as_root_and_unprivileged() {
             "{cache}"
         );
     }
-    if !have("podman") {
-        eprintln!("podman not installed: image not run");
+    if !have(
+        "debian_bullseye_as_root_and_unprivileged: running the image with podman",
+        "podman",
+    ) {
         return;
     }
     let script = "cat /etc/debian_version; dpkg-query -W -f '${binary:Package}\\n' | wc -l; dpkg --audit; echo audit-done; readlink /usr/sbin/telinit; readlink /etc/localtime";
@@ -295,13 +310,10 @@ fn debian_bullseye_as_root_and_unprivileged() {
 /// editing the last layer rebuilds at most three derivations.
 #[test]
 fn layered_example_on_bullseye() {
-    let Some(mirror) = mirror() else {
-        eprintln!(
-            "skipped: no Debian mirror in the host's apt configuration and RBUILD_MIRROR unset"
-        );
+    let Some(mirror) = mirror("layered_example_on_bullseye") else {
         return;
     };
-    let user = test_user();
+    let user = require_test_user("layered_example_on_bullseye: as an unprivileged user");
     let t = tempfile::tempdir().unwrap();
     let env = [("RBUILD_MIRROR", mirror.as_str())];
     let work = user_dir(t.path(), "work", user.as_deref());
@@ -400,7 +412,14 @@ fn layered_example_on_bullseye() {
     assert_eq!(net.trim(), "unreachable");
     assert!(listener.accept().is_err(), "no connection arrived");
 
-    if let (Some(u), true) = (&user, have("podman")) {
+    if let (Some(u), true) = (
+        &user,
+        user.is_some()
+            && have(
+                "layered_example_on_bullseye: running the image with podman",
+                "podman",
+            ),
+    ) {
         let xdg = format!("/tmp/rbuild-test-xdg-{u}");
         let link = std::env::temp_dir().join(format!("rbuild-podman-app-{}", std::process::id()));
         let _ = std::fs::remove_file(&link);

@@ -281,8 +281,7 @@ fn realise_extract_recipe_as_root() {
 
 #[test]
 fn realise_extract_recipe_unprivileged() {
-    let Some(user) = test_user() else {
-        eprintln!("skipped: set RBUILD_TEST_USER to a user with a subordinate id range (as root) to run this");
+    let Some(user) = require_test_user("realise_extract_recipe_unprivileged") else {
         return;
     };
     realise_and_check(Some(&user));
@@ -488,8 +487,15 @@ fn rusqlite_count(store: &Path) -> usize {
 fn sandbox_is_isolated_and_maps_a_full_id_range() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    for user in [None, test_user()].into_iter().collect::<Vec<_>>() {
+    let unprivileged =
+        require_test_user("sandbox_is_isolated_and_maps_a_full_id_range: the unprivileged part");
+    for user in [None, unprivileged] {
         if user.is_none() && !nix_is_root() {
+            skip(
+                "sandbox_is_isolated_and_maps_a_full_id_range: the root part",
+                "the tests do not run as root",
+                "run them as root (.ci/run does)",
+            );
             continue;
         }
         let target = format!("127.0.0.1:{port}");
@@ -1253,11 +1259,13 @@ fn grpc_backend_batches_small_blobs_and_streams_large_ones() {
 
     let c = cache::open(&bg.url).unwrap();
     let key = cache::SecretKey::generate("k").unwrap();
-    let n = cache::push(c.as_ref(), &key, "drv1", "x", "c1", &out).unwrap();
+    // Push checks the output against the content hash it was registered with.
+    let registered = rbuild_store::hash::content_hash(&out, None).unwrap();
+    let n = cache::push(c.as_ref(), &key, "drv1", "x", &registered, &out).unwrap();
     // 299 non-empty small contents, one 3 MiB, one 9 MiB; the empty blob is always there.
     assert_eq!(n, 299 + 1 + 1, "one upload per distinct content");
     assert_eq!(
-        cache::push(c.as_ref(), &key, "drv1", "x", "c1", &out).unwrap(),
+        cache::push(c.as_ref(), &key, "drv1", "x", &registered, &out).unwrap(),
         0
     );
 
@@ -1267,7 +1275,7 @@ fn grpc_backend_batches_small_blobs_and_streams_large_ones() {
         "own ActionCache"
     );
     assert_eq!(
-        cache::push(other.as_ref(), &key, "drv1", "x", "c1", &out).unwrap(),
+        cache::push(other.as_ref(), &key, "drv1", "x", &registered, &out).unwrap(),
         0,
         "shared CAS: nothing to upload"
     );
@@ -1367,10 +1375,11 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         fs::create_dir_all(&out).unwrap();
         let big: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
         fs::write(out.join("big"), &big).unwrap();
+        let big_hash = rbuild_store::hash::content_hash(&out, None).unwrap();
         let c = cache::open(&url).unwrap();
         let key = cache::SecretKey::generate("k").unwrap();
         assert_eq!(
-            cache::push(c.as_ref(), &key, "big", "x", "c", &out).unwrap(),
+            cache::push(c.as_ref(), &key, "big", "x", &big_hash, &out).unwrap(),
             1
         );
         let entry = cache::query(c.as_ref(), "big", &[key.public()])
@@ -1392,7 +1401,7 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
 
         // One unreadable entry is refused alone: the others of the batch are used. Push
         // "broken", then empty its ActionResult (no rbuild-entry.json any more).
-        cache::push(c.as_ref(), &key, "broken", "x", "c", &out).unwrap();
+        cache::push(c.as_ref(), &key, "broken", "x", &big_hash, &out).unwrap();
         let broken_action = {
             let actions = state.actions.lock().unwrap();
             let blobs = state.blobs.lock().unwrap();

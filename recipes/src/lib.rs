@@ -13,3 +13,8 @@ pub mod layers;
 pub mod lock;
 pub mod mirror;
 pub mod recipe;
+
+/// The shared way a test that cannot run here skips (and fails under `CI=true`).
+#[cfg(test)]
+#[path = "../../tests/skip.rs"]
+mod skip;

@@ -91,6 +91,37 @@ pub fn choose(flag: Option<&str>) -> Option<String> {
         .map(|m| m.trim_end_matches('/').to_owned())
 }
 
+/// For tests that need real Debian data: the file named by the environment variable `var`
+/// (a path), else `rel` downloaded from the host's mirror ([`choose`]). Without either, `test` is
+/// skipped the shared way (a failure under CI) and this is `None`.
+#[cfg(test)]
+pub(crate) fn real_archive_file(test: &str, var: &str, rel: &str) -> Option<(String, Vec<u8>)> {
+    if let Some(path) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{var}={}: {e}", path.to_string_lossy()));
+        return Some((path.to_string_lossy().into_owned(), bytes));
+    }
+    let Some(mirror) = choose(None) else {
+        crate::skip::skip(
+            test,
+            &format!(
+                "no Debian mirror: RBUILD_MIRROR is unset and the host's apt configuration names \
+                 none, and {var} is unset"
+            ),
+            &format!("set RBUILD_MIRROR to a Debian mirror's URL, or {var} to a copy of {rel}"),
+        );
+        return None;
+    };
+    let fetcher = rbuild_engine::builtins::fetch::Fetcher::new(Some(mirror));
+    let bytes = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(fetcher.get_bytes(rel))
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    Some((rel.to_owned(), bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,11 @@
 #![allow(dead_code)]
 
 pub mod reapi_server;
+/// The one way a test that cannot run here skips (and fails under `CI=true`).
+#[path = "../skip.rs"]
+pub mod skip;
+
+pub use skip::skip;
 
 use std::fs;
 use std::io::Write;
@@ -333,6 +338,28 @@ pub fn test_user() -> Option<String> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     (is_root && exists).then_some(user)
+}
+
+/// [`test_user`], or `None` after skipping `test` the shared way (a failure under CI), saying why
+/// there is none.
+pub fn require_test_user(test: &str) -> Option<String> {
+    let user = test_user();
+    if user.is_none() {
+        let why = match std::env::var("RBUILD_TEST_USER") {
+            Ok(u) if !u.is_empty() && !nix_is_root() => {
+                format!("RBUILD_TEST_USER={u} is set, but the tests do not run as root")
+            }
+            Ok(u) if !u.is_empty() => format!("RBUILD_TEST_USER={u} names no user here"),
+            _ => "RBUILD_TEST_USER is not set".to_owned(),
+        };
+        skip(
+            test,
+            &format!("no unprivileged test user ({why})"),
+            "run the tests as root with RBUILD_TEST_USER=<a user with a subordinate id range> \
+             (.ci/run creates rbuild-test)",
+        );
+    }
+    user
 }
 
 pub fn nix_is_root() -> bool {

@@ -826,12 +826,14 @@ fn oci_layout_rejects_wrong_descriptors() {
     assert!(stray.is_empty(), "temporary blob left behind");
 }
 
+/// Whether `name` (from the Debian package of the same name) is installed; if not, the check is
+/// skipped the shared way (a failure under CI).
 fn tool(name: &str) -> bool {
-    let found = Command::new(name).arg("--version").output().is_ok();
-    if !found {
-        eprintln!("note: {name} is not installed; skipping its check");
-    }
-    found
+    crate::skip::have_tool(
+        &format!("oci_layout_accepted_by_skopeo_and_umoci: the {name} check"),
+        name,
+        name,
+    )
 }
 
 #[test]
@@ -900,14 +902,16 @@ fn write_tar_hardlinks_only_with_equal_meta() {
     );
 }
 
-/// Run a tool if it is installed; `None` (with a note) if it is not.
-fn run(cmd: &mut Command) -> Option<std::process::Output> {
+/// Run a tool if it is installed; `None` if it is not, after skipping `test` the shared way (a
+/// failure under CI) naming `package`, which provides the tool.
+fn run(test: &str, package: &str, cmd: &mut Command) -> Option<std::process::Output> {
     match cmd.output() {
         Ok(o) => Some(o),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "note: {:?} is not installed; skipping its check",
-                cmd.get_program()
+            crate::skip::skip(
+                test,
+                &format!("{:?} is not installed", cmd.get_program()),
+                &format!("install it (Debian/Ubuntu: `apt install {package}`)"),
             );
             None
         }
@@ -935,17 +939,24 @@ fn unpack_debs_built_by_dpkg_deb() {
     std::os::unix::fs::symlink("/usr/bin/tool", pkg.join("usr/bin/abs")).unwrap();
     for comp in ["xz", "gzip", "zstd", "none"] {
         let deb = tmp.path().join(format!("real_{comp}.deb"));
-        let Some(o) = run(Command::new("dpkg-deb")
-            .args(["--root-owner-group", &format!("-Z{comp}"), "--build"])
-            .arg(&pkg)
-            .arg(&deb))
-        else {
+        let Some(o) = run(
+            "unpack_debs_built_by_dpkg_deb",
+            "dpkg",
+            Command::new("dpkg-deb")
+                .args(["--root-owner-group", &format!("-Z{comp}"), "--build"])
+                .arg(&pkg)
+                .arg(&deb),
+        ) else {
             return;
         };
         if !o.status.success() {
-            eprintln!(
-                "note: dpkg-deb -Z{comp} failed, skipped: {}",
-                String::from_utf8_lossy(&o.stderr)
+            crate::skip::skip(
+                &format!("unpack_debs_built_by_dpkg_deb: -Z{comp}"),
+                &format!(
+                    "this dpkg-deb cannot build it: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                "use a dpkg-deb that supports it (dpkg 1.21.18 or later for zstd)",
             );
             continue;
         }
@@ -986,10 +997,13 @@ fn gnu_tar_and_gzip_read_our_output() {
         fs::File::create(&tar_path).unwrap(),
     )
     .unwrap();
-    let Some(o) = run(Command::new("tar")
-        .args(["--numeric-owner", "-tvf"])
-        .arg(&tar_path))
-    else {
+    let Some(o) = run(
+        "gnu_tar_and_gzip_read_our_output",
+        "tar",
+        Command::new("tar")
+            .args(["--numeric-owner", "-tvf"])
+            .arg(&tar_path),
+    ) else {
         return;
     };
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -1025,7 +1039,11 @@ fn gnu_tar_and_gzip_read_our_output() {
         2,
     )
     .unwrap();
-    if let Some(o) = run(Command::new("gzip").arg("-t").arg(&gz)) {
+    if let Some(o) = run(
+        "gnu_tar_and_gzip_read_our_output: gzip -t",
+        "gzip",
+        Command::new("gzip").arg("-t").arg(&gz),
+    ) {
         assert!(
             o.status.success(),
             "gzip -t: {}",

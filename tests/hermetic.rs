@@ -466,7 +466,37 @@ fn offline_without_the_files_fails_clearly_and_registers_nothing() {
         "http://127.0.0.1:9/debian",
     ]);
     assert!(!dead.status.success());
-    assert!(stderr(&dead).contains("127.0.0.1:9"), "{}", stderr(&dead));
+    let err = stderr(&dead);
+    // The mirror, the file, the cause in words and the ways out.
+    assert!(
+        err.contains("from the mirror http://127.0.0.1:9/debian failed: connection refused"),
+        "{err}"
+    );
+    assert!(
+        err.contains("dists/testsuite/") || err.contains("pool/main/"),
+        "{err}"
+    );
+    for way in ["--mirror URL", "--substituter", "--offline"] {
+        assert!(err.contains(way), "{way}: {err}");
+    }
+    // Locking goes through the same fetcher, and says the same.
+    let lock_dead = rbuild(&[
+        "lock",
+        a.recipe.to_str().unwrap(),
+        "--mirror",
+        "http://127.0.0.1:9/debian",
+        "--output",
+        t.path().join("dead.lock").to_str().unwrap(),
+    ]);
+    assert!(!lock_dead.status.success());
+    let err = stderr(&lock_dead);
+    assert!(
+        err.contains(
+            "dists/testsuite/InRelease: downloading it from the mirror http://127.0.0.1:9/debian \
+             failed: connection refused"
+        ) && err.contains("--offline"),
+        "{err}"
+    );
     let db = rusqlite_count(&store);
     assert_eq!(db, 0, "nothing registered");
 }

@@ -19,8 +19,17 @@ pub enum FetchError {
     Offline { path: String },
     #[error("{path}: no Debian mirror is configured; pass --mirror URL, set RBUILD_MIRROR, or add one to the host's apt sources")]
     NoMirror { path: String },
-    #[error("{url}: {msg}")]
-    Transfer { url: String, msg: String },
+    #[error(
+        "{file}: downloading it from {from} failed: {cause} (URL {url}). Ways out: {WAYS_OUT}"
+    )]
+    Transfer {
+        /// The file, relative to the mirror (the whole URL if it is not below the mirror).
+        file: String,
+        /// "the mirror URL".
+        from: String,
+        url: String,
+        cause: NetCause,
+    },
     #[error("{path}: fixed-output check failed: expected sha256 {expected} ({expected_size} bytes), got {actual} ({actual_size} bytes) from {url}")]
     HashMismatch {
         path: String,
@@ -35,6 +44,93 @@ pub enum FetchError {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// What a user can do when the mirror cannot be reached.
+const WAYS_OUT: &str = "pass --mirror URL (or set RBUILD_MIRROR) to use a mirror that answers, \
+                        --substituter URL for a binary cache that has the outputs, or --offline \
+                        with a store that already holds everything needed";
+
+/// Why a download failed, in words: what [`classify`] finds in a transfer error's source chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetCause {
+    #[error(
+        "connection refused (nothing listens at that address and port, or a firewall rejects it)"
+    )]
+    ConnectionRefused,
+    #[error("DNS lookup failed: the host name does not resolve ({0})")]
+    Dns(String),
+    #[error("timed out ({0})")]
+    TimedOut(String),
+    #[error("TLS/certificate problem ({0})")]
+    Tls(String),
+    #[error("the server answered HTTP {0}")]
+    Status(String),
+    #[error("network or host unreachable ({0})")]
+    Unreachable(String),
+    #[error("the connection was reset or closed ({0})")]
+    Reset(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Classify a transfer error by walking its source chain: `std::io::Error` kinds (connection
+/// refused, timed out, reset, unreachable), hyper-util's connect errors (`dns error` wrapping the
+/// resolver's failure), reqwest's own timeout flag, and rustls' errors (which name the
+/// certificate or the handshake). The innermost message is kept as the detail.
+pub fn classify(err: &(dyn std::error::Error + 'static)) -> NetCause {
+    use std::io::ErrorKind;
+    let mut chain: Vec<&(dyn std::error::Error + 'static)> = Vec::new();
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        chain.push(e);
+        cur = e.source();
+    }
+    let detail = chain.last().map(|e| e.to_string()).unwrap_or_default();
+    for e in &chain {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                ErrorKind::ConnectionRefused => return NetCause::ConnectionRefused,
+                ErrorKind::TimedOut => return NetCause::TimedOut(detail),
+                ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof => return NetCause::Reset(detail),
+                _ => {}
+            }
+            if matches!(
+                io.raw_os_error(),
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
+            ) {
+                return NetCause::Unreachable(detail);
+            }
+        }
+    }
+    let text: Vec<String> = chain.iter().map(|e| e.to_string().to_lowercase()).collect();
+    let any = |needles: &[&str]| text.iter().any(|t| needles.iter().any(|n| t.contains(n)));
+    if any(&[
+        "dns error",
+        "failed to lookup address",
+        "name or service not known",
+        "no address associated",
+        "temporary failure in name resolution",
+    ]) {
+        return NetCause::Dns(detail);
+    }
+    if any(&["certificate", "tls", "handshake", "unknownissuer", "ssl"]) {
+        return NetCause::Tls(detail);
+    }
+    if chain.iter().any(|e| {
+        e.downcast_ref::<reqwest::Error>()
+            .is_some_and(reqwest::Error::is_timeout)
+    }) || any(&["timed out", "deadline has elapsed"])
+    {
+        return NetCause::TimedOut(detail);
+    }
+    if any(&["connection refused"]) {
+        return NetCause::ConnectionRefused;
+    }
+    NetCause::Other(text.join(": "))
 }
 
 /// Downloads files from a mirror (`http://`, `https://` or `file://`).
@@ -164,15 +260,13 @@ impl Fetcher {
             path: url.to_owned(),
             source,
         };
+        let failed = |cause| self.transfer_error(url, cause);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         if let Some(path) = url.strip_prefix("file://") {
             let mut src = tokio::fs::File::open(path)
                 .await
-                .map_err(|e| FetchError::Transfer {
-                    url: url.to_owned(),
-                    msg: e.to_string(),
-                })?;
+                .map_err(|e| failed(NetCause::Other(e.to_string())))?;
             let mut buf = vec![0u8; 1 << 16];
             loop {
                 use tokio::io::AsyncReadExt;
@@ -185,16 +279,10 @@ impl Fetcher {
                 sink.write_all(&buf[..n]).await.map_err(io)?;
             }
         } else if url.starts_with("http://") || url.starts_with("https://") {
-            let transfer = |e: reqwest::Error| FetchError::Transfer {
-                url: url.to_owned(),
-                msg: e.to_string(),
-            };
+            let transfer = |e: reqwest::Error| failed(classify(&e));
             let mut resp = self.client.get(url).send().await.map_err(transfer)?;
             if !resp.status().is_success() {
-                return Err(FetchError::Transfer {
-                    url: url.to_owned(),
-                    msg: format!("HTTP {}", resp.status()),
-                });
+                return Err(failed(NetCause::Status(resp.status().to_string())));
             }
             while let Some(chunk) = resp.chunk().await.map_err(transfer)? {
                 hasher.update(&chunk);
@@ -202,11 +290,145 @@ impl Fetcher {
                 sink.write_all(&chunk).await.map_err(io)?;
             }
         } else {
-            return Err(FetchError::Transfer {
-                url: url.to_owned(),
-                msg: "unsupported URL scheme (use http://, https:// or file://)".into(),
-            });
+            return Err(failed(NetCause::Other(
+                "unsupported URL scheme (use http://, https:// or file://)".into(),
+            )));
         }
         Ok((hex::encode(hasher.finalize()), size))
+    }
+
+    /// A transfer error for `url`, naming the mirror and the file below it.
+    fn transfer_error(&self, url: &str, cause: NetCause) -> FetchError {
+        let below = self.mirror.as_deref().and_then(|m| {
+            url.strip_prefix(m)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .map(|file| (m, file))
+        });
+        let (from, file) = match below {
+            Some((m, file)) => (format!("the mirror {m}"), file.to_owned()),
+            None => (url.to_owned(), url.to_owned()),
+        };
+        FetchError::Transfer {
+            file,
+            from,
+            url: url.to_owned(),
+            cause,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error of a given message with an optional source, as hyper-util's connect errors are.
+    #[derive(Debug)]
+    struct Wrapped(
+        &'static str,
+        Option<Box<dyn std::error::Error + Send + Sync>>,
+    );
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn causes_are_named_from_the_source_chain() {
+        // reqwest → hyper-util "client error (Connect)" → ConnectError "dns error" → the
+        // resolver's io::Error, as a name that does not resolve gives.
+        let dns = Wrapped(
+            "error sending request for url (http://mirror.invalid/debian/dists/x/InRelease)",
+            Some(Box::new(Wrapped(
+                "client error (Connect)",
+                Some(Box::new(Wrapped(
+                    "dns error",
+                    Some(Box::new(std::io::Error::other(
+                        "failed to lookup address information: Name or service not known",
+                    ))),
+                ))),
+            ))),
+        );
+        let cause = classify(&dns);
+        assert!(matches!(cause, NetCause::Dns(_)), "{cause:?}");
+        assert!(
+            cause.to_string().starts_with("DNS lookup failed")
+                && cause.to_string().contains("Name or service not known"),
+            "{cause}"
+        );
+
+        let refused = Wrapped(
+            "tcp connect error",
+            Some(Box::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            ))),
+        );
+        assert_eq!(classify(&refused), NetCause::ConnectionRefused);
+        let timeout = Wrapped(
+            "client error (Connect)",
+            Some(Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+        );
+        assert!(matches!(classify(&timeout), NetCause::TimedOut(_)));
+        let tls = Wrapped(
+            "client error (Connect)",
+            Some(Box::new(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "invalid peer certificate: UnknownIssuer",
+            ))),
+        );
+        assert!(matches!(classify(&tls), NetCause::Tls(_)));
+        assert!(matches!(
+            classify(&Wrapped("something else", None)),
+            NetCause::Other(_)
+        ));
+    }
+
+    /// A real refused connection on loopback, through reqwest: named, with the mirror, the file
+    /// and the ways out.
+    #[test]
+    fn a_dead_mirror_is_named_with_the_ways_out() {
+        // A port that was free a moment ago: nothing listens there now.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mirror = format!("http://127.0.0.1:{port}/debian");
+        let mut f = Fetcher::new(Some(mirror.clone()));
+        f.retries = 0;
+        let err = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f.get_bytes("dists/bullseye/InRelease"))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(
+                err,
+                FetchError::Transfer {
+                    cause: NetCause::ConnectionRefused,
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.starts_with(&format!(
+                "dists/bullseye/InRelease: downloading it from the mirror {mirror} failed: \
+                 connection refused"
+            )),
+            "{msg}"
+        );
+        for want in ["--mirror URL", "--substituter", "--offline"] {
+            assert!(msg.contains(want), "{want}: {msg}");
+        }
     }
 }

@@ -414,7 +414,9 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     let exe = PathBuf::from(SELF_EXE);
     let progress = Arc::new(Progress::new(false));
     let engine = Arc::new(
-        Engine::new(store.clone(), exe, fetcher, jobs, progress.clone()).with_caches(caches),
+        Engine::new(store.clone(), exe, fetcher, jobs, progress.clone())
+            .with_caches(caches)
+            .with_walls(rbuild_engine::sandbox::Walls::from_env()?),
     );
     let graph = Arc::new(expanded.graph);
     let report = runtime(jobs)?
@@ -512,9 +514,10 @@ fn doctor(connect: Vec<String>) -> anyhow::Result<()> {
         builder: "builtin:probe".into(),
         args: connect.iter().map(|c| format!("connect={c}")).collect(),
         env: sandbox::fixed_env(),
+        walls: sandbox::Walls::default(),
     };
     let exe = PathBuf::from(SELF_EXE);
-    let result = sandbox::run(&exe, &spec, &map, &dir.join("log"));
+    let result = sandbox::run(&exe, &spec, &map, &dir.join("log"), None);
     let report = std::fs::read_to_string(spec.host_build().join("out"));
     let _ = rbuild_store::remove_all(&dir);
     let result = result?;

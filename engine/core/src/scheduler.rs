@@ -79,6 +79,8 @@ pub struct Engine {
     jobs: usize,
     progress: Arc<Progress>,
     idmap: OnceLock<Result<IdMap, String>>,
+    /// The walls around builds' untrusted commands: all of them, but in rbuild's own tests.
+    walls: sandbox::Walls,
     caches: Caches,
     /// Derivations the current plan takes from a cache: substituter index and verified entry.
     substitutes: Mutex<HashMap<DrvHash, (usize, CacheEntry)>>,
@@ -114,6 +116,7 @@ impl Engine {
             jobs: jobs.max(1),
             progress,
             idmap: OnceLock::new(),
+            walls: sandbox::Walls::default(),
             caches: Caches::default(),
             substitutes: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
@@ -121,6 +124,12 @@ impl Engine {
             dead: Mutex::new(HashSet::new()),
             prefetched: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keep only these walls up (rbuild's tests prove that each holds alone).
+    pub fn with_walls(mut self, walls: sandbox::Walls) -> Engine {
+        self.walls = walls;
+        self
     }
 
     /// Substitute from and push to these binary caches.
@@ -465,7 +474,10 @@ impl Engine {
                 self.fetcher.fetch_fixed(rel, fo, &out).await?;
                 out
             }
-            None => self.run_sandboxed(hash, drv, build_dir.path()).await?,
+            None => {
+                self.run_sandboxed(hash, drv, build_dir.path(), build_dir.lock_fd())
+                    .await?
+            }
         };
         let store = self.store.clone();
         let out = tokio::task::spawn_blocking(move || store.register(&record, &built))
@@ -499,6 +511,7 @@ impl Engine {
         hash: &DrvHash,
         drv: &Derivation,
         build_dir: &Path,
+        hold: std::os::fd::RawFd,
     ) -> Result<PathBuf, EngineError> {
         let map = self.idmap()?;
         let mut inputs = Vec::new();
@@ -524,14 +537,17 @@ impl Engine {
             builder: drv.builder.clone(),
             args: drv.args.clone(),
             env: env.into_iter().collect(),
+            walls: self.walls,
         };
         let exe = self.exe.clone();
         let log = build_dir.join("log");
         let log2 = log.clone();
         let map2 = map.clone();
-        let result = tokio::task::spawn_blocking(move || sandbox::run(&exe, &spec, &map2, &log2))
-            .await
-            .expect("sandbox task")?;
+        let result = tokio::task::spawn_blocking(move || {
+            sandbox::run(&exe, &spec, &map2, &log2, Some(hold))
+        })
+        .await
+        .expect("sandbox task")?;
         let out = build_dir.join("build").join("out");
         // Every build's log is kept beside the store (`<store>/log/<hash>.log`), like `nix log`.
         let kept = self

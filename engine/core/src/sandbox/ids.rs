@@ -13,7 +13,8 @@ pub const RANGE: u32 = 65536;
 /// The id map of a sandbox's user namespace.
 #[derive(Debug, Clone)]
 pub enum IdMap {
-    /// We are root: write `/proc/PID/{uid,gid}_map` directly (identity map of the range).
+    /// We are root (of the host, or of a sandbox whose commands get a namespace nested in it):
+    /// write `/proc/PID/{uid,gid}_map` directly (identity map of the range).
     Root,
     /// Unprivileged: uid 0 inside is the invoking user; 1… come from `/etc/subuid`/`subgid`
     /// through the setuid helpers `newuidmap`/`newgidmap`.

@@ -9,22 +9,27 @@
 //!   a full range (`newuidmap`/`newgidmap` and `/etc/subuid` when unprivileged, written directly
 //!   when root), waits for it and reports its exit status and the tail of its stderr;
 //! * [`enter`] (sandbox side, called by that re-executed process) builds the filesystem view —
-//!   only declared inputs (read-only), the build directory, a fresh `/proc`, a minimal `/dev`, a
-//!   private `/tmp` — pivots into it, and runs the builder as pid 1's child;
+//!   only declared inputs (read-only), the build directory, a fresh `/proc`, a minimal `/dev`
+//!   (no terminal), a private `/tmp` — pivots into it, and runs the builder as pid 1 of its own
+//!   pid namespace, which dies with the rbuild that started it;
+//! * [`run_chrooted`] runs the untrusted commands of a build (dpkg and its maintainer scripts,
+//!   `run` steps) behind the walls of [`confine`]: locked mounts, Landlock, and least privilege.
 //! * tree helpers used inside the sandbox: [`normalize_tree`] (record real ownership into
 //!   metadata, then give the tree to the invoking user without special bits), [`apply_meta`]
 //!   (materialize recorded ownership) and [`run_chrooted`].
 
+mod confine;
 mod ids;
 mod tree;
 
+pub use confine::{cap_names, landlock_abi, Walls, PACKAGE_CAPS, TEST_ONLY_WALLS_VAR};
 pub use ids::{check_support, IdMap};
 pub use tree::{apply_meta, normalize_tree, read_caps};
 
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -98,6 +103,9 @@ pub struct SandboxSpec {
     pub args: Vec<String>,
     /// The complete, fixed environment of the builder.
     pub env: Vec<(String, String)>,
+    /// The walls around the untrusted commands the builder runs (all, but in rbuild's tests).
+    #[serde(default)]
+    pub walls: Walls,
 }
 
 impl SandboxSpec {
@@ -117,12 +125,15 @@ pub struct RunResult {
 }
 
 /// Spawn the sandbox for `spec` (host side). `exe` is the rbuild binary to re-execute.
-/// `log` receives the builder's whole stderr.
+/// `log` receives the builder's whole output. `hold` is a file descriptor (the build
+/// directory's lock) that the sandbox holds open for as long as any of its processes lives, so
+/// that no other rbuild takes the directory of a build that is still running for garbage.
 pub fn run(
     exe: &Path,
     spec: &SandboxSpec,
     map: &IdMap,
     log: &Path,
+    hold: Option<RawFd>,
 ) -> Result<RunResult, SandboxError> {
     fs::create_dir_all(spec.host_build()).map_err(setup_io("creating the build directory"))?;
     let spec_path = spec.build_dir.join("sandbox.json");
@@ -131,19 +142,41 @@ pub fn run(
         serde_json::to_vec(spec).expect("spec serializes"),
     )
     .map_err(setup_io(format!("writing {}", spec_path.display())))?;
-    let log_file =
+    let mut log_file =
         fs::File::create(log).map_err(setup_io(format!("creating {}", log.display())))?;
 
+    // The builder writes into a pipe, not the log file: a confined command that reopens
+    // `/dev/stderr` then opens the pipe, not a host file outside its Landlock domain.
+    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(setup("pipe"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("__sandbox").arg(&spec_path);
     cmd.env_clear();
     cmd.stdin(Stdio::null())
-        .stdout(log_file.try_clone().map_err(setup_io("log"))?)
-        .stderr(log_file);
-    let child = spawn_in_userns(cmd, map)?;
+        .stdout(Stdio::from(out_w.try_clone().map_err(setup_io("pipe"))?))
+        .stderr(Stdio::from(out_w));
+    let copier = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut fs::File::from(out_r), &mut log_file);
+    });
+    let before = move || match hold {
+        // SAFETY: fcntl on a descriptor the caller keeps open across the spawn.
+        Some(fd) if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 => {
+            Err(std::io::Error::last_os_error())
+        }
+        _ => Ok(()),
+    };
+    let spawned = spawn(cmd, CloneFlags::CLONE_NEWUSER, Some(map), before);
+    let child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = copier.join();
+            return Err(e);
+        }
+    };
     let output = child
         .wait_with_output()
-        .map_err(setup_io("waiting for the sandbox"))?;
+        .map_err(setup_io("waiting for the sandbox"));
+    let _ = copier.join();
+    let output = output?;
     let tail = tail_of(log, 40);
     Ok(RunResult {
         success: output.status.success(),
@@ -168,34 +201,81 @@ fn tail_of(path: &Path, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Spawn `cmd` so that it starts in a new user namespace with `map` applied before it execs
-/// (so that it execs as uid 0 of the namespace, with full capabilities there).
-fn spawn_in_userns(mut cmd: Command, map: &IdMap) -> Result<std::process::Child, SandboxError> {
+/// Spawn `cmd` so that, before it execs, it
+/// 1. dies with the thread that spawned it (a parent-death signal, checked against a parent
+///    that is already gone), in a new session without a controlling terminal;
+/// 2. runs `before`;
+/// 3. unshares `flags`, and with a new user namespace waits until `map` has been applied from
+///    this side (so that it execs as uid 0 of the namespace, with full capabilities there);
+/// 4. runs `then` (a chroot, the walls).
+///
+/// Every step between `fork` and `exec` is a system call on memory prepared before the fork.
+fn spawn(
+    mut cmd: Command,
+    flags: CloneFlags,
+    map: Option<&IdMap>,
+    before: impl Fn() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Result<std::process::Child, SandboxError> {
+    spawn_then(&mut cmd, flags, map, before, || Ok(()))
+}
+
+fn spawn_then(
+    cmd: &mut Command,
+    flags: CloneFlags,
+    map: Option<&IdMap>,
+    before: impl Fn() -> std::io::Result<()> + Send + Sync + 'static,
+    then: impl Fn() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Result<std::process::Child, SandboxError> {
     let (ready_r, ready_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(setup("pipe"))?;
     let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(setup("pipe"))?;
     let ready_w_fd = ready_w.as_raw_fd();
     let go_r_fd = go_r.as_raw_fd();
-    // SAFETY: the closure runs between fork and exec; it only makes async-signal-safe system
-    // calls (unshare, getpid, write, read) on file descriptors owned by this function.
+    let wait_for_map = map.is_some();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs between fork and exec; it only makes system calls (prctl,
+    // getppid, setsid, unshare, getpid, write, read, and those of `before`/`then`, which make
+    // only system calls too) on file descriptors owned by this function, and builds errors
+    // from raw error numbers, without allocating.
     unsafe {
         cmd.pre_exec(move || {
-            unshare(CloneFlags::CLONE_NEWUSER).map_err(std::io::Error::from)?;
-            let pid = libc::getpid().to_le_bytes();
-            if libc::write(ready_w_fd, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
-            let mut ok = [0u8; 1];
-            if libc::read(go_r_fd, ok.as_mut_ptr().cast(), 1) != 1 || ok[0] != 1 {
-                return Err(std::io::Error::other(
-                    "the user namespace id map was not set up",
-                ));
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
-            Ok(())
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            before()?;
+            if libc::unshare(flags.bits()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if wait_for_map {
+                let pid = libc::getpid().to_le_bytes();
+                if libc::write(ready_w_fd, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut ok = [0u8; 1];
+                if libc::read(go_r_fd, ok.as_mut_ptr().cast(), 1) != 1 || ok[0] != 1 {
+                    return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                }
+            }
+            then()
         });
     }
-    let map = map.clone();
+    let map = map.cloned();
     let mapper = std::thread::spawn(move || -> Result<(), String> {
+        let Some(map) = map else { return Ok(()) };
         let mut ready = fs::File::from(ready_r);
         let mut go = fs::File::from(go_w);
         let mut pid = [0u8; 4];
@@ -229,7 +309,7 @@ fn spawn_in_userns(mut cmd: Command, map: &IdMap) -> Result<std::process::Child,
 pub fn remove_as_mapped_root(exe: &Path, path: &Path, map: &IdMap) -> Result<(), SandboxError> {
     let mut cmd = Command::new(exe);
     cmd.arg("__remove").arg(path).stdin(Stdio::null());
-    let out = spawn_in_userns(cmd, map)?
+    let out = spawn(cmd, CloneFlags::CLONE_NEWUSER, Some(map), || Ok(()))?
         .wait_with_output()
         .map_err(setup_io("waiting for the remover"))?;
     if out.status.success() {
@@ -241,6 +321,9 @@ pub fn remove_as_mapped_root(exe: &Path, path: &Path, map: &IdMap) -> Result<(),
         })
     }
 }
+
+/// The walls of this sandbox, recorded by [`enter`] for [`run_chrooted`].
+static WALLS: std::sync::OnceLock<Walls> = std::sync::OnceLock::new();
 
 /// Sandbox side: set up namespaces and the filesystem view, then run `builder` as pid 1 of the
 /// new pid namespace. Returns the exit code for the process.
@@ -255,6 +338,20 @@ pub fn enter(spec_path: &Path, builder: impl FnOnce(&SandboxSpec) -> i32) -> i32
             return 70;
         }
     };
+    let _ = WALLS.set(spec.walls);
+    // SAFETY: prctl and umask with integer arguments. Not dumpable: the confined commands run
+    // as the same uid and must not ptrace this process or read its /proc/PID/{fd,mem,root}.
+    // The umask is fixed so that no mode depends on the user's.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::umask(0o022);
+    }
+    // Descriptors inherited from rbuild (the build directory's lock) stay open in this process
+    // and pid 1, and go to no command they exec.
+    for fd in 3..1024 {
+        // SAFETY: fcntl on descriptor numbers; those that are not open fail with EBADF.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
@@ -266,25 +363,58 @@ pub fn enter(spec_path: &Path, builder: impl FnOnce(&SandboxSpec) -> i32) -> i32
         eprintln!("rbuild sandbox: unshare: {e}");
         return 70;
     }
+    // Pid 1 learns that this process died when the write end of this pipe closes.
+    let (alive_r, alive_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("rbuild sandbox: pipe: {e}");
+            return 70;
+        }
+    };
     // SAFETY: this process is single-threaded (freshly exec'd `rbuild __sandbox`).
     match unsafe { fork() } {
         Err(e) => {
             eprintln!("rbuild sandbox: fork: {e}");
             70
         }
-        Ok(ForkResult::Parent { child }) => loop {
-            match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, code)) => return code,
-                Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
-                Ok(_) => continue,
-                Err(nix::Error::EINTR) => continue,
-                Err(e) => {
-                    eprintln!("rbuild sandbox: waitpid: {e}");
-                    return 70;
+        Ok(ForkResult::Parent { child }) => {
+            drop(alive_r);
+            let _alive = alive_w;
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => return code,
+                    Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+                    Ok(_) => continue,
+                    Err(nix::Error::EINTR) => continue,
+                    Err(e) => {
+                        eprintln!("rbuild sandbox: waitpid: {e}");
+                        return 70;
+                    }
                 }
             }
-        },
+        }
         Ok(ForkResult::Child) => {
+            drop(alive_w);
+            // Pid 1 dies with this process, and with it every process of the pid namespace.
+            // SAFETY: prctl with integer arguments; poll on a descriptor this process owns.
+            let orphaned = unsafe {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                let mut p = libc::pollfd {
+                    fd: alive_r.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                libc::poll(&mut p, 1, 0) > 0 && p.revents & libc::POLLHUP != 0
+            };
+            if orphaned {
+                return 70;
+            }
             if let Err(e) = build_view(&spec) {
                 eprintln!("rbuild sandbox: {e}");
                 return 70;
@@ -349,8 +479,9 @@ fn mount_proc(dir: &Path) -> Result<(), SandboxError> {
         .map_err(setup(format!("mounting proc at {}", dir.display())))
 }
 
-/// The device nodes every sandbox (and every chroot a builder enters) gets, bind-mounted.
-pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+/// The device nodes every sandbox (and every chroot a builder enters) gets, bind-mounted. No
+/// terminal: a build has no controlling terminal and cannot reach the user's.
+pub const DEVICES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
 
 fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
     mount_tmpfs(
@@ -553,7 +684,9 @@ impl Drop for ChrootMounts {
 }
 
 /// Inside a sandbox: run `argv` chrooted into `mounts.root()` with exactly `env`, stdout and
-/// stderr going to `log` (a file outside the chroot) or else to this process's stderr. Returns
+/// stderr going to `log` (a file outside the chroot) or else to this process's stderr, behind
+/// the sandbox's walls: a nested user and mount namespace (every mount locked), Landlock (writes
+/// only below `/build`), `no_new_privs`, only [`PACKAGE_CAPS`] and the seccomp filter. Returns
 /// the exit status.
 pub fn run_chrooted(
     mounts: &ChrootMounts,
@@ -563,6 +696,8 @@ pub fn run_chrooted(
 ) -> Result<std::process::ExitStatus, SandboxError> {
     let root = CString::new(mounts.root().as_os_str().as_encoded_bytes())
         .map_err(|_| SandboxError::Unsupported("chroot path contains NUL".into()))?;
+    let walls = WALLS.get().copied().unwrap_or_default();
+    let confinement = confine::Confinement::prepare(walls, confine::WRITABLE, PACKAGE_CAPS)?;
     let mut cmd = Command::new(argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
@@ -578,18 +713,32 @@ pub fn run_chrooted(
         }
     }
     cmd.stdin(Stdio::null());
-    // SAFETY: chroot and chdir are async-signal-safe; `root` outlives the spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(setup_io(format!("running {} in the chroot", argv[0])))?;
+    let (flags, map) = if walls.mounts {
+        // The sandbox's root maps the same ids one level down; mounts copied into a mount
+        // namespace owned by a less privileged user namespace are locked.
+        (
+            CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS,
+            Some(IdMap::Root),
+        )
+    } else {
+        (CloneFlags::empty(), None)
+    };
+    let then = move || {
+        // SAFETY: chroot and chdir with a NUL-terminated path that lives in this closure.
+        if unsafe { libc::chroot(root.as_ptr()) } != 0 || unsafe { libc::chdir(c"/".as_ptr()) } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        confinement.apply()
+    };
+    let mut child =
+        spawn_then(&mut cmd, flags, map.as_ref(), || Ok(()), then).map_err(|e| match e {
+            SandboxError::Setup { source, .. } => SandboxError::Setup {
+                what: format!("running {} in the chroot", argv[0]),
+                source,
+            },
+            other => other,
+        })?;
     child
         .wait()
         .map_err(setup_io(format!("waiting for {}", argv[0])))

@@ -1,0 +1,301 @@
+//! The sandbox as a boundary: a `run` step — untrusted code, uid 0 of its user namespace, with
+//! a real shell and `mount`, `unshare` and `chroot` (a static busybox packaged into the throwaway
+//! archive) — tries the known ways out, and nothing outside its own output changes. Each wall is
+//! also tried alone (the test-only switch `RBUILD_TEST_ONLY_WALLS`), and with none of them the
+//! same attacks do get through, so the checks can fail.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::skip::have_tool;
+use common::*;
+
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The standard archive plus `busybox` (required, so it is in the base): a static busybox at
+/// /usr/bin and the applets the attacks use.
+fn busybox_archive(dir: &Path) -> Option<Archive> {
+    if !Path::new(BUSYBOX).exists() {
+        skip(
+            "sandbox tests",
+            &format!("{BUSYBOX} (a static busybox) is missing"),
+            "apt-get install busybox-static (.ci/run installs it)",
+        );
+        return None;
+    }
+    let a = make_archive(dir);
+    let bytes: &'static [u8] = Box::leak(fs::read(BUSYBOX).unwrap().into_boxed_slice());
+    let mut entries = vec![
+        Entry::Dir("usr", 0o755),
+        Entry::Dir("usr/bin", 0o755),
+        Entry::File("usr/bin/busybox", bytes, 0o755, 0, 0),
+    ];
+    for applet in [
+        "sh", "mount", "umount", "unshare", "chroot", "touch", "mkdir", "ls", "cat", "echo",
+        "sleep", "true", "find", "grep",
+    ] {
+        let path: &'static str = Box::leak(format!("usr/bin/{applet}").into_boxed_str());
+        entries.push(Entry::Symlink(path, "busybox"));
+    }
+    let busybox = Pkg {
+        name: "busybox",
+        version: "1.35",
+        priority: "required",
+        essential: true,
+        depends: "",
+        entries,
+    };
+    fs::write(a.deb_path("busybox", "1.35"), build_deb(&busybox)).unwrap();
+    let mut pkgs = standard_packages();
+    pkgs.push(busybox);
+    a.publish(&pkgs, &a.key);
+    ok(&rbuild(&[
+        "lock",
+        a.recipe.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+    ]));
+    Some(a)
+}
+
+/// A layered recipe on the test base whose one layer runs `run` (a shell script).
+fn layered(a: &Archive, name: &str, run: &str) -> PathBuf {
+    let dir = a.recipe.parent().unwrap().join(name);
+    fs::create_dir_all(&dir).unwrap();
+    let recipe = dir.join("app.toml");
+    let run = toml::Value::String(run.to_owned());
+    fs::write(
+        &recipe,
+        format!("base = \"../testos.toml\"\n\n[[layers]]\nrun = [{run}]\n"),
+    )
+    .unwrap();
+    recipe
+}
+
+fn realise(a: &Archive, recipe: &Path, store: &Path, walls: Option<&str>) -> std::process::Output {
+    let env: Vec<(&str, &str)> = walls
+        .map(|w| vec![("RBUILD_TEST_ONLY_WALLS", w)])
+        .unwrap_or_default();
+    rbuild_as(
+        None,
+        &[
+            "realise",
+            recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--mirror",
+            &a.mirror_url(),
+        ],
+        &env,
+    )
+}
+
+/// Every path below `dir` whose name starts with `pwned`.
+fn pwned(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_name().to_string_lossy().starts_with("pwned") {
+                found.push(p.clone());
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// The escapes of issue 8, one script: remount the inputs writable through `/proc/1/root`,
+/// bind an input elsewhere and remount that, do both from a new user namespace, chroot out
+/// through `/proc/1/root`, and write the store's database by its host path. Every line may
+/// fail; the step itself succeeds, so what it changed is what the test looks at.
+fn attacks(store: &Path, tag: &str) -> String {
+    let db = store.join("db.sqlite");
+    format!(
+        r#": {tag}
+for d in /proc/1/root/inputs/*; do
+  mount -o remount,bind,rw "$d" ; touch "$d/pwned-remount"
+done
+mkdir -p /mnt/b
+for d in /proc/1/root/inputs/*; do
+  mount --bind "$d" /mnt/b && {{ mount -o remount,bind,rw /mnt/b ; touch /mnt/b/pwned-bind ; umount /mnt/b ; }}
+done
+unshare -U -r -m sh -c 'for d in /proc/1/root/inputs/*; do mount -o remount,bind,rw "$d" ; touch "$d/pwned-userns"; done'
+chroot /proc/1/root /bin/sh -c 'touch /inputs/*/pwned-chroot' 
+for b in /proc/1/root/inputs/*/usr/bin/busybox; do
+  chroot /proc/1/root "${{b#/proc/1/root}}" sh -c 'for d in /inputs/*; do mount -o remount,bind,rw "$d"; touch "$d/pwned-chroot"; done'
+done
+echo pwned >> {db} ; echo pwned >> /proc/1/root{db}
+ls -la /proc/1/root/inputs/ /dev/
+true
+"#,
+        db = db.display()
+    )
+}
+
+fn db_unchanged(store: &Path) {
+    let db = fs::read(store.join("db.sqlite")).unwrap();
+    assert!(
+        !db.windows(6).any(|w| w == b"pwned\n"),
+        "the store's database was written"
+    );
+}
+
+#[test]
+fn no_run_step_changes_anything_but_its_own_output() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(a) = busybox_archive(t.path()) else {
+        return;
+    };
+    let store = t.path().join("store");
+    // All walls, then each wall alone: the inputs, the other outputs and the database stay
+    // as they were.
+    for walls in [None, Some("mounts"), Some("landlock"), Some("privileges")] {
+        let tag = walls.unwrap_or("all");
+        let recipe = layered(&a, &format!("attack-{tag}"), &attacks(&store, tag));
+        let out = realise(&a, &recipe, &store, walls);
+        ok(&out);
+        let found = pwned(&store.join("o"));
+        assert!(
+            found.is_empty(),
+            "walls {tag}: the run step wrote outside its output: {found:?}\n{}",
+            stderr(&out)
+        );
+        db_unchanged(&store);
+    }
+    // With no wall, the same script does get out: the checks above can fail.
+    let bare = t.path().join("bare-store");
+    let recipe = layered(&a, "attack-none", &attacks(&bare, "none"));
+    ok(&realise(&a, &recipe, &bare, Some("none")));
+    let found = pwned(&bare.join("o"));
+    assert!(
+        found.iter().any(|p| p.ends_with("pwned-bind"))
+            && found.iter().any(|p| p.ends_with("pwned-chroot")),
+        "without walls the attack should have written into the inputs: {found:?}"
+    );
+}
+
+/// No terminal reaches a build: rbuild runs on a pseudo-terminal of its own (as CI has none),
+/// and the run step's writes to /dev/tty go nowhere.
+#[test]
+fn a_build_cannot_write_to_the_users_terminal() {
+    if !have_tool(
+        "a_build_cannot_write_to_the_users_terminal",
+        "script",
+        "util-linux",
+    ) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let Some(a) = busybox_archive(t.path()) else {
+        return;
+    };
+    let store = t.path().join("store");
+    let recipe = layered(
+        &a,
+        "tty",
+        "echo PW''NED-tty > /dev/tty; echo PW''NED-tty2 > /proc/1/root/dev/tty; true",
+    );
+    let cmd = format!(
+        "{} realise {} --store {} --mirror {}",
+        rbuild_bin().display(),
+        recipe.display(),
+        store.display(),
+        a.mirror_url()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "realise on a terminal failed:\n{text}"
+    );
+    assert!(text.contains("/o/"), "the output path is printed:\n{text}");
+    assert!(
+        !text.contains("PWNED"),
+        "a build wrote to the terminal:\n{text}"
+    );
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(marker) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// `kill -9` of rbuild while a run step runs: a moment later none of the step's processes is
+/// left, and the next realise builds it again from a clean scratch directory.
+#[test]
+fn a_sandbox_dies_with_the_rbuild_that_started_it() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(a) = busybox_archive(t.path()) else {
+        return;
+    };
+    let store = t.path().join("store");
+    let marker = format!("{}", 90_000 + std::process::id() % 9_000);
+    let recipe = layered(&a, "sleepy", &format!("sleep {marker} ; true"));
+    // Build the base first, so that the step starts quickly.
+    ok(&realise(&a, &a.recipe.clone(), &store, None));
+    let mut child = Command::new(rbuild_bin())
+        .args([
+            "realise",
+            recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--mirror",
+            &a.mirror_url(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while processes_with(&format!("sleep {marker}")).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the run step never started"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "rbuild ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let killed = Instant::now();
+    while !processes_with(&format!("sleep {marker}")).is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the run step outlived rbuild: {:?}",
+            processes_with(&format!("sleep {marker}"))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The next rbuild finds the killed build's scratch directory free and removes it.
+    let again = layered(&a, "sleepy", &format!("sleep 0 ; : {marker}"));
+    ok(&realise(&a, &again, &store, None));
+    let tmp: Vec<_> = fs::read_dir(store.join("tmp")).unwrap().flatten().collect();
+    assert!(
+        tmp.is_empty(),
+        "scratch left: {:?}",
+        tmp.iter().map(|e| e.path()).collect::<Vec<_>>()
+    );
+}

@@ -255,20 +255,35 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
             .context("derivation not in the graph")?;
         stack.extend(drv.inputs.iter().cloned());
         if let Some(out) = store.valid_output(&h.0)? {
-            valid.push((h.0.clone(), drv.output_name(), out));
+            let listing = store.listing(&h.0, &out.content_hash)?;
+            valid.push((h.0.clone(), drv.output_name(), out, listing));
         }
     }
     let outputs: Vec<rbuild_store::cache::Publish> = valid
         .iter()
-        .map(|(h, name, out)| rbuild_store::cache::Publish {
+        .map(|(h, name, out, listing)| rbuild_store::cache::Publish {
             drv_hash: h,
             name,
             content_hash: &out.content_hash,
             path: &out.path,
+            listing: listing.as_ref(),
         })
         .collect();
-    let blobs = rbuild_store::cache::push_many(cache.as_ref(), &key, &outputs)?;
-    eprintln!("{to}: pushed {} outputs ({blobs} new blobs)", outputs.len());
+    // Every output is hashed again before it is signed: a damaged one is refused, not pushed.
+    let pushed = rbuild_store::cache::push_many(cache.as_ref(), &key, &outputs)?;
+    eprintln!(
+        "{to}: pushed {} outputs ({} new blobs)",
+        pushed.entries, pushed.uploaded
+    );
+    for e in &pushed.refused {
+        eprintln!("error: {e}");
+    }
+    if !pushed.refused.is_empty() {
+        bail!(
+            "{} damaged outputs were not pushed; `rbuild store verify --repair` rebuilds them",
+            pushed.refused.len()
+        );
+    }
     Ok(())
 }
 

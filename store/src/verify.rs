@@ -37,6 +37,39 @@ impl std::fmt::Display for Damage {
     }
 }
 
+impl Damage {
+    /// One line: what is wrong, and the first paths that differ.
+    pub fn summary(&self) -> String {
+        match self {
+            Damage::Missing => "it is missing".into(),
+            Damage::Unreadable(e) => format!("it cannot be hashed: {e}"),
+            Damage::Differs {
+                changes: Some(changes),
+                ..
+            } if !changes.is_empty() => {
+                let first: Vec<String> = changes
+                    .iter()
+                    .take(5)
+                    .map(|c| format!("{}: {}", c.path, c.change))
+                    .collect();
+                let more = changes.len() - first.len();
+                format!(
+                    "it {self}, not its registered content hash; {}{}",
+                    first.join("; "),
+                    if more > 0 {
+                        format!(" (and {more} more paths)")
+                    } else {
+                        String::new()
+                    }
+                )
+            }
+            Damage::Differs { .. } => format!(
+                "it {self}, not its registered content hash (registered before rbuild kept per-path listings: the paths cannot be named)"
+            ),
+        }
+    }
+}
+
 /// The check of one output.
 #[derive(Debug, Clone)]
 pub struct Checked {

@@ -23,7 +23,7 @@ pub mod reapi;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -31,6 +31,7 @@ use ed25519_dalek::{Signer, Verifier};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::hash::{Listing, Options as HashOptions, VisitNode};
 use crate::meta::{sidecar, TreeMeta};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,13 @@ pub enum CacheError {
     BadEntry { drv: String, msg: String },
     #[error("{path}: {msg}")]
     Key { path: String, msg: String },
+    #[error("refusing to push {name} ({drv}): {path} does not match its registration: {detail}")]
+    Damaged {
+        drv: String,
+        name: String,
+        path: String,
+        detail: String,
+    },
     #[error("unsupported binary cache URL {0:?} (supported: file:///DIR, http(s)://HOST/PATH, grpc(s)://HOST:PORT[/INSTANCE])")]
     UnsupportedUrl(String),
 }
@@ -414,28 +422,70 @@ pub fn open(url: &str) -> Result<Box<dyn BinaryCache>, CacheError> {
     Err(CacheError::UnsupportedUrl(url.to_owned()))
 }
 
-/// Describe a registered output (a file or a tree) for publishing.
+/// Describe a registered output (a file or a tree) for publishing, and check it against its
+/// registration in the same walk: an output that no longer hashes to `content_hash` is refused
+/// ([`CacheError::Damaged`], naming the paths that differ from `listing` when there is one), so
+/// nothing damaged is ever signed.
 pub fn describe(
     drv_hash: &str,
     name: &str,
     content_hash: &str,
     out: &Path,
+    listing: Option<&Listing>,
 ) -> Result<(EntryBody, Vec<(BlobRef, PathBuf)>), CacheError> {
-    let meta_path = sidecar(out);
-    let meta = if meta_path.exists() {
-        Some(
-            TreeMeta::read(&meta_path).map_err(|e| CacheError::BadEntry {
-                drv: drv_hash.into(),
-                msg: e.to_string(),
-            })?,
-        )
-    } else {
-        None
+    let damaged = |detail: String| CacheError::Damaged {
+        drv: drv_hash.into(),
+        name: name.into(),
+        path: out.display().to_string(),
+        detail,
     };
     let mut nodes = Vec::new();
     let mut files = Vec::new();
-    let mut links = std::collections::HashMap::new();
-    walk(out, "", &mut nodes, &mut files, &mut links)?;
+    let opts = HashOptions {
+        list: listing.is_some(),
+        sha256: true,
+    };
+    let walked = crate::verify::rehash(out, &opts, &mut |v| {
+        let path = v.rel.to_owned();
+        nodes.push(match &v.node {
+            VisitNode::Dir => CacheNode::Dir {
+                path,
+                mode: v.mode & 0o777,
+            },
+            VisitNode::File {
+                blake3,
+                sha256,
+                size,
+            } => {
+                let blob = BlobRef {
+                    sha256: hex::encode(sha256.expect("asked for sha256")),
+                    blake3: Some(blake3.to_hex().to_string()),
+                    size: *size,
+                };
+                files.push((blob.clone(), v.path.to_owned()));
+                CacheNode::File {
+                    path,
+                    mode: v.mode & 0o777,
+                    sha256: blob.sha256,
+                    size: blob.size,
+                    blake3: blob.blake3,
+                }
+            }
+            VisitNode::Symlink { target } => CacheNode::Symlink {
+                path,
+                target: target.to_string_lossy().into_owned(),
+            },
+            VisitNode::Hardlink { first } => CacheNode::Hardlink {
+                path,
+                target: (*first).to_owned(),
+            },
+        });
+        Ok(())
+    });
+    let (hashed, meta, _) = walked.map_err(|e| damaged(e.to_string()))?;
+    if let Some(damage) = crate::verify::compare(content_hash, listing, &hashed) {
+        return Err(damaged(damage.summary()));
+    }
     Ok((
         EntryBody {
             drv_hash: drv_hash.into(),
@@ -448,75 +498,31 @@ pub fn describe(
     ))
 }
 
-type Links = std::collections::HashMap<(u64, u64), String>;
-
-fn walk(
-    p: &Path,
-    rel: &str,
-    nodes: &mut Vec<CacheNode>,
-    files: &mut Vec<(BlobRef, PathBuf)>,
-    links: &mut Links,
-) -> Result<(), CacheError> {
-    let md = fs::symlink_metadata(p).map_err(io(p.display()))?;
-    let ft = md.file_type();
-    if ft.is_symlink() {
-        let t = fs::read_link(p).map_err(io(p.display()))?;
-        nodes.push(CacheNode::Symlink {
-            path: rel.into(),
-            target: t.to_string_lossy().into_owned(),
-        });
-    } else if ft.is_file() {
-        if md.nlink() > 1 {
-            if let Some(first) = links.get(&(md.dev(), md.ino())) {
-                nodes.push(CacheNode::Hardlink {
-                    path: rel.into(),
-                    target: first.clone(),
-                });
-                return Ok(());
-            }
-            links.insert((md.dev(), md.ino()), rel.to_owned());
-        }
-        let blob = BlobRef::of_file(p)?;
-        nodes.push(CacheNode::File {
-            path: rel.into(),
-            mode: md.mode() & 0o777,
-            sha256: blob.sha256.clone(),
-            size: blob.size,
-            blake3: blob.blake3.clone(),
-        });
-        files.push((blob, p.to_owned()));
-    } else if ft.is_dir() {
-        nodes.push(CacheNode::Dir {
-            path: rel.into(),
-            mode: md.mode() & 0o777,
-        });
-        let mut names: Vec<_> = fs::read_dir(p)
-            .map_err(io(p.display()))?
-            .filter_map(|e| e.ok().map(|e| e.file_name()))
-            .collect();
-        names.sort();
-        for n in names {
-            let child = if rel.is_empty() {
-                n.to_string_lossy().into_owned()
-            } else {
-                format!("{rel}/{}", n.to_string_lossy())
-            };
-            walk(&p.join(&n), &child, nodes, files, links)?;
-        }
-    }
-    Ok(())
-}
-
-/// A registered output to publish: derivation hash, name, content hash, path.
+/// A registered output to publish: derivation hash, name, content hash (as registered), path,
+/// and the per-path listing registration recorded (to name what differs if it is damaged).
 pub struct Publish<'a> {
     pub drv_hash: &'a str,
     pub name: &'a str,
     pub content_hash: &'a str,
     pub path: &'a Path,
+    pub listing: Option<&'a Listing>,
+}
+
+/// What [`push_many`] did.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    /// Blobs uploaded (the cache lacked them).
+    pub uploaded: usize,
+    /// Entries signed and published.
+    pub entries: usize,
+    /// Outputs refused because they no longer match their registration
+    /// ([`CacheError::Damaged`]); the others were pushed.
+    pub refused: Vec<CacheError>,
 }
 
 /// Publish a registered output: missing blobs first (asked in one batch), the signed entry only
-/// once they are all there. Returns how many blobs were uploaded.
+/// once they are all there. Returns how many blobs were uploaded. An output that does not hash
+/// to `content_hash` any more is refused ([`CacheError::Damaged`]).
 pub fn push(
     cache: &dyn BinaryCache,
     key: &SecretKey,
@@ -525,7 +531,7 @@ pub fn push(
     content_hash: &str,
     out: &Path,
 ) -> Result<usize, CacheError> {
-    push_many(
+    let mut pushed = push_many(
         cache,
         key,
         &[Publish {
@@ -533,26 +539,39 @@ pub fn push(
             name,
             content_hash,
             path: out,
+            listing: None,
         }],
-    )
+    )?;
+    match pushed.refused.pop() {
+        Some(e) => Err(e),
+        None => Ok(pushed.uploaded),
+    }
 }
 
 /// Publish many outputs (a closure) at once: one existence query for the blobs of all of them,
 /// one upload of what is missing (deduplicated across outputs), then the signed entries, several
-/// at a time. Returns how many blobs were uploaded.
+/// at a time. Every output is hashed again in the walk that lists it, and one that no longer
+/// matches its registration is refused (reported in [`Pushed::refused`]) while the others go.
 pub fn push_many(
     cache: &dyn BinaryCache,
     key: &SecretKey,
     outputs: &[Publish],
-) -> Result<usize, CacheError> {
+) -> Result<Pushed, CacheError> {
     let mut bodies = Vec::with_capacity(outputs.len());
     let mut files: Vec<(BlobRef, PathBuf)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for o in outputs {
-        let (body, f) = describe(o.drv_hash, o.name, o.content_hash, o.path)?;
-        files.extend(f.into_iter().filter(|(b, _)| seen.insert(b.clone())));
-        bodies.push(body);
+    let mut refused = Vec::new();
+    for d in describe_all(outputs) {
+        match d {
+            Ok((body, f)) => {
+                files.extend(f.into_iter().filter(|(b, _)| seen.insert(b.clone())));
+                bodies.push(body);
+            }
+            Err(e @ CacheError::Damaged { .. }) => refused.push(e),
+            Err(e) => return Err(e),
+        }
     }
+    let entries_count = bodies.len();
     let all: Vec<BlobRef> = files.iter().map(|(b, _)| b.clone()).collect();
     let missing: std::collections::HashSet<BlobRef> =
         cache.missing_blobs(&all)?.into_iter().collect();
@@ -588,7 +607,41 @@ pub fn push_many(
             })
         })?;
     }
-    Ok(upload.len())
+    Ok(Pushed {
+        uploaded: upload.len(),
+        entries: entries_count,
+        refused,
+    })
+}
+
+type Described = Result<(EntryBody, Vec<(BlobRef, PathBuf)>), CacheError>;
+
+/// [`describe`] each output, on as many threads as there are cores (hashing is most of a push's
+/// local work); results in the order of `outputs`.
+fn describe_all(outputs: &[Publish]) -> Vec<Described> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(outputs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<Option<Described>>> =
+        std::sync::Mutex::new(outputs.iter().map(|_| None).collect());
+    std::thread::scope(|sc| {
+        for _ in 0..threads {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(o) = outputs.get(i) else { break };
+                let r = describe(o.drv_hash, o.name, o.content_hash, o.path, o.listing);
+                results.lock().expect("results lock")[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("results lock")
+        .into_iter()
+        .map(|r| r.expect("every output described"))
+        .collect()
 }
 
 /// Fetch and check the entry of `drv_hash`: `Ok(None)` if the cache has none.
@@ -836,6 +889,72 @@ mod props;
 mod tests {
     use super::*;
 
+    /// The content hash `out` is registered with (as the store computes it).
+    fn registered(out: &Path) -> String {
+        crate::hash::content_hash(out, None).unwrap()
+    }
+
+    /// A damaged output is refused, named, and never signed; the other outputs of the same
+    /// push are published.
+    #[test]
+    fn damaged_outputs_are_refused_and_the_others_pushed() {
+        let t = tempfile::tempdir().unwrap();
+        let (good, bad) = (t.path().join("good"), t.path().join("bad"));
+        for (dir, bytes) in [(&good, b"good"), (&bad, b"fine")] {
+            fs::create_dir_all(dir.join("d")).unwrap();
+            fs::write(dir.join("d/f"), bytes).unwrap();
+        }
+        let (good_hash, bad_hash) = (registered(&good), registered(&bad));
+        let listing = crate::hash::hash_and_list(&bad, None).unwrap().listing;
+        fs::write(bad.join("d/f"), b"fin3").unwrap();
+        let cache = open(&format!("file://{}", t.path().join("cache").display())).unwrap();
+        let key = SecretKey::generate("k").unwrap();
+        let pushed = push_many(
+            cache.as_ref(),
+            &key,
+            &[
+                Publish {
+                    drv_hash: "bad",
+                    name: "broken-out",
+                    content_hash: &bad_hash,
+                    path: &bad,
+                    listing: Some(&listing),
+                },
+                Publish {
+                    drv_hash: "good",
+                    name: "good-out",
+                    content_hash: &good_hash,
+                    path: &good,
+                    listing: None,
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!((pushed.entries, pushed.uploaded), (1, 1));
+        let [refused] = &pushed.refused[..] else {
+            panic!("{:?}", pushed.refused)
+        };
+        let msg = refused.to_string();
+        assert!(
+            msg.contains("refusing to push broken-out (bad)")
+                && msg.contains("d/f: contents changed"),
+            "{msg}"
+        );
+        assert!(cache.get_entry("bad").unwrap().is_none(), "never signed");
+        assert!(query(cache.as_ref(), "good", &[key.public()])
+            .unwrap()
+            .is_some());
+        // One output alone: an error naming it.
+        let err = push(cache.as_ref(), &key, "bad", "broken-out", &bad_hash, &bad).unwrap_err();
+        assert!(matches!(err, CacheError::Damaged { .. }), "{err}");
+        // A registration that does not match from the start (a wrong hash) is refused too.
+        let err = push(cache.as_ref(), &key, "good", "good-out", "c1", &good).unwrap_err();
+        assert!(
+            err.to_string().contains("not its registered content hash"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn push_then_fetch_round_trips_and_dedupes_blobs() {
         let t = tempfile::tempdir().unwrap();
@@ -847,12 +966,12 @@ mod tests {
         let cache = open(&format!("file://{}", t.path().join("cache").display())).unwrap();
         let key = SecretKey::generate("alice-2026").unwrap();
         assert_eq!(
-            push(cache.as_ref(), &key, "h1", "x", "c1", &out).unwrap(),
+            push(cache.as_ref(), &key, "h1", "x", &registered(&out), &out).unwrap(),
             1,
             "one blob for two equal files"
         );
         assert_eq!(
-            push(cache.as_ref(), &key, "h1", "x", "c1", &out).unwrap(),
+            push(cache.as_ref(), &key, "h1", "x", &registered(&out), &out).unwrap(),
             0,
             "pushing again uploads nothing"
         );
@@ -888,18 +1007,20 @@ mod tests {
         let cache = open(&format!("file://{}", dir.display())).unwrap();
         let alice = SecretKey::generate("alice").unwrap();
         let mallory = SecretKey::generate("alice").unwrap(); // same name, other key
-        push(cache.as_ref(), &alice, "h", "x", "c", &out).unwrap();
+        push(cache.as_ref(), &alice, "h", "x", &registered(&out), &out).unwrap();
         let err = query(cache.as_ref(), "h", &[mallory.public()])
             .unwrap_err()
             .to_string();
         assert!(err.contains("no valid signature by a trusted key"), "{err}");
         // A changed entry no longer matches its signature.
         let p = dir.join("entries/h.json");
-        let text = fs::read_to_string(&p).unwrap().replace("\"c\"", "\"evil\"");
+        let text = fs::read_to_string(&p)
+            .unwrap()
+            .replace(&registered(&out), "evil");
         fs::write(&p, text).unwrap();
         assert!(query(cache.as_ref(), "h", &[alice.public()]).is_err());
         // A changed blob is caught while downloading.
-        push(cache.as_ref(), &alice, "h", "x", "c", &out).unwrap();
+        push(cache.as_ref(), &alice, "h", "x", &registered(&out), &out).unwrap();
         let entry = query(cache.as_ref(), "h", &[alice.public()])
             .unwrap()
             .unwrap();
@@ -960,7 +1081,7 @@ mod tests {
         fs::write(out.join(name), content).unwrap();
         let cache = open(&format!("file://{}", t.join("cache").display())).unwrap();
         let key = SecretKey::generate("k").unwrap();
-        push(cache.as_ref(), &key, "h", "x", "c", &out).unwrap();
+        push(cache.as_ref(), &key, "h", "x", &registered(&out), &out).unwrap();
         let entry = query(cache.as_ref(), "h", &[key.public()])
             .unwrap()
             .unwrap();
@@ -1020,7 +1141,7 @@ mod tests {
             for _ in 0..4 {
                 sc.spawn(|| {
                     let cache = open(&url).unwrap();
-                    push(cache.as_ref(), &key, "h", "x", "c", &out).unwrap();
+                    push(cache.as_ref(), &key, "h", "x", &registered(&out), &out).unwrap();
                 });
             }
         });

@@ -205,6 +205,14 @@ impl Fetcher {
                 actual_size: size,
             });
         }
+        // An explicit mode, not what the umask left: it is part of the output's content hash.
+        use std::os::unix::fs::PermissionsExt;
+        tokio::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o644))
+            .await
+            .map_err(|source| FetchError::Io {
+                path: dest.display().to_string(),
+                source,
+            })?;
         Ok(())
     }
 

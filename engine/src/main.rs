@@ -1,5 +1,7 @@
 //! The `rbuild` command line.
 
+mod store_cmd;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -60,6 +62,11 @@ enum Command {
         /// Where to write the lock [default: beside the recipe file; ./NAME.lock for built-ins]
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+    /// Check (and repair) the store's outputs
+    Store {
+        #[command(subcommand)]
+        command: store_cmd::StoreCommand,
     },
     /// Delete every store output that no GC root (an -o link) reaches
     Gc {
@@ -585,6 +592,7 @@ fn main() {
             output,
         } => lock_cmd(&recipe, mirror, output),
         Command::Gc { store } => gc_cmd(store.store),
+        Command::Store { command } => store_cmd::run(command),
         Command::Doctor { connect } => doctor(connect),
     };
     if let Err(e) = result {

@@ -9,6 +9,7 @@ pub mod builtins;
 pub mod derivation;
 pub mod graph;
 pub mod progress;
+pub mod repair;
 pub mod sandbox;
 pub mod scheduler;
 

@@ -171,6 +171,36 @@ fn no_run_step_changes_anything_but_its_own_output() {
         );
         db_unchanged(&store);
     }
+    // The same, as an unprivileged user (uid 0 inside maps to the user, 1… to its subordinate
+    // ids): the user owns the store's files, and still the build cannot change them.
+    if let Some(user) =
+        require_test_user("no_run_step_changes_anything_but_its_own_output: the unprivileged part")
+    {
+        let ustore = user_dir(t.path(), "user-store", Some(&user));
+        let recipe = layered(&a, "attack-user", &attacks(&ustore, "user"));
+        ok(&rbuild(&[
+            "lock",
+            recipe.to_str().unwrap(),
+            "--mirror",
+            &a.mirror_url(),
+        ]));
+        let out = rbuild_as(
+            Some(&user),
+            &[
+                "realise",
+                recipe.to_str().unwrap(),
+                "--store",
+                ustore.to_str().unwrap(),
+                "--mirror",
+                &a.mirror_url(),
+            ],
+            &[],
+        );
+        ok(&out);
+        let found = pwned(&ustore.join("o"));
+        assert!(found.is_empty(), "unprivileged: the run step wrote outside its output: {found:?}");
+        db_unchanged(&ustore);
+    }
     // With no wall, the same script does get out: the checks above can fail.
     let bare = t.path().join("bare-store");
     let recipe = layered(&a, "attack-none", &attacks(&bare, "none"));

@@ -32,7 +32,10 @@ impl IdMap {
     pub(super) fn apply(&self, pid: i32) -> Result<(), String> {
         match self {
             IdMap::Root => {
-                let line = format!("0 0 {RANGE}\n");
+                // Two extents, as an unprivileged sandbox's own map has (0 → the user, 1… →
+                // its subordinate range): each extent of a nested map must lie within one
+                // extent of its parent's.
+                let line = format!("0 0 1\n1 1 {}\n", RANGE - 1);
                 for f in ["uid_map", "gid_map"] {
                     let p = format!("/proc/{pid}/{f}");
                     fs::write(&p, &line).map_err(|e| format!("writing {p}: {e}"))?;

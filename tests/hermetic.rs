@@ -501,6 +501,85 @@ fn offline_without_the_files_fails_clearly_and_registers_nothing() {
     assert_eq!(db, 0, "nothing registered");
 }
 
+/// A store on a full filesystem (a 30 MB tmpfs, filled up after a first realise): the failure
+/// says "no space left on device on the filesystem holding STORE" and suggests `rbuild gc`,
+/// instead of naming whichever build happened to fail. Mounting needs root (CI is root).
+#[test]
+fn a_full_disk_is_named_as_such() {
+    if !nix_is_root() {
+        skip(
+            "a_full_disk_is_named_as_such",
+            "the tests do not run as root (mounting a small tmpfs as the store needs it)",
+            "run them as root (.ci/run does)",
+        );
+        return;
+    }
+    struct Mounted(std::path::PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let small = t.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    ok(&std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=30m", "tmpfs"])
+        .arg(&small)
+        .output()
+        .unwrap());
+    let _mounted = Mounted(small.clone());
+    let store = small.join("store");
+    // The store works, and holds the verified index.
+    realise_json(None, &a, "^index", &store, &[]);
+    // Fill what is left of the filesystem.
+    {
+        use std::io::Write;
+        let mut ballast = std::fs::File::create(small.join("ballast")).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while ballast.write_all(&chunk).is_ok() {}
+        while ballast.write_all(&[0u8; 512]).is_ok() {}
+        let _ = ballast.flush();
+    }
+    let realise_fails = |when: &str| {
+        let o = rbuild(&[
+            "realise",
+            a.recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--mirror",
+            &a.mirror_url(),
+        ]);
+        let err = stderr(&o);
+        eprintln!("{when}: {err}");
+        assert!(!o.status.success(), "{when}: {err}");
+        assert!(
+            err.contains(&format!(
+                "no space left on device on the filesystem holding {}",
+                store.display()
+            )) && err.contains("rbuild gc"),
+            "{when}: {err}"
+        );
+    };
+    // No byte left: the store's database cannot even be opened.
+    realise_fails("full");
+    // Room to open the store, not to build: the builds fail.
+    let ballast = small.join("ballast");
+    let len = std::fs::metadata(&ballast).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ballast)
+        .unwrap()
+        .set_len(len - (256 << 10))
+        .unwrap();
+    realise_fails("256 KiB free");
+}
+
 fn rusqlite_count(store: &Path) -> usize {
     let out = std::process::Command::new("sh")
         .arg("-c")

@@ -421,6 +421,7 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     let store_dir = default_store(store)?;
     let store = Arc::new(
         Store::open(&store_dir)
+            .map_err(|e| full_disk(&store_dir, e))
             .with_context(|| format!("opening the store at {}", store_dir.display()))?,
     );
     let jobs = jobs.unwrap_or_else(|| {
@@ -443,6 +444,7 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     let graph = Arc::new(expanded.graph);
     let report = runtime(jobs)?
         .block_on(engine.realise(graph, &target))
+        .map_err(|e| full_disk(&store_dir, e))
         .with_context(|| format!("realising {arg}"))?;
     drop(progress);
     if let Some(link) = out_link {
@@ -461,6 +463,15 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         println!("{}", report.output.display());
     }
     Ok(())
+}
+
+/// `err`, with "no space left on device on the filesystem holding STORE" (and `rbuild gc`) in
+/// front when it is a full disk.
+fn full_disk<E: std::error::Error + Send + Sync + 'static>(store: &Path, err: E) -> anyhow::Error {
+    match rbuild_engine::nospace::diagnose(store, &err) {
+        Some(full) => anyhow::Error::new(err).context(full.to_string()),
+        None => err.into(),
+    }
 }
 
 /// Write to stdout; a reader that went away (`rbuild graph … | head`) is not an error.

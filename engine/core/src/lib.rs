@@ -8,6 +8,7 @@ pub mod archive;
 pub mod builtins;
 pub mod derivation;
 pub mod graph;
+pub mod nospace;
 pub mod progress;
 pub mod repair;
 pub mod sandbox;

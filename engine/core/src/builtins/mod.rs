@@ -92,12 +92,26 @@ impl Builtins {
                     .collect(),
                 out: PathBuf::from(sandbox::OUT_PATH),
             };
-            match f(&ctx) {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    1
+            // Nothing here may panic on a full disk: stderr is the build log, on the store's
+            // filesystem. A full disk exits with nospace::ENOSPC_EXIT, which the host names even
+            // when the log is empty.
+            use std::io::Write;
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx))) {
+                Ok(Ok(())) => 0,
+                Ok(Err(e)) => match crate::nospace::builder_exit_code(&e) {
+                    Some((msg, code)) => {
+                        let _ = writeln!(std::io::stderr(), "{msg}");
+                        code
+                    }
+                    None => {
+                        let _ = writeln!(std::io::stderr(), "error: {e:#}");
+                        1
+                    }
+                },
+                Err(payload) if crate::nospace::panic_says_no_space(payload.as_ref()) => {
+                    crate::nospace::ENOSPC_EXIT
                 }
+                Err(payload) => std::panic::resume_unwind(payload),
             }
         })
     }

@@ -198,7 +198,10 @@ fn no_run_step_changes_anything_but_its_own_output() {
         );
         ok(&out);
         let found = pwned(&ustore.join("o"));
-        assert!(found.is_empty(), "unprivileged: the run step wrote outside its output: {found:?}");
+        assert!(
+            found.is_empty(),
+            "unprivileged: the run step wrote outside its output: {found:?}"
+        );
         db_unchanged(&ustore);
     }
     // With no wall, the same script does get out: the checks above can fail.

@@ -19,8 +19,8 @@ use crate::recipe::Variant;
 pub fn register(b: &mut Builtins) {
     b.register("debian-verify", verify);
     b.register("debian-unpack", unpack);
-    b.register("debian-configure", configure);
-    b.register("debian-layer", layer);
+    b.register_chrooting("debian-configure", configure);
+    b.register_chrooting("debian-layer", layer);
 }
 
 /// `debian-verify`: inputs `[InRelease, index…]`; args `[suite, keyring, fingerprints, sde,

@@ -51,6 +51,9 @@ pub type BuiltinFn = fn(&BuildContext) -> anyhow::Result<()>;
 #[derive(Default, Clone)]
 pub struct Builtins {
     map: HashMap<&'static str, BuiltinFn>,
+    /// Builders that run untrusted commands in a chroot: they keep the privileges to mount the
+    /// chroot's `/proc` and `/dev` and confine each command instead of themselves.
+    chrooting: std::collections::HashSet<&'static str>,
 }
 
 impl Builtins {
@@ -65,8 +68,17 @@ impl Builtins {
         b
     }
 
+    /// A builder that runs no command of its own: it is confined itself (Landlock, least
+    /// privilege) before it starts.
     pub fn register(&mut self, name: &'static str, f: BuiltinFn) {
         self.map.insert(name, f);
+    }
+
+    /// A builder that runs untrusted commands through [`sandbox::run_chrooted`], which confines
+    /// each of them.
+    pub fn register_chrooting(&mut self, name: &'static str, f: BuiltinFn) {
+        self.map.insert(name, f);
+        self.chrooting.insert(name);
     }
 
     pub fn get(&self, builder: &str) -> Option<BuiltinFn> {
@@ -92,6 +104,13 @@ impl Builtins {
                     .collect(),
                 out: PathBuf::from(sandbox::OUT_PATH),
             };
+            let name = spec.builder.trim_start_matches("builtin:");
+            if !self.chrooting.contains(name) {
+                if let Err(e) = sandbox::confine_builder() {
+                    eprintln!("rbuild sandbox: {e}");
+                    return 70;
+                }
+            }
             // Nothing here may panic on a full disk: stderr is the build log, on the store's
             // filesystem. A full disk exits with nospace::ENOSPC_EXIT, which the host names even
             // when the log is empty.

@@ -38,6 +38,23 @@ pub fn probe(ctx: &BuildContext) -> anyhow::Result<()> {
         };
         connects.insert(a.to_owned(), r.into());
     }
+    // What confines this very builder: capabilities, no_new_privs, the seccomp mode.
+    let status: serde_json::Map<String, serde_json::Value> = read("/proc/self/status")
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| {
+            [
+                "CapEff",
+                "CapPrm",
+                "CapBnd",
+                "CapAmb",
+                "NoNewPrivs",
+                "Seccomp",
+            ]
+            .contains(k)
+        })
+        .map(|(k, v)| (k.to_owned(), v.trim().into()))
+        .collect();
     let mut env: Vec<(String, String)> = std::env::vars().collect();
     env.sort();
     let report = serde_json::json!({
@@ -52,6 +69,7 @@ pub fn probe(ctx: &BuildContext) -> anyhow::Result<()> {
         "inputs": names("/inputs"),
         "interfaces": interfaces,
         "connect": connects,
+        "status": status,
         "env": env.into_iter().map(|(k, v)| (k, serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
     });
     fs::write(&ctx.out, serde_json::to_vec_pretty(&report)?)?;

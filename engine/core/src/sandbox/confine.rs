@@ -218,6 +218,10 @@ fn landlock_ruleset(writable: &[&str]) -> Result<Option<OwnedFd>, SandboxError> 
     Ok(Option::<OwnedFd>::from(created))
 }
 
+/// The terminal injection ioctls (the same numbers on every Linux architecture rbuild runs on).
+const TIOCSTI: u64 = 0x5412;
+const TIOCLINUX: u64 = 0x541C;
+
 /// The seccomp filters: one refusing (EPERM) what no build needs, one answering `clone3` with
 /// ENOSYS (its flags cannot be inspected; C libraries fall back to `clone`, whose can).
 fn seccomp_filters() -> Result<Vec<BpfProgram>, SandboxError> {
@@ -260,8 +264,8 @@ fn seccomp_filters() -> Result<Vec<BpfProgram>, SandboxError> {
             rules.insert(nr | abi, vec![]);
         }
         let tty = vec![
-            cond(1, 0xffff_ffff, libc::TIOCSTI as u64)?,
-            cond(1, 0xffff_ffff, libc::TIOCLINUX as u64)?,
+            cond(1, 0xffff_ffff, TIOCSTI)?,
+            cond(1, 0xffff_ffff, TIOCLINUX)?,
         ];
         rules.insert(libc::SYS_ioctl | abi, tty.clone());
         if abi != 0 {

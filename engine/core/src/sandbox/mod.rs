@@ -683,6 +683,17 @@ impl Drop for ChrootMounts {
     }
 }
 
+/// Inside a sandbox, before a builtin builder that runs no command of its own: raise Landlock
+/// and least privilege on this very process (writes only below `/build`, [`PACKAGE_CAPS`], the
+/// seccomp filter). Builders that run untrusted commands keep their privileges to mount the
+/// chroot's `/proc` and `/dev`, and [`run_chrooted`] confines each command instead.
+pub fn confine_builder() -> Result<(), SandboxError> {
+    let walls = WALLS.get().copied().unwrap_or_default();
+    confine::Confinement::prepare(walls, confine::WRITABLE, PACKAGE_CAPS)?
+        .apply()
+        .map_err(setup_io("confining the builder"))
+}
+
 /// Inside a sandbox: run `argv` chrooted into `mounts.root()` with exactly `env`, stdout and
 /// stderr going to `log` (a file outside the chroot) or else to this process's stderr, behind
 /// the sandbox's walls: a nested user and mount namespace (every mount locked), Landlock (writes

@@ -354,6 +354,11 @@ impl Store {
             fs::rename(&built_meta, &dest_meta).map_err(|e| StoreError::io(&built_meta, e))?;
         }
         fs::rename(built, &dest).map_err(|e| StoreError::io(built, e))?;
+        // Durability: the output's files and directories (and the renames) reach the disk
+        // before the row that makes them valid is committed.
+        let o = self.root.join("o");
+        let dir = fs::File::open(&o).map_err(|e| StoreError::io(&o, e))?;
+        nix::unistd::syncfs(&dir).map_err(|e| StoreError::io(&o, e.into()))?;
         let mut db = self.db.lock().expect("store db lock");
         let tx = db.transaction().map_err(|e| self.db_err(e))?;
         let now = std::time::SystemTime::now()

@@ -132,15 +132,7 @@ fn verify_cmd(args: VerifyArgs) -> anyhow::Result<()> {
     let checked = verify::check_all(&store, &outputs, jobs)?;
     let secs = started.elapsed().as_secs_f64();
     let bytes: u64 = checked.iter().map(|c| c.bytes).sum();
-    let unlisted = outputs
-        .iter()
-        .filter(|o| {
-            store
-                .listing(&o.drv_hash, &o.output.content_hash)
-                .map(|l| l.is_none())
-                .unwrap_or(true)
-        })
-        .count();
+    let unlisted = checked.iter().filter(|c| !c.listed).count();
     let damaged: Vec<&Checked> = checked.iter().filter(|c| c.damage.is_some()).collect();
     let summary = format!(
         "verified {} outputs ({:.1} MB) in {secs:.2} s: {} damaged{}",

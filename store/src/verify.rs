@@ -76,6 +76,9 @@ pub struct Checked {
     pub output: Registered,
     /// Bytes of file contents read.
     pub bytes: u64,
+    /// Whether registration recorded a per-path listing (outputs registered before rbuild kept
+    /// listings have none: their damage is found, its paths cannot be named).
+    pub listed: bool,
     /// `None`: intact.
     pub damage: Option<Damage>,
 }
@@ -125,6 +128,7 @@ pub fn check(store: &Store, output: &Registered) -> Result<Checked, StoreError> 
     let done = |bytes, damage| Checked {
         output: output.clone(),
         bytes,
+        listed: recorded.is_some(),
         damage,
     };
     if std::fs::symlink_metadata(path).is_err() {
@@ -143,21 +147,35 @@ pub fn check(store: &Store, output: &Registered) -> Result<Checked, StoreError> 
     }
 }
 
-/// Check `outputs` on `threads` threads, each taking the next unchecked output. Results come
-/// back in the order of `outputs`.
+/// Check `outputs` on `threads` threads, each taking the next unchecked output: trees first
+/// (their size is unknown until walked), then files, largest first, so no thread is left with a
+/// big output at the end. Results come back in the order of `outputs`.
 pub fn check_all(
     store: &Store,
     outputs: &[Registered],
     threads: usize,
 ) -> Result<Vec<Checked>, StoreError> {
+    let mut order: Vec<(u64, usize)> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let size = match std::fs::symlink_metadata(&o.output.path) {
+                Ok(md) if md.is_file() => md.len(),
+                _ => u64::MAX,
+            };
+            (size, i)
+        })
+        .collect();
+    order.sort_by(|a, b| b.cmp(a));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<Checked, StoreError>>>> =
         Mutex::new(outputs.iter().map(|_| None).collect());
     std::thread::scope(|sc| {
         for _ in 0..threads.max(1).min(outputs.len().max(1)) {
             sc.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(o) = outputs.get(i) else { break };
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(_, i)) = order.get(n) else { break };
+                let o = &outputs[i];
                 let r = check(store, o);
                 results.lock().expect("results lock")[i] = Some(r);
             });
@@ -239,8 +257,10 @@ mod tests {
             .execute("DELETE FROM listings WHERE drv_hash = 'b'", [])
             .unwrap();
         fs::set_permissions(b.output.path.join("f"), fs::Permissions::from_mode(0o640)).unwrap();
+        let unlisted = check(&store, &b).unwrap();
+        assert!(!unlisted.listed);
         assert!(matches!(
-            check(&store, &b).unwrap().damage,
+            unlisted.damage,
             Some(Damage::Differs { changes: None, .. })
         ));
     }

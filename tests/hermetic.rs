@@ -610,10 +610,27 @@ fn sandbox_is_isolated_and_maps_a_full_id_range() {
         let target = format!("127.0.0.1:{port}");
         let o = rbuild_as(
             user.as_deref(),
-            &["doctor", "--connect", &target],
+            &["doctor", "--json", "--connect", &target],
             &[("SECRET_HOST_VAR", "leak")],
         );
         let report = json(&o);
+        // The checklist a person reads: one line per capability, each ok on this kernel.
+        let checklist = stderr(&o);
+        for what in [
+            "user namespaces and id maps",
+            "sandbox",
+            "locked mounts",
+            "Landlock",
+            "seccomp and no_new_privs",
+            "capabilities",
+        ] {
+            assert!(
+                checklist
+                    .lines()
+                    .any(|l| l.starts_with("ok") && l[4..].trim_start().starts_with(what)),
+                "doctor: {what} is not ok:\n{checklist}"
+            );
+        }
         assert_eq!(report["uid"], 0, "builders run as uid 0 of the namespace");
         let uid_map = report["uid_map"].as_str().unwrap();
         let mapped: u64 = uid_map

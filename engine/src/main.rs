@@ -1,5 +1,6 @@
 //! The `rbuild` command line.
 
+mod doctor;
 mod store_cmd;
 
 use std::path::{Path, PathBuf};
@@ -73,11 +74,14 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Check that sandboxes work here and show what a builder sees (JSON)
+    /// Check, line by line, what the sandbox needs and has here (--json: what a builder sees)
     Doctor {
         /// Also try a TCP connection from inside the sandbox to HOST:PORT
         #[arg(long)]
         connect: Vec<String>,
+        /// Also print the sandbox probe's report as JSON on stdout
+        #[arg(long)]
+        json: bool,
     },
     #[command(name = "__sandbox", hide = true)]
     Sandbox { spec: PathBuf },
@@ -327,7 +331,7 @@ enum GraphFormat {
 }
 
 /// What the sandbox re-executes: this very binary, even if its file was replaced meanwhile.
-const SELF_EXE: &str = "/proc/self/exe";
+pub(crate) const SELF_EXE: &str = "/proc/self/exe";
 
 fn builtins() -> Builtins {
     let mut b = Builtins::new();
@@ -535,47 +539,6 @@ fn gc_cmd(store: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn doctor(connect: Vec<String>) -> anyhow::Result<()> {
-    use rbuild_engine::sandbox;
-    let map = sandbox::check_support()?;
-    let dir = std::env::temp_dir().join(format!("rbuild-doctor-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let spec = sandbox::SandboxSpec {
-        build_dir: dir.clone(),
-        inputs: vec![],
-        network: false,
-        builder: "builtin:probe".into(),
-        args: connect.iter().map(|c| format!("connect={c}")).collect(),
-        env: sandbox::fixed_env(),
-        walls: sandbox::Walls::default(),
-    };
-    let exe = PathBuf::from(SELF_EXE);
-    let result = sandbox::run(&exe, &spec, &map, &dir.join("log"), None);
-    let report = std::fs::read_to_string(spec.host_build().join("out"));
-    let _ = rbuild_store::remove_all(&dir);
-    let result = result?;
-    if !result.success {
-        bail!(
-            "the sandbox probe failed ({}):\n{}",
-            result.status,
-            result.stderr_tail
-        );
-    }
-    eprintln!(
-        "sandbox: ok ({})",
-        match map {
-            sandbox::IdMap::Root => "root: ids mapped directly".to_owned(),
-            sandbox::IdMap::Subordinate { subuid, .. } => format!(
-                "unprivileged: subordinate ids {}-{}",
-                subuid.0,
-                subuid.0 + subuid.1 - 1
-            ),
-        }
-    );
-    println!("{}", report?);
-    Ok(())
-}
-
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("RBUILD_LOG"))
@@ -604,7 +567,7 @@ fn main() {
         } => lock_cmd(&recipe, mirror, output),
         Command::Gc { store } => gc_cmd(store.store),
         Command::Store { command } => store_cmd::run(command),
-        Command::Doctor { connect } => doctor(connect),
+        Command::Doctor { connect, json } => doctor::doctor(connect, json),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

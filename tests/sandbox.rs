@@ -36,7 +36,7 @@ fn busybox_archive(dir: &Path) -> Option<Archive> {
     ];
     for applet in [
         "sh", "mount", "umount", "unshare", "chroot", "touch", "mkdir", "ls", "cat", "echo",
-        "sleep", "true", "find", "grep",
+        "sleep", "true", "find", "grep", "head",
     ] {
         let path: &'static str = Box::leak(format!("usr/bin/{applet}").into_boxed_str());
         entries.push(Entry::Symlink(path, "busybox"));
@@ -331,4 +331,56 @@ fn a_sandbox_dies_with_the_rbuild_that_started_it() {
         "scratch left: {:?}",
         tmp.iter().map(|e| e.path()).collect::<Vec<_>>()
     );
+}
+
+/// A build step that reaches its wall-time or byte limit is stopped, and the error names the
+/// step and the limit.
+#[test]
+fn a_build_step_is_stopped_at_its_limits() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(a) = busybox_archive(t.path()) else {
+        return;
+    };
+    let store = t.path().join("store");
+    let run = |name: &str, script: &str, flag: &str, value: &str| {
+        let recipe = layered(&a, name, script);
+        let started = Instant::now();
+        let out = rbuild_as(
+            None,
+            &[
+                "realise",
+                recipe.to_str().unwrap(),
+                "--store",
+                store.to_str().unwrap(),
+                "--mirror",
+                &a.mirror_url(),
+                flag,
+                value,
+            ],
+            &[],
+        );
+        assert!(
+            !out.status.success(),
+            "{name}: the step should have been stopped"
+        );
+        (stderr(&out), started.elapsed())
+    };
+    let (err, took) = run("slow", "sleep 600", "--max-build-time", "3");
+    assert!(
+        err.contains("app-layer1-tree") && err.contains("wall-time limit of 3 s"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(60), "stopped late: {took:?}");
+    let (err, _) = run(
+        "big",
+        "i=0; while [ $i -lt 40 ]; do head -c 1000000 /dev/zero > /f$i; i=$((i+1)); done; sleep 600",
+        "--max-build-bytes",
+        "10000000",
+    );
+    assert!(
+        err.contains("app-layer1-tree") && err.contains("limit of 10000000 bytes written"),
+        "{err}"
+    );
+    let tmp: Vec<_> = fs::read_dir(store.join("tmp")).unwrap().flatten().collect();
+    assert!(tmp.is_empty(), "a stopped build left its scratch directory");
 }

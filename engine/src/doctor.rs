@@ -43,6 +43,7 @@ fn probe(map: &sandbox::IdMap, connect: &[String]) -> anyhow::Result<serde_json:
         args: connect.iter().map(|c| format!("connect={c}")).collect(),
         env: sandbox::fixed_env(),
         walls: sandbox::Walls::default(),
+        limits: sandbox::Limits::default(),
     };
     let result = sandbox::run(
         &PathBuf::from(crate::SELF_EXE),

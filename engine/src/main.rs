@@ -112,6 +112,33 @@ struct RealiseArgs {
     json: bool,
     #[command(flatten)]
     cache: CacheArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What one build step may use; a step that reaches a limit is stopped and named.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Wall-clock seconds one build step may take [default: 14400]
+    #[arg(long, env = "RBUILD_MAX_BUILD_TIME")]
+    max_build_time: Option<u64>,
+    /// Bytes one build step may write (output and scratch) [default: 64 GiB]
+    #[arg(long, env = "RBUILD_MAX_BUILD_BYTES")]
+    max_build_bytes: Option<u64>,
+    /// Processes one build step may run at once [default: 4096; not enforced for root]
+    #[arg(long, env = "RBUILD_MAX_BUILD_PROCESSES")]
+    max_build_processes: Option<u64>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> rbuild_engine::sandbox::Limits {
+        let d = rbuild_engine::sandbox::Limits::default();
+        rbuild_engine::sandbox::Limits {
+            wall_secs: self.max_build_time.unwrap_or(d.wall_secs),
+            bytes: self.max_build_bytes.unwrap_or(d.bytes),
+            processes: self.max_build_processes.unwrap_or(d.processes),
+        }
+    }
 }
 
 #[derive(clap::Args, Default)]
@@ -417,6 +444,7 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         jobs,
         json,
         cache,
+        limits,
     } = args;
     let (arg, store, caches) = (recipe.as_str(), store.store, caches(cache)?);
     let (recipe_arg, output) = split_output(arg);
@@ -443,7 +471,8 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     let engine = Arc::new(
         Engine::new(store.clone(), exe, fetcher, jobs, progress.clone())
             .with_caches(caches)
-            .with_walls(rbuild_engine::sandbox::Walls::from_env()?),
+            .with_walls(rbuild_engine::sandbox::Walls::from_env()?)
+            .with_limits(limits.limits()),
     );
     let graph = Arc::new(expanded.graph);
     let report = runtime(jobs)?

@@ -81,6 +81,8 @@ pub struct Engine {
     idmap: OnceLock<Result<IdMap, String>>,
     /// The walls around builds' untrusted commands: all of them, but in rbuild's own tests.
     walls: sandbox::Walls,
+    /// What each sandboxed build step may use.
+    limits: sandbox::Limits,
     caches: Caches,
     /// Derivations the current plan takes from a cache: substituter index and verified entry.
     substitutes: Mutex<HashMap<DrvHash, (usize, CacheEntry)>>,
@@ -117,6 +119,7 @@ impl Engine {
             progress,
             idmap: OnceLock::new(),
             walls: sandbox::Walls::default(),
+            limits: sandbox::Limits::default(),
             caches: Caches::default(),
             substitutes: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
@@ -129,6 +132,12 @@ impl Engine {
     /// Keep only these walls up (rbuild's tests prove that each holds alone).
     pub fn with_walls(mut self, walls: sandbox::Walls) -> Engine {
         self.walls = walls;
+        self
+    }
+
+    /// Stop any build step that reaches one of these limits.
+    pub fn with_limits(mut self, limits: sandbox::Limits) -> Engine {
+        self.limits = limits;
         self
     }
 
@@ -538,6 +547,7 @@ impl Engine {
             args: drv.args.clone(),
             env: env.into_iter().collect(),
             walls: self.walls,
+            limits: self.limits,
         };
         let exe = self.exe.clone();
         let log = build_dir.join("log");

@@ -106,6 +106,32 @@ pub struct SandboxSpec {
     /// The walls around the untrusted commands the builder runs (all, but in rbuild's tests).
     #[serde(default)]
     pub walls: Walls,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// What one build step may use. The defaults are far above what any normal build needs; a
+/// step that reaches one is stopped and the error names the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Wall-clock seconds (`--max-build-time`).
+    pub wall_secs: u64,
+    /// Bytes below `/build`: the output and scratch together (`--max-build-bytes`), checked
+    /// every two seconds; no single file may be larger either (`RLIMIT_FSIZE`).
+    pub bytes: u64,
+    /// Processes of the build at once (`--max-build-processes`; `RLIMIT_NPROC`, counted per
+    /// user namespace; the kernel does not apply it to the host's root).
+    pub processes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            wall_secs: 4 * 3600,
+            bytes: 64 << 30,
+            processes: 4096,
+        }
+    }
 }
 
 impl SandboxSpec {
@@ -172,17 +198,84 @@ pub fn run(
             return Err(e);
         }
     };
+    let (done, watchdog) = watch(child.id(), spec.host_build(), spec.limits);
     let output = child
         .wait_with_output()
         .map_err(setup_io("waiting for the sandbox"));
+    drop(done);
+    let limit = watchdog.join().unwrap_or(None);
     let _ = copier.join();
     let output = output?;
     let tail = tail_of(log, 40);
     Ok(RunResult {
-        success: output.status.success(),
-        status: describe_status(output.status),
+        success: output.status.success() && limit.is_none(),
+        status: match limit {
+            Some(l) => format!("stopped: {l}"),
+            None => describe_status(output.status),
+        },
         stderr_tail: tail,
     })
+}
+
+/// Stop the sandbox `pid` when it reaches its wall-time or byte limit. Dropping the returned
+/// sender (once the sandbox has ended) stops the watch; the thread returns the limit reached.
+fn watch(
+    pid: u32,
+    build: PathBuf,
+    limits: Limits,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<Option<String>>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let started = std::time::Instant::now();
+    let handle = std::thread::spawn(move || loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(2)) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return None,
+        }
+        let reached = if started.elapsed().as_secs() >= limits.wall_secs {
+            Some(format!(
+                "the wall-time limit of {} s was reached (--max-build-time)",
+                limits.wall_secs
+            ))
+        } else if bytes_below(&build) > limits.bytes {
+            Some(format!(
+                "the limit of {} bytes written was reached (--max-build-bytes)",
+                limits.bytes
+            ))
+        } else {
+            None
+        };
+        if reached.is_some() {
+            // Pid 1 of the sandbox dies with this process, and every process of the build
+            // with pid 1.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return reached;
+        }
+    });
+    (tx, handle)
+}
+
+/// The bytes of the regular files below `dir` (not following symlinks).
+fn bytes_below(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) if m.is_file() => total += m.len(),
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 fn describe_status(s: std::process::ExitStatus) -> String {
@@ -418,6 +511,19 @@ pub fn enter(spec_path: &Path, builder: impl FnOnce(&SandboxSpec) -> i32) -> i32
             if let Err(e) = build_view(&spec) {
                 eprintln!("rbuild sandbox: {e}");
                 return 70;
+            }
+            use nix::sys::resource::{getrlimit, setrlimit, Resource};
+            let l = spec.limits;
+            for (res, n) in [
+                (Resource::RLIMIT_NPROC, l.processes),
+                (Resource::RLIMIT_FSIZE, l.bytes),
+            ] {
+                // Never above what rbuild itself was given.
+                let n = getrlimit(res).map_or(n, |(_, hard)| n.min(hard));
+                if let Err(e) = setrlimit(res, n, n) {
+                    eprintln!("rbuild sandbox: setting {res:?} to {n}: {e}");
+                    return 70;
+                }
             }
             builder(&spec)
         }

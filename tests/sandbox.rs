@@ -80,18 +80,29 @@ fn realise(a: &Archive, recipe: &Path, store: &Path, walls: Option<&str>) -> std
     let env: Vec<(&str, &str)> = walls
         .map(|w| vec![("RBUILD_TEST_ONLY_WALLS", w)])
         .unwrap_or_default();
-    rbuild_as(
-        None,
-        &[
-            "realise",
-            recipe.to_str().unwrap(),
-            "--store",
-            store.to_str().unwrap(),
-            "--mirror",
-            &a.mirror_url(),
-        ],
-        &env,
-    )
+    realise_with(a, recipe, store, None, &[], &env)
+}
+
+/// `rbuild realise RECIPE --store STORE --mirror (the archive) EXTRA…`, as `user` when given.
+fn realise_with(
+    a: &Archive,
+    recipe: &Path,
+    store: &Path,
+    user: Option<&str>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mirror = a.mirror_url();
+    let mut args = vec![
+        "realise",
+        recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &mirror,
+    ];
+    args.extend_from_slice(extra);
+    rbuild_as(user, &args, env)
 }
 
 /// Every path below `dir` whose name starts with `pwned`.
@@ -184,18 +195,7 @@ fn no_run_step_changes_anything_but_its_own_output() {
             "--mirror",
             &a.mirror_url(),
         ]));
-        let out = rbuild_as(
-            Some(&user),
-            &[
-                "realise",
-                recipe.to_str().unwrap(),
-                "--store",
-                ustore.to_str().unwrap(),
-                "--mirror",
-                &a.mirror_url(),
-            ],
-            &[],
-        );
+        let out = realise_with(&a, &recipe, &ustore, Some(&user), &[], &[]);
         ok(&out);
         let found = pwned(&ustore.join("o"));
         assert!(
@@ -345,20 +345,7 @@ fn a_build_step_is_stopped_at_its_limits() {
     let run = |name: &str, script: &str, flag: &str, value: &str| {
         let recipe = layered(&a, name, script);
         let started = Instant::now();
-        let out = rbuild_as(
-            None,
-            &[
-                "realise",
-                recipe.to_str().unwrap(),
-                "--store",
-                store.to_str().unwrap(),
-                "--mirror",
-                &a.mirror_url(),
-                flag,
-                value,
-            ],
-            &[],
-        );
+        let out = realise_with(&a, &recipe, &store, None, &[flag, value], &[]);
         assert!(
             !out.status.success(),
             "{name}: the step should have been stopped"

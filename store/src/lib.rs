@@ -148,6 +148,10 @@ impl Store {
             path: db_path.clone(),
             source,
         };
+        // One opener at a time sets the database up: switching a new database to WAL and
+        // creating its tables are writes that SQLite may refuse at once (without waiting) to a
+        // second process doing the same.
+        let init = lock_file(&root.join("init.lock"), FlockArg::LockExclusive)?;
         let conn = Connection::open(&db_path).map_err(dberr)?;
         conn.busy_timeout(std::time::Duration::from_secs(60))
             .map_err(dberr)?;
@@ -156,6 +160,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(dberr)?;
         conn.execute_batch(SCHEMA).map_err(dberr)?;
+        drop(init);
         // A pending gc holds `gc-intent.lock`: wait behind it rather than keep it waiting.
         let intent = lock_file(&root.join("gc-intent.lock"), FlockArg::LockShared)?;
         let users = lock_file(&root.join("gc.lock"), FlockArg::LockShared)?;

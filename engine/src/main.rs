@@ -274,9 +274,7 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
     let (recipe_arg, output) = split_output(&recipe);
     let expanded = load_locked(recipe_arg, None, true)?;
     let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
-    let dir = default_store(store.store)?;
-    let store =
-        Store::open(&dir).with_context(|| format!("opening the store at {}", dir.display()))?;
+    let store = open_store(store.store)?;
     let cache = rbuild_store::cache::open(&to)?;
     let key = SecretKey::read(&secret_key)?;
     // The target's closure: every derivation it needs that this store holds.
@@ -377,6 +375,42 @@ fn default_store(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(data.join("rbuild/store"))
 }
 
+/// Open the store `flag` names (or the default one), saying which and why it cannot be opened
+/// (a full disk named as such).
+fn open_store(flag: Option<PathBuf>) -> anyhow::Result<Store> {
+    let dir = default_store(flag)?;
+    Store::open(&dir)
+        .map_err(|e| full_disk(&dir, e))
+        .with_context(|| format!("opening the store at {}", dir.display()))
+}
+
+/// `-j N`, or the number of cores.
+fn jobs_or_cores(jobs: Option<usize>) -> usize {
+    jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    })
+}
+
+/// The engine every building command uses: this binary as the sandbox, the walls (all of them
+/// unless rbuild's tests say otherwise) and the build steps' limits.
+fn engine(
+    store: Arc<Store>,
+    fetcher: Fetcher,
+    jobs: usize,
+    progress: Arc<Progress>,
+    caches: Caches,
+    limits: rbuild_engine::sandbox::Limits,
+) -> anyhow::Result<Arc<Engine>> {
+    Ok(Arc::new(
+        Engine::new(store, PathBuf::from(SELF_EXE), fetcher, jobs, progress)
+            .with_caches(caches)
+            .with_walls(rbuild_engine::sandbox::Walls::from_env()?)
+            .with_limits(limits),
+    ))
+}
+
 /// `RECIPE^OUTPUT` → (RECIPE, OUTPUT).
 fn split_output(arg: &str) -> (&str, Option<&str>) {
     match arg.rsplit_once('^') {
@@ -450,34 +484,26 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     let (recipe_arg, output) = split_output(arg);
     let expanded = load_locked(recipe_arg, mirror_flag.as_deref(), offline)?;
     let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
-    let store_dir = default_store(store)?;
-    let store = Arc::new(
-        Store::open(&store_dir)
-            .map_err(|e| full_disk(&store_dir, e))
-            .with_context(|| format!("opening the store at {}", store_dir.display()))?,
-    );
-    let jobs = jobs.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-    });
+    let store = Arc::new(open_store(store)?);
+    let jobs = jobs_or_cores(jobs);
     let fetcher = if offline {
         Fetcher::offline()
     } else {
         Fetcher::new(mirror::choose(mirror_flag.as_deref()))
     };
-    let exe = PathBuf::from(SELF_EXE);
     let progress = Arc::new(Progress::new(false));
-    let engine = Arc::new(
-        Engine::new(store.clone(), exe, fetcher, jobs, progress.clone())
-            .with_caches(caches)
-            .with_walls(rbuild_engine::sandbox::Walls::from_env()?)
-            .with_limits(limits.limits()),
-    );
+    let engine = engine(
+        store.clone(),
+        fetcher,
+        jobs,
+        progress.clone(),
+        caches,
+        limits.limits(),
+    )?;
     let graph = Arc::new(expanded.graph);
     let report = runtime(jobs)?
         .block_on(engine.realise(graph, &target))
-        .map_err(|e| full_disk(&store_dir, e))
+        .map_err(|e| full_disk(store.root(), e))
         .with_context(|| format!("realising {arg}"))?;
     drop(progress);
     if let Some(link) = out_link {
@@ -549,9 +575,7 @@ fn lock_cmd(arg: &str, mirror_flag: Option<String>, output: Option<PathBuf>) -> 
 }
 
 fn gc_cmd(store: Option<PathBuf>) -> anyhow::Result<()> {
-    let dir = default_store(store)?;
-    let store =
-        Store::open(&dir).with_context(|| format!("opening the store at {}", dir.display()))?;
+    let store = open_store(store)?;
     let r = store.gc(|| {
         eprintln!("gc: waiting for the other rbuild processes using this store to finish")
     })?;

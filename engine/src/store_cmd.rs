@@ -1,6 +1,5 @@
 //! `rbuild store …`: commands about the store itself.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -8,10 +7,8 @@ use clap::Subcommand;
 use rbuild_engine::builtins::fetch::Fetcher;
 use rbuild_engine::progress::Progress;
 use rbuild_engine::repair::RepairResult;
-use rbuild_engine::Engine;
 use rbuild_recipes::mirror;
 use rbuild_store::verify::{self, Checked, Damage};
-use rbuild_store::Store;
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -118,15 +115,8 @@ fn print_damage(c: &Checked) {
 }
 
 fn verify_cmd(args: VerifyArgs) -> anyhow::Result<()> {
-    let dir = crate::default_store(args.store.store)?;
-    let store = Arc::new(
-        Store::open(&dir).with_context(|| format!("opening the store at {}", dir.display()))?,
-    );
-    let jobs = args.jobs.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-    });
+    let store = Arc::new(crate::open_store(args.store.store)?);
+    let jobs = crate::jobs_or_cores(args.jobs);
     let started = std::time::Instant::now();
     let outputs = store.outputs()?;
     let checked = verify::check_all(&store, &outputs, jobs)?;
@@ -176,16 +166,14 @@ fn verify_cmd(args: VerifyArgs) -> anyhow::Result<()> {
         };
         let fetcher = Fetcher::new(mirror::choose(args.mirror.as_deref()));
         let progress = Arc::new(Progress::new(false));
-        let engine = Arc::new(
-            Engine::new(
-                store.clone(),
-                PathBuf::from(crate::SELF_EXE),
-                fetcher,
-                jobs,
-                progress.clone(),
-            )
-            .with_caches(caches),
-        );
+        let engine = crate::engine(
+            store.clone(),
+            fetcher,
+            jobs,
+            progress.clone(),
+            caches,
+            Default::default(),
+        )?;
         let repaired = crate::runtime(jobs)?
             .block_on(engine.repair(&hashes))
             .context("repairing")?;

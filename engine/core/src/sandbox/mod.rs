@@ -29,7 +29,7 @@ pub use tree::{apply_meta, normalize_tree, read_caps};
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -230,6 +230,12 @@ fn watch(
     use std::sync::mpsc::RecvTimeoutError;
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let started = std::time::Instant::now();
+    // A pidfd names this very process even once it is reaped, so a limit reached as the
+    // sandbox ends never signals another process that got its pid.
+    // SAFETY: pidfd_open with a pid and no flags returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0u32) };
+    // SAFETY: a non-negative result is a descriptor this function now owns.
+    let pidfd = (pidfd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as RawFd) });
     let handle = std::thread::spawn(move || loop {
         match rx.recv_timeout(std::time::Duration::from_secs(2)) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -251,10 +257,25 @@ fn watch(
         if reached.is_some() {
             // Pid 1 of the sandbox dies with this process, and every process of the build
             // with pid 1.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            match &pidfd {
+                // SAFETY: pidfd_send_signal on a pidfd this thread owns, no siginfo, no flags.
+                Some(fd) => unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0u32,
+                    );
+                },
+                // Kernels before 5.3 have no pidfds.
+                None => {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
             return reached;
         }
     });
@@ -417,6 +438,16 @@ pub fn remove_as_mapped_root(exe: &Path, path: &Path, map: &IdMap) -> Result<(),
 
 /// The walls of this sandbox, recorded by [`enter`] for [`run_chrooted`].
 static WALLS: std::sync::OnceLock<Walls> = std::sync::OnceLock::new();
+
+fn walls() -> Walls {
+    WALLS.get().copied().unwrap_or_default()
+}
+
+/// What confines untrusted code in this sandbox: its walls, writes only below
+/// [`confine::WRITABLE`], [`PACKAGE_CAPS`].
+fn confinement() -> Result<confine::Confinement, SandboxError> {
+    confine::Confinement::prepare(walls(), confine::WRITABLE, PACKAGE_CAPS)
+}
 
 /// Sandbox side: set up namespaces and the filesystem view, then run `builder` as pid 1 of the
 /// new pid namespace. Returns the exit code for the process.
@@ -794,8 +825,7 @@ impl Drop for ChrootMounts {
 /// seccomp filter). Builders that run untrusted commands keep their privileges to mount the
 /// chroot's `/proc` and `/dev`, and [`run_chrooted`] confines each command instead.
 pub fn confine_builder() -> Result<(), SandboxError> {
-    let walls = WALLS.get().copied().unwrap_or_default();
-    confine::Confinement::prepare(walls, confine::WRITABLE, PACKAGE_CAPS)?
+    confinement()?
         .apply()
         .map_err(setup_io("confining the builder"))
 }
@@ -813,8 +843,8 @@ pub fn run_chrooted(
 ) -> Result<std::process::ExitStatus, SandboxError> {
     let root = CString::new(mounts.root().as_os_str().as_encoded_bytes())
         .map_err(|_| SandboxError::Unsupported("chroot path contains NUL".into()))?;
-    let walls = WALLS.get().copied().unwrap_or_default();
-    let confinement = confine::Confinement::prepare(walls, confine::WRITABLE, PACKAGE_CAPS)?;
+    let walls = walls();
+    let confinement = confinement()?;
     let mut cmd = Command::new(argv[0]);
     cmd.args(&argv[1..])
         .env_clear()

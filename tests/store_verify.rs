@@ -221,6 +221,18 @@ fn verify_names_damaged_outputs_and_paths_and_repair_restores_them() {
     assert!(image.join("oci-layout").exists());
 }
 
+/// A realised test archive whose store has one downloaded `.deb` changed by one byte:
+/// (its temporary directory, the archive, the store, the damaged `.deb`).
+fn store_with_a_damaged_deb() -> (tempfile::TempDir, Archive, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(&t.path().join("archive"));
+    let store = t.path().join("store");
+    realise(&a, &store, "");
+    let deb = a_deb(&store);
+    flip_first_byte(&deb);
+    (t, a, store, deb)
+}
+
 /// The derivation hash of a store path (`o/<hash>-<name>`).
 fn drv_of(out: &Path) -> String {
     let name = out.file_name().unwrap().to_string_lossy();
@@ -229,12 +241,7 @@ fn drv_of(out: &Path) -> String {
 
 #[test]
 fn repair_reports_an_output_that_does_not_build_again_the_same() {
-    let t = tempfile::tempdir().unwrap();
-    let a = make_archive(&t.path().join("archive"));
-    let store = t.path().join("store");
-    realise(&a, &store, "");
-    let deb = a_deb(&store);
-    flip_first_byte(&deb);
+    let (_t, a, store, deb) = store_with_a_damaged_deb();
     // The mirror now serves other bytes for that file: the download's fixed-output check fails,
     // so the repair fails and says so; the output stays invalid, never wrong.
     let name = deb.file_name().unwrap().to_string_lossy().into_owned();
@@ -265,12 +272,7 @@ fn repair_reports_an_output_that_does_not_build_again_the_same() {
 
 #[test]
 fn cache_push_refuses_a_damaged_output_and_pushes_the_rest() {
-    let t = tempfile::tempdir().unwrap();
-    let a = make_archive(&t.path().join("archive"));
-    let store = t.path().join("store");
-    realise(&a, &store, "");
-    let deb = a_deb(&store);
-    flip_first_byte(&deb);
+    let (t, a, store, deb) = store_with_a_damaged_deb();
     let sec = t.path().join("k.sec");
     ok(&rbuild(&[
         "key",

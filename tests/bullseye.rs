@@ -141,74 +141,73 @@ fn debian_bullseye_as_root_and_unprivileged() {
             .arg(format!("oci:{}", result.display())));
     }
 
-    // An unprivileged user, another store: the same image digest, and rootless podman runs it.
+    // An unprivileged user, another store, README's quick start as written (the store and the
+    // mirror given through RBUILD_STORE and RBUILD_MIRROR): the same image digest, and rootless
+    // podman runs it.
     let Some(user) =
         require_test_user("debian_bullseye_as_root_and_unprivileged: the unprivileged part")
     else {
         return;
     };
-    let s2 = user_dir(t.path(), "user-store", Some(&user));
-    let user_result = s2.join("result");
-    let u = json(&rbuild_as(
-        Some(&user),
-        &[
-            "realise",
-            "debian-bullseye",
-            "--store",
-            s2.to_str().unwrap(),
-            "-o",
-            user_result.to_str().unwrap(),
-            "--json",
-        ],
-        &env,
-    ));
-    assert!(u["built"].as_u64().unwrap() > 200);
+    let home = user_dir(t.path(), "alice", Some(&user));
+    let s2 = home.join("store");
+    let s2_env = s2.to_string_lossy().into_owned();
+    let a_env = [
+        ("RBUILD_STORE", s2_env.as_str()),
+        ("RBUILD_MIRROR", mirror.as_str()),
+    ];
+    let quick_start = readme::command("", "rbuild realise");
+    assert_eq!(quick_start, "rbuild realise debian-bullseye -o result");
+    let printed = readme::run_ok(Some(&user), &home, &quick_start, &a_env);
+    let user_result = home.join("result");
+    assert_eq!(
+        std::fs::canonicalize(&user_result).unwrap(),
+        Path::new(printed.trim()),
+        "the output path is printed and linked"
+    );
     assert_eq!(manifest_digest(&user_result), digest, "same bits as root");
 
-    // Developer A (the user) pushes the closure to a shared directory and to BuildGrid (REAPI).
-    // Developer B (a second unprivileged user, or root when there is none), with empty stores and
-    // a dead mirror, substitutes the image from each instead of building; with a key B does not
-    // trust, nothing from the cache is used.
-    let keys = user_dir(t.path(), "keys", Some(&user));
-    let (sec, public) = (keys.join("a.sec"), keys.join("a.pub"));
+    // README's cache section as developer A: a key, a realise that pushes to a shared
+    // directory (everything is in A's store already: the closure is pushed anyway), and a
+    // `cache push` to a REAPI cache — BuildGrid on loopback standing in for cache.internal:8980.
     let shared = user_dir(t.path(), "shared", Some(&user));
     let bg = buildgrid();
-    let caches = [format!("file://{}", shared.display()), bg.url.clone()];
-    ok(&rbuild_as(
-        Some(&user),
-        &[
-            "key",
-            "generate",
-            "dev-a",
-            sec.to_str().unwrap(),
-            public.to_str().unwrap(),
-        ],
-        &env,
-    ));
-    for cache in &caches {
+    let placeholders = |line: &str| {
+        line.replace(
+            "file:///shared/rbuild-cache",
+            &format!("file://{}", shared.display()),
+        )
+        .replace("grpc://cache.internal:8980", &bg.url)
+    };
+    let lines = readme::commands("Sharing a cache");
+    let [keygen, push_realise, cache_push, substitute]: [String; 4] = lines
+        .iter()
+        .filter(|l| l.starts_with("rbuild "))
+        .cloned()
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap_or_else(|l| panic!("README's cache block changed: {l:?}"));
+    assert!(keygen.starts_with("rbuild key generate"), "{keygen}");
+    readme::run_ok(Some(&user), &home, &keygen, &a_env);
+    for line in [&push_realise, &cache_push] {
         let started = Instant::now();
-        let o = rbuild_as(
-            Some(&user),
-            &[
-                "cache",
-                "push",
-                "debian-bullseye",
-                "--store",
-                s2.to_str().unwrap(),
-                "--to",
-                cache,
-                "--secret-key",
-                sec.to_str().unwrap(),
-            ],
-            &env,
-        );
-        ok(&o);
+        let o = readme::run(Some(&user), &home, &placeholders(line), &a_env);
+        assert!(o.status.success(), "`{line}`: {}", stderr(&o));
+        let e = stderr(&o);
         eprintln!(
-            "developer A pushed to {cache} in {:?}: {}",
+            "developer A: `{line}` in {:?}: {}",
             started.elapsed(),
-            stderr(&o).trim()
+            e.trim()
+        );
+        assert!(
+            e.contains("pushed") && e.contains("outputs"),
+            "`{line}`: {e}"
         );
     }
+
+    // Developer B (a second unprivileged user, or root when there is none), with empty stores and
+    // a dead mirror, substitutes the image with README's command (`--json` appended) from each
+    // cache instead of building; with a key B does not trust, nothing from the cache is used.
     let dev_b = std::env::var("RBUILD_TEST_USER2")
         .ok()
         .filter(|u| !u.is_empty() && test_user().is_some());
@@ -220,41 +219,37 @@ fn debian_bullseye_as_root_and_unprivileged() {
              (.ci/run creates rbuild-test2)",
         );
     }
-    let b_keys = user_dir(t.path(), "b-keys", dev_b.as_deref());
-    let b_own = b_keys.join("b.pub");
+    let b_home = user_dir(t.path(), "bob", dev_b.as_deref());
+    std::fs::copy(home.join("alice.pub"), b_home.join("alice.pub")).unwrap();
     ok(&rbuild_as(
         dev_b.as_deref(),
         &[
             "key",
             "generate",
             "dev-b",
-            b_keys.join("b.sec").to_str().unwrap(),
-            b_own.to_str().unwrap(),
+            b_home.join("b.sec").to_str().unwrap(),
+            b_home.join("b.pub").to_str().unwrap(),
         ],
         &[],
     ));
+    let caches = [format!("file://{}", shared.display()), bg.url.clone()];
     for (i, cache) in caches.iter().enumerate() {
-        let store = user_dir(t.path(), &format!("b-store-{i}"), dev_b.as_deref());
-        let realise_b = |key: &Path| {
-            rbuild_as(
-                dev_b.as_deref(),
-                &[
-                    "realise",
-                    "debian-bullseye",
-                    "--store",
-                    store.to_str().unwrap(),
-                    "--json",
-                    "--mirror",
-                    "http://127.0.0.1:9/dead",
-                    "--substituter",
-                    cache,
-                    "--trusted-key",
-                    key.to_str().unwrap(),
-                ],
-                &[],
-            )
-        };
-        let o = realise_b(&b_own);
+        let store = b_home.join(format!("store-{i}"));
+        let store_env = store.to_string_lossy().into_owned();
+        let b_env = [
+            ("RBUILD_STORE", store_env.as_str()),
+            ("RBUILD_MIRROR", "http://127.0.0.1:9/dead"),
+        ];
+        let line = format!(
+            "{} --json",
+            substitute.replace("grpc://cache.internal:8980", cache)
+        );
+        let o = readme::run(
+            dev_b.as_deref(),
+            &b_home,
+            &line.replace("alice.pub", "b.pub"),
+            &b_env,
+        );
         assert!(!o.status.success(), "untrusted cache used: {}", stderr(&o));
         assert!(
             stderr(&o).contains("no valid signature by a trusted key"),
@@ -262,7 +257,9 @@ fn debian_bullseye_as_root_and_unprivileged() {
             stderr(&o)
         );
         let started = Instant::now();
-        let sub = json(&realise_b(&public));
+        let sub: serde_json::Value =
+            serde_json::from_str(readme::run_ok(dev_b.as_deref(), &b_home, &line, &b_env).trim())
+                .unwrap();
         eprintln!(
             "developer B substituted from {cache} in {:?}",
             started.elapsed()
@@ -278,36 +275,61 @@ fn debian_bullseye_as_root_and_unprivileged() {
             "{cache}"
         );
     }
+
+    // README's podman line, with a command appended, under a pseudo-terminal (it asks for one
+    // with -it) and this host's podman settings (runc, no network) in CONTAINERS_CONF.
     if !have(
         "debian_bullseye_as_root_and_unprivileged: running the image with podman",
         "podman",
     ) {
         return;
     }
+    let podman = readme::command("", "podman run");
+    assert_eq!(podman, "podman run --rm -it oci:result");
     let script = "cat /etc/debian_version; dpkg-query -W -f '${binary:Package}\\n' | wc -l; dpkg --audit; echo audit-done; readlink /usr/sbin/telinit; readlink /etc/localtime";
-    let xdg = format!("/tmp/rbuild-test-xdg-{user}");
-    // podman names an image pulled from an OCI layout after its path, which must be lowercase.
-    let link = std::env::temp_dir().join(format!("rbuild-podman-{}", std::process::id()));
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&user_result, &link).unwrap();
-    let podman = format!(
-        "mkdir -p {xdg} && chmod 700 {xdg} && cd && XDG_RUNTIME_DIR={xdg} podman run --rm --runtime runc --network none oci:{} /bin/sh -c \"$0\"",
-        link.display()
+    let out = run_podman(
+        &user,
+        &home,
+        &format!("{podman} /bin/sh -c \"{}\"", script.replace('$', "\\$")),
     );
-    let out = sh(Command::new("runuser").args(["-u", &user, "--", "sh", "-c", &podman, script]));
-    let _ = std::fs::remove_file(&link);
-    let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("11."), "{out}");
-    assert_eq!(lines[1].trim(), "164", "{out}");
+    // The terminal shows podman's own progress too (copying the layers in) before the output.
+    let lines: Vec<&str> = out
+        .lines()
+        .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c == '\0'))
+        .skip_while(|l| !l.starts_with("11."))
+        .collect();
+    assert!(!lines.is_empty(), "no Debian 11 version printed: {out}");
+    assert_eq!(lines[1], "164", "{out}");
     assert_eq!(lines[2], "audit-done", "dpkg --audit is empty: {out}");
     assert_eq!(lines[3], "/bin/systemctl");
     assert_eq!(lines[4], "/usr/share/zoneinfo/Etc/UTC");
 }
 
+/// Run a podman command line as `user` in `dir` under a pseudo-terminal (`script`), with
+/// rootless podman set up for this host: its own runtime directory, and `CONTAINERS_CONF`
+/// choosing runc and no network (README says rootless podman may need both). Returns what the
+/// terminal showed.
+fn run_podman(user: &str, dir: &Path, line: &str) -> String {
+    let xdg = format!("/tmp/rbuild-test-xdg-{user}");
+    let conf = dir.join("containers.conf");
+    std::fs::write(
+        &conf,
+        "[containers]\nnetns = \"none\"\n\n[engine]\nruntime = \"runc\"\n",
+    )
+    .unwrap();
+    let inner = format!(
+        "mkdir -p {xdg} && chmod 700 {xdg} && XDG_RUNTIME_DIR={xdg} CONTAINERS_CONF={} script -qec '{}' /dev/null",
+        conf.display(),
+        line.replace('\'', "'\\''")
+    );
+    readme::run_ok(Some(user), dir, &inner, &[])
+}
+
 /// The example layered recipe (curl, a copied file, `run` commands, config) on the real base,
-/// as an unprivileged user: the base's layers are shared, podman runs it as `app` in
-/// `/home/app`, curl works, a `run` step cannot reach a listener on the host's loopback, and
-/// editing the last layer rebuilds at most three derivations.
+/// realised with README's command as an unprivileged user: the base's layers are shared, podman
+/// runs it as `app` in `/home/app` and curl works; a `run` layer added afterwards is locked
+/// offline and cannot reach a listener on the host's loopback; and after a `gc`, editing the
+/// last layer rebuilds three derivations and fetches nothing.
 #[test]
 fn layered_example_on_bullseye() {
     let Some(mirror) = mirror("layered_example_on_bullseye") else {
@@ -315,7 +337,6 @@ fn layered_example_on_bullseye() {
     };
     let user = require_test_user("layered_example_on_bullseye: as an unprivileged user");
     let t = tempfile::tempdir().unwrap();
-    let env = [("RBUILD_MIRROR", mirror.as_str())];
     let work = user_dir(t.path(), "work", user.as_deref());
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/examples");
     let app = work.join("app");
@@ -323,50 +344,29 @@ fn layered_example_on_bullseye() {
         .arg("-r")
         .arg(examples.join("app"))
         .arg(&app));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let recipe = app.join("app.toml");
-    let text = std::fs::read_to_string(&recipe).unwrap();
-    let probe = format!("(echo x > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo reached > /net-probe || echo unreachable > /net-probe");
-    let with_probe = text.replace(
-        "run = [\"useradd --create-home app\", \"echo hi > /home/app/hello\"]",
-        &format!("run = [\"useradd --create-home app\", \"echo hi > /home/app/hello\", \"bash -c '{probe}'\"]"),
-    );
-    assert_ne!(with_probe, text);
-    std::fs::write(&recipe, &with_probe).unwrap();
     if let Some(u) = &user {
         sh(Command::new("chown").arg("-R").arg(u).arg(&work));
     }
     let store = work.join("store");
-    let result = work.join("result");
-    let realise = |out: &Path| {
-        json(&rbuild_as(
-            user.as_deref(),
-            &[
-                "realise",
-                recipe.to_str().unwrap(),
-                "--store",
-                store.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-                "--json",
-            ],
-            &env,
-        ))
+    let store_env = store.to_string_lossy().into_owned();
+    let env = [
+        ("RBUILD_STORE", store_env.as_str()),
+        ("RBUILD_MIRROR", mirror.as_str()),
+    ];
+    let recipe = app.join("app.toml");
+    let result = app.join("result");
+    // README's command, as written, in the example's directory.
+    let line = "rbuild realise app.toml -o result";
+    assert!(readme::mentions(&format!("`{line}`")));
+    readme::run_ok(user.as_deref(), &app, line, &env);
+    let realise = |args: &[&str]| {
+        let mut a = vec!["realise", recipe.to_str().unwrap(), "--json"];
+        a.extend_from_slice(args);
+        rbuild_as(user.as_deref(), &a, &env)
     };
-    let r = realise(&result);
-    assert!(r["built"].as_u64().unwrap() > 200, "{r}");
     let base = json(&rbuild_as(
         user.as_deref(),
-        &[
-            "realise",
-            "debian-bullseye",
-            "--store",
-            store.to_str().unwrap(),
-            "--json",
-            "--offline",
-        ],
+        &["realise", "debian-bullseye", "--json", "--offline"],
         &env,
     ));
     assert!(
@@ -393,14 +393,54 @@ fn layered_example_on_bullseye() {
         "leading layer is debian-bullseye's"
     );
     assert_eq!(am["layers"].as_array().unwrap().len(), 3);
-    // The run step had no network: the host's loopback listener was not reached.
+
+    if let (Some(u), true) = (
+        &user,
+        user.is_some()
+            && have(
+                "layered_example_on_bullseye: running the image with podman",
+                "podman",
+            ),
+    ) {
+        let out = run_podman(
+            u,
+            &app,
+            "podman run --rm oci:result 'id -un; pwd; cat hello; curl --version | head -n1'",
+        );
+        let lines: Vec<&str> = out
+            .lines()
+            .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c == '\0'))
+            .skip_while(|l| *l != "app")
+            .collect();
+        assert!(lines.len() >= 4, "{out}");
+        assert_eq!(&lines[..3], ["app", "/home/app", "hi"], "{out}");
+        assert!(lines[3].starts_with("curl 7."), "{out}");
+    }
+
+    // A `run` layer added to the recipe: locked offline (it needs nothing pinned), built as
+    // that layer's tree, its diff and the image, and without a network: the host's loopback
+    // listener is not reached.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let probe = |word: &str| {
+        format!("\n[[layers]]\nrun = [\"bash -c '(echo x > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo reached > /net-probe || echo {word} > /net-probe'\"]\n")
+    };
+    std::fs::write(&recipe, format!("{text}{}", probe("unreachable"))).unwrap();
+    let o = realise(&["--offline"]);
+    let added = json(&o);
+    assert!(
+        stderr(&o).contains("layer 3 is new"),
+        "the re-lock is named: {}",
+        stderr(&o)
+    );
+    assert_eq!(added["built"], 3, "{added}");
     let tree = json(&rbuild_as(
         user.as_deref(),
         &[
             "realise",
             &format!("{}^tree", recipe.display()),
-            "--store",
-            store.to_str().unwrap(),
             "--json",
             "--offline",
         ],
@@ -412,32 +452,13 @@ fn layered_example_on_bullseye() {
     assert_eq!(net.trim(), "unreachable");
     assert!(listener.accept().is_err(), "no connection arrived");
 
-    if let (Some(u), true) = (
-        &user,
-        user.is_some()
-            && have(
-                "layered_example_on_bullseye: running the image with podman",
-                "podman",
-            ),
-    ) {
-        let xdg = format!("/tmp/rbuild-test-xdg-{u}");
-        let link = std::env::temp_dir().join(format!("rbuild-podman-app-{}", std::process::id()));
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&result, &link).unwrap();
-        let cmd = format!(
-            "mkdir -p {xdg} && chmod 700 {xdg} && cd && XDG_RUNTIME_DIR={xdg} podman run --rm --runtime runc --network none oci:{} 'id -un; pwd; cat hello; curl --version | head -n1'",
-            link.display()
-        );
-        let out = sh(Command::new("runuser").args(["-u", u, "--", "sh", "-c", &cmd]));
-        let _ = std::fs::remove_file(&link);
-        let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(&lines[..3], ["app", "/home/app", "hi"], "{out}");
-        assert!(lines[3].starts_with("curl 7."), "{out}");
-    }
-
-    // Editing the last layer's commands rebuilds that layer and the image only.
-    std::fs::write(&recipe, with_probe.replace("echo hi >", "echo hello >")).unwrap();
-    let edited = realise(&work.join("result2"));
-    assert!(edited["built"].as_u64().unwrap() <= 3, "{edited}");
-    assert_ne!(edited["output"], r["output"]);
+    // gc (keeping what the `result` root was built from), then an edit of the last layer:
+    // three derivations, offline.
+    let gc = rbuild_as(user.as_deref(), &["gc"], &env);
+    ok(&gc);
+    eprintln!("{}", stderr(&gc).trim());
+    std::fs::write(&recipe, format!("{text}{}", probe("no-network"))).unwrap();
+    let edited = json(&realise(&["--offline", "-o", result.to_str().unwrap()]));
+    assert_eq!(edited["built"], 3, "{edited}");
+    assert_ne!(edited["output"], added["output"]);
 }

@@ -894,6 +894,114 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     assert_ne!(m2["layers"][2], m["layers"][2]);
 }
 
+/// `rbuild gc --store STORE EXTRA…`: its report line (`gc: kept … freed …`).
+fn gc(store: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["gc", "--store", store.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = rbuild(&args);
+    ok(&o);
+    let err = stderr(&o);
+    err.lines()
+        .find(|l| l.starts_with("gc: kept "))
+        .unwrap_or_else(|| panic!("no report line: {err}"))
+        .to_owned()
+}
+
+/// What a gc report line says was freed (`80.1 MiB`, `0 B`).
+fn freed(line: &str) -> &str {
+    line.split("freed ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap_or_else(|| panic!("no freed bytes in {line:?}"))
+}
+
+/// `gc` keeps by default what the roots were built from, so after a gc editing the last layer of
+/// a layered recipe still builds three derivations and downloads nothing; `--keep fetches` keeps
+/// only the downloads (everything else is built again, offline), `--keep roots` only the roots.
+#[test]
+fn gc_keeps_what_roots_need_to_be_rebuilt_incrementally() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let store = t.path().join("store");
+    // The base's image, with no root and not an input of the layered image: garbage.
+    let base = realise_json(None, &a, "", &store, &[]);
+    let base_image = Path::new(base["output"].as_str().unwrap()).to_owned();
+    let app_dir = a.recipe.parent().unwrap().join("app");
+    fs::create_dir_all(app_dir.join("files")).unwrap();
+    fs::write(app_dir.join("files/motd"), "hello from a layer\n").unwrap();
+    fs::write(app_dir.join("files/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    let recipe = app_dir.join("app.toml");
+    let edit_last_layer = |to: &str| {
+        fs::write(
+            &recipe,
+            format!(
+                "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{{ from = \"files/motd\", to = \"/etc/motd\" }}]\n\n[[layers]]\ncopy = [{{ from = \"files/tool\", to = \"{to}\", mode = \"0755\" }}]\n"
+            ),
+        )
+        .unwrap();
+    };
+    let result = t.path().join("result");
+    let realise = |extra: &[&str]| {
+        let mut args = vec![
+            "realise",
+            recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "-o",
+            result.to_str().unwrap(),
+            "--json",
+        ];
+        let url = a.mirror_url();
+        args.extend_from_slice(&["--mirror", &url]);
+        args.extend_from_slice(extra);
+        rbuild(&args)
+    };
+    let built = |o: &std::process::Output| json(o)["built"].as_u64().unwrap();
+    edit_last_layer("/usr/local/bin/tool");
+    assert_eq!(built(&realise(&[])), 5, "two trees, two diffs, the image");
+
+    let line = gc(&store, &[]);
+    assert!(line.contains(" for 1 root;"), "{line}");
+    assert!(
+        line.contains("deleted 1 output,"),
+        "only the base's image: {line}"
+    );
+    assert_ne!(freed(&line), "0 B", "{line}");
+    assert!(!base_image.exists());
+    // Editing the last layer: its tree, its diff and the image, without the network.
+    edit_last_layer("/usr/local/bin/tool2");
+    let edited = realise(&["--offline"]);
+    assert_eq!(built(&edited), 3, "{}", stderr(&edited));
+
+    // The downloads only: the edit builds the base's steps again, still offline.
+    let line = gc(&store, &["--keep", "fetches"]);
+    assert_ne!(freed(&line), "0 B", "{line}");
+    edit_last_layer("/usr/local/bin/tool3");
+    let edited = realise(&["--offline"]);
+    assert!(built(&edited) > 3, "{}", stderr(&edited));
+
+    // The root alone: the edit needs the mirror again, and builds everything.
+    let line = gc(&store, &["--keep", "roots"]);
+    assert!(line.starts_with("gc: kept 1 output ("), "{line}");
+    assert_ne!(freed(&line), "0 B", "{line}");
+    edit_last_layer("/usr/local/bin/tool4");
+    let offline = realise(&["--offline"]);
+    assert!(
+        !offline.status.success() && stderr(&offline).contains("rbuild is offline"),
+        "{}",
+        stderr(&offline)
+    );
+    let edited = realise(&[]);
+    assert!(built(&edited) > 5, "{}", stderr(&edited));
+
+    // The image before the edit goes; then nothing is left to collect.
+    let line = gc(&store, &[]);
+    assert!(line.contains("deleted 1 output,"), "{line}");
+    let line = gc(&store, &[]);
+    assert!(line.ends_with("deleted 0 outputs, freed 0 B"), "{line}");
+}
+
 fn keypair(dir: &Path, name: &str) -> (String, String) {
     let (sec, public) = (
         dir.join(format!("{name}.sec")),
@@ -1734,4 +1842,167 @@ fn grpcs_cache_checks_the_server_certificate() {
     let o = push(&[]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("certificate"), "{}", stderr(&o));
+}
+
+/// A recipe file's lock follows the recipe, as cargo's does: `realise` locks what a change needs
+/// (only that: pinned packages stay pinned) and says so, `--locked` refuses instead, `--offline`
+/// refuses a re-lock that needs the archive, and a Debian recipe whose archive moved on since it
+/// was locked is not silently moved.
+#[test]
+fn realise_relocks_only_what_a_recipe_change_needs() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    let store = t.path().join("store");
+    let app_dir = a.recipe.parent().unwrap().join("app");
+    fs::create_dir_all(app_dir.join("files")).unwrap();
+    fs::write(app_dir.join("files/motd"), "hello\n").unwrap();
+    let recipe = app_dir.join("app.toml");
+    let lock_path = app_dir.join("app.lock");
+    let first = "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{ from = \"files/motd\", to = \"/etc/motd\" }]\n";
+    fs::write(&recipe, first).unwrap();
+    let run = |target: &str, extra: &[&str]| {
+        let r = format!("{}{target}", recipe.display());
+        let url = a.mirror_url();
+        let mut args = vec!["realise", &r, "--store", store.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--offline") {
+            args.extend_from_slice(&["--mirror", &url]);
+        }
+        rbuild(&args)
+    };
+    let fails = |o: std::process::Output, what: &str| {
+        assert!(!o.status.success(), "{what}: expected a failure");
+        stderr(&o)
+    };
+
+    // No lock at all: --locked refuses, for the base recipe first; a plain realise locks both.
+    let e = fails(run("", &["--locked"]), "--locked without a lock");
+    assert!(
+        e.contains("testos.lock") && e.contains("there is no lock yet") && e.contains("--locked"),
+        "{e}"
+    );
+    assert!(!lock_path.exists() && !a.lock_path().exists());
+    let o = run("", &[]);
+    let r = json(&o);
+    assert!(
+        stderr(&o).contains("app.lock: locking for the recipe's changes: there is no lock yet"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(a.lock_path().exists() && lock_path.exists());
+    let base_lock = fs::read_to_string(a.lock_path()).unwrap();
+    assert!(
+        base_lock.contains("[resolved]"),
+        "what the lock was resolved for: {base_lock}"
+    );
+    assert_eq!(
+        run("", &["--locked"]).status.code(),
+        Some(0),
+        "a fitting lock passes --locked"
+    );
+
+    // A new `run`/`copy` layer needs nothing from the archive: locked offline, and only the new
+    // layer's tree, its diff and the image are built.
+    fs::write(
+        &recipe,
+        format!("{first}\n[[layers]]\ncopy = [{{ from = \"files/motd\", to = \"/etc/motd2\" }}]\n"),
+    )
+    .unwrap();
+    let e = fails(run("", &["--locked"]), "--locked with a new layer");
+    assert!(
+        e.contains("app.lock: the lock does not fit the recipe (layer 2 is new)"),
+        "{e}"
+    );
+    let o = run("", &["--offline"]);
+    let e = stderr(&o);
+    let two = json(&o);
+    assert!(
+        e.contains("app.lock: locking for the recipe's changes: layer 2 is new"),
+        "{e}"
+    );
+    assert!(e.contains("2 layers: 0 kept as pinned, 0 resolved"), "{e}");
+    assert_eq!(two["built"], 3, "{two}");
+    assert_ne!(two["output"], r["output"]);
+
+    // A layer that now wants a package: --offline refuses (the archive's index is needed) and
+    // leaves the lock alone; with the mirror, the lock pins it (checked through the base's
+    // verified index, so nothing needs building that the throwaway image cannot run).
+    let before = fs::read_to_string(&lock_path).unwrap();
+    fs::write(
+        &recipe,
+        format!("{first}\n[[layers]]\npackages = [\"unused\"]\n"),
+    )
+    .unwrap();
+    let e = fails(
+        run("^index", &["--offline"]),
+        "--offline re-lock needing the archive",
+    );
+    assert!(
+        e.contains("layer 2's packages changed") && e.contains("--offline forbids the network"),
+        "{e}"
+    );
+    assert_eq!(
+        fs::read_to_string(&lock_path).unwrap(),
+        before,
+        "lock untouched"
+    );
+    let o = run("^index", &[]);
+    ok(&o);
+    let after = fs::read_to_string(&lock_path).unwrap();
+    assert!(
+        after.contains("wants = [\"unused\"]") && after.contains("unused_1_amd64.deb"),
+        "{after}"
+    );
+
+    // The Debian recipe itself: a new `include` is locked against the pinned archive...
+    let testos = fs::read_to_string(&a.recipe).unwrap();
+    fs::write(
+        &a.recipe,
+        testos.replace("[image]", "include = [\"unused\"]\n\n[image]"),
+    )
+    .unwrap();
+    let o = rbuild(&[
+        "realise",
+        &format!("{}^index", a.recipe.display()),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+    ]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("include [] → [\"unused\"]"),
+        "{}",
+        stderr(&o)
+    );
+    let relocked = fs::read_to_string(a.lock_path()).unwrap();
+    assert!(relocked.contains("name = \"unused\""), "{relocked}");
+    // ...and once the archive has moved on (a new InRelease), a change is refused rather than
+    // moving every pinned package.
+    let mut pkgs = standard_packages();
+    pkgs.retain(|p| p.name != "hello");
+    a.publish(&pkgs, &a.key);
+    fs::write(
+        &a.recipe,
+        testos.replace("[image]", "include = [\"unused\", \"libhello\"]\n\n[image]"),
+    )
+    .unwrap();
+    let o = rbuild(&[
+        "realise",
+        &format!("{}^index", a.recipe.display()),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+    ]);
+    let e = fails(o, "a re-lock after the archive moved on");
+    assert!(
+        e.contains("has moved on") && e.contains("rbuild lock"),
+        "{e}"
+    );
+    assert_eq!(
+        fs::read_to_string(a.lock_path()).unwrap(),
+        relocked,
+        "lock untouched"
+    );
 }

@@ -334,7 +334,8 @@ fn a_sandbox_dies_with_the_rbuild_that_started_it() {
 }
 
 /// A build step that reaches its wall-time or byte limit is stopped, and the error names the
-/// step and the limit.
+/// step and the limit. Limits come from the command line or the recipe's `[limits]`; the
+/// command line wins.
 #[test]
 fn a_build_step_is_stopped_at_its_limits() {
     let t = tempfile::tempdir().unwrap();
@@ -342,17 +343,25 @@ fn a_build_step_is_stopped_at_its_limits() {
         return;
     };
     let store = t.path().join("store");
-    let run = |name: &str, script: &str, flag: &str, value: &str| {
+    let run = |name: &str, script: &str, limits: &str, args: &[&str]| {
         let recipe = layered(&a, name, script);
+        let text = fs::read_to_string(&recipe).unwrap();
+        fs::write(&recipe, format!("{text}\n[limits]\n{limits}")).unwrap();
         let started = Instant::now();
-        let out = realise_with(&a, &recipe, &store, None, &[flag, value], &[]);
+        let out = realise_with(&a, &recipe, &store, None, args, &[]);
         assert!(
             !out.status.success(),
             "{name}: the step should have been stopped"
         );
         (stderr(&out), started.elapsed())
     };
-    let (err, took) = run("slow", "sleep 600", "--max-build-time", "3");
+    // The recipe allows an hour; the command line, 3 s.
+    let (err, took) = run(
+        "slow",
+        "sleep 600",
+        "max-build-time = 3600\n",
+        &["--max-build-time", "3"],
+    );
     assert!(
         err.contains("app-layer1-tree") && err.contains("wall-time limit of 3 s"),
         "{err}"
@@ -361,8 +370,8 @@ fn a_build_step_is_stopped_at_its_limits() {
     let (err, _) = run(
         "big",
         "i=0; while [ $i -lt 40 ]; do head -c 1000000 /dev/zero > /f$i; i=$((i+1)); done; sleep 600",
-        "--max-build-bytes",
-        "10000000",
+        "max-build-bytes = 10000000\n",
+        &[],
     );
     assert!(
         err.contains("app-layer1-tree") && err.contains("limit of 10000000 bytes written"),

@@ -13,7 +13,7 @@ use rbuild_engine::builtins::Builtins;
 use rbuild_engine::progress::Progress;
 use rbuild_engine::scheduler::Caches;
 use rbuild_engine::{Engine, Graph};
-use rbuild_recipes::{expand, layers, mirror, recipe};
+use rbuild_recipes::{expand, layers, mirror, recipe, relock};
 use rbuild_store::cache::{PublicKey, SecretKey};
 use rbuild_store::Store;
 
@@ -69,10 +69,13 @@ enum Command {
         #[command(subcommand)]
         command: store_cmd::StoreCommand,
     },
-    /// Delete every store output that no GC root (an -o link) reaches
+    /// Delete the store outputs that no GC root (an -o link) needs; print what was kept and freed
     Gc {
         #[command(flatten)]
         store: StoreArgs,
+        /// What to keep besides the roots' own outputs
+        #[arg(long, value_enum, default_value_t = GcKeep::All)]
+        keep: GcKeep,
     },
     /// Check, line by line, what the sandbox needs and has here (--json: what a builder sees)
     Doctor {
@@ -104,10 +107,13 @@ struct RealiseArgs {
     /// Never touch the network; fail clearly when something is missing from the store
     #[arg(long)]
     offline: bool,
+    /// Refuse to create or update a recipe file's lock (for CI): fail if the recipe changed
+    #[arg(long)]
+    locked: bool,
     /// Sandboxed builds to run at once [default: number of cores]
     #[arg(short = 'j', long)]
     jobs: Option<usize>,
-    /// Print one JSON object {output, built, substituted, reused} instead of the path
+    /// Print one JSON object {output, built, substituted, reused, fetched_bytes, substituted_bytes, seconds} instead of the path
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -131,12 +137,25 @@ struct LimitArgs {
 }
 
 impl LimitArgs {
-    fn limits(&self) -> rbuild_engine::sandbox::Limits {
+    /// The command line's limits, else the recipe's, else the defaults.
+    fn limits(
+        &self,
+        recipe: &rbuild_recipes::recipe::BuildLimits,
+    ) -> rbuild_engine::sandbox::Limits {
         let d = rbuild_engine::sandbox::Limits::default();
         rbuild_engine::sandbox::Limits {
-            wall_secs: self.max_build_time.unwrap_or(d.wall_secs),
-            bytes: self.max_build_bytes.unwrap_or(d.bytes),
-            processes: self.max_build_processes.unwrap_or(d.processes),
+            wall_secs: self
+                .max_build_time
+                .or(recipe.max_build_time)
+                .unwrap_or(d.wall_secs),
+            bytes: self
+                .max_build_bytes
+                .or(recipe.max_build_bytes)
+                .unwrap_or(d.bytes),
+            processes: self
+                .max_build_processes
+                .or(recipe.max_build_processes)
+                .unwrap_or(d.processes),
         }
     }
 }
@@ -272,23 +291,31 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
         } => (recipe, store, to, secret_key),
     };
     let (recipe_arg, output) = split_output(&recipe);
-    let expanded = load_locked(recipe_arg, None, true)?;
+    let expanded = load_locked(recipe_arg, None, true, false)?;
     let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
     let store = open_store(store.store)?;
     let cache = rbuild_store::cache::open(&to)?;
     let key = SecretKey::read(&secret_key)?;
-    // The target's closure: every derivation it needs that this store holds.
-    let mut stack = vec![target];
+    push_closure(&store, &expanded.graph, &target, cache.as_ref(), &key)
+}
+
+/// Sign and push every output of `target`'s closure that `store` holds to `cache` (what the
+/// cache already has is not uploaded again).
+fn push_closure(
+    store: &rbuild_store::Store,
+    graph: &rbuild_engine::Graph,
+    target: &rbuild_engine::DrvHash,
+    cache: &dyn rbuild_store::cache::BinaryCache,
+    key: &SecretKey,
+) -> anyhow::Result<()> {
+    let mut stack = vec![target.clone()];
     let mut seen = std::collections::HashSet::new();
     let mut valid = Vec::new();
     while let Some(h) = stack.pop() {
         if !seen.insert(h.clone()) {
             continue;
         }
-        let drv = expanded
-            .graph
-            .get(&h)
-            .context("derivation not in the graph")?;
+        let drv = graph.get(&h).context("derivation not in the graph")?;
         stack.extend(drv.inputs.iter().cloned());
         if let Some(out) = store.valid_output(&h.0)? {
             let listing = store.listing(&h.0, &out.content_hash)?;
@@ -306,10 +333,12 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
         })
         .collect();
     // Every output is hashed again before it is signed: a damaged one is refused, not pushed.
-    let pushed = rbuild_store::cache::push_many(cache.as_ref(), &key, &outputs)?;
+    let pushed = rbuild_store::cache::push_many(cache, key, &outputs)?;
     eprintln!(
-        "{to}: pushed {} outputs ({} new blobs)",
-        pushed.entries, pushed.uploaded
+        "{}: pushed {} outputs ({} new blobs)",
+        cache.url(),
+        pushed.entries,
+        pushed.uploaded
     );
     for e in &pushed.refused {
         eprintln!("error: {e}");
@@ -323,7 +352,6 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `rbuild cache check`: one line per cache; fails if any cannot be used.
 fn cache_check(mut urls: Vec<String>) -> anyhow::Result<()> {
     if urls.is_empty() {
         let cfg = config()?;
@@ -438,7 +466,7 @@ fn lock_to(recipe: &layers::AnyRecipe, fetcher: &Fetcher, dest: &Path) -> anyhow
             )
         }
         layered => {
-            let lock = rt.block_on(layers::lock_layered(layered, fetcher))?;
+            let lock = rt.block_on(relock::lock_layered(layered, fetcher))?;
             let n: usize = lock.layer.iter().map(|l| l.package.len()).sum();
             (
                 layers::render_lock(&lock),
@@ -450,31 +478,50 @@ fn lock_to(recipe: &layers::AnyRecipe, fetcher: &Fetcher, dest: &Path) -> anyhow
     Ok(summary)
 }
 
-/// Load a recipe and its lock; a path recipe without a lock is locked first.
-fn load_locked(arg: &str, mirror: Option<&str>, offline: bool) -> anyhow::Result<expand::Expanded> {
-    let loaded = layers::load_any(arg, true)?;
-    if loaded.has_lock() {
-        return loaded.expand();
+/// Load a recipe and its lock. A recipe file whose lock does not fit it (none yet, or the recipe
+/// changed) is re-locked first, keeping every pin that still fits, and says so; with `locked`
+/// that is an error instead, as with cargo's `--locked`.
+fn load_locked(
+    arg: &str,
+    mirror: Option<&str>,
+    offline: bool,
+    locked: bool,
+) -> anyhow::Result<expand::Expanded> {
+    // Each round re-locks the lowest recipe of the stack that needs it: a base before the
+    // recipes standing on it.
+    loop {
+        let loaded = layers::load_any(arg, true)?;
+        let Some((stale, recipe)) = relock::stale(&loaded)? else {
+            return loaded.expand();
+        };
+        let (path, why) = (stale.lock_path.display(), stale.changes.join("; "));
+        if locked {
+            bail!("{path}: the lock does not fit the recipe ({why}), and --locked forbids updating it; run `rbuild lock` on the recipe, or realise without --locked");
+        }
+        if offline && stale.needs_archive {
+            bail!("{path}: the lock does not fit the recipe ({why}); re-locking needs the archive's signed index from the mirror, and --offline forbids the network; realise once without --offline, or run `rbuild lock` on the recipe with network access");
+        }
+        eprintln!("{path}: locking for the recipe's changes: {why}");
+        let fetcher = if stale.needs_archive {
+            Fetcher::new(mirror::choose(mirror))
+        } else {
+            Fetcher::offline()
+        };
+        let new = runtime(2)?.block_on(relock::relock(recipe, &fetcher))?;
+        std::fs::write(&stale.lock_path, new.text).with_context(|| format!("writing {path}"))?;
+        eprintln!("{path}: {}", new.summary);
     }
-    let Some(lock_path) = loaded.lock_path() else {
-        bail!("built-in recipe {arg} has no lock")
-    };
-    if offline {
-        bail!("{}: no lock, and --offline forbids resolving one; run `rbuild lock {arg}` with network access", lock_path.display());
-    }
-    eprintln!("{}: no lock; locking first", lock_path.display());
-    let fetcher = Fetcher::new(mirror::choose(mirror));
-    lock_to(&loaded, &fetcher, &lock_path)?;
-    layers::load_any(arg, true)?.expand()
 }
 
 fn realise(args: RealiseArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let RealiseArgs {
         recipe,
         store,
         out_link,
         mirror: mirror_flag,
         offline,
+        locked,
         jobs,
         json,
         cache,
@@ -482,7 +529,7 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     } = args;
     let (arg, store, caches) = (recipe.as_str(), store.store, caches(cache)?);
     let (recipe_arg, output) = split_output(arg);
-    let expanded = load_locked(recipe_arg, mirror_flag.as_deref(), offline)?;
+    let expanded = load_locked(recipe_arg, mirror_flag.as_deref(), offline, locked)?;
     let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
     let store = Arc::new(open_store(store)?);
     let jobs = jobs_or_cores(jobs);
@@ -492,30 +539,42 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         Fetcher::new(mirror::choose(mirror_flag.as_deref()))
     };
     let progress = Arc::new(Progress::new(false));
+    let push = caches.push.clone();
     let engine = engine(
         store.clone(),
         fetcher,
         jobs,
         progress.clone(),
         caches,
-        limits.limits(),
+        limits.limits(&expanded.limits),
     )?;
     let graph = Arc::new(expanded.graph);
-    let report = runtime(jobs)?
-        .block_on(engine.realise(graph, &target))
+    let result = runtime(jobs)?.block_on(engine.realise(graph.clone(), &target));
+    // The bars stop drawing before anything else is printed, so nothing is drawn over it.
+    progress.finish();
+    let report = result
         .map_err(|e| full_disk(store.root(), e))
         .with_context(|| format!("realising {arg}"))?;
-    drop(progress);
     if let Some(link) = out_link {
         store
             .add_root(&link, &target.0)
             .with_context(|| format!("creating the output link {}", link.display()))?;
     }
+    // What was built was pushed as it was built; what this store already had goes now, so the
+    // cache ends up with the whole closure either way.
+    if let Some((cache, key)) = push.filter(|_| report.reused + report.substituted > 0) {
+        push_closure(&store, &graph, &target, cache.as_ref(), &key)
+            .with_context(|| format!("pushing {arg} to {}", cache.url()))?;
+    }
+    let elapsed = started.elapsed();
+    eprintln!("{}", rbuild_engine::progress::summary(&report, elapsed));
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "output": report.output, "built": report.built, "substituted": report.substituted, "reused": report.reused,
+                "fetched_bytes": report.fetched_bytes, "substituted_bytes": report.substituted_bytes,
+                "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             })
         );
     } else {
@@ -574,21 +633,53 @@ fn lock_cmd(arg: &str, mirror_flag: Option<String>, output: Option<PathBuf>) -> 
     Ok(())
 }
 
-fn gc_cmd(store: Option<PathBuf>) -> anyhow::Result<()> {
+/// What `rbuild gc` keeps of what the roots were built from.
+#[derive(Clone, Copy, ValueEnum)]
+enum GcKeep {
+    /// Everything the roots were built from, transitively: editing a recipe and realising it
+    /// again rebuilds only what the edit changed (the last layer: three derivations)
+    All,
+    /// The roots and the fixed-output fetches they were built from: rebuilding needs no
+    /// download, but builds every other step again
+    Fetches,
+    /// Only the roots' own outputs: rebuilding after an edit downloads and builds everything
+    Roots,
+}
+
+fn gc_cmd(store: Option<PathBuf>, keep: GcKeep) -> anyhow::Result<()> {
+    use rbuild_engine::progress::human_bytes as human;
+    fn count(n: usize, what: &str) -> String {
+        format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+    }
     let store = open_store(store)?;
-    let r = store.gc(|| {
+    let keep = match keep {
+        GcKeep::All => rbuild_store::Keep::Closure,
+        GcKeep::Fetches => {
+            rbuild_store::Keep::Stages(vec![rbuild_engine::Stage::Fetch.as_str().to_owned()])
+        }
+        GcKeep::Roots => rbuild_store::Keep::Roots,
+    };
+    let r = store.gc(keep, || {
         eprintln!("gc: waiting for the other rbuild processes using this store to finish")
     })?;
-    eprintln!(
-        "gc: deleted {} outputs; {} roots kept, {} stale roots dropped",
-        r.deleted, r.roots_kept, r.roots_dropped
-    );
     if !r.unremovable.is_empty() {
         let map = rbuild_engine::sandbox::check_support()?;
         for p in &r.unremovable {
             rbuild_engine::sandbox::remove_as_mapped_root(Path::new(SELF_EXE), p, &map)?;
         }
     }
+    let stale = match r.roots_dropped {
+        0 => String::new(),
+        n => format!("; {} dropped", count(n, "stale root")),
+    };
+    eprintln!(
+        "gc: kept {} ({}) for {}; deleted {}, freed {}{stale}",
+        count(r.kept, "output"),
+        human(r.kept_bytes),
+        count(r.roots_kept, "root"),
+        count(r.deleted + r.unremovable.len(), "output"),
+        human(r.freed_bytes + r.unremovable_bytes),
+    );
     Ok(())
 }
 
@@ -618,7 +709,7 @@ fn main() {
             mirror,
             output,
         } => lock_cmd(&recipe, mirror, output),
-        Command::Gc { store } => gc_cmd(store.store),
+        Command::Gc { store, keep } => gc_cmd(store.store, keep),
         Command::Store { command } => store_cmd::run(command),
         Command::Doctor { connect, json } => doctor::doctor(connect, json),
     };

@@ -174,10 +174,10 @@ fn verify_cmd(args: VerifyArgs) -> anyhow::Result<()> {
             caches,
             Default::default(),
         )?;
-        let repaired = crate::runtime(jobs)?
-            .block_on(engine.repair(&hashes))
-            .context("repairing")?;
-        drop(progress);
+        let repaired = crate::runtime(jobs)?.block_on(engine.repair(&hashes));
+        // The bars stop drawing before the report is printed.
+        progress.finish();
+        let repaired = repaired.context("repairing")?;
         unrepaired = 0;
         for (r, entry) in repaired.iter().zip(
             report["damaged"]

@@ -17,6 +17,8 @@ pub struct Expanded {
     pub layers: Vec<DrvHash>,
     pub config: ImageConfig,
     pub source_date_epoch: i64,
+    /// The recipe's `[limits]` (a layered recipe's over its base's).
+    pub limits: crate::recipe::BuildLimits,
 }
 
 impl Expanded {
@@ -220,6 +222,7 @@ pub fn expand(
         layers,
         config,
         source_date_epoch: lock.source_date_epoch,
+        limits: recipe.limits,
     })
 }
 

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use rbuild_engine::archive::oci::ImageConfig;
-use rbuild_engine::builtins::fetch::Fetcher;
 use rbuild_engine::{Derivation, Stage};
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +73,9 @@ pub struct LayeredRecipe {
     pub layers: Vec<LayerSpec>,
     #[serde(default)]
     pub config: ConfigSpec,
+    /// What one build step may use; unset ones come from the base recipe.
+    #[serde(default)]
+    pub limits: crate::recipe::BuildLimits,
 }
 
 /// `NAME.lock` of a layered recipe: the new packages of each layer, in install order.
@@ -86,12 +88,18 @@ pub struct LayerLock {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LockedLayer {
+    /// The recipe's `packages` of this layer when it was locked (absent in locks written before
+    /// rbuild recorded it): a layer whose list changed is resolved again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wants: Option<Vec<String>>,
     #[serde(default)]
     pub package: Vec<PinnedPackage>,
 }
 
 /// A recipe of either kind, with everything below it loaded.
 #[derive(Debug, Clone)]
+// One per loaded recipe, never in a collection: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyRecipe {
     Debian(Loaded),
     Layered {
@@ -177,7 +185,7 @@ impl AnyRecipe {
     }
 
     /// Packages installed by every layer up to and including this recipe's (names).
-    fn installed(&self) -> anyhow::Result<HashSet<String>> {
+    pub(crate) fn installed(&self) -> anyhow::Result<HashSet<String>> {
         match self {
             AnyRecipe::Debian(l) => Ok(l
                 .require_lock()?
@@ -446,6 +454,7 @@ fn expand_layered(
         tree = upper;
     }
     ex.config = merge_config(ex.config, &recipe.config);
+    ex.limits = recipe.limits.over(ex.limits);
     let image = expand::image(&mut ex.graph, &name, &ex.layers, &ex.config, sde)?;
     let rootfs = expand::rootfs_tar(&mut ex.graph, &name, &tree, sde)?;
     ex.outputs.insert("image", image);
@@ -551,34 +560,6 @@ pub fn resolve_additional(
     let order = resolve::install_order(&selected);
     let by: HashMap<&str, &Package> = selected.iter().map(|p| (p.name.as_str(), p)).collect();
     Ok(order.iter().map(|n| by[n.as_str()].clone()).collect())
-}
-
-/// Lock a layered recipe: resolve each layer's packages against the base's (verified) archive.
-pub async fn lock_layered(any: &AnyRecipe, fetcher: &Fetcher) -> anyhow::Result<LayerLock> {
-    let AnyRecipe::Layered { recipe, base, .. } = any else {
-        bail!("not a layered recipe")
-    };
-    let deb = base.debian();
-    let base_lock = deb.require_lock()?;
-    let mut installed = base.installed()?;
-    let needs_archive = recipe.layers.iter().any(|l| !l.packages.is_empty());
-    let all = if needs_archive {
-        crate::lock::verified_packages(&deb.recipe, &deb.keyring, fetcher, Some(base_lock)).await?
-    } else {
-        vec![]
-    };
-    let mut out = LayerLock {
-        base_inrelease_sha256: base_lock.inrelease.sha256.clone(),
-        layer: vec![],
-    };
-    for spec in &recipe.layers {
-        let new = resolve_additional(&all, &deb.recipe.architecture, &installed, &spec.packages)?;
-        installed.extend(new.iter().map(|p| p.name.clone()));
-        out.layer.push(LockedLayer {
-            package: new.iter().map(crate::lock::pin).collect(),
-        });
-    }
-    Ok(out)
 }
 
 pub fn render_lock(lock: &LayerLock) -> String {

@@ -13,6 +13,7 @@ pub mod layers;
 pub mod lock;
 pub mod mirror;
 pub mod recipe;
+pub mod relock;
 
 /// The shared way a test that cannot run here skips (and fails under `CI=true`).
 #[cfg(test)]

@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use rbuild_engine::builtins::fetch::Fetcher;
 
 use crate::debian::{self, packages, resolve};
-use crate::recipe::{Lock, PinnedFile, PinnedPackage, Recipe};
+use crate::recipe::{Lock, PinnedFile, PinnedPackage, Recipe, ResolvedFor};
 
 /// What a verified archive offers: the InRelease bytes, its signed Release, the pinned indices
 /// and every package they list.
@@ -130,6 +130,7 @@ pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow:
         },
         indices: archive.indices,
         packages,
+        resolved: Some(ResolvedFor::of(recipe)),
     })
 }
 

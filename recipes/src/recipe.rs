@@ -68,6 +68,33 @@ pub struct Recipe {
     pub include: Vec<String>,
     #[serde(default = "default_image")]
     pub image: ImageSection,
+    #[serde(default)]
+    pub limits: BuildLimits,
+}
+
+/// `[limits]` of a recipe: what one build step may use, where the defaults do not fit (the
+/// command line's `--max-build-*` and `RBUILD_MAX_BUILD_*` take precedence). Never part of a
+/// derivation's hash: limits decide whether a step finishes, not what it makes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BuildLimits {
+    /// Wall-clock seconds.
+    pub max_build_time: Option<u64>,
+    /// Bytes written below the step's output and scratch.
+    pub max_build_bytes: Option<u64>,
+    /// Processes at once.
+    pub max_build_processes: Option<u64>,
+}
+
+impl BuildLimits {
+    /// These limits, each one not set here taken from `below` (a base recipe's).
+    pub fn over(self, below: BuildLimits) -> BuildLimits {
+        BuildLimits {
+            max_build_time: self.max_build_time.or(below.max_build_time),
+            max_build_bytes: self.max_build_bytes.or(below.max_build_bytes),
+            max_build_processes: self.max_build_processes.or(below.max_build_processes),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -114,6 +141,30 @@ pub struct Lock {
     pub indices: Vec<PinnedFile>,
     #[serde(rename = "package")]
     pub packages: Vec<PinnedPackage>,
+    /// What the packages were resolved for, so a changed recipe is noticed and re-locked (absent
+    /// in locks written before rbuild recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<ResolvedFor>,
+}
+
+/// The parts of a recipe that decide its package set, as they were when it was locked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct ResolvedFor {
+    pub components: Vec<String>,
+    pub variant: Variant,
+    #[serde(default)]
+    pub include: Vec<String>,
+}
+
+impl ResolvedFor {
+    pub fn of(recipe: &Recipe) -> ResolvedFor {
+        ResolvedFor {
+            components: recipe.components.clone(),
+            variant: recipe.variant,
+            include: recipe.include.clone(),
+        }
+    }
 }
 
 /// A recipe as loaded: the parsed file, its keyring bytes, its lock (if any) and where they came from.

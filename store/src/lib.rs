@@ -542,12 +542,13 @@ impl Store {
         Ok(abs)
     }
 
-    /// Delete every output that no GC root reaches. Roots whose link was removed or now points
-    /// elsewhere are dropped first. Returns the number of outputs deleted.
+    /// Delete every output that `keep` does not keep for the live GC roots. Roots whose link was
+    /// removed or now points elsewhere are dropped first. Reports what was kept and deleted,
+    /// with the disk usage of each.
     ///
     /// Waits until no other process has the store open (`waiting` is called once if it has to),
     /// so no build or push is using an output while it goes.
-    pub fn gc(&self, waiting: impl FnOnce()) -> Result<GcReport> {
+    pub fn gc(&self, keep: Keep, waiting: impl FnOnce()) -> Result<GcReport> {
         let gc_lock = self.root.join("gc.lock");
         let intent_path = self.root.join("gc-intent.lock");
         let lock_err = |e: nix::errno::Errno| StoreError::io(&gc_lock, e.into());
@@ -573,42 +574,32 @@ impl Store {
                 flock(file, FlockArg::LockExclusive).map_err(|(_, e)| lock_err(e))?
             }
         };
-        let report = self.gc_locked();
+        let report = self.gc_locked(&keep);
         retry_eintr(|| exclusive.relock(FlockArg::LockShared)).map_err(lock_err)?;
         *users = Some(exclusive);
         drop(intent);
         report
     }
 
-    fn gc_locked(&self) -> Result<GcReport> {
+    fn gc_locked(&self, keep: &Keep) -> Result<GcReport> {
+        use std::collections::{HashMap, HashSet};
         let mut db = self.db.lock().expect("store db lock");
-        let roots: Vec<(String, String)> = {
-            let mut st = db
-                .prepare("SELECT link, drv_hash FROM roots")
-                .map_err(|e| self.db_err(e))?;
+        let pairs = |db: &Connection, sql: &str| -> Result<Vec<(String, String)>> {
+            let mut st = db.prepare(sql).map_err(|e| self.db_err(e))?;
             let rows = st
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
                 .map_err(|e| self.db_err(e))?
                 .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| self.db_err(e))?;
+                .map_err(|e| self.db_err(e));
             rows
         };
-        let outputs: Vec<(String, String)> = {
-            let mut st = db
-                .prepare("SELECT drv_hash, path FROM outputs")
-                .map_err(|e| self.db_err(e))?;
-            let rows = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(|e| self.db_err(e))?
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| self.db_err(e))?;
-            rows
-        };
-        let path_of: std::collections::HashMap<&str, &str> = outputs
+        let roots = pairs(&db, "SELECT link, drv_hash FROM roots")?;
+        let outputs = pairs(&db, "SELECT drv_hash, path FROM outputs")?;
+        let path_of: HashMap<&str, &str> = outputs
             .iter()
             .map(|(h, p)| (h.as_str(), p.as_str()))
             .collect();
-        let mut alive = std::collections::HashSet::new();
+        let mut alive = HashSet::new();
         let mut dead_roots = Vec::new();
         for (link, hash) in &roots {
             let points_here = fs::read_link(link).ok().is_some_and(|t| {
@@ -622,20 +613,57 @@ impl Store {
                 dead_roots.push(link.clone());
             }
         }
+        let kept: HashSet<String> = match keep {
+            Keep::Roots => alive.clone(),
+            Keep::Closure | Keep::Stages(_) => {
+                let mut inputs: HashMap<String, Vec<String>> = HashMap::new();
+                for (drv, input) in pairs(&db, "SELECT drv_hash, input_hash FROM refs")? {
+                    inputs.entry(drv).or_default().push(input);
+                }
+                // Along every recorded reference, also through derivations without a valid
+                // output (a substituted output's inputs need not be here; theirs may be).
+                let mut closure = alive.clone();
+                let mut todo: Vec<String> = alive.iter().cloned().collect();
+                while let Some(h) = todo.pop() {
+                    for input in inputs.get(&h).into_iter().flatten() {
+                        if closure.insert(input.clone()) {
+                            todo.push(input.clone());
+                        }
+                    }
+                }
+                match keep {
+                    Keep::Stages(stages) => {
+                        let stage_of: HashMap<String, String> =
+                            pairs(&db, "SELECT hash, stage FROM derivations")?
+                                .into_iter()
+                                .collect();
+                        closure
+                            .into_iter()
+                            .filter(|h| {
+                                alive.contains(h)
+                                    || stage_of.get(h).is_some_and(|s| stages.contains(s))
+                            })
+                            .collect()
+                    }
+                    _ => closure,
+                }
+            }
+        };
         let tx = db.transaction().map_err(|e| self.db_err(e))?;
         for link in &dead_roots {
             tx.execute("DELETE FROM roots WHERE link = ?1", params![link])
                 .map_err(|e| self.db_err(e))?;
         }
         let mut report = GcReport {
-            deleted: 0,
             roots_kept: alive.len(),
             roots_dropped: dead_roots.len(),
-            unremovable: Vec::new(),
+            ..GcReport::default()
         };
         let mut doomed = Vec::new();
+        let mut survivors = Vec::new();
         for (hash, path) in &outputs {
-            if alive.contains(hash) {
+            if kept.contains(hash) {
+                survivors.push(PathBuf::from(path));
                 continue;
             }
             tx.execute("DELETE FROM outputs WHERE drv_hash = ?1", params![hash])
@@ -646,26 +674,91 @@ impl Store {
         }
         tx.commit().map_err(|e| self.db_err(e))?;
         drop(db);
+        // Each inode once: what is kept first, so a file linked from a kept output and a deleted
+        // one (which deleting does not free) counts as kept.
+        let mut seen = HashSet::new();
+        report.kept = survivors.len();
+        report.kept_bytes = survivors
+            .iter()
+            .map(|p| disk_usage(p, &mut seen) + disk_usage(&meta::sidecar(p), &mut seen))
+            .sum();
         // Invalidated first, deleted second: a crash in between leaves only unregistered files.
         for (hash, path) in doomed {
-            let _ = fs::remove_file(meta::sidecar(&path));
+            let side = meta::sidecar(&path);
+            let bytes = disk_usage(&path, &mut seen) + disk_usage(&side, &mut seen);
+            let _ = fs::remove_file(&side);
             let _ = fs::remove_file(self.root.join("log").join(format!("{hash}.log")));
             match remove_all(&path) {
-                Ok(()) => report.deleted += 1,
-                Err(_) => report.unremovable.push(path),
+                Ok(()) => {
+                    report.deleted += 1;
+                    report.freed_bytes += bytes;
+                }
+                Err(_) => {
+                    report.unremovable.push(path);
+                    report.unremovable_bytes += bytes;
+                }
             }
         }
         Ok(report)
     }
 }
 
+/// What [`Store::gc`] keeps besides the outputs the live GC roots point to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Keep {
+    /// Every output reachable from a root through the recorded references (the derivations
+    /// whose outputs were a build's inputs), transitively: what the roots were built from, so
+    /// that rebuilding a root after an edit reuses all of it (as Nix's `keep-outputs`).
+    #[default]
+    Closure,
+    /// Within the roots' closures, only the outputs of derivations whose stage is one of these
+    /// (the store does not interpret stages; e.g. the engine's fixed-output fetches).
+    Stages(Vec<String>),
+    /// Only the roots' own outputs.
+    Roots,
+}
+
+/// What a [`Store::gc`] kept and deleted. Bytes are disk usage (allocated blocks, each inode
+/// counted once) of the outputs and their ownership sidecars, as far as they are readable.
 #[derive(Debug, Default)]
 pub struct GcReport {
+    /// Outputs kept, and their bytes.
+    pub kept: usize,
+    pub kept_bytes: u64,
+    /// Outputs deleted, and the bytes that freed.
     pub deleted: usize,
+    pub freed_bytes: u64,
+    /// Live roots, and roots dropped because their link is gone or points elsewhere.
     pub roots_kept: usize,
     pub roots_dropped: usize,
-    /// Outputs invalidated but not removable as this user.
+    /// Outputs invalidated but not removable as this user, and their bytes (freed once the
+    /// caller removes them).
     pub unremovable: Vec<PathBuf>,
+    pub unremovable_bytes: u64,
+}
+
+/// The disk usage of `path` (a file or a tree, not following symlinks): its allocated blocks,
+/// skipping inodes already in `seen` (hardlinks). Unreadable parts count as nothing; a missing
+/// path is 0.
+fn disk_usage(path: &Path, seen: &mut std::collections::HashSet<(u64, u64)>) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![path.to_owned()];
+    while let Some(p) = stack.pop() {
+        let Ok(md) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
+            continue;
+        }
+        total += md.blocks() * 512;
+        if md.is_dir() {
+            if let Ok(rd) = fs::read_dir(&p) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    total
 }
 
 /// Open (creating) `path` and flock it (see [`flock`]).
@@ -805,15 +898,134 @@ mod tests {
         let link = dir.path().join("result");
         store.add_root(&link, "a").unwrap();
         let r = store
-            .gc(|| panic!("nobody else has the store open"))
+            .gc(Keep::default(), || panic!("nobody else has the store open"))
             .unwrap();
         assert_eq!(r.deleted, 1);
         assert!(paths[0].exists() && !paths[1].exists());
         assert!(store.valid_output("a").unwrap().is_some());
         assert!(store.valid_output("b").unwrap().is_none());
         fs::remove_file(&link).unwrap();
-        assert_eq!(store.gc(|| ()).unwrap().deleted, 1);
+        assert_eq!(store.gc(Keep::default(), || ()).unwrap().deleted, 1);
         assert!(!paths[0].exists());
+    }
+
+    /// `n` bytes no filesystem compresses.
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A store holding a small graph: `fetch` ← `unpack` ← `image` (the root, at `result`),
+    /// `other` (a fetch nobody uses) and `old` (an image no root points to, built from `fetch`).
+    /// Each output is a directory with one file of `size` bytes. Returns the store and the
+    /// output paths by derivation hash.
+    fn graph_store(
+        dir: &Path,
+        size: usize,
+    ) -> (Store, std::collections::HashMap<&'static str, PathBuf>) {
+        let store = Store::open(&dir.join("s")).unwrap();
+        let mut paths = std::collections::HashMap::new();
+        for (h, stage, inputs) in [
+            ("fetch", "fetch", vec![]),
+            ("other", "fetch", vec![]),
+            ("unpack", "unpack", vec!["fetch"]),
+            ("image", "pack", vec!["unpack"]),
+            ("old", "pack", vec!["fetch"]),
+        ] {
+            let b = store.new_build_dir("t").unwrap();
+            let out = b.path().join("out");
+            fs::create_dir(&out).unwrap();
+            fs::write(out.join("f"), noise(size)).unwrap();
+            let rec = DrvRecord {
+                stage: stage.into(),
+                inputs: inputs.into_iter().map(String::from).collect(),
+                ..record(h)
+            };
+            paths.insert(h, store.register(&rec, &out).unwrap().path);
+        }
+        store.add_root(&dir.join("result"), "image").unwrap();
+        (store, paths)
+    }
+
+    fn valid(store: &Store) -> Vec<String> {
+        let mut v: Vec<String> = store
+            .outputs()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.drv_hash)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn gc_keeps_the_closure_of_roots_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, paths) = graph_store(dir.path(), 100_000);
+        let r = store.gc(Keep::default(), || ()).unwrap();
+        assert_eq!(valid(&store), ["fetch", "image", "unpack"]);
+        assert!(!paths["other"].exists() && !paths["old"].exists());
+        assert!(paths["fetch"].exists() && paths["unpack"].exists());
+        assert_eq!((r.kept, r.deleted, r.roots_kept), (3, 2, 1));
+        // Two outputs of one 100 kB file each (and their directories) went; three stay.
+        assert!(r.freed_bytes >= 200_000, "{r:?}");
+        assert!(r.kept_bytes >= 300_000, "{r:?}");
+        assert!(r.freed_bytes < 300_000 && r.kept_bytes < 400_000, "{r:?}");
+        // Nothing more to collect.
+        let again = store.gc(Keep::default(), || ()).unwrap();
+        assert_eq!((again.kept, again.deleted, again.freed_bytes), (3, 0, 0));
+        assert_eq!(again.kept_bytes, r.kept_bytes);
+    }
+
+    #[test]
+    fn gc_keeping_stages_keeps_roots_and_their_inputs_of_those_stages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, paths) = graph_store(dir.path(), 10);
+        let r = store.gc(Keep::Stages(vec!["fetch".into()]), || ()).unwrap();
+        // `fetch` is in the root's closure; `other` is a fetch too, but of nothing rooted.
+        assert_eq!(valid(&store), ["fetch", "image"]);
+        assert!(!paths["unpack"].exists() && !paths["other"].exists());
+        assert_eq!((r.kept, r.deleted), (2, 3));
+    }
+
+    #[test]
+    fn gc_keeping_roots_keeps_only_their_own_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, paths) = graph_store(dir.path(), 10);
+        let r = store.gc(Keep::Roots, || ()).unwrap();
+        assert_eq!(valid(&store), ["image"]);
+        assert!(paths["image"].exists() && !paths["fetch"].exists());
+        assert_eq!((r.kept, r.deleted, r.roots_kept), (1, 4, 1));
+        assert!(r.freed_bytes > 0);
+    }
+
+    /// A file hardlinked within an output counts once; its sidecar counts too.
+    #[test]
+    fn gc_bytes_count_each_inode_once_and_sidecars() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        let b = store.new_build_dir("t").unwrap();
+        let out = b.path().join("out");
+        fs::create_dir(&out).unwrap();
+        fs::write(out.join("big"), noise(1 << 20)).unwrap();
+        fs::hard_link(out.join("big"), out.join("again")).unwrap();
+        let path = store.register(&record("h"), &out).unwrap().path;
+        let sidecar = meta::sidecar(&path);
+        fs::write(&sidecar, noise(50_000)).unwrap();
+        let r = store.gc(Keep::default(), || ()).unwrap();
+        assert_eq!(r.deleted, 1);
+        assert!(!sidecar.exists());
+        assert!(
+            r.freed_bytes >= (1 << 20) + 50_000 && r.freed_bytes < 2 << 20,
+            "{r:?}"
+        );
     }
 
     /// GC waits while another process (here: another open handle, as a concurrent build has)
@@ -830,7 +1042,10 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let gc = std::thread::spawn(move || {
             let store = Store::open(&root).unwrap();
-            store.gc(|| tx.send("waiting").unwrap()).unwrap().deleted
+            store
+                .gc(Keep::default(), || tx.send("waiting").unwrap())
+                .unwrap()
+                .deleted
         });
         assert_eq!(rx.recv().unwrap(), "waiting");
         // A store opened meanwhile waits behind the pending gc instead of starving it.
@@ -858,8 +1073,13 @@ mod tests {
             let (root, tx) = (root.clone(), tx.clone());
             std::thread::spawn(move || {
                 let store = Store::open(&root).unwrap();
-                tx.send(store.gc(|| ()).map(|_| true).map_err(|e| e.to_string()))
-                    .unwrap();
+                tx.send(
+                    store
+                        .gc(Keep::default(), || ())
+                        .map(|_| true)
+                        .map_err(|e| e.to_string()),
+                )
+                .unwrap();
             });
         }
         for _ in 0..2 {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod readme;
 pub mod reapi_server;
 /// The one way a test that cannot run here skips (and fails under `CI=true`).
 #[path = "../skip.rs"]
@@ -377,6 +378,7 @@ pub fn rbuild_as(user: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Out
         Some(u) => {
             let mut c = Command::new("runuser");
             c.arg("-u").arg(u).arg("--").arg("env");
+            c.args(["-u", "RBUILD_STORE", "-u", "RBUILD_MIRROR"]);
             for (k, v) in env {
                 c.arg(format!("{k}={v}"));
             }
@@ -385,12 +387,12 @@ pub fn rbuild_as(user: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Out
         }
         None => {
             let mut c = Command::new(&bin);
+            c.env_remove("RBUILD_STORE").env_remove("RBUILD_MIRROR");
             c.envs(env.iter().copied());
             c
         }
     };
     cmd.args(args);
-    cmd.env_remove("RBUILD_STORE").env_remove("RBUILD_MIRROR");
     cmd.output().unwrap()
 }
 

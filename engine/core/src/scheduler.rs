@@ -70,6 +70,10 @@ pub struct Report {
     pub substituted: usize,
     /// Derivations that were already valid in the store.
     pub reused: usize,
+    /// Bytes the fetch derivations downloaded (from the mirror).
+    pub fetched_bytes: u64,
+    /// Bytes of the outputs substituted from binary caches.
+    pub substituted_bytes: u64,
 }
 
 pub struct Engine {
@@ -267,11 +271,13 @@ impl Engine {
         Ok(())
     }
 
-    /// The derivations `target` needs built (not yet valid), and how many valid ones the walk met.
+    /// The derivations `target` needs built (not yet valid), and how many valid ones the walk met
+    /// (not counting those `produced` by this run).
     fn plan(
         &self,
         graph: &Graph,
         target: &DrvHash,
+        produced: &HashSet<DrvHash>,
     ) -> Result<(HashSet<DrvHash>, usize), EngineError> {
         let mut needed = HashSet::new();
         let mut seen = HashSet::new();
@@ -285,7 +291,9 @@ impl Engine {
                 .get(&h)
                 .ok_or_else(|| EngineError::UnknownTarget(h.clone()))?;
             if self.store.valid_output(&h.0)?.is_some() {
-                reused += 1;
+                if !produced.contains(&h) {
+                    reused += 1;
+                }
                 continue;
             }
             needed.insert(h.clone());
@@ -310,8 +318,15 @@ impl Engine {
         target: &DrvHash,
     ) -> Result<Report, EngineError> {
         self.clean_leftovers();
+        // Counted over every attempt: what an attempt built stays built after a replan.
+        let mut report = Report::default();
+        let mut produced = HashSet::new();
         loop {
-            match self.realise_once(graph.clone(), target).await {
+            match self
+                .realise_once(graph.clone(), target, &mut report, &mut produced)
+                .await
+            {
+                Ok(()) => return Ok(report),
                 Err(EngineError::Substitute {
                     hash,
                     name,
@@ -323,23 +338,25 @@ impl Engine {
                     ));
                     self.refused.lock().expect("lock").insert(hash);
                 }
-                other => return other,
+                Err(e) => return Err(e),
             }
         }
     }
 
+    /// One attempt: plan, then build what the plan needs, adding to `report` and `produced`.
     async fn realise_once(
         self: &Arc<Self>,
         graph: Arc<Graph>,
         target: &DrvHash,
-    ) -> Result<Report, EngineError> {
+        report: &mut Report,
+        produced: &mut HashSet<DrvHash>,
+    ) -> Result<(), EngineError> {
         self.substitutes.lock().expect("lock").clear();
         let (needed, mut reused) = tokio::task::block_in_place(|| {
             self.prefetch(&graph, target)?;
-            self.plan(&graph, target)
+            self.plan(&graph, target, produced)
         })?;
         self.prefetched.lock().expect("lock").clear();
-        let mut report = Report::default();
         if !needed.is_empty() {
             let mut counts = BTreeMap::new();
             for h in &needed {
@@ -380,6 +397,7 @@ impl Engine {
                         };
                         tasks.spawn(async move {
                             let _slot = slots.acquire_owned().await.expect("semaphore open");
+                            this.progress.started(drv.stage, &drv.name);
                             let started = std::time::Instant::now();
                             let r = this.build_one(&h, &drv).await;
                             tracing::debug!(stage = %drv.stage, name = %drv.name, secs = started.elapsed().as_secs_f64(), "built");
@@ -394,8 +412,16 @@ impl Engine {
                 match r {
                     Ok((outcome, bytes)) => {
                         match outcome {
-                            Outcome::Built => report.built += 1,
-                            Outcome::Substituted => report.substituted += 1,
+                            Outcome::Built => {
+                                report.built += 1;
+                                report.fetched_bytes += bytes;
+                                produced.insert(h.clone());
+                            }
+                            Outcome::Substituted => {
+                                report.substituted += 1;
+                                report.substituted_bytes += bytes;
+                                produced.insert(h.clone());
+                            }
                             Outcome::Reused => reused += 1,
                         }
                         self.progress.finished(drv.stage, &drv.name, bytes);
@@ -410,6 +436,7 @@ impl Engine {
                         }
                     }
                     Err(e) => {
+                        self.progress.failed(drv.stage, &drv.name);
                         if first_error.is_none() {
                             first_error = Some(e);
                         }
@@ -426,9 +453,11 @@ impl Engine {
             .valid_output(&target.0)?
             .ok_or_else(|| EngineError::UnknownTarget(target.clone()))?
             .path;
-        Ok(report)
+        Ok(())
     }
 
+    /// Build, substitute or (built meanwhile by another process) reuse `drv`; with the bytes
+    /// that moved for it: downloaded by a fetch, or substituted from a cache.
     async fn build_one(
         &self,
         hash: &DrvHash,
@@ -439,8 +468,8 @@ impl Engine {
         let _lock = tokio::task::spawn_blocking(move || store.lock_derivation(&h))
             .await
             .expect("lock task")?;
-        if let Some(out) = self.store.valid_output(&hash.0)? {
-            return Ok((Outcome::Reused, size_of(&out.path)));
+        if self.store.valid_output(&hash.0)?.is_some() {
+            return Ok((Outcome::Reused, 0));
         }
         let label: String = drv.output_name().chars().take(40).collect();
         let build_dir = self.store.new_build_dir(&label)?;
@@ -463,7 +492,16 @@ impl Engine {
                 msg,
             };
             let cache2 = cache.clone();
-            let registered = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let bytes: u64 = entry
+                .body
+                .nodes
+                .iter()
+                .map(|n| match n {
+                    rbuild_store::cache::CacheNode::File { size, .. } => *size,
+                    _ => 0,
+                })
+                .sum();
+            tokio::task::spawn_blocking(move || -> Result<_, String> {
                 rbuild_store::cache::fetch(cache2.as_ref(), &entry, &out)
                     .map_err(|e| e.to_string())?;
                 store
@@ -474,19 +512,21 @@ impl Engine {
             .expect("substitute task")
             .map_err(fail)?;
             drop(build_dir);
-            return Ok((Outcome::Substituted, size_of(&registered.path)));
+            return Ok((Outcome::Substituted, bytes));
         }
-        let built = match &drv.fixed_output {
+        let (built, fetched) = match &drv.fixed_output {
             Some(fo) => {
                 let out = build_dir.path().join("out");
                 let rel = drv.args.first().map(String::as_str).unwrap_or_default();
                 self.fetcher.fetch_fixed(rel, fo, &out).await?;
-                out
+                let fetched = size_of(&out);
+                (out, fetched)
             }
-            None => {
+            None => (
                 self.run_sandboxed(hash, drv, build_dir.path(), build_dir.lock_fd())
-                    .await?
-            }
+                    .await?,
+                0,
+            ),
         };
         let store = self.store.clone();
         let out = tokio::task::spawn_blocking(move || store.register(&record, &built))
@@ -512,7 +552,7 @@ impl Engine {
                     .line(&format!("warning: pushing {}: {e}", drv.name));
             }
         }
-        Ok((Outcome::Built, size_of(&out.path)))
+        Ok((Outcome::Built, fetched))
     }
 
     async fn run_sandboxed(

@@ -28,12 +28,17 @@ rb_total=0; mm_total=0
 for i in $(seq 1 "$rounds"); do
     store="$work/store-$i"
     t0=$(now)
-    RBUILD_MIRROR="$mirror" "$rbuild" realise debian-bullseye --store "$store" -o "$work/result-$i" >/dev/null
+    RBUILD_LOG=rbuild_store=debug RBUILD_MIRROR="$mirror" "$rbuild" realise debian-bullseye --store "$store" -o "$work/result-$i" >/dev/null 2>"$work/rbuild-$i.log"
     t1=$(now)
     mmdebstrap --quiet --mode=unshare --variant=debootstrap bullseye "$work/mm-$i.tar" "$mirror" >/dev/null
     t2=$(now)
     rb=$(echo "$t1 - $t0" | bc); mm=$(echo "$t2 - $t1" | bc)
-    printf 'round %d: rbuild %.1f s, mmdebstrap %.1f s\n' "$i" "$rb" "$mm"
+    # Durability: every registration waits for syncfs before its row is committed. The waits,
+    # summed over all outputs (they overlap with other builds, so this bounds their cost).
+    sync=$(grep -o 'synced to disk.*secs=[0-9.e-]*' "$work/rbuild-$i.log" | sed 's/.*secs=//' | awk '{s+=$1} END {printf "%.2f", s}')
+    syncs=$(grep -c 'synced to disk' "$work/rbuild-$i.log" || true)
+    printf 'round %d: rbuild %.1f s (syncfs waits %s s over %s outputs, %.1f%%), mmdebstrap %.1f s\n' \
+        "$i" "$rb" "$sync" "$syncs" "$(echo "100 * $sync / $rb" | bc -l)" "$mm"
     rb_total=$(echo "$rb_total + $rb" | bc); mm_total=$(echo "$mm_total + $mm" | bc)
     # Between rounds, drop the stores so every rbuild run is cold.
     "$rbuild" gc --store "$store" >/dev/null 2>&1 || true

@@ -295,7 +295,11 @@ fn debian_bullseye_as_root_and_unprivileged() {
     // The terminal shows podman's own progress too (copying the layers in) before the output.
     let lines: Vec<&str> = out
         .lines()
-        .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c == '\0'))
+        .map(|l| {
+            // The pseudo-terminal echoes control characters as `^@`.
+            l.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+                .trim_start_matches("^@")
+        })
         .skip_while(|l| !l.starts_with("11."))
         .collect();
     assert!(!lines.is_empty(), "no Debian 11 version printed: {out}");
@@ -409,7 +413,11 @@ fn layered_example_on_bullseye() {
         );
         let lines: Vec<&str> = out
             .lines()
-            .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c == '\0'))
+            .map(|l| {
+                // The pseudo-terminal echoes control characters as `^@`.
+                l.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+                    .trim_start_matches("^@")
+            })
             .skip_while(|l| *l != "app")
             .collect();
         assert!(lines.len() >= 4, "{out}");

@@ -292,7 +292,7 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
     };
     let (recipe_arg, output) = split_output(&recipe);
     let expanded = load_locked(recipe_arg, None, true, false)?;
-    let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
+    let target = expanded.output(output)?.clone();
     let store = open_store(store.store)?;
     let cache = rbuild_store::cache::open(&to)?;
     let key = SecretKey::read(&secret_key)?;
@@ -530,7 +530,7 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     let (arg, store, caches) = (recipe.as_str(), store.store, caches(cache)?);
     let (recipe_arg, output) = split_output(arg);
     let expanded = load_locked(recipe_arg, mirror_flag.as_deref(), offline, locked)?;
-    let target = expanded.output(output).map_err(anyhow::Error::msg)?.clone();
+    let target = expanded.output(output)?.clone();
     let store = Arc::new(open_store(store)?);
     let jobs = jobs_or_cores(jobs);
     let fetcher = if offline {
@@ -687,6 +687,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("RBUILD_LOG"))
         .with_writer(std::io::stderr)
+        // Colours only for a person: a log redirected to a file stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -714,7 +716,7 @@ fn main() {
         Command::Doctor { connect, json } => doctor::doctor(connect, json),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", rbuild_engine::errors::chain(e.as_ref()));
         std::process::exit(1);
     }
 }

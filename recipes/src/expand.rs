@@ -6,7 +6,7 @@ use rbuild_engine::archive::oci::ImageConfig;
 use rbuild_engine::{Derivation, DrvHash, FixedOutput, Graph, Stage};
 use serde::{Deserialize, Serialize};
 
-use crate::recipe::{Lock, Recipe, Variant};
+use crate::recipe::{Lock, Recipe, RecipeError, Variant};
 
 /// The named outputs of a recipe (`RECIPE^NAME`).
 #[derive(Debug, Clone)]
@@ -24,14 +24,14 @@ pub struct Expanded {
 impl Expanded {
     pub const DEFAULT_OUTPUT: &'static str = "image";
 
-    pub fn output(&self, name: Option<&str>) -> Result<&DrvHash, String> {
+    pub fn output(&self, name: Option<&str>) -> Result<&DrvHash, RecipeError> {
         let n = name.unwrap_or(Self::DEFAULT_OUTPUT);
-        self.outputs.get(n).ok_or_else(|| {
-            format!(
-                "no output named {n:?}; this recipe has: {}",
-                self.outputs.keys().copied().collect::<Vec<_>>().join(", ")
-            )
-        })
+        self.outputs
+            .get(n)
+            .ok_or_else(|| RecipeError::UnknownOutput {
+                name: n.to_owned(),
+                available: self.outputs.keys().copied().collect(),
+            })
     }
 }
 

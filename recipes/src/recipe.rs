@@ -16,10 +16,20 @@ pub enum RecipeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a valid recipe: {msg}")]
-    Parse { path: PathBuf, msg: String },
-    #[error("{path}: not a valid lock: {msg}; fix it or run `rbuild lock` again")]
-    LockParse { path: PathBuf, msg: String },
+    #[error("{path}: not a valid recipe: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{path}: not a valid recipe: keyring {keyring} is not embedded")]
+    KeyringNotEmbedded { path: PathBuf, keyring: String },
+    #[error("{path}: not a valid lock: {source}; fix it or run `rbuild lock` again")]
+    LockParse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("unknown recipe {0:?}: give a built-in name ({1}) or a path to a .toml recipe file")]
     Unknown(String, String),
     #[error("{path}: no lock file; run `rbuild lock {recipe}` to create it")]
@@ -30,6 +40,12 @@ pub enum RecipeError {
         what: &'static str,
         expected: String,
         found: String,
+    },
+    /// `RECIPE^NAME` names an output the recipe does not have.
+    #[error("no output named {name:?}; this recipe has: {}", .available.join(", "))]
+    UnknownOutput {
+        name: String,
+        available: Vec<&'static str>,
     },
 }
 
@@ -236,9 +252,9 @@ pub fn builtin_names() -> Vec<&'static str> {
 }
 
 fn parse_recipe(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
-    toml::from_str(text).map_err(|e| RecipeError::Parse {
+    toml::from_str(text).map_err(|source| RecipeError::Parse {
         path: path.to_owned(),
-        msg: e.to_string(),
+        source,
     })
 }
 
@@ -249,9 +265,9 @@ pub fn parse_lock(path: &Path, text: &str) -> Result<Option<Lock>, RecipeError> 
     }
     toml::from_str(text)
         .map(Some)
-        .map_err(|e| RecipeError::LockParse {
+        .map_err(|source| RecipeError::LockParse {
             path: path.to_owned(),
-            msg: e.to_string(),
+            source,
         })
 }
 
@@ -281,9 +297,9 @@ fn load_inner(arg: &str, read_lock: bool) -> Result<Loaded, RecipeError> {
                 .iter()
                 .find(|(p, _)| *p == recipe.keyring)
                 .map(|(_, k)| k.to_vec())
-                .ok_or_else(|| RecipeError::Parse {
+                .ok_or_else(|| RecipeError::KeyringNotEmbedded {
                     path: origin.clone(),
-                    msg: format!("keyring {} is not embedded", recipe.keyring),
+                    keyring: recipe.keyring.clone(),
                 })?;
             let lock = if read_lock {
                 parse_lock(&origin, b.lock)?

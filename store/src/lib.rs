@@ -363,7 +363,13 @@ impl Store {
         // before the row that makes them valid is committed.
         let o = self.root.join("o");
         let dir = fs::File::open(&o).map_err(|e| StoreError::io(&o, e))?;
+        let syncing = std::time::Instant::now();
         nix::unistd::syncfs(&dir).map_err(|e| StoreError::io(&o, e.into()))?;
+        tracing::debug!(
+            output = %drv.name,
+            secs = syncing.elapsed().as_secs_f64(),
+            "synced to disk"
+        );
         let mut db = self.db.lock().expect("store db lock");
         let tx = db.transaction().map_err(|e| self.db_err(e))?;
         let now = std::time::SystemTime::now()

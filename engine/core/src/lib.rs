@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod builtins;
 pub mod derivation;
+pub mod errors;
 pub mod graph;
 pub mod nospace;
 pub mod progress;

@@ -91,7 +91,8 @@ pub fn builder_exit_code(err: &anyhow::Error) -> Option<(String, i32)> {
     err.chain().any(is_no_space).then(|| {
         (
             format!(
-                "error: no space left on device (on the filesystem holding the store): {err:#}"
+                "error: no space left on device (on the filesystem holding the store): {}",
+                crate::errors::chain(err.as_ref())
             ),
             ENOSPC_EXIT,
         )

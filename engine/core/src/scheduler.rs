@@ -29,6 +29,9 @@ pub enum EngineError {
     Graph(#[from] GraphError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// Why sandboxes cannot work here: found out once per engine, given to every build.
+    #[error(transparent)]
+    SandboxSupport(Arc<SandboxError>),
     #[error(transparent)]
     Fetch(#[from] FetchError),
     #[error("{stage} {name} failed ({status}); full log: {log}\n{tail}")]
@@ -43,13 +46,24 @@ pub enum EngineError {
     NoOutput { name: String, stage: Stage },
     #[error("{0} is not a derivation of this graph")]
     UnknownTarget(DrvHash),
-    #[error("substituting {name} from {url} failed: {msg}")]
+    #[error("substituting {name} from {url} failed: {source}")]
     Substitute {
         hash: DrvHash,
         name: String,
         url: String,
-        msg: String,
+        #[source]
+        source: Box<SubstituteError>,
     },
+}
+
+/// Why a substitute could not be used: its download failed, or what came down does not
+/// register (its content hash is not the signed one).
+#[derive(Debug, thiserror::Error)]
+pub enum SubstituteError {
+    #[error(transparent)]
+    Fetch(#[from] rbuild_store::cache::CacheError),
+    #[error(transparent)]
+    Register(#[from] rbuild_store::StoreError),
 }
 
 /// The binary caches a realise may substitute from and push to.
@@ -82,7 +96,7 @@ pub struct Engine {
     fetcher: Fetcher,
     jobs: usize,
     progress: Arc<Progress>,
-    idmap: OnceLock<Result<IdMap, String>>,
+    idmap: OnceLock<Result<IdMap, Arc<SandboxError>>>,
     /// The walls around builds' untrusted commands: all of them, but in rbuild's own tests.
     walls: sandbox::Walls,
     /// What each sandboxed build step may use.
@@ -189,7 +203,9 @@ impl Engine {
                     {
                         // Backend errors name the cache themselves.
                         let why = match &e {
-                            rbuild_store::cache::CacheError::Backend { msg, .. } => msg.clone(),
+                            rbuild_store::cache::CacheError::Backend { source, .. } => {
+                                source.to_string()
+                            }
                             other => other.to_string(),
                         };
                         self.progress.line(&format!(
@@ -212,11 +228,11 @@ impl Engine {
         &self.store
     }
 
-    fn idmap(&self) -> Result<IdMap, SandboxError> {
+    fn idmap(&self) -> Result<IdMap, EngineError> {
         self.idmap
-            .get_or_init(|| sandbox::check_support().map_err(|e| e.to_string()))
+            .get_or_init(|| sandbox::check_support().map_err(Arc::new))
             .clone()
-            .map_err(SandboxError::Unsupported)
+            .map_err(EngineError::SandboxSupport)
     }
 
     /// Remove scratch directories of killed builds that hold files of subordinate ids.
@@ -331,10 +347,10 @@ impl Engine {
                     hash,
                     name,
                     url,
-                    msg,
+                    source,
                 }) => {
                     self.progress.line(&format!(
-                        "warning: {url}: refused the output of {name}: {msg}; building it instead"
+                        "warning: {url}: refused the output of {name}: {source}; building it instead"
                     ));
                     self.refused.lock().expect("lock").insert(hash);
                 }
@@ -485,11 +501,11 @@ impl Engine {
             let cache = self.caches.substituters[i].clone();
             let store = self.store.clone();
             let out = build_dir.path().join("out");
-            let fail = |msg: String| EngineError::Substitute {
+            let fail = |source: SubstituteError| EngineError::Substitute {
                 hash: hash.clone(),
                 name: drv.name.clone(),
                 url: cache.url().to_owned(),
-                msg,
+                source: Box::new(source),
             };
             let cache2 = cache.clone();
             let bytes: u64 = entry
@@ -501,12 +517,9 @@ impl Engine {
                     _ => 0,
                 })
                 .sum();
-            tokio::task::spawn_blocking(move || -> Result<_, String> {
-                rbuild_store::cache::fetch(cache2.as_ref(), &entry, &out)
-                    .map_err(|e| e.to_string())?;
-                store
-                    .register_expecting(&record, &out, Some(&entry.body.content_hash))
-                    .map_err(|e| e.to_string())
+            tokio::task::spawn_blocking(move || -> Result<_, SubstituteError> {
+                rbuild_store::cache::fetch(cache2.as_ref(), &entry, &out)?;
+                Ok(store.register_expecting(&record, &out, Some(&entry.body.content_hash))?)
             })
             .await
             .expect("substitute task")

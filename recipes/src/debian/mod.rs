@@ -109,6 +109,26 @@ pub enum DebianError {
         /// What the file holds.
         actual: String,
     },
+    /// A relation field of a Packages file is malformed.
+    #[error("{file}: {check}: expected a relation per Debian policy §7.1, got an error: expected {source}")]
+    Relation {
+        /// The file.
+        file: String,
+        /// Where: stanza and field.
+        check: String,
+        /// What is wrong with it.
+        #[source]
+        source: packages::RelationError,
+    },
+    /// A request of the include list is not a relation.
+    #[error("unresolvable dependency: the include list {request:?}: expected a package (or a provider) satisfying one of the alternatives, got a malformed request (expected {source})")]
+    MalformedInclude {
+        /// The request as written.
+        request: String,
+        /// What is wrong with it.
+        #[source]
+        source: packages::RelationError,
+    },
     /// A package (or a requested name) has a relation no package in the archive satisfies.
     #[error("unresolvable dependency: {package} {relation}: expected a package (or a provider) satisfying one of the alternatives, got {found}")]
     Unresolvable {

@@ -109,11 +109,35 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.' | '_')
 }
 
+/// What a malformed relation lacks: the message completes "expected …", naming what was
+/// expected, what came instead and the relation (or group) it is in.
+#[derive(Debug, thiserror::Error)]
+pub enum RelationError {
+    #[error("an empty alternative in {group:?}")]
+    EmptyAlternative { group: String },
+    #[error("a package name, got {name:?} in {relation:?}")]
+    Name { name: String, relation: String },
+    #[error("an architecture qualifier, got {arch:?} in {relation:?}")]
+    Arch { arch: String, relation: String },
+    #[error("a closing '{close}' in {relation:?}")]
+    Unclosed { close: char, relation: String },
+    #[error("a version operator (<<, <=, =, >=, >>), got {op:?} in {relation:?}")]
+    Operator { op: String, relation: String },
+    #[error("a version after {op}, got {version:?} in {relation:?}")]
+    Version {
+        op: String,
+        version: String,
+        relation: String,
+    },
+    #[error("end of relation, an [arch list] or a <build profile>, got {rest:?} in {relation:?}")]
+    Trailing { rest: String, relation: String },
+}
+
 /// Parse a relation field (`Depends`, `Pre-Depends`, `Provides`, …) per Debian policy §7.1:
 /// comma-separated groups of `|`-separated alternatives, each `name[:arch] [(op version)]`.
 /// Architecture restrictions (`[amd64 !i386]`) and build profiles (`<!nocheck>`) are accepted
 /// and dropped. The error says what is wrong, for the caller to place.
-pub fn parse_relations(field: &str) -> Result<Vec<Vec<Dep>>, String> {
+pub fn parse_relations(field: &str) -> Result<Vec<Vec<Dep>>, RelationError> {
     let mut out = Vec::new();
     for group in field.split(',') {
         let group = group.trim();
@@ -124,7 +148,9 @@ pub fn parse_relations(field: &str) -> Result<Vec<Vec<Dep>>, String> {
         for alt in group.split('|') {
             let alt = alt.trim();
             if alt.is_empty() {
-                return Err(format!("an empty alternative in {group:?}"));
+                return Err(RelationError::EmptyAlternative {
+                    group: group.to_owned(),
+                });
             }
             alts.push(parse_dep(alt)?);
         }
@@ -133,7 +159,7 @@ pub fn parse_relations(field: &str) -> Result<Vec<Vec<Dep>>, String> {
     Ok(out)
 }
 
-fn parse_dep(s: &str) -> Result<Dep, String> {
+fn parse_dep(s: &str) -> Result<Dep, RelationError> {
     let end = s
         .find(|c: char| c.is_whitespace() || matches!(c, '(' | '[' | '<'))
         .unwrap_or(s.len());
@@ -143,19 +169,26 @@ fn parse_dep(s: &str) -> Result<Dep, String> {
         None => (token, None),
     };
     if name.is_empty() || !name.chars().all(is_name_char) {
-        return Err(format!("a package name, got {name:?} in {s:?}"));
+        return Err(RelationError::Name {
+            name: name.to_owned(),
+            relation: s.to_owned(),
+        });
     }
     if let Some(a) = arch {
         if a.is_empty() || !a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(format!("an architecture qualifier, got {a:?} in {s:?}"));
+            return Err(RelationError::Arch {
+                arch: a.to_owned(),
+                relation: s.to_owned(),
+            });
         }
     }
     let mut rest = s[end..].trim_start();
     let mut version = None;
     if let Some(r) = rest.strip_prefix('(') {
-        let close = r
-            .find(')')
-            .ok_or_else(|| format!("a closing ')' in {s:?}"))?;
+        let close = r.find(')').ok_or_else(|| RelationError::Unclosed {
+            close: ')',
+            relation: s.to_owned(),
+        })?;
         let inner = r[..close].trim();
         let op_len = inner
             .bytes()
@@ -167,14 +200,19 @@ fn parse_dep(s: &str) -> Result<Dep, String> {
             "<" => "<=",
             ">" => ">=",
             _ => {
-                return Err(format!(
-                    "a version operator (<<, <=, =, >=, >>), got {op:?} in {s:?}"
-                ))
+                return Err(RelationError::Operator {
+                    op: op.to_owned(),
+                    relation: s.to_owned(),
+                })
             }
         };
         let ver = ver.trim();
         if ver.is_empty() || ver.contains(char::is_whitespace) {
-            return Err(format!("a version after {op}, got {ver:?} in {s:?}"));
+            return Err(RelationError::Version {
+                op: op.to_owned(),
+                version: ver.to_owned(),
+                relation: s.to_owned(),
+            });
         }
         version = Some((op.to_owned(), ver.to_owned()));
         rest = r[close + 1..].trim_start();
@@ -184,14 +222,16 @@ fn parse_dep(s: &str) -> Result<Dep, String> {
             '[' => ']',
             '<' => '>',
             _ => {
-                return Err(format!(
-                    "end of relation, an [arch list] or a <build profile>, got {rest:?} in {s:?}"
-                ))
+                return Err(RelationError::Trailing {
+                    rest: rest.to_owned(),
+                    relation: s.to_owned(),
+                })
             }
         };
-        let c = rest
-            .find(close)
-            .ok_or_else(|| format!("a closing '{close}' in {s:?}"))?;
+        let c = rest.find(close).ok_or_else(|| RelationError::Unclosed {
+            close,
+            relation: s.to_owned(),
+        })?;
         rest = rest[c + 1..].trim_start();
     }
     Ok(Dep {
@@ -311,12 +351,10 @@ pub fn parse_packages(file: &str, text: &str) -> Result<Vec<Package>, DebianErro
                 Some(v) => parse_relations(v),
                 None => parse_relations(&f.lines().join(" ")),
             };
-            parsed.map_err(|e| {
-                bad(
-                    field,
-                    "a relation per Debian policy §7.1",
-                    format!("an error: expected {e}"),
-                )
+            parsed.map_err(|source| DebianError::Relation {
+                file: file.to_owned(),
+                check: format!("{}, field {field}", where_()),
+                source,
             })
         };
 

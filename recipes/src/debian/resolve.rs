@@ -218,10 +218,11 @@ impl<'a> Selection<'a> {
                 .is_some_and(|v| v.iter().any(|p| provide_satisfies(p, d)))
     }
 
-    /// Satisfy one relation group; `Err` carries what the archive has under those names.
-    fn resolve(&mut self, u: &Universe<'a>, alts: &[Dep]) -> Result<(), String> {
+    /// Satisfy one relation group; false if nothing in the archive can (then
+    /// [`Universe::describe`] says what it has under those names).
+    fn resolve(&mut self, u: &Universe<'a>, alts: &[Dep]) -> bool {
         if alts.iter().any(|d| self.satisfied(d)) {
-            return Ok(());
+            return true;
         }
         for d in alts {
             if self.selected.contains_key(d.name.as_str()) {
@@ -234,7 +235,7 @@ impl<'a> Selection<'a> {
                 .and_then(|v| v.iter().find(|p| real_satisfies(p, d)))
             {
                 self.select(p);
-                return Ok(());
+                return true;
             }
         }
         for d in alts {
@@ -246,10 +247,10 @@ impl<'a> Selection<'a> {
                 .find(|p| provide_satisfies(p, d) && !self.selected.contains_key(p.name.as_str()))
             {
                 self.select(p);
-                return Ok(());
+                return true;
             }
         }
-        Err(u.describe(alts))
+        false
     }
 }
 
@@ -283,29 +284,30 @@ pub fn resolve_debootstrap(
         }
     }
     for req in include {
-        let groups = parse_relations(req).map_err(|e| DebianError::Unresolvable {
-            package: "the include list".to_owned(),
-            relation: format!("{req:?}"),
-            found: format!("a malformed request (expected {e})"),
+        let groups = parse_relations(req).map_err(|source| DebianError::MalformedInclude {
+            request: req.clone(),
+            source,
         })?;
         for alts in &groups {
-            sel.resolve(&u, alts)
-                .map_err(|found| DebianError::Unresolvable {
+            if !sel.resolve(&u, alts) {
+                return Err(DebianError::Unresolvable {
                     package: "the include list".to_owned(),
                     relation: format!("Include: {}", format_alternatives(alts)),
-                    found,
-                })?;
+                    found: u.describe(alts),
+                });
+            }
         }
     }
     while let Some(p) = sel.queue.pop_front() {
         for (field, groups) in [("Pre-Depends", &p.pre_depends), ("Depends", &p.depends)] {
             for alts in groups {
-                sel.resolve(&u, alts)
-                    .map_err(|found| DebianError::Unresolvable {
+                if !sel.resolve(&u, alts) {
+                    return Err(DebianError::Unresolvable {
                         package: format!("{} {}", p.name, p.version),
                         relation: format!("{field}: {}", format_alternatives(alts)),
-                        found,
-                    })?;
+                        found: u.describe(alts),
+                    });
+                }
             }
         }
     }

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::{io, BinaryCache, BlobRef, CacheError};
+use super::{io, BackendError, BinaryCache, BlobRef, CacheError};
 
 pub struct FileCache {
     url: String,
@@ -27,9 +27,9 @@ impl FileCache {
     }
 
     fn blob_path(&self, blob: &BlobRef) -> Result<PathBuf, CacheError> {
-        blob.check().map_err(|msg| CacheError::Backend {
+        blob.check().map_err(|e| CacheError::Backend {
             url: self.url.clone(),
-            msg,
+            source: Box::new(e.into()),
         })?;
         Ok(self.dir.join("blobs/sha256").join(&blob.sha256))
     }
@@ -106,7 +106,7 @@ impl BinaryCache for FileCache {
         if !md.is_dir() {
             return Err(CacheError::Backend {
                 url: self.url.clone(),
-                msg: format!("{} is not a directory", self.dir.display()),
+                source: Box::new(BackendError::NotADirectory(self.dir.clone())),
             });
         }
         let entries = fs::read_dir(self.dir.join("entries"))

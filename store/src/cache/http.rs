@@ -6,10 +6,40 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::{io, BinaryCache, BlobRef, BlobSink, CacheError, RawEntry};
+use super::{io, BackendError, BinaryCache, BlobRef, BlobSink, CacheError, RawEntry};
 
 /// Requests in flight at a time.
 const PARALLEL: usize = 8;
+
+/// Why a request to an HTTP cache failed: the message after "binary cache URL: ".
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// No answer: the connection, TLS or a timeout failed.
+    #[error("{method} {url}: {source}")]
+    Request {
+        method: &'static str,
+        url: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// The body of an answer could not be read (or written where it goes).
+    #[error("{method} {url}: {source}")]
+    Body {
+        method: &'static str,
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An answer other than the ones the protocol expects.
+    #[error("{method} {url}: HTTP {status}")]
+    Status {
+        method: &'static str,
+        url: String,
+        status: u16,
+    },
+    #[error("request thread panicked")]
+    ThreadPanicked,
+}
 
 pub struct HttpCache {
     url: String,
@@ -45,7 +75,7 @@ impl HttpCache {
                     .into_iter()
                     .map(|h| {
                         h.join()
-                            .unwrap_or_else(|_| Err(self.err("request thread panicked")))
+                            .unwrap_or_else(|_| Err(self.err(HttpError::ThreadPanicked)))
                     })
                     .collect()
             });
@@ -55,11 +85,49 @@ impl HttpCache {
         }
         Ok(out)
     }
-    fn err(&self, msg: impl std::fmt::Display) -> CacheError {
+    fn err(&self, source: impl Into<BackendError>) -> CacheError {
         CacheError::Backend {
             url: self.url.clone(),
-            msg: msg.to_string(),
+            source: Box::new(source.into()),
         }
+    }
+
+    /// For a request that got no answer.
+    fn no_answer<'a>(
+        &'a self,
+        method: &'static str,
+        url: &'a str,
+    ) -> impl FnOnce(ureq::Error) -> CacheError + 'a {
+        move |source| {
+            self.err(HttpError::Request {
+                method,
+                url: url.to_owned(),
+                source,
+            })
+        }
+    }
+
+    /// For a body that could not be read (or written where it goes).
+    fn body<'a>(
+        &'a self,
+        method: &'static str,
+        url: &'a str,
+    ) -> impl FnOnce(std::io::Error) -> CacheError + 'a {
+        move |source| {
+            self.err(HttpError::Body {
+                method,
+                url: url.to_owned(),
+                source,
+            })
+        }
+    }
+
+    fn status(&self, method: &'static str, url: &str, status: u16) -> CacheError {
+        self.err(HttpError::Status {
+            method,
+            url: url.to_owned(),
+            status,
+        })
     }
 
     fn entry_url(&self, drv_hash: &str) -> String {
@@ -75,7 +143,7 @@ impl HttpCache {
         if (200..300).contains(&status) {
             Ok(())
         } else {
-            Err(self.err(format!("PUT {what}: HTTP {status}")))
+            Err(self.status("PUT", what, status))
         }
     }
 }
@@ -91,7 +159,7 @@ impl BinaryCache for HttpCache {
             .agent
             .get(&url)
             .call()
-            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+            .map_err(self.no_answer("GET", &url))?;
         match resp.status().as_u16() {
             404 => Ok(None),
             200 => {
@@ -100,10 +168,10 @@ impl BinaryCache for HttpCache {
                     .into_reader()
                     .take(64 << 20)
                     .read_to_end(&mut body)
-                    .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+                    .map_err(self.body("GET", &url))?;
                 Ok(Some(body))
             }
-            s => Err(self.err(format!("GET {url}: HTTP {s}"))),
+            s => Err(self.status("GET", &url, s)),
         }
     }
 
@@ -121,7 +189,7 @@ impl BinaryCache for HttpCache {
             .agent
             .put(&url)
             .send(bytes)
-            .map_err(|e| self.err(format!("PUT {url}: {e}")))?;
+            .map_err(self.no_answer("PUT", &url))?;
         self.check_put(&url, resp.status().as_u16())
     }
 
@@ -132,11 +200,11 @@ impl BinaryCache for HttpCache {
                 .agent
                 .head(&url)
                 .call()
-                .map_err(|e| self.err(format!("HEAD {url}: {e}")))?;
+                .map_err(self.no_answer("HEAD", &url))?;
             match resp.status().as_u16() {
                 200 => Ok(true),
                 404 => Ok(false),
-                s => Err(self.err(format!("HEAD {url}: HTTP {s}"))),
+                s => Err(self.status("HEAD", &url, s)),
             }
         })?;
         Ok(blobs
@@ -153,16 +221,16 @@ impl BinaryCache for HttpCache {
             .agent
             .get(&url)
             .call()
-            .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+            .map_err(self.no_answer("GET", &url))?;
         if resp.status().as_u16() != 200 {
-            return Err(self.err(format!("GET {url}: HTTP {}", resp.status().as_u16())));
+            return Err(self.status("GET", &url, resp.status().as_u16()));
         }
         // One byte more than the listing says is enough to tell it is wrong.
         std::io::copy(
             &mut resp.into_body().into_reader().take(blob.size + 1),
             dest,
         )
-        .map_err(|e| self.err(format!("GET {url}: {e}")))?;
+        .map_err(self.body("GET", &url))?;
         Ok(())
     }
 
@@ -192,7 +260,7 @@ impl BinaryCache for HttpCache {
             .agent
             .put(&url)
             .send(f)
-            .map_err(|e| self.err(format!("PUT {url}: {e}")))?;
+            .map_err(self.no_answer("PUT", &url))?;
         self.check_put(&url, resp.status().as_u16())
     }
 }

@@ -38,21 +38,151 @@ use crate::meta::{sidecar, TreeMeta};
 pub enum CacheError {
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
-    #[error("binary cache {url}: {msg}")]
-    Backend { url: String, msg: String },
-    #[error("binary cache entry for {drv}: {msg}")]
-    BadEntry { drv: String, msg: String },
+    /// The cache itself failed (unreachable, refusing, answering nonsense).
+    #[error("binary cache {url}: {source}")]
+    Backend {
+        url: String,
+        #[source]
+        source: Box<BackendError>,
+    },
+    /// One entry cannot be used (the others of the cache may be).
+    #[error("binary cache entry for {drv}: {source}")]
+    BadEntry {
+        drv: String,
+        #[source]
+        source: Box<EntryError>,
+    },
     #[error("{path}: {msg}")]
     Key { path: String, msg: String },
+    #[error("{path}: bad base64: {source}")]
+    KeyBase64 {
+        path: String,
+        #[source]
+        source: base64::DecodeError,
+    },
+    #[error("{path}: {source}")]
+    KeyInvalid {
+        path: String,
+        #[source]
+        source: ed25519_dalek::SignatureError,
+    },
     #[error("refusing to push {name} ({drv}): {path} does not match its registration: {detail}")]
     Damaged {
         drv: String,
         name: String,
         path: String,
-        detail: String,
+        #[source]
+        detail: Box<DamageDetail>,
     },
     #[error("unsupported binary cache URL {0:?} (supported: file:///DIR, http(s)://HOST/PATH, grpc(s)://HOST:PORT[/INSTANCE])")]
     UnsupportedUrl(String),
+}
+
+/// Why a cache failed: the message after "binary cache URL: ".
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("an upload thread panicked")]
+    UploadPanicked,
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error(transparent)]
+    Grpc(#[from] reapi::GrpcError),
+}
+
+/// A blob digest that is not one: nothing else becomes a file name or URL.
+#[derive(Debug, thiserror::Error)]
+pub enum DigestError {
+    #[error("not a sha256 digest: {0:?}")]
+    Sha256(String),
+    #[error("not a blake3 digest: {0:?}")]
+    Blake3(String),
+}
+
+/// Why one entry of a cache is refused: the message after "binary cache entry for DRV: ".
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("not valid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("the entry is for {0}")]
+    OtherDerivation(String),
+    #[error(transparent)]
+    Untrusted(#[from] UntrustedEntry),
+    #[error("path {0:?} escapes the output")]
+    Escapes(String),
+    #[error("{0:?} is not inside a directory of the output")]
+    OutsideDirectory(String),
+    #[error("the output itself must be a file or a directory")]
+    RootNotFileOrDirectory,
+    #[error("{0:?} is listed twice")]
+    ListedTwice(String),
+    #[error("{path}: {source}")]
+    Digest {
+        path: String,
+        #[source]
+        source: DigestError,
+    },
+    #[error("{path}: blob sha256 {actual} ({actual_size} bytes), the signed entry says {sha256} ({size} bytes)")]
+    BlobMismatch {
+        path: String,
+        actual: String,
+        actual_size: u64,
+        sha256: String,
+        size: u64,
+    },
+    #[error("the cache answered a blob not asked for (#{0})")]
+    UnaskedBlob(usize),
+    #[error("the cache did not send blob {0}")]
+    MissingBlob(String),
+    #[error("hardlink target {0:?} is not a file of the output")]
+    HardlinkTarget(String),
+    #[error(transparent)]
+    Sidecar(crate::StoreError),
+    #[error(
+        "its ActionResult names no {} (not written by rbuild?)",
+        reapi::ENTRY_FILE
+    )]
+    NoEntryFile,
+    #[error("the entry claims {0} bytes")]
+    Size(i64),
+    #[error(transparent)]
+    Read(reapi::GrpcError),
+    #[error("the entry blob does not match its digest {0}")]
+    EntryDigest(String),
+}
+
+/// No signature of an entry verifies with a trusted key.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no valid signature by a trusted key (signed by: {}; trusted: {})",
+    names_or_nobody(.signed_by),
+    .trusted.join(", ")
+)]
+pub struct UntrustedEntry {
+    /// The key names the entry's signatures give.
+    pub signed_by: Vec<String>,
+    /// The names of the trusted keys.
+    pub trusted: Vec<String>,
+}
+
+fn names_or_nobody(names: &[String]) -> String {
+    if names.is_empty() {
+        "nobody".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Why an output is not pushed: it cannot be hashed, or hashes to something else.
+#[derive(Debug, thiserror::Error)]
+pub enum DamageDetail {
+    #[error(transparent)]
+    Unreadable(crate::StoreError),
+    #[error("{}", .0.summary())]
+    Changed(crate::verify::Damage),
 }
 
 fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CacheError {
@@ -185,14 +315,14 @@ impl BlobRef {
     }
 
     /// A SHA-256 hex digest is 64 lowercase hex digits: nothing else becomes a file name or URL.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), DigestError> {
         let ok =
             |d: &str| d.len() == 64 && d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if !ok(&self.sha256) {
-            return Err(format!("not a sha256 digest: {:?}", self.sha256));
+            return Err(DigestError::Sha256(self.sha256.clone()));
         }
         match &self.blake3 {
-            Some(b) if !ok(b) => Err(format!("not a blake3 digest: {b:?}")),
+            Some(b) if !ok(b) => Err(DigestError::Blake3(b.clone())),
             _ => Ok(()),
         }
     }
@@ -243,9 +373,9 @@ fn split_key<'a>(path: &str, text: &'a str) -> Result<(&'a str, Vec<u8>), CacheE
         path: path.to_owned(),
         msg: "expected NAME:BASE64".into(),
     })?;
-    let bytes = b64().decode(data).map_err(|e| CacheError::Key {
+    let bytes = b64().decode(data).map_err(|source| CacheError::KeyBase64 {
         path: path.to_owned(),
-        msg: format!("bad base64: {e}"),
+        source,
     })?;
     Ok((name, bytes))
 }
@@ -306,9 +436,11 @@ impl PublicKey {
             path: path.to_owned(),
             msg: "a public key is 32 bytes".into(),
         })?;
-        let key = ed25519_dalek::VerifyingKey::from_bytes(&raw).map_err(|e| CacheError::Key {
-            path: path.to_owned(),
-            msg: e.to_string(),
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&raw).map_err(|source| {
+            CacheError::KeyInvalid {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         Ok(PublicKey {
             name: name.to_owned(),
@@ -331,7 +463,7 @@ impl PublicKey {
 
 impl CacheEntry {
     /// The entry if a trusted key signed it; otherwise why not.
-    pub fn verify(&self, trusted: &[PublicKey]) -> Result<(), String> {
+    pub fn verify(&self, trusted: &[PublicKey]) -> Result<(), UntrustedEntry> {
         let bytes = self.body.signed_bytes();
         for s in &self.signatures {
             for k in trusted.iter().filter(|k| k.name == s.key) {
@@ -346,20 +478,10 @@ impl CacheEntry {
                 }
             }
         }
-        let by: Vec<&str> = self.signatures.iter().map(|s| s.key.as_str()).collect();
-        Err(format!(
-            "no valid signature by a trusted key (signed by: {}; trusted: {})",
-            if by.is_empty() {
-                "nobody".to_owned()
-            } else {
-                by.join(", ")
-            },
-            trusted
-                .iter()
-                .map(|k| k.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
+        Err(UntrustedEntry {
+            signed_by: self.signatures.iter().map(|s| s.key.clone()).collect(),
+            trusted: trusted.iter().map(|k| k.name.clone()).collect(),
+        })
     }
 }
 
@@ -433,11 +555,11 @@ pub fn describe(
     out: &Path,
     listing: Option<&Listing>,
 ) -> Result<(EntryBody, Vec<(BlobRef, PathBuf)>), CacheError> {
-    let damaged = |detail: String| CacheError::Damaged {
+    let damaged = |detail: DamageDetail| CacheError::Damaged {
         drv: drv_hash.into(),
         name: name.into(),
         path: out.display().to_string(),
-        detail,
+        detail: Box::new(detail),
     };
     let mut nodes = Vec::new();
     let mut files = Vec::new();
@@ -482,9 +604,9 @@ pub fn describe(
         });
         Ok(())
     });
-    let (hashed, meta, _) = walked.map_err(|e| damaged(e.to_string()))?;
+    let (hashed, meta, _) = walked.map_err(|e| damaged(DamageDetail::Unreadable(e)))?;
     if let Some(damage) = crate::verify::compare(content_hash, listing, &hashed) {
-        return Err(damaged(damage.summary()));
+        return Err(damaged(DamageDetail::Changed(damage)));
     }
     Ok((
         EntryBody {
@@ -601,7 +723,7 @@ pub fn push_many(
                 h.join().unwrap_or_else(|_| {
                     Err(CacheError::Backend {
                         url: cache.url().to_owned(),
-                        msg: "an upload thread panicked".into(),
+                        source: Box::new(BackendError::UploadPanicked),
                     })
                 })
             })
@@ -680,20 +802,15 @@ fn parse_entry(
     bytes: &[u8],
     trusted: &[PublicKey],
 ) -> Result<CacheEntry, CacheError> {
-    let entry: CacheEntry = serde_json::from_slice(bytes).map_err(|e| CacheError::BadEntry {
+    let bad = |source: EntryError| CacheError::BadEntry {
         drv: drv_hash.into(),
-        msg: format!("not valid JSON: {e}"),
-    })?;
+        source: Box::new(source),
+    };
+    let entry: CacheEntry = serde_json::from_slice(bytes).map_err(|e| bad(EntryError::Json(e)))?;
     if entry.body.drv_hash != drv_hash {
-        return Err(CacheError::BadEntry {
-            drv: drv_hash.into(),
-            msg: format!("the entry is for {}", entry.body.drv_hash),
-        });
+        return Err(bad(EntryError::OtherDerivation(entry.body.drv_hash)));
     }
-    entry.verify(trusted).map_err(|msg| CacheError::BadEntry {
-        drv: drv_hash.into(),
-        msg,
-    })?;
+    entry.verify(trusted).map_err(|e| bad(e.into()))?;
     Ok(entry)
 }
 
@@ -705,9 +822,9 @@ fn parse_entry(
 /// holds setuid, setgid or sticky bits (real modes live in the sidecar).
 pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result<(), CacheError> {
     let drv = &entry.body.drv_hash;
-    let bad = |msg: String| CacheError::BadEntry {
+    let bad = |source: EntryError| CacheError::BadEntry {
         drv: drv.clone(),
-        msg,
+        source: Box::new(source),
     };
     let at = |rel: &str| {
         if rel.is_empty() {
@@ -734,20 +851,18 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
             && !rel.is_empty()
             || rel.starts_with('/')
         {
-            return Err(bad(format!("path {rel:?} escapes the output")));
+            return Err(bad(EntryError::Escapes(rel.to_owned())));
         }
         if !rel.is_empty() {
             let parent = rel.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
             if !dirs.contains(parent) {
-                return Err(bad(format!(
-                    "{rel:?} is not inside a directory of the output"
-                )));
+                return Err(bad(EntryError::OutsideDirectory(rel.to_owned())));
             }
         } else if !matches!(node, CacheNode::Dir { .. } | CacheNode::File { .. }) {
-            return Err(bad("the output itself must be a file or a directory".into()));
+            return Err(bad(EntryError::RootNotFileOrDirectory));
         }
         if !paths.insert(rel) {
-            return Err(bad(format!("{rel:?} is listed twice")));
+            return Err(bad(EntryError::ListedTwice(rel.to_owned())));
         }
         let p = at(rel);
         match node {
@@ -769,7 +884,12 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
                     blake3: blake3.clone(),
                     size: *size,
                 };
-                blob.check().map_err(|e| bad(format!("{rel}: {e}")))?;
+                blob.check().map_err(|source| {
+                    bad(EntryError::Digest {
+                        path: rel.to_owned(),
+                        source,
+                    })
+                })?;
                 files.push((rel, *mode, blob));
             }
             CacheNode::Symlink { target, .. } => {
@@ -780,10 +900,13 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
     }
     let check = |rel: &str, blob: &BlobRef, actual: String, n: u64| {
         if actual != blob.sha256 || n != blob.size {
-            Err(bad(format!(
-                "{rel}: blob sha256 {actual} ({n} bytes), the signed entry says {} ({} bytes)",
-                blob.sha256, blob.size
-            )))
+            Err(bad(EntryError::BlobMismatch {
+                path: rel.to_owned(),
+                actual,
+                actual_size: n,
+                sha256: blob.sha256.clone(),
+                size: blob.size,
+            }))
         } else {
             Ok(())
         }
@@ -806,7 +929,7 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
     cache.get_small_blobs(&wanted, &mut |i, bytes| {
         let blob = wanted
             .get(i)
-            .ok_or_else(|| bad(format!("the cache answered a blob not asked for (#{i})")))?;
+            .ok_or_else(|| bad(EntryError::UnaskedBlob(i)))?;
         for (rel, mode) in &by_blob[blob] {
             check(
                 rel,
@@ -822,10 +945,7 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
         Ok(())
     })?;
     if let Some(i) = got.iter().position(|g| !g) {
-        return Err(bad(format!(
-            "the cache did not send blob {}",
-            wanted[i].sha256
-        )));
+        return Err(bad(EntryError::MissingBlob(wanted[i].sha256.clone())));
     }
     for (rel, mode, blob) in large {
         let p = at(rel);
@@ -841,15 +961,14 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
     for (rel, target) in hardlinks {
         let target_is_file = files.iter().any(|f| f.0 == target);
         if !target_is_file {
-            return Err(bad(format!(
-                "hardlink target {target:?} is not a file of the output"
-            )));
+            return Err(bad(EntryError::HardlinkTarget(target.to_owned())));
         }
         let p = at(rel);
         fs::hard_link(dest.join(target), &p).map_err(io(p.display()))?
     }
     if let Some(meta) = &entry.body.meta {
-        meta.write(&sidecar(dest)).map_err(|e| bad(e.to_string()))?;
+        meta.write(&sidecar(dest))
+            .map_err(|e| bad(EntryError::Sidecar(e)))?;
     }
     Ok(())
 }

@@ -34,10 +34,10 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use super::{BinaryCache, BlobRef, BlobSink, CacheError, RawEntry};
+use super::{BinaryCache, BlobRef, BlobSink, CacheError, EntryError, RawEntry};
 
 /// The output file of an entry's ActionResult.
-const ENTRY_FILE: &str = "rbuild-entry.json";
+pub(super) const ENTRY_FILE: &str = "rbuild-entry.json";
 /// Largest gRPC message this client accepts.
 const MAX_MESSAGE: usize = 64 << 20;
 /// ByteStream chunk size.
@@ -70,7 +70,129 @@ pub struct GrpcCache {
     /// runtime).
     rt: Option<tokio::runtime::Runtime>,
     channel: Channel,
-    caps: OnceLock<Result<Caps, String>>,
+    caps: OnceLock<Result<Caps, Arc<GrpcError>>>,
+}
+
+/// Why a REAPI cache failed: the message after "binary cache URL: ".
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    #[error("expected grpc://HOST:PORT or grpcs://HOST:PORT, optionally followed by /INSTANCE")]
+    BadUrl,
+    #[error("starting the gRPC client: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("{0}")]
+    Endpoint(#[source] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("the gRPC client stopped")]
+    ClientStopped,
+    /// The first `GetCapabilities` failed: remembered, and not asked again in this run.
+    #[error(transparent)]
+    Capabilities(Arc<GrpcError>),
+    #[error("GetCapabilities: the server has no CAS")]
+    NoCas,
+    #[error("the server supports neither SHA-256 nor BLAKE3 digests (it lists {0:?})")]
+    NoDigestFunction(Vec<String>),
+    #[error("the server does not allow ActionCache updates (BuildGrid: allow-updates: true on its action cache)")]
+    NoActionCacheUpdates,
+    #[error(transparent)]
+    Status(#[from] RpcStatus),
+    #[error("{what}: no answer within {secs} s")]
+    Timeout { what: String, secs: u64 },
+    #[error("{what}: stalled for {secs} s")]
+    Stalled { what: String, secs: u64 },
+    #[error("{what}: more than the {size} bytes asked for")]
+    TooLong { what: String, size: i64 },
+    #[error("{what}: the server committed {committed} of {size} bytes")]
+    Committed {
+        what: String,
+        committed: i64,
+        size: i64,
+    },
+    /// A batch request's status for one blob.
+    #[error("{what}: blob {hash}/{size}: {}", rpc_status(.status))]
+    Blob {
+        what: &'static str,
+        hash: String,
+        size: i64,
+        status: bazel_remote_apis::google::rpc::Status,
+    },
+    #[error("BatchReadBlobs: no answer for {0}")]
+    NoAnswer(String),
+    #[error("the server sent blob {0} not asked for")]
+    UnaskedBlob(String),
+    #[error("blob {0} has no BLAKE3 digest (its entry predates them), and the server uses BLAKE3")]
+    NoBlake3(String),
+    /// A file (or the entry) being uploaded could not be read.
+    #[error("{label}: {source}")]
+    Read {
+        label: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{label}: {got} bytes, expected {expected} (changed while uploading?)")]
+    Changed {
+        label: String,
+        got: i64,
+        expected: i64,
+    },
+    #[error("{what}: {source}")]
+    Task {
+        what: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("the reader went away")]
+    ReaderGone,
+    #[error("writing blob {sha256}: {source}")]
+    Write {
+        sha256: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A request's error status. The message names the request, the status code and the server's
+/// message, and keeps the useful part of the status's source chain ("Connection refused"),
+/// which stays reachable as [`std::error::Error::source`].
+#[derive(Debug)]
+pub struct RpcStatus {
+    what: String,
+    status: tonic::Status,
+}
+
+impl std::fmt::Display for RpcStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.status;
+        let mut msg = format!("{}: {:?}", self.what, s.code());
+        if !s.message().is_empty() {
+            msg += &format!(": {}", s.message());
+        }
+        // Transport failures keep the useful part ("Connection refused") in the source chain.
+        let mut source = std::error::Error::source(s);
+        while let Some(e) = source {
+            let text = e.to_string();
+            if !msg.contains(&text) {
+                msg += &format!(": {text}");
+            }
+            source = e.source();
+        }
+        f.write_str(&msg)
+    }
+}
+
+impl std::error::Error for RpcStatus {
+    /// The status's own source: its text is in the message already, unlike the status's
+    /// `Display` (code, message, details and metadata).
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.status)
+    }
+}
+
+/// For a task of the client's runtime that panicked or was cancelled.
+fn task(what: impl Into<String>) -> impl FnOnce(tokio::task::JoinError) -> GrpcError {
+    let what = what.into();
+    move |source| GrpcError::Task { what, source }
 }
 
 impl Drop for GrpcCache {
@@ -81,21 +203,11 @@ impl Drop for GrpcCache {
     }
 }
 
-fn status(what: &str, s: tonic::Status) -> String {
-    let mut msg = format!("{what}: {:?}", s.code());
-    if !s.message().is_empty() {
-        msg += &format!(": {}", s.message());
-    }
-    // Transport failures keep the useful part ("Connection refused") in the source chain.
-    let mut source = std::error::Error::source(&s);
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !msg.contains(&text) {
-            msg += &format!(": {text}");
-        }
-        source = e.source();
-    }
-    msg
+fn status(what: &str, status: tonic::Status) -> GrpcError {
+    GrpcError::Status(RpcStatus {
+        what: what.to_owned(),
+        status,
+    })
 }
 
 /// A per-blob status of a batch answer: its code's name, and the server's message if any.
@@ -120,9 +232,9 @@ fn prefix(instance: &str) -> String {
 impl GrpcCache {
     /// A client for `url`. Nothing is contacted until the first request.
     pub fn new(url: &str) -> Result<GrpcCache, CacheError> {
-        let bad = |msg: String| CacheError::Backend {
+        let bad = |e: GrpcError| CacheError::Backend {
             url: url.to_owned(),
-            msg,
+            source: Box::new(e.into()),
         };
         let (tls, rest) = if let Some(r) = url.strip_prefix("grpcs://") {
             (true, r)
@@ -133,20 +245,17 @@ impl GrpcCache {
         };
         let (authority, instance) = rest.split_once('/').unwrap_or((rest, ""));
         if authority.is_empty() || !authority.contains(':') {
-            return Err(bad(
-                "expected grpc://HOST:PORT or grpcs://HOST:PORT, optionally followed by /INSTANCE"
-                    .into(),
-            ));
+            return Err(bad(GrpcError::BadUrl));
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("rbuild-reapi")
             .enable_all()
             .build()
-            .map_err(|e| bad(format!("starting the gRPC client: {e}")))?;
+            .map_err(|e| bad(GrpcError::Runtime(e)))?;
         let scheme = if tls { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{authority}"))
-            .map_err(|e| bad(e.to_string()))?
+            .map_err(|e| bad(GrpcError::Endpoint(e)))?
             .connect_timeout(super::timeout())
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
@@ -154,7 +263,7 @@ impl GrpcCache {
         if tls {
             endpoint = endpoint
                 .tls_config(ClientTlsConfig::new().with_native_roots())
-                .map_err(|e| bad(format!("TLS: {e}")))?;
+                .map_err(|e| bad(GrpcError::Tls(e)))?;
         }
         let channel = {
             let _guard = rt.enter();
@@ -173,16 +282,14 @@ impl GrpcCache {
         if ctx.caps.ac_update {
             Ok(())
         } else {
-            Err(self.err(
-                "the server does not allow ActionCache updates (BuildGrid: allow-updates: true on its action cache)",
-            ))
+            Err(self.err(GrpcError::NoActionCacheUpdates))
         }
     }
 
-    fn err(&self, msg: impl std::fmt::Display) -> CacheError {
+    fn err(&self, e: GrpcError) -> CacheError {
         CacheError::Backend {
             url: self.url.clone(),
-            msg: msg.to_string(),
+            source: Box::new(e.into()),
         }
     }
 
@@ -193,21 +300,20 @@ impl GrpcCache {
     /// Run `fut` on this cache's runtime and wait for it from this (any) thread.
     fn run<T: Send + 'static>(
         &self,
-        fut: impl Future<Output = Result<T, String>> + Send + 'static,
+        fut: impl Future<Output = Result<T, GrpcError>> + Send + 'static,
     ) -> Result<T, CacheError> {
-        self.run_raw(fut).map_err(|m| self.err(m))
+        self.run_raw(fut).map_err(|e| self.err(e))
     }
 
     fn run_raw<T: Send + 'static>(
         &self,
-        fut: impl Future<Output = Result<T, String>> + Send + 'static,
-    ) -> Result<T, String> {
+        fut: impl Future<Output = Result<T, GrpcError>> + Send + 'static,
+    ) -> Result<T, GrpcError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.rt().spawn(async move {
             let _ = tx.send(fut.await);
         });
-        rx.recv()
-            .map_err(|_| "the gRPC client stopped".to_owned())?
+        rx.recv().map_err(|_| GrpcError::ClientStopped)?
     }
 
     fn ctx(&self) -> Result<Ctx, CacheError> {
@@ -223,25 +329,25 @@ impl GrpcCache {
                     let req = re::GetCapabilitiesRequest {
                         instance_name: instance,
                     };
-                    let caps = match timed("GetCapabilities", client.get_capabilities(req)).await
-                    {
+                    let caps = match timed("GetCapabilities", client.get_capabilities(req)).await {
                         Ok(r) => r.into_inner().cache_capabilities,
                         Err(e) => return Err(e),
                     };
                     let Some(caps) = caps else {
-                        return Err("GetCapabilities: the server has no CAS".into());
+                        return Err(GrpcError::NoCas);
                     };
                     let fns = &caps.digest_functions;
                     let blake3 = fns.contains(&(DigestFunction::Blake3 as i32));
                     if !blake3 && !fns.is_empty() && !fns.contains(&(DigestFunction::Sha256 as i32))
                     {
-                        return Err(format!(
-                            "the server supports neither SHA-256 nor BLAKE3 digests (it lists {:?})",
+                        return Err(GrpcError::NoDigestFunction(
                             fns.iter()
-                                .map(|f| DigestFunction::try_from(*f)
-                                    .map(|v| v.as_str_name().to_owned())
-                                    .unwrap_or_else(|_| f.to_string()))
-                                .collect::<Vec<_>>()
+                                .map(|f| {
+                                    DigestFunction::try_from(*f)
+                                        .map(|v| v.as_str_name().to_owned())
+                                        .unwrap_or_else(|_| f.to_string())
+                                })
+                                .collect(),
                         ));
                     }
                     // Leave room for the request's own fields.
@@ -261,9 +367,10 @@ impl GrpcCache {
                             .is_some_and(|c| c.update_enabled),
                     })
                 })
+                .map_err(Arc::new)
             })
             .as_ref()
-            .map_err(|m| self.err(m))?;
+            .map_err(|e| self.err(GrpcError::Capabilities(e.clone())))?;
         Ok(Ctx {
             instance: self.instance.clone(),
             caps,
@@ -284,13 +391,13 @@ impl GrpcCache {
 async fn timed<T>(
     what: &str,
     fut: impl Future<Output = Result<T, tonic::Status>>,
-) -> Result<T, String> {
+) -> Result<T, GrpcError> {
     match tokio::time::timeout(super::timeout(), fut).await {
         Ok(r) => r.map_err(|s| status(what, s)),
-        Err(_) => Err(format!(
-            "{what}: no answer within {} s",
-            super::timeout().as_secs()
-        )),
+        Err(_) => Err(GrpcError::Timeout {
+            what: what.to_owned(),
+            secs: super::timeout().as_secs(),
+        }),
     }
 }
 
@@ -358,14 +465,11 @@ impl Ctx {
     }
 
     /// The server's address of a blob.
-    fn digest(&self, b: &BlobRef) -> Result<re::Digest, String> {
+    fn digest(&self, b: &BlobRef) -> Result<re::Digest, GrpcError> {
         let hash = if self.caps.blake3 {
-            b.blake3.clone().ok_or_else(|| {
-                format!(
-                    "blob {} has no BLAKE3 digest (its entry predates them), and the server uses BLAKE3",
-                    b.sha256
-                )
-            })?
+            b.blake3
+                .clone()
+                .ok_or_else(|| GrpcError::NoBlake3(b.sha256.clone()))?
         } else {
             b.sha256.clone()
         };
@@ -408,7 +512,10 @@ impl Ctx {
         )
     }
 
-    async fn find_missing(&mut self, digests: Vec<re::Digest>) -> Result<Vec<re::Digest>, String> {
+    async fn find_missing(
+        &mut self,
+        digests: Vec<re::Digest>,
+    ) -> Result<Vec<re::Digest>, GrpcError> {
         let mut missing = Vec::new();
         for chunk in digests.chunks(FIND_BATCH) {
             let req = re::FindMissingBlobsRequest {
@@ -422,7 +529,7 @@ impl Ctx {
         Ok(missing)
     }
 
-    async fn batch_update(&mut self, blobs: Vec<(re::Digest, Vec<u8>)>) -> Result<(), String> {
+    async fn batch_update(&mut self, blobs: Vec<(re::Digest, Vec<u8>)>) -> Result<(), GrpcError> {
         let req = re::BatchUpdateBlobsRequest {
             instance_name: self.instance.clone(),
             requests: blobs
@@ -439,12 +546,12 @@ impl Ctx {
         for r in resp.into_inner().responses {
             if let Some(s) = r.status.filter(|s| s.code != 0) {
                 let d = r.digest.unwrap_or_default();
-                return Err(format!(
-                    "BatchUpdateBlobs: blob {}/{}: {}",
-                    d.hash,
-                    d.size_bytes,
-                    rpc_status(&s)
-                ));
+                return Err(GrpcError::Blob {
+                    what: "BatchUpdateBlobs",
+                    hash: d.hash,
+                    size: d.size_bytes,
+                    status: s,
+                });
             }
         }
         Ok(())
@@ -453,7 +560,7 @@ impl Ctx {
     async fn batch_read(
         &mut self,
         digests: Vec<re::Digest>,
-    ) -> Result<Vec<(re::Digest, Vec<u8>)>, String> {
+    ) -> Result<Vec<(re::Digest, Vec<u8>)>, GrpcError> {
         let req = re::BatchReadBlobsRequest {
             instance_name: self.instance.clone(),
             digests,
@@ -465,12 +572,12 @@ impl Ctx {
         for r in resp.into_inner().responses {
             let d = r.digest.unwrap_or_default();
             if let Some(s) = r.status.filter(|s| s.code != 0) {
-                return Err(format!(
-                    "BatchReadBlobs: blob {}/{}: {}",
-                    d.hash,
-                    d.size_bytes,
-                    rpc_status(&s)
-                ));
+                return Err(GrpcError::Blob {
+                    what: "BatchReadBlobs",
+                    hash: d.hash,
+                    size: d.size_bytes,
+                    status: s,
+                });
             }
             out.push((d, r.data));
         }
@@ -481,8 +588,8 @@ impl Ctx {
     async fn read_stream(
         &mut self,
         d: &re::Digest,
-        mut sink: impl FnMut(Vec<u8>) -> Result<(), String>,
-    ) -> Result<(), String> {
+        mut sink: impl FnMut(Vec<u8>) -> Result<(), GrpcError>,
+    ) -> Result<(), GrpcError> {
         let name = format!("{}{}", prefix(&self.instance), self.blob_path(d));
         let req = bs::ReadRequest {
             resource_name: name.clone(),
@@ -498,18 +605,18 @@ impl Ctx {
                 Ok(Ok(None)) => break,
                 Ok(Err(s)) => return Err(status(&what, s)),
                 Err(_) => {
-                    return Err(format!(
-                        "{what}: stalled for {} s",
-                        super::timeout().as_secs()
-                    ))
+                    return Err(GrpcError::Stalled {
+                        what,
+                        secs: super::timeout().as_secs(),
+                    })
                 }
             };
             n += msg.data.len() as u64;
             if n > d.size_bytes as u64 {
-                return Err(format!(
-                    "{what}: more than the {} bytes asked for",
-                    d.size_bytes
-                ));
+                return Err(GrpcError::TooLong {
+                    what,
+                    size: d.size_bytes,
+                });
             }
             sink(msg.data)?;
         }
@@ -517,7 +624,7 @@ impl Ctx {
     }
 
     /// Upload a blob through ByteStream, in [`CHUNK`]s.
-    async fn write_stream(&mut self, d: re::Digest, src: Source) -> Result<(), String> {
+    async fn write_stream(&mut self, d: re::Digest, src: Source) -> Result<(), GrpcError> {
         static UPLOADS: AtomicU64 = AtomicU64::new(0);
         let id = blake3::hash(
             format!(
@@ -550,11 +657,12 @@ impl Ctx {
             tokio::spawn(async move {
                 let (mut file, label, bytes) = match src {
                     Source::File(path) => (
-                        Some(
-                            tokio::fs::File::open(&path)
-                                .await
-                                .map_err(|e| format!("{}: {e}", path.display()))?,
-                        ),
+                        Some(tokio::fs::File::open(&path).await.map_err(|source| {
+                            GrpcError::Read {
+                                label: path.display().to_string(),
+                                source,
+                            }
+                        })?),
                         path.display().to_string(),
                         Vec::new(),
                     ),
@@ -567,10 +675,12 @@ impl Ctx {
                             let mut buf = vec![0u8; CHUNK];
                             let mut filled = 0;
                             while filled < CHUNK {
-                                let n = f
-                                    .read(&mut buf[filled..])
-                                    .await
-                                    .map_err(|e| format!("{label}: {e}"))?;
+                                let n = f.read(&mut buf[filled..]).await.map_err(|source| {
+                                    GrpcError::Read {
+                                        label: label.clone(),
+                                        source,
+                                    }
+                                })?;
                                 if n == 0 {
                                     break;
                                 }
@@ -607,9 +717,11 @@ impl Ctx {
                     }
                 }
                 if offset != size {
-                    return Err(format!(
-                        "{label}: {offset} bytes, expected {size} (changed while uploading?)"
-                    ));
+                    return Err(GrpcError::Changed {
+                        label,
+                        got: offset,
+                        expected: size,
+                    });
                 }
                 Ok(())
             })
@@ -622,27 +734,32 @@ impl Ctx {
             Ok(r) => r.map_err(|s| status(&what, s))?,
             Err(_) => {
                 reader.abort();
-                return Err(format!("{what}: no answer within {} s", limit.as_secs()));
+                return Err(GrpcError::Timeout {
+                    what,
+                    secs: limit.as_secs(),
+                });
             }
         };
-        reader.await.map_err(|e| format!("{what}: reader: {e}"))??;
+        reader.await.map_err(task(format!("{what}: reader")))??;
         let committed = resp.into_inner().committed_size;
         // A server that already had the blob may stop early and report its full size.
         if committed != size {
-            return Err(format!(
-                "{what}: the server committed {committed} of {size} bytes"
-            ));
+            return Err(GrpcError::Committed {
+                what,
+                committed,
+                size,
+            });
         }
         Ok(())
     }
 
     /// Read a whole blob (batch if it fits, stream otherwise).
-    async fn read_whole(&mut self, d: re::Digest) -> Result<Vec<u8>, String> {
+    async fn read_whole(&mut self, d: re::Digest) -> Result<Vec<u8>, GrpcError> {
         if (d.size_bytes as u64) + PER_BLOB <= self.caps.batch {
             let mut got = self.batch_read(vec![d.clone()]).await?;
             match got.pop() {
                 Some((_, data)) => Ok(data),
-                None => Err(format!("BatchReadBlobs: no answer for {}", d.hash)),
+                None => Err(GrpcError::NoAnswer(d.hash)),
             }
         } else {
             // Grown as bytes arrive, not reserved on the server's word.
@@ -660,7 +777,7 @@ impl Ctx {
     /// blobs independently of ActionCache results (BuildGrid only checks the blobs a result
     /// names, here the entry itself), and a half-evicted output is a miss, not a failure.
     /// Entries that do not parse are left for the caller to report.
-    async fn complete_only(&mut self, mut entries: Vec<Entry>) -> Result<Vec<Entry>, String> {
+    async fn complete_only(&mut self, mut entries: Vec<Entry>) -> Result<Vec<Entry>, GrpcError> {
         let mut wanted: Vec<Vec<String>> = vec![Vec::new(); entries.len()];
         let mut digests = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -701,7 +818,7 @@ impl Ctx {
 
     /// The signed entry of `drv_hash`, if the ActionCache has one. The outer error is the
     /// server's (unreachable, failing); the inner one is about this entry alone.
-    async fn get_entry(mut self, drv_hash: String) -> Result<Entry, String> {
+    async fn get_entry(mut self, drv_hash: String) -> Result<Entry, GrpcError> {
         let (_, action_digest) = self.action(&drv_hash);
         let req = re::GetActionResultRequest {
             instance_name: self.instance.clone(),
@@ -716,16 +833,16 @@ impl Ctx {
                 Ok(Err(s)) if s.code() == tonic::Code::NotFound => return Ok(Ok(None)),
                 Ok(Err(s)) => return Err(status("GetActionResult", s)),
                 Err(_) => {
-                    return Err(format!(
-                        "GetActionResult: no answer within {} s",
-                        super::timeout().as_secs()
-                    ))
+                    return Err(GrpcError::Timeout {
+                        what: "GetActionResult".into(),
+                        secs: super::timeout().as_secs(),
+                    })
                 }
             };
-        let bad = |msg: String| {
+        let bad = |source: EntryError| {
             Ok(Err(CacheError::BadEntry {
                 drv: drv_hash.clone(),
-                msg,
+                source: Box::new(source),
             }))
         };
         let Some(file) = result
@@ -733,13 +850,11 @@ impl Ctx {
             .into_iter()
             .find(|f| f.path == ENTRY_FILE)
         else {
-            return bad(format!(
-                "its ActionResult names no {ENTRY_FILE} (not written by rbuild?)"
-            ));
+            return bad(EntryError::NoEntryFile);
         };
         let d = file.digest.unwrap_or_default();
         if d.size_bytes < 0 || d.size_bytes as u64 > MAX_ENTRY {
-            return bad(format!("the entry claims {} bytes", d.size_bytes));
+            return bad(EntryError::Size(d.size_bytes));
         }
         let bytes = if !file.contents.is_empty() || d.size_bytes == 0 {
             file.contents
@@ -750,15 +865,12 @@ impl Ctx {
             }
             match self.read_whole(d.clone()).await {
                 Ok(b) => b,
-                Err(e) => return bad(e),
+                Err(e) => return bad(EntryError::Read(e)),
             }
         };
         // Entries are checked against their signature later; this catches transport damage.
         if self.digest_of(&bytes) != d {
-            return bad(format!(
-                "the entry blob does not match its digest {}",
-                d.hash
-            ));
+            return bad(EntryError::EntryDigest(d.hash));
         }
         Ok(Ok(Some(bytes)))
     }
@@ -797,7 +909,7 @@ impl BinaryCache for GrpcCache {
             }
             let mut out: Vec<Entry> = (0..n).map(|_| Ok(None)).collect();
             while let Some(r) = tasks.join_next().await {
-                let (i, r) = r.map_err(|e| format!("lookup task: {e}"))?;
+                let (i, r) = r.map_err(task("lookup task"))?;
                 out[i] = r?;
             }
             ctx.complete_only(out).await
@@ -863,7 +975,7 @@ impl BinaryCache for GrpcCache {
         let mut by_hash: HashMap<String, BlobRef> = HashMap::new();
         let mut digests = Vec::with_capacity(blobs.len());
         for b in blobs {
-            let d = ctx.digest(b).map_err(|m| self.err(m))?;
+            let d = ctx.digest(b).map_err(|e| self.err(e))?;
             by_hash.insert(d.hash.clone(), b.clone());
             digests.push(d);
         }
@@ -876,7 +988,7 @@ impl BinaryCache for GrpcCache {
 
     fn get_blob(&self, blob: &BlobRef, dest: &mut dyn Write) -> Result<(), CacheError> {
         let mut ctx = self.ctx()?;
-        let d = ctx.digest(blob).map_err(|m| self.err(m))?;
+        let d = ctx.digest(blob).map_err(|e| self.err(e))?;
         // The stream is read on the runtime; chunks come here through a short queue so a slow
         // disk holds the download back instead of filling memory.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
@@ -886,7 +998,7 @@ impl BinaryCache for GrpcCache {
                 .read_stream(&d, |chunk| {
                     // Waiting for the writer must not hold up this runtime's other work.
                     tokio::task::block_in_place(|| tx.send(chunk))
-                        .map_err(|_| "the reader went away".to_owned())
+                        .map_err(|_| GrpcError::ReaderGone)
                 })
                 .await;
             drop(tx);
@@ -895,13 +1007,16 @@ impl BinaryCache for GrpcCache {
         for chunk in rx {
             if let Err(e) = dest.write_all(&chunk) {
                 task.abort();
-                return Err(self.err(format!("writing blob {}: {e}", blob.sha256)));
+                return Err(self.err(GrpcError::Write {
+                    sha256: blob.sha256.clone(),
+                    source: e,
+                }));
             }
         }
         done_rx
             .recv()
-            .map_err(|_| self.err("the gRPC client stopped"))?
-            .map_err(|m| self.err(m))
+            .map_err(|_| self.err(GrpcError::ClientStopped))?
+            .map_err(|e| self.err(e))
     }
 
     fn get_small_blobs(&self, blobs: &[BlobRef], sink: &mut BlobSink) -> Result<(), CacheError> {
@@ -909,12 +1024,13 @@ impl BinaryCache for GrpcCache {
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut digests = Vec::with_capacity(blobs.len());
         for (i, b) in blobs.iter().enumerate() {
-            let d = ctx.digest(b).map_err(|m| self.err(m))?;
+            let d = ctx.digest(b).map_err(|e| self.err(e))?;
             index.insert(d.hash.clone(), i);
             digests.push((b.size, d));
         }
         let (batches, streamed) = plan_batches(digests, ctx.caps.batch, ctx.caps.batch);
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(re::Digest, Vec<u8>), String>>(64);
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<Result<(re::Digest, Vec<u8>), GrpcError>>(64);
         // Aborting this task drops its JoinSet, which aborts every read still running.
         let coordinator = self.rt().spawn(async move {
             let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL / 2));
@@ -949,10 +1065,10 @@ impl BinaryCache for GrpcCache {
         });
         let deliver = || -> Result<(), CacheError> {
             for r in rx {
-                let (d, data) = r.map_err(|m| self.err(m))?;
-                let i = *index.get(&d.hash).ok_or_else(|| {
-                    self.err(format!("the server sent blob {} not asked for", d.hash))
-                })?;
+                let (d, data) = r.map_err(|e| self.err(e))?;
+                let i = *index
+                    .get(&d.hash)
+                    .ok_or_else(|| self.err(GrpcError::UnaskedBlob(d.hash.clone())))?;
                 sink(i, data)?;
             }
             Ok(())
@@ -974,7 +1090,7 @@ impl BinaryCache for GrpcCache {
         self.can_publish(&ctx)?;
         let mut files = Vec::with_capacity(blobs.len());
         for (b, p) in blobs {
-            files.push((b.size, (ctx.digest(b).map_err(|m| self.err(m))?, p.clone())));
+            files.push((b.size, (ctx.digest(b).map_err(|e| self.err(e))?, p.clone())));
         }
         let (batches, streamed) =
             plan_batches(files, ctx.caps.batch, ctx.caps.batch.min(super::SMALL_BLOB));
@@ -999,25 +1115,27 @@ impl BinaryCache for GrpcCache {
                     for (d, p) in job {
                         let data = tokio::fs::read(&p)
                             .await
-                            .map_err(|e| format!("{}: {e}", p.display()))?;
+                            .map_err(|source| GrpcError::Read {
+                                label: p.display().to_string(),
+                                source,
+                            })?;
                         if data.len() as i64 != d.size_bytes {
-                            return Err(format!(
-                                "{}: {} bytes, expected {} (changed while uploading?)",
-                                p.display(),
-                                data.len(),
-                                d.size_bytes
-                            ));
+                            return Err(GrpcError::Changed {
+                                label: p.display().to_string(),
+                                got: data.len() as i64,
+                                expected: d.size_bytes,
+                            });
                         }
                         blobs.push((d, data));
                     }
                     ctx.batch_update(blobs).await
                 });
                 while let Some(r) = tasks.try_join_next() {
-                    r.map_err(|e| format!("upload task: {e}"))??;
+                    r.map_err(task("upload task"))??;
                 }
             }
             while let Some(r) = tasks.join_next().await {
-                r.map_err(|e| format!("upload task: {e}"))??;
+                r.map_err(task("upload task"))??;
             }
             Ok(())
         })

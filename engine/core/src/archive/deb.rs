@@ -91,7 +91,11 @@ pub fn unpack_deb(deb: &Path, out: &Path) -> Result<TreeMeta, ArchiveError> {
                     ));
                 };
                 let reader =
-                    decoder(&mut member, suffix).map_err(|problem| member_err(&ident, problem))?;
+                    decoder(&mut member, suffix).map_err(|source| ArchiveError::Decoder {
+                        archive: archive.clone(),
+                        member: ident.clone(),
+                        source,
+                    })?;
                 let root = out.join(kind);
                 fs::create_dir(&root).map_err(|e| ArchiveError::io(&root, e))?;
                 meta.entries.insert(kind.to_owned(), default_dir_meta(0));
@@ -129,22 +133,31 @@ fn default_dir_meta(mtime: i64) -> EntryMeta {
     EntryMeta::root(0o755, mtime)
 }
 
+/// Why a member cannot be decompressed.
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderError {
+    #[error("cannot set up an lzma decoder: {0}")]
+    Lzma(#[source] xz2::stream::Error),
+    #[error("cannot set up a zstd decoder: {0}")]
+    Zstd(#[source] io::Error),
+    /// The suffix after `.tar`.
+    #[error("unsupported compression {0:?}")]
+    Unsupported(String),
+}
+
 /// A streaming decompressor for a member, chosen by the suffix after `.tar`.
-fn decoder<'a, R: Read + 'a>(r: R, suffix: &str) -> Result<Box<dyn Read + 'a>, String> {
+fn decoder<'a, R: Read + 'a>(r: R, suffix: &str) -> Result<Box<dyn Read + 'a>, DecoderError> {
     Ok(match suffix {
         "" => Box::new(r),
         ".gz" => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(r))),
         ".xz" => Box::new(xz2::read::XzDecoder::new_multi_decoder(r)),
         ".lzma" => {
-            let stream = xz2::stream::Stream::new_lzma_decoder(u64::MAX)
-                .map_err(|e| format!("cannot set up an lzma decoder: {e}"))?;
+            let stream =
+                xz2::stream::Stream::new_lzma_decoder(u64::MAX).map_err(DecoderError::Lzma)?;
             Box::new(xz2::read::XzDecoder::new_stream(r, stream))
         }
-        ".zst" => Box::new(
-            zstd::stream::read::Decoder::new(r)
-                .map_err(|e| format!("cannot set up a zstd decoder: {e}"))?,
-        ),
-        other => return Err(format!("unsupported compression {other:?}")),
+        ".zst" => Box::new(zstd::stream::read::Decoder::new(r).map_err(DecoderError::Zstd)?),
+        other => return Err(DecoderError::Unsupported(other.to_owned())),
     })
 }
 
@@ -217,7 +230,12 @@ impl Extractor<'_> {
         if etype.is_pax_global_extensions() {
             return Ok(());
         }
-        let rel = normalize(&raw).map_err(|p| self.entry_err(&shown, p))?;
+        let rel = normalize(&raw).map_err(|source| ArchiveError::EntryPath {
+            archive: self.archive.to_owned(),
+            member: self.member.to_owned(),
+            entry: shown.clone(),
+            source,
+        })?;
 
         let header = entry.header();
         let bad =
@@ -434,14 +452,12 @@ impl Extractor<'_> {
         target: Option<Vec<u8>>,
     ) -> Result<(), ArchiveError> {
         let raw = target.unwrap_or_default();
-        let target = normalize(&raw).map_err(|p| {
-            self.entry_err(
-                shown,
-                format!(
-                    "is a hardlink to {:?} which {p}",
-                    String::from_utf8_lossy(&raw)
-                ),
-            )
+        let target = normalize(&raw).map_err(|source| ArchiveError::LinkTarget {
+            archive: self.archive.to_owned(),
+            member: self.member.to_owned(),
+            entry: shown.to_owned(),
+            target: String::from_utf8_lossy(&raw).into_owned(),
+            source,
         })?;
         if target == rel || self.kinds.get(&target) != Some(&Kind::File) {
             return Err(self.entry_err(
@@ -471,22 +487,34 @@ impl Extractor<'_> {
     }
 }
 
+/// Why a tar path is refused; the message completes "entry "…" …".
+#[derive(Debug, thiserror::Error)]
+pub enum UnsafePath {
+    #[error("is an absolute path: refused")]
+    Absolute,
+    #[error("contains a NUL byte: refused")]
+    Nul,
+    #[error("is not valid UTF-8: refused")]
+    NotUtf8,
+    #[error("escapes the root: refused")]
+    Escapes,
+}
+
 /// A tar path as a clean relative path: `./usr//bin/` → `usr/bin`, `./` → `""`. Refuses absolute
-/// paths, `..`, NUL bytes and non-UTF-8 names (metadata keys are strings); the error completes
-/// "entry "…" …".
-fn normalize(raw: &[u8]) -> Result<String, String> {
+/// paths, `..`, NUL bytes and non-UTF-8 names (metadata keys are strings).
+fn normalize(raw: &[u8]) -> Result<String, UnsafePath> {
     if raw.first() == Some(&b'/') {
-        return Err("is an absolute path: refused".into());
+        return Err(UnsafePath::Absolute);
     }
     if raw.contains(&0) {
-        return Err("contains a NUL byte: refused".into());
+        return Err(UnsafePath::Nul);
     }
-    let s = std::str::from_utf8(raw).map_err(|_| "is not valid UTF-8: refused".to_owned())?;
+    let s = std::str::from_utf8(raw).map_err(|_| UnsafePath::NotUtf8)?;
     let mut parts = Vec::new();
     for c in s.split('/') {
         match c {
             "" | "." => {}
-            ".." => return Err("escapes the root: refused".into()),
+            ".." => return Err(UnsafePath::Escapes),
             c => parts.push(c),
         }
     }

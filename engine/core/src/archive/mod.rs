@@ -34,6 +34,14 @@ pub enum ArchiveError {
         member: String,
         problem: String,
     },
+    /// A member compressed in a way that cannot be decoded.
+    #[error("{archive}: {}{source}", member_prefix(.member))]
+    Decoder {
+        archive: String,
+        member: String,
+        #[source]
+        source: deb::DecoderError,
+    },
     /// A problem with one entry of an archive member.
     #[error("{archive}: {member}: entry {entry:?} {problem}")]
     Entry {
@@ -42,9 +50,35 @@ pub enum ArchiveError {
         entry: String,
         problem: String,
     },
+    /// An entry whose path is refused.
+    #[error("{archive}: {member}: entry {entry:?} {source}")]
+    EntryPath {
+        archive: String,
+        member: String,
+        entry: String,
+        #[source]
+        source: deb::UnsafePath,
+    },
+    /// A hardlink entry whose target's path is refused.
+    #[error("{archive}: {member}: entry {entry:?} is a hardlink to {target:?} which {source}")]
+    LinkTarget {
+        archive: String,
+        member: String,
+        entry: String,
+        target: String,
+        #[source]
+        source: deb::UnsafePath,
+    },
     /// A problem with one path of a tree being archived.
     #[error("{}: {problem}", path.display())]
     Tree { path: PathBuf, problem: String },
+    /// A digest or name given for a path of an OCI layout is not one.
+    #[error("{}: {source}", path.display())]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: oci::Malformed,
+    },
     /// A compression or encoding step failed.
     #[error("{what}: {problem}")]
     Codec { what: String, problem: String },

@@ -84,7 +84,7 @@ pub fn write_layout(
     ref_name: Option<&str>,
 ) -> Result<String, ArchiveError> {
     if let Some(r) = ref_name {
-        check_ref_name(r).map_err(|p| ArchiveError::tree(out, p))?;
+        check_ref_name(r).map_err(malformed(out))?;
     }
     let blobs = out.join("blobs").join("sha256");
     fs::create_dir_all(&blobs).map_err(|e| ArchiveError::io(&blobs, e))?;
@@ -94,7 +94,7 @@ pub fn write_layout(
     )?;
 
     for layer in layers {
-        check_digest(&layer.diff_id).map_err(|p| ArchiveError::tree(&layer.blob_path, p))?;
+        check_digest(&layer.diff_id).map_err(malformed(&layer.blob_path))?;
         copy_blob(layer, &blobs)?;
     }
 
@@ -312,32 +312,48 @@ fn write_json_blob<'a, T: Serialize>(
     })
 }
 
+/// A digest or reference name that is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum Malformed {
+    #[error("{0:?} is not a sha256 digest")]
+    Digest(String),
+    #[error("{0:?} is not a valid OCI reference name")]
+    RefName(String),
+}
+
 /// `sha256:` followed by 64 lowercase hex digits; returns the hex.
-fn check_digest(d: &str) -> Result<&str, String> {
+fn check_digest(d: &str) -> Result<&str, Malformed> {
     match d.strip_prefix("sha256:") {
         Some(h) if h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
             Ok(h)
         }
-        _ => Err(format!("{d:?} is not a sha256 digest")),
+        _ => Err(Malformed::Digest(d.to_owned())),
     }
 }
 
 /// The ref.name grammar of the image-layout spec, loosely: non-empty, of `A-Za-z0-9._:@/+-`.
-fn check_ref_name(r: &str) -> Result<(), String> {
+fn check_ref_name(r: &str) -> Result<(), Malformed> {
     let ok = !r.is_empty()
         && r.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._:@/+-".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(format!("{r:?} is not a valid OCI reference name"))
+        Err(Malformed::RefName(r.to_owned()))
+    }
+}
+
+fn malformed(path: &Path) -> impl FnOnce(Malformed) -> ArchiveError + '_ {
+    move |source| ArchiveError::Malformed {
+        path: path.to_owned(),
+        source,
     }
 }
 
 /// Copy a layer blob into `blobs`, hashing on the way, and check it against its descriptor.
 fn copy_blob(layer: &Layer, blobs: &Path) -> Result<(), ArchiveError> {
     let src = &layer.blob_path;
-    let hex = check_digest(&layer.digest).map_err(|p| ArchiveError::tree(src, p))?;
+    let hex = check_digest(&layer.digest).map_err(malformed(src))?;
     let dst = blobs.join(hex);
     let tmp = blobs.join(format!(".{hex}.tmp"));
     let res = (|| {

@@ -123,7 +123,11 @@ impl Builtins {
                         code
                     }
                     None => {
-                        let _ = writeln!(std::io::stderr(), "error: {e:#}");
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "error: {}",
+                            crate::errors::chain(e.as_ref())
+                        );
                         1
                     }
                 },

@@ -28,8 +28,27 @@ pub enum IdMap {
     },
 }
 
+/// Why writing a sandbox's id map failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("running {tool}: {source}")]
+    Run {
+        tool: String,
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Refused { command: String, stderr: String },
+    #[error("id mapper thread panicked")]
+    Panicked,
+}
+
 impl IdMap {
-    pub(super) fn apply(&self, pid: i32) -> Result<(), String> {
+    pub(super) fn apply(&self, pid: i32) -> Result<(), MapError> {
         match self {
             IdMap::Root => {
                 // Two extents, as an unprivileged sandbox's own map has (0 → the user, 1… →
@@ -38,7 +57,10 @@ impl IdMap {
                 let line = format!("0 0 1\n1 1 {}\n", RANGE - 1);
                 for f in ["uid_map", "gid_map"] {
                     let p = format!("/proc/{pid}/{f}");
-                    fs::write(&p, &line).map_err(|e| format!("writing {p}: {e}"))?;
+                    fs::write(&p, &line).map_err(|source| MapError::Write {
+                        path: p.clone(),
+                        source,
+                    })?;
                 }
                 Ok(())
             }
@@ -63,14 +85,15 @@ impl IdMap {
                             &n.to_string(),
                         ])
                         .output()
-                        .map_err(|e| format!("running {}: {e}", tool.display()))?;
+                        .map_err(|source| MapError::Run {
+                            tool: tool.display().to_string(),
+                            source,
+                        })?;
                     if !out.status.success() {
-                        return Err(format!(
-                            "{} {pid} 0 {own} 1 1 {} {n} failed: {}",
-                            tool.display(),
-                            sub.0,
-                            String::from_utf8_lossy(&out.stderr).trim()
-                        ));
+                        return Err(MapError::Refused {
+                            command: format!("{} {pid} 0 {own} 1 1 {} {n}", tool.display(), sub.0),
+                            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                        });
                     }
                 }
                 Ok(())

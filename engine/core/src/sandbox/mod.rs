@@ -23,7 +23,7 @@ mod ids;
 mod tree;
 
 pub use confine::{cap_names, landlock_abi, Walls, PACKAGE_CAPS, TEST_ONLY_WALLS_VAR};
-pub use ids::{check_support, IdMap};
+pub use ids::{check_support, IdMap, MapError};
 pub use tree::{apply_meta, normalize_tree, read_caps};
 
 use std::ffi::CString;
@@ -51,7 +51,7 @@ pub enum SandboxError {
         source: std::io::Error,
     },
     #[error("setting up the user namespace id map failed: {0}")]
-    IdMap(String),
+    IdMap(ids::MapError),
 }
 
 fn setup(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SandboxError {
@@ -388,7 +388,7 @@ fn spawn_then(
         });
     }
     let map = map.cloned();
-    let mapper = std::thread::spawn(move || -> Result<(), String> {
+    let mapper = std::thread::spawn(move || -> Result<(), ids::MapError> {
         let Some(map) = map else { return Ok(()) };
         let mut ready = fs::File::from(ready_r);
         let mut go = fs::File::from(go_w);
@@ -405,9 +405,7 @@ fn spawn_then(
     // Close our copies of the child's ends so the mapper sees EOF if the child died early.
     drop(ready_w);
     drop(go_r);
-    let mapped = mapper
-        .join()
-        .unwrap_or_else(|_| Err("id mapper thread panicked".into()));
+    let mapped = mapper.join().unwrap_or(Err(ids::MapError::Panicked));
     match (spawned, mapped) {
         (Ok(child), Ok(())) => Ok(child),
         (_, Err(e)) => Err(SandboxError::IdMap(e)),

@@ -110,6 +110,10 @@ struct RealiseArgs {
     /// Refuse to create or update a recipe file's lock (for CI): fail if the recipe changed
     #[arg(long)]
     locked: bool,
+    /// Build with this lock instead of the recipe's own (one `rbuild lock RECIPE --output FILE`
+    /// wrote); it is never rewritten
+    #[arg(long, value_name = "FILE")]
+    lock: Option<PathBuf>,
     /// Sandboxed builds to run at once [default: number of cores]
     #[arg(short = 'j', long)]
     jobs: Option<usize>,
@@ -291,7 +295,7 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
         } => (recipe, store, to, secret_key),
     };
     let (recipe_arg, output) = split_output(&recipe);
-    let expanded = load_locked(recipe_arg, None, true, false)?;
+    let expanded = load_locked(recipe_arg, None, true, false, None)?;
     let target = expanded.output(output)?.clone();
     let store = open_store(store.store)?;
     let cache = rbuild_store::cache::open(&to)?;
@@ -486,7 +490,26 @@ fn load_locked(
     mirror: Option<&str>,
     offline: bool,
     locked: bool,
+    lock_file: Option<&Path>,
 ) -> anyhow::Result<expand::Expanded> {
+    if let Some(file) = lock_file {
+        let loaded = layers::load_any(arg, true)?.with_lock_file(file)?;
+        if let Some((stale, recipe)) = relock::stale(&loaded)? {
+            let why = stale.changes.join("; ");
+            if std::ptr::eq(recipe, &loaded) {
+                bail!(
+                    "{}: the lock does not fit {arg} ({why}); run `rbuild lock {arg} --output {}`",
+                    file.display(),
+                    file.display()
+                );
+            }
+            bail!(
+                "{}: the lock of a recipe below {arg} does not fit it ({why}); realise that recipe once, or run `rbuild lock` on it",
+                stale.lock_path.display()
+            );
+        }
+        return loaded.expand();
+    }
     // Each round re-locks the lowest recipe of the stack that needs it: a base before the
     // recipes standing on it.
     loop {
@@ -522,6 +545,7 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         mirror: mirror_flag,
         offline,
         locked,
+        lock,
         jobs,
         json,
         cache,
@@ -529,7 +553,13 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     } = args;
     let (arg, store, caches) = (recipe.as_str(), store.store, caches(cache)?);
     let (recipe_arg, output) = split_output(arg);
-    let expanded = load_locked(recipe_arg, mirror_flag.as_deref(), offline, locked)?;
+    let expanded = load_locked(
+        recipe_arg,
+        mirror_flag.as_deref(),
+        offline,
+        locked,
+        lock.as_deref(),
+    )?;
     let target = expanded.output(output)?.clone();
     let store = Arc::new(open_store(store)?);
     let jobs = jobs_or_cores(jobs);

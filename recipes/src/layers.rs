@@ -177,6 +177,30 @@ impl AnyRecipe {
         }
     }
 
+    /// This recipe with the lock in `file` instead of its own (`rbuild realise --lock FILE`, with
+    /// a lock `rbuild lock … --output FILE` wrote).
+    pub fn with_lock_file(mut self, file: &Path) -> anyhow::Result<AnyRecipe> {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        match &mut self {
+            AnyRecipe::Debian(l) => {
+                l.lock = Some(
+                    recipe::parse_lock(file, &text)?
+                        .with_context(|| format!("{}: an empty lock", file.display()))?,
+                );
+            }
+            AnyRecipe::Layered { lock, .. } => {
+                *lock = Some(toml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: not a valid lock of a layered recipe: {e}",
+                        file.display()
+                    )
+                })?);
+            }
+        }
+        Ok(self)
+    }
+
     pub fn has_lock(&self) -> bool {
         match self {
             AnyRecipe::Debian(l) => l.lock.is_some(),

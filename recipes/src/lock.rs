@@ -100,8 +100,15 @@ pub fn pin(p: &packages::Package) -> PinnedPackage {
 pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow::Result<Lock> {
     let suite = &recipe.suite;
     let archive = fetch_verified(recipe, keyring, fetcher).await?;
-    let selected =
-        resolve::resolve_debootstrap(&archive.packages, &recipe.architecture, &recipe.include)?;
+    let selected = resolve::resolve_request(
+        &archive.packages,
+        &recipe.architecture,
+        &resolve::Request {
+            include: &recipe.include,
+            also_required: &recipe.also_required,
+            exclude_dependencies: &recipe.exclude_dependencies,
+        },
+    )?;
     if selected.is_empty() {
         bail!("{suite}: resolution selected no packages");
     }

@@ -82,6 +82,13 @@ pub struct Recipe {
     /// Extra packages beyond the variant's set.
     #[serde(default)]
     pub include: Vec<String>,
+    /// debootstrap's adjustments for this suite (its `scripts/debian-common`), as data: packages
+    /// added to the required set (bookworm: `usr-is-merged`)...
+    #[serde(default)]
+    pub also_required: Vec<String>,
+    /// ...and packages never pulled in as a dependency (from bookworm on: `usrmerge`).
+    #[serde(default)]
+    pub exclude_dependencies: Vec<String>,
     #[serde(default = "default_image")]
     pub image: ImageSection,
     #[serde(default)]
@@ -171,6 +178,10 @@ pub struct ResolvedFor {
     pub variant: Variant,
     #[serde(default)]
     pub include: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_required: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_dependencies: Vec<String>,
 }
 
 impl ResolvedFor {
@@ -179,6 +190,8 @@ impl ResolvedFor {
             components: recipe.components.clone(),
             variant: recipe.variant,
             include: recipe.include.clone(),
+            also_required: recipe.also_required.clone(),
+            exclude_dependencies: recipe.exclude_dependencies.clone(),
         }
     }
 }
@@ -237,15 +250,35 @@ struct Builtin {
     keyrings: &'static [(&'static str, &'static [u8])],
 }
 
-const BUILTINS: &[Builtin] = &[Builtin {
-    name: "debian-bullseye",
-    toml: include_str!("../debian-bullseye.toml"),
-    lock: include_str!("../debian-bullseye.lock"),
-    keyrings: &[(
-        "keys/debian-bullseye-archive.asc",
-        include_bytes!("../keys/debian-bullseye-archive.asc"),
-    )],
-}];
+const BUILTINS: &[Builtin] = &[
+    Builtin {
+        name: "debian-bullseye",
+        toml: include_str!("../debian-bullseye.toml"),
+        lock: include_str!("../debian-bullseye.lock"),
+        keyrings: &[(
+            "keys/debian-bullseye-archive.asc",
+            include_bytes!("../keys/debian-bullseye-archive.asc"),
+        )],
+    },
+    Builtin {
+        name: "debian-bookworm",
+        toml: include_str!("../debian-bookworm.toml"),
+        lock: include_str!("../debian-bookworm.lock"),
+        keyrings: &[(
+            "keys/debian-bookworm-archive.asc",
+            include_bytes!("../keys/debian-bookworm-archive.asc"),
+        )],
+    },
+    Builtin {
+        name: "debian-trixie",
+        toml: include_str!("../debian-trixie.toml"),
+        lock: include_str!("../debian-trixie.lock"),
+        keyrings: &[(
+            "keys/debian-trixie-archive.asc",
+            include_bytes!("../keys/debian-trixie-archive.asc"),
+        )],
+    },
+];
 
 pub fn builtin_names() -> Vec<&'static str> {
     BUILTINS.iter().map(|b| b.name).collect()
@@ -348,4 +381,51 @@ fn load_inner(arg: &str, read_lock: bool) -> Result<Loaded, RecipeError> {
         lock,
         path: Some(path),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every built-in recipe carries a lock that fits it: same suite and architecture, resolved
+    /// for exactly the recipe's package request, with the Essential set pinned, and its pinned
+    /// keys are the ones `keys/NAME-archive.fingerprints` lists. (`rbuild lock NAME --output
+    /// recipes/NAME.lock` refreshes one.)
+    #[test]
+    fn builtin_locks_fit_their_recipes() {
+        assert_eq!(
+            builtin_names(),
+            ["debian-bullseye", "debian-bookworm", "debian-trixie"]
+        );
+        for name in builtin_names() {
+            let l = load(name).unwrap();
+            let lock = l.require_lock().unwrap();
+            assert_eq!(
+                lock.resolved,
+                Some(ResolvedFor::of(&l.recipe)),
+                "{name}: the committed lock was resolved for another request"
+            );
+            assert!(lock
+                .inrelease
+                .path
+                .ends_with(&format!("{}/InRelease", l.recipe.suite)));
+            for essential in ["base-files", "dpkg", "libc6", "bash", "coreutils"] {
+                assert!(
+                    lock.packages.iter().any(|p| p.name == essential),
+                    "{name}: {essential} is not pinned"
+                );
+            }
+            let fprs = std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("keys")
+                    .join(format!("{name}-archive.fingerprints")),
+            )
+            .unwrap();
+            let listed: Vec<&str> = fprs
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .collect();
+            assert_eq!(listed, l.recipe.fingerprints, "{name}");
+        }
+    }
 }

@@ -87,6 +87,18 @@ fn stale_debian(l: &Loaded) -> Option<Stale> {
             if was.include != now.include {
                 changes.push(format!("include {:?} → {:?}", was.include, now.include));
             }
+            if was.also_required != now.also_required {
+                changes.push(format!(
+                    "also-required {:?} → {:?}",
+                    was.also_required, now.also_required
+                ));
+            }
+            if was.exclude_dependencies != now.exclude_dependencies {
+                changes.push(format!(
+                    "exclude-dependencies {:?} → {:?}",
+                    was.exclude_dependencies, now.exclude_dependencies
+                ));
+            }
         }
         // A lock from before rbuild recorded what it was resolved for: all it can tell is
         // whether everything the recipe includes is pinned.

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod readme;
+pub mod real;
 pub mod reapi_server;
 /// The one way a test that cannot run here skips (and fails under `CI=true`).
 #[path = "../skip.rs"]

@@ -264,6 +264,37 @@ pub fn resolve_debootstrap(
     arch: &str,
     include: &[String],
 ) -> Result<Vec<Package>, DebianError> {
+    resolve_request(
+        packages,
+        arch,
+        &Request {
+            include,
+            ..Request::default()
+        },
+    )
+}
+
+/// What to select besides Priority required + important, as debootstrap's per-suite script
+/// (`scripts/debian-common`) adjusts it: suites differ in data, not in code.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Request<'a> {
+    /// `--include`: relations to satisfy as well.
+    pub include: &'a [String],
+    /// Packages added to the required set (bookworm: `usr-is-merged`).
+    pub also_required: &'a [String],
+    /// Packages never pulled in as a dependency (debootstrap's `EXCLUDE_DEPENDENCY`; from bookworm
+    /// on: `usrmerge`): a relation whose first alternative is one of them is left unsatisfied,
+    /// as debootstrap drops the package it would have picked.
+    pub exclude_dependencies: &'a [String],
+}
+
+/// [`resolve_debootstrap`] with the suite's adjustments.
+pub fn resolve_request(
+    packages: &[Package],
+    arch: &str,
+    request: &Request,
+) -> Result<Vec<Package>, DebianError> {
+    let include = request.include;
     let u = Universe::new(
         packages
             .iter()
@@ -283,6 +314,22 @@ pub fn resolve_debootstrap(
             sel.select(best);
         }
     }
+    for name in request.also_required {
+        let best = u
+            .by_name
+            .get(name.as_str())
+            .and_then(|v| v.first())
+            .ok_or_else(|| DebianError::Unresolvable {
+                package: "the suite's required set".to_owned(),
+                relation: format!("also-required: {name}"),
+                found: "nothing of that name in the archive".to_owned(),
+            })?;
+        sel.select(best);
+    }
+    let excluded = |alts: &[Dep]| {
+        alts.first()
+            .is_some_and(|d| request.exclude_dependencies.contains(&d.name))
+    };
     for req in include {
         let groups = parse_relations(req).map_err(|source| DebianError::MalformedInclude {
             request: req.clone(),
@@ -301,6 +348,9 @@ pub fn resolve_debootstrap(
     while let Some(p) = sel.queue.pop_front() {
         for (field, groups) in [("Pre-Depends", &p.pre_depends), ("Depends", &p.depends)] {
             for alts in groups {
+                if excluded(alts) && !alts.iter().any(|d| sel.satisfied(d)) {
+                    continue;
+                }
                 if !sel.resolve(&u, alts) {
                     return Err(DebianError::Unresolvable {
                         package: format!("{} {}", p.name, p.version),
@@ -572,6 +622,58 @@ mod tests {
                 && e.contains("no package or provider named nonexistent"),
             "{e}"
         );
+    }
+
+    /// bookworm's debootstrap adds `usr-is-merged` to the required set and never follows
+    /// `usrmerge` (which would pull in perl); later suites only exclude it.
+    #[test]
+    fn suite_adjustments_add_to_the_required_set_and_exclude_dependencies() {
+        let a = archive(&[
+            stanza(
+                "init-system-helpers",
+                "1.65",
+                "Priority: required\nDepends: usrmerge | usr-is-merged\n",
+            ),
+            stanza("usrmerge", "35", "Priority: optional\nDepends: perl\n"),
+            stanza("perl", "5.36", "Priority: standard\n"),
+            stanza("usr-is-merged", "35", "Priority: optional\n"),
+            stanza("old-tool", "1", "Priority: important\nDepends: usrmerge\n"),
+        ]);
+        let plain = resolve_debootstrap(&a, "amd64", &[]).unwrap();
+        assert_eq!(
+            names(&plain),
+            ["init-system-helpers", "old-tool", "perl", "usrmerge"]
+        );
+        let (also, exclude) = (["usr-is-merged".to_owned()], ["usrmerge".to_owned()]);
+        let bookworm = Request {
+            also_required: &also,
+            exclude_dependencies: &exclude,
+            ..Request::default()
+        };
+        assert_eq!(
+            names(&resolve_request(&a, "amd64", &bookworm).unwrap()),
+            ["init-system-helpers", "old-tool", "usr-is-merged"]
+        );
+        let later = Request {
+            exclude_dependencies: &exclude,
+            ..Request::default()
+        };
+        assert_eq!(
+            names(&resolve_request(&a, "amd64", &later).unwrap()),
+            ["init-system-helpers", "old-tool"]
+        );
+        let missing = ["no-such".to_owned()];
+        let e = resolve_request(
+            &a,
+            "amd64",
+            &Request {
+                also_required: &missing,
+                ..Request::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("also-required: no-such"), "{e}");
     }
 
     #[test]

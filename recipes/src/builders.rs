@@ -303,6 +303,11 @@ fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         install_with_dpkg(ctx, &plan, &root)?;
         eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
     }
+    if let Some(text) = &plan.apt_sources {
+        let path = root.join(crate::recipe::AptSources::PATH);
+        fs::create_dir_all(path.parent().expect("a file below etc/apt"))?;
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     finish_tree(ctx, &root)
 }
 

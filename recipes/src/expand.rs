@@ -1,6 +1,7 @@
 //! Turning a locked recipe into the derivation graph: fetch → verify → unpack → configure → pack.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use rbuild_engine::archive::oci::ImageConfig;
 use rbuild_engine::{Derivation, DrvHash, FixedOutput, Graph, Stage};
@@ -43,6 +44,10 @@ pub struct ConfigurePlan {
     pub merged_usr: bool,
     /// In install order. `unpacked` and `deb` index the derivation's inputs.
     pub packages: Vec<ConfigurePackage>,
+    /// The recipe's `[apt-sources]`, rendered (absent when unset, so recipes without it keep
+    /// their derivation hashes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apt_sources: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,11 +82,16 @@ pub fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-pub fn expand(
-    recipe: &Recipe,
-    keyring: &[u8],
-    lock: &Lock,
-) -> Result<Expanded, rbuild_engine::graph::GraphError> {
+/// Why a recipe could not be turned into its graph.
+#[derive(Debug, thiserror::Error)]
+pub enum ExpandError {
+    #[error(transparent)]
+    Graph(#[from] rbuild_engine::graph::GraphError),
+    #[error(transparent)]
+    Recipe(#[from] Box<crate::recipe::RecipeError>),
+}
+
+pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, ExpandError> {
     let mut g = Graph::new();
     let sde: BTreeMap<String, String> = [(
         "SOURCE_DATE_EPOCH".to_owned(),
@@ -124,6 +134,11 @@ pub fn expand(
         architecture: recipe.architecture.clone(),
         merged_usr: recipe.merged_usr,
         packages: vec![],
+        apt_sources: recipe
+            .apt_sources
+            .as_ref()
+            .map(|a| a.render(recipe, Path::new(&recipe.name)).map_err(Box::new))
+            .transpose()?,
     };
     for p in &lock.packages {
         let deb = g.add(fetch(
@@ -270,4 +285,31 @@ pub fn image(
         inputs: layers.to_vec(),
         fixed_output: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::{load, AptSources};
+
+    /// `[apt-sources]` reaches the configure plan only when set: recipes without it (every
+    /// built-in) keep their derivation hashes.
+    #[test]
+    fn apt_sources_enter_the_configure_plan_only_when_set() {
+        let l = load("debian-bookworm").unwrap();
+        let lock = l.require_lock().unwrap();
+        let plain = expand(&l.recipe, &l.keyring, lock).unwrap();
+        let tree = |ex: &Expanded| ex.graph.get(&ex.outputs["tree"]).unwrap().clone();
+        assert!(!tree(&plain).args[0].contains("apt_sources"));
+        let mut r = l.recipe.clone();
+        r.apt_sources = Some(AptSources {
+            uri: "https://mirror.example/debian".into(),
+            suites: vec![],
+            components: vec![],
+            signed_by: None,
+        });
+        let with = expand(&r, &l.keyring, lock).unwrap();
+        assert!(tree(&with).args[0].contains("URIs: https://mirror.example/debian"));
+        assert_ne!(plain.outputs["tree"], with.outputs["tree"]);
+    }
 }

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
+    #[error("{path}: [apt-sources]: {msg}")]
+    AptSources { path: PathBuf, msg: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -93,6 +95,80 @@ pub struct Recipe {
     pub image: ImageSection,
     #[serde(default)]
     pub limits: BuildLimits,
+    /// The apt sources the image carries, so `apt-get update` works in the container; unset, the
+    /// image names no archive (as the built-in recipes leave it: where to fetch from is the
+    /// user's choice, not the recipe's).
+    #[serde(default)]
+    pub apt_sources: Option<AptSources>,
+}
+
+/// `[apt-sources]`: written as `/etc/apt/sources.list.d/debian.sources` (deb822).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AptSources {
+    /// The archive's URL (`http://`, `https://` or `file://`).
+    pub uri: String,
+    /// Default: the recipe's suite.
+    #[serde(default)]
+    pub suites: Vec<String>,
+    /// Default: the recipe's components.
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// The keyring apt checks the archive with. Default: the one `debian-archive-keyring`
+    /// installs (Priority important: every debootstrap system has it).
+    #[serde(default)]
+    pub signed_by: Option<String>,
+}
+
+impl AptSources {
+    pub const PATH: &'static str = "etc/apt/sources.list.d/debian.sources";
+
+    /// The deb822 text for `recipe`, or why a field cannot go into one: values are single
+    /// words (a newline or a space would start another field or value).
+    pub fn render(&self, recipe: &Recipe, origin: &Path) -> Result<String, RecipeError> {
+        let word = |what: &str, v: &str| -> Result<(), RecipeError> {
+            if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(RecipeError::AptSources {
+                    path: origin.to_owned(),
+                    msg: format!("{what} {v:?} must be one word, without spaces or line breaks"),
+                });
+            }
+            Ok(())
+        };
+        word("uri", &self.uri)?;
+        if !["http://", "https://", "file://"]
+            .iter()
+            .any(|s| self.uri.starts_with(s))
+        {
+            return Err(RecipeError::AptSources {
+                path: origin.to_owned(),
+                msg: format!(
+                    "uri {:?} must start with http://, https:// or file://",
+                    self.uri
+                ),
+            });
+        }
+        let or = |v: &Vec<String>, d: Vec<String>| if v.is_empty() { d } else { v.clone() };
+        let suites = or(&self.suites, vec![recipe.suite.clone()]);
+        let components = or(&self.components, recipe.components.clone());
+        let signed_by = self
+            .signed_by
+            .clone()
+            .unwrap_or_else(|| "/usr/share/keyrings/debian-archive-keyring.gpg".to_owned());
+        for s in &suites {
+            word("suite", s)?;
+        }
+        for c in &components {
+            word("component", c)?;
+        }
+        word("signed-by", &signed_by)?;
+        Ok(format!(
+            "Types: deb\nURIs: {}\nSuites: {}\nComponents: {}\nSigned-By: {signed_by}\n",
+            self.uri,
+            suites.join(" "),
+            components.join(" ")
+        ))
+    }
 }
 
 /// `[limits]` of a recipe: what one build step may use, where the defaults do not fit (the
@@ -285,10 +361,15 @@ pub fn builtin_names() -> Vec<&'static str> {
 }
 
 fn parse_recipe(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
-    toml::from_str(text).map_err(|source| RecipeError::Parse {
+    let recipe: Recipe = toml::from_str(text).map_err(|source| RecipeError::Parse {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    // Refused when the recipe is read, not when it is first built.
+    if let Some(a) = &recipe.apt_sources {
+        a.render(&recipe, path)?;
+    }
+    Ok(recipe)
 }
 
 /// Parse a lock; an empty file is no lock at all.
@@ -386,6 +467,57 @@ fn load_inner(arg: &str, read_lock: bool) -> Result<Loaded, RecipeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apt_sources_render_as_deb822_and_refuse_what_would_inject_fields() {
+        let mut r = load("debian-bookworm").unwrap().recipe;
+        assert_eq!(r.apt_sources, None, "built-in recipes name no archive");
+        let a = AptSources {
+            uri: "https://mirror.example/debian".into(),
+            suites: vec![],
+            components: vec![],
+            signed_by: None,
+        };
+        let origin = Path::new("os.toml");
+        assert_eq!(
+            a.render(&r, origin).unwrap(),
+            "Types: deb\nURIs: https://mirror.example/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        );
+        let more = AptSources {
+            suites: vec!["bookworm".into(), "bookworm-updates".into()],
+            components: vec!["main".into(), "contrib".into()],
+            ..a.clone()
+        };
+        assert!(more
+            .render(&r, origin)
+            .unwrap()
+            .contains("Suites: bookworm bookworm-updates\nComponents: main contrib\n"));
+        for bad in [
+            AptSources {
+                uri: "https://x/debian\nTrusted: yes".into(),
+                ..a.clone()
+            },
+            AptSources {
+                suites: vec!["bookworm main".into()],
+                ..a.clone()
+            },
+            AptSources {
+                uri: "ftp://x/debian".into(),
+                ..a.clone()
+            },
+        ] {
+            let e = bad.render(&r, origin).unwrap_err().to_string();
+            assert!(e.starts_with("os.toml: [apt-sources]: "), "{e}");
+        }
+        // Read from a recipe file, a bad value is refused as the recipe is parsed.
+        r.apt_sources = Some(AptSources {
+            uri: "https://x/debian\nTrusted: yes".into(),
+            ..a
+        });
+        let text = toml::to_string(&r).unwrap();
+        let e = parse_recipe(origin, &text).unwrap_err().to_string();
+        assert!(e.contains("must be one word"), "{e}");
+    }
 
     /// Every built-in recipe carries a lock that fits it: same suite and architecture, resolved
     /// for exactly the recipe's package request, with the Essential set pinned, and its pinned

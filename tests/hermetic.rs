@@ -2006,3 +2006,300 @@ fn realise_relocks_only_what_a_recipe_change_needs() {
         "lock untouched"
     );
 }
+
+/// A copy of `a`'s mirror at `a.dir/name`, without the files `drop` (mirror-relative).
+fn mirror_copy(a: &Archive, name: &str, drop: &[&Path]) -> std::path::PathBuf {
+    let dst = a.dir.join(name);
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&a.mirror)
+        .arg(&dst)
+        .status()
+        .unwrap()
+        .success());
+    for rel in drop {
+        fs::remove_file(dst.join(rel)).unwrap();
+    }
+    dst
+}
+
+/// The mirror-relative path of a package's `.deb` in `a`.
+fn deb_rel(a: &Archive, name: &str, version: &str) -> std::path::PathBuf {
+    a.deb_path(name, version)
+        .strip_prefix(&a.mirror)
+        .unwrap()
+        .to_owned()
+}
+
+/// The registered outputs of `store` (their paths, sidecars left out).
+fn outputs(store: &Path) -> Vec<std::path::PathBuf> {
+    fs::read_dir(store.join("o"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_none_or(|e| e != "meta"))
+        .collect()
+}
+
+/// The store output of the fetch named `name` (`o/<hash>-<name>`), if one is registered.
+fn fetched(store: &Path, name: &str) -> Option<std::path::PathBuf> {
+    outputs(store).into_iter().find(|p| {
+        p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .split_once('-')
+            .is_some_and(|(_, n)| n == name)
+    })
+}
+
+/// A point release after the lock was made: the mirror (served over loopback HTTP) has a new
+/// InRelease and index, and no longer the pinned `hello`. With a snapshot of the archive as it
+/// was given as a second `--mirror`, the lock still builds: the InRelease and index (other
+/// bytes on the first mirror) and `hello` (404 there) come from the second, the rest from the
+/// first. Same derivations, same image as from the complete archive.
+#[test]
+fn a_point_release_builds_from_a_second_mirror() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let lock_text = fs::read_to_string(a.lock_path()).unwrap();
+    let whole = realise_json(None, &a, "", &t.path().join("whole"), &[]);
+    let snapshot = mirror_copy(&a, "snapshot", &[]);
+    let hello = deb_rel(&a, "hello", "2.10-2");
+    let pinned_hello = fs::read(a.mirror.join(&hello)).unwrap();
+    // The point release: hello is gone, the index and InRelease are new.
+    fs::remove_file(a.mirror.join(&hello)).unwrap();
+    let mut pkgs = standard_packages();
+    pkgs.retain(|p| p.name != "hello");
+    a.publish(&pkgs, &a.key);
+    let served = serve_http(&a.mirror);
+    // The first mirror alone no longer has it.
+    let store = t.path().join("store");
+    let only = rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &served,
+    ]);
+    assert!(!only.status.success());
+    let err = stderr(&only);
+    assert!(
+        err.contains("sha256 mismatch") || err.contains("404 Not Found"),
+        "{err}"
+    );
+    let snapshot_url = format!("file://{}/", snapshot.display());
+    let r = json(&rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--json",
+        "--mirror",
+        &served,
+        "--mirror",
+        &snapshot_url,
+    ]));
+    assert_eq!(output_digest(&r), output_digest(&whole), "{r}");
+    // The same derivation: its output is named by the same hash.
+    let name = |r: &serde_json::Value| {
+        Path::new(r["output"].as_str().unwrap())
+            .file_name()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(name(&r), name(&whole));
+    assert_eq!(
+        fs::read(fetched(&store, "hello_2.10-2_amd64.deb").expect("hello fetched")).unwrap(),
+        pinned_hello
+    );
+    assert_eq!(
+        fs::read_to_string(a.lock_path()).unwrap(),
+        lock_text,
+        "the lock is untouched"
+    );
+}
+
+/// A first mirror serving other bytes for a `.deb` (and more than the pinned size for
+/// another) is passed over for the second; what is registered is only ever the pinned bytes,
+/// and the store verifies.
+#[test]
+fn a_mirror_serving_wrong_bytes_is_passed_over_and_nothing_wrong_is_registered() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let first = mirror_copy(&a, "first", &[]);
+    let (hello, lib) = (
+        deb_rel(&a, "hello", "2.10-2"),
+        deb_rel(&a, "libhello", "1.0-1"),
+    );
+    let wrong = b"not the pinned hello".repeat(20);
+    fs::write(first.join(&hello), &wrong).unwrap();
+    let mut longer = fs::read(a.mirror.join(&lib)).unwrap();
+    longer.extend_from_slice(b"and more");
+    fs::write(first.join(&lib), &longer).unwrap();
+    let store = t.path().join("store");
+    let first_url = format!("file://{}", first.display());
+    ok(&rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &first_url,
+        "--mirror",
+        &a.mirror_url(),
+    ]));
+    for (rel, name) in [
+        (&hello, "hello_2.10-2_amd64.deb"),
+        (&lib, "libhello_1.0-1_amd64.deb"),
+    ] {
+        let out = fetched(&store, name).unwrap_or_else(|| panic!("{name} registered"));
+        assert_eq!(
+            fs::read(out).unwrap(),
+            fs::read(a.mirror.join(rel)).unwrap()
+        );
+    }
+    for out in outputs(&store).into_iter().filter(|p| p.is_file()) {
+        let bytes = fs::read(&out).unwrap();
+        assert!(
+            bytes != wrong && bytes != longer,
+            "{}: the first mirror's bytes were registered",
+            out.display()
+        );
+    }
+    ok(&rbuild(&[
+        "store",
+        "verify",
+        "--store",
+        store.to_str().unwrap(),
+    ]));
+}
+
+/// When no mirror has a file: one error naming the file, its pinned sha256 and size, every
+/// mirror tried in order with what it said, and the ways out; the file is not registered.
+#[test]
+fn no_mirror_with_a_file_names_it_and_every_mirror_tried() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let hello = deb_rel(&a, "hello", "2.10-2");
+    let pinned = fs::read(a.mirror.join(&hello)).unwrap();
+    let first = mirror_copy(&a, "first", &[&hello]);
+    let first_url = format!("file://{}", first.display());
+    let store = t.path().join("store");
+    let o = rbuild(&[
+        "realise",
+        a.recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &first_url,
+        "--mirror",
+        "http://127.0.0.1:9/debian",
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    let head = format!(
+        "{} (pinned: sha256 {}, {} bytes): none of the 2 mirrors delivered it; each one asked, \
+         in order:\n  - from the mirror {first_url}: not found (",
+        hello.display(),
+        sha256_hex(&pinned),
+        pinned.len()
+    );
+    assert!(err.contains(&head), "{head:?} in:\n{err}");
+    assert!(
+        err.contains("\n  - from the mirror http://127.0.0.1:9/debian: connection refused"),
+        "{err}"
+    );
+    for way in [
+        "\nWays out: ",
+        "--mirror URL",
+        "snapshot",
+        "--substituter",
+        "--offline",
+    ] {
+        assert!(err.contains(way), "{way}: {err}");
+    }
+    assert_eq!(fetched(&store, "hello_2.10-2_amd64.deb"), None);
+}
+
+/// `RBUILD_MIRROR` may name several mirrors (separated by spaces), tried in order per file:
+/// locking skips a dead first mirror; realising takes each `.deb` from whichever mirror has
+/// it. config.toml's `mirrors` work the same without it, and a `--mirror` replaces them.
+#[test]
+fn several_mirrors_from_rbuild_mirror_and_config() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let lock_text = fs::read_to_string(a.lock_path()).unwrap();
+    let env_lock = t.path().join("env.lock");
+    let dead_then_good = format!("http://127.0.0.1:9/debian {}", a.mirror_url());
+    ok(&rbuild_as(
+        None,
+        &[
+            "lock",
+            a.recipe.to_str().unwrap(),
+            "--output",
+            env_lock.to_str().unwrap(),
+        ],
+        &[("RBUILD_MIRROR", &dead_then_good)],
+    ));
+    assert_eq!(fs::read_to_string(&env_lock).unwrap(), lock_text);
+
+    // Neither mirror alone has every file.
+    let no_hello = mirror_copy(&a, "no-hello", &[&deb_rel(&a, "hello", "2.10-2")]);
+    let no_lib = mirror_copy(&a, "no-lib", &[&deb_rel(&a, "libhello", "1.0-1")]);
+    let urls = format!("file://{}  file://{}", no_hello.display(), no_lib.display());
+    let store = t.path().join("store");
+    let realise = |store: &Path, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec![
+            "realise",
+            a.recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        rbuild_as(None, &args, env)
+    };
+    let r = json(&realise(&store, &[], &[("RBUILD_MIRROR", &urls)]));
+    assert_eq!(r["built"], 13, "{r}");
+
+    let config = t.path().join("config");
+    fs::create_dir_all(config.join("rbuild")).unwrap();
+    fs::write(
+        config.join("rbuild/config.toml"),
+        format!(
+            "mirrors = [\"file://{}\", \"file://{}\"]\n",
+            no_hello.display(),
+            no_lib.display()
+        ),
+    )
+    .unwrap();
+    let cfg = [("XDG_CONFIG_HOME", config.to_str().unwrap())];
+    let store2 = t.path().join("store2");
+    let r2 = json(&realise(&store2, &[], &cfg));
+    // The same derivations whichever way the mirrors were given.
+    let name = |r: &serde_json::Value| {
+        Path::new(r["output"].as_str().unwrap())
+            .file_name()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(name(&r2), name(&r));
+    // A --mirror is the whole list: the config file's mirrors are not added to it.
+    let no_hello_url = format!("file://{}", no_hello.display());
+    let o = realise(&t.path().join("store3"), &["--mirror", &no_hello_url], &cfg);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "hello_2.10-2_amd64.deb (pinned: sha256 {}",
+            sha256_hex(&fs::read(a.deb_path("hello", "2.10-2")).unwrap())
+        )) && err.contains(&format!(
+            "downloading it from the mirror {no_hello_url} failed: not found"
+        )),
+        "{err}"
+    );
+}

@@ -58,8 +58,11 @@ enum Command {
     /// Resolve a recipe against the archive's verified index and (re)write its lock
     Lock {
         recipe: String,
-        #[arg(long, env = "RBUILD_MIRROR")]
-        mirror: Option<String>,
+        /// Debian mirror URL; repeatable: the InRelease and indices all come from the first that
+        /// serves the InRelease [default: RBUILD_MIRROR (space-separated URLs), else config.toml's
+        /// `mirrors`, else the host's apt configuration]
+        #[arg(long, env = "RBUILD_MIRROR", value_name = "URL")]
+        mirror: Vec<String>,
         /// Where to write the lock [default: beside the recipe file; ./NAME.lock for built-ins]
         #[arg(long)]
         output: Option<PathBuf>,
@@ -101,9 +104,11 @@ struct RealiseArgs {
     /// Make PATH a symlink to the output, and a GC root
     #[arg(short = 'o', long = "out-link")]
     out_link: Option<PathBuf>,
-    /// Debian mirror URL (http://, https:// or file://) [default: from the host's apt configuration]
-    #[arg(long, env = "RBUILD_MIRROR")]
-    mirror: Option<String>,
+    /// Debian mirror URL (http://, https:// or file://); repeatable: each file comes from the
+    /// first that has its pinned bytes [default: RBUILD_MIRROR (space-separated URLs), else
+    /// config.toml's `mirrors`, else the host's apt configuration]
+    #[arg(long, env = "RBUILD_MIRROR", value_name = "URL")]
+    mirror: Vec<String>,
     /// Never touch the network; fail clearly when something is missing from the store
     #[arg(long)]
     offline: bool,
@@ -212,6 +217,9 @@ enum CacheCommand {
 #[derive(serde::Deserialize, Default)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct Config {
+    /// Debian mirrors, tried in order per file (when no --mirror or RBUILD_MIRROR is given).
+    #[serde(default)]
+    mirrors: Vec<String>,
     #[serde(default)]
     substituters: Vec<String>,
     #[serde(default)]
@@ -234,6 +242,13 @@ fn config() -> anyhow::Result<Config> {
             .with_context(|| format!("{}: not a valid rbuild config", path.display())),
         Err(_) => Ok(Config::default()),
     }
+}
+
+/// The Debian mirrors, in the order they are tried: the `--mirror`s (clap fills them from
+/// `RBUILD_MIRROR` when there are none), else config.toml's `mirrors`, else the host's apt
+/// configuration. See [`mirror::choose_all`].
+fn mirrors(flags: &[String]) -> anyhow::Result<Vec<String>> {
+    Ok(mirror::choose_all(flags, &config()?.mirrors))
 }
 
 /// Flags first, then the config file.
@@ -295,7 +310,7 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
         } => (recipe, store, to, secret_key),
     };
     let (recipe_arg, output) = split_output(&recipe);
-    let expanded = load_locked(recipe_arg, None, true, false, None)?;
+    let expanded = load_locked(recipe_arg, &[], true, false, None)?;
     let target = expanded.output(output)?.clone();
     let store = open_store(store.store)?;
     let cache = rbuild_store::cache::open(&to)?;
@@ -487,7 +502,7 @@ fn lock_to(recipe: &layers::AnyRecipe, fetcher: &Fetcher, dest: &Path) -> anyhow
 /// that is an error instead, as with cargo's `--locked`.
 fn load_locked(
     arg: &str,
-    mirror: Option<&str>,
+    mirrors: &[String],
     offline: bool,
     locked: bool,
     lock_file: Option<&Path>,
@@ -526,7 +541,7 @@ fn load_locked(
         }
         eprintln!("{path}: locking for the recipe's changes: {why}");
         let fetcher = if stale.needs_archive {
-            Fetcher::new(mirror::choose(mirror))
+            Fetcher::new(mirrors.to_vec())
         } else {
             Fetcher::offline()
         };
@@ -552,21 +567,20 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         limits,
     } = args;
     let (arg, store, caches) = (recipe.as_str(), store.store, caches(cache)?);
+    let mirrors = if offline {
+        Vec::new()
+    } else {
+        mirrors(&mirror_flag)?
+    };
     let (recipe_arg, output) = split_output(arg);
-    let expanded = load_locked(
-        recipe_arg,
-        mirror_flag.as_deref(),
-        offline,
-        locked,
-        lock.as_deref(),
-    )?;
+    let expanded = load_locked(recipe_arg, &mirrors, offline, locked, lock.as_deref())?;
     let target = expanded.output(output)?.clone();
     let store = Arc::new(open_store(store)?);
     let jobs = jobs_or_cores(jobs);
     let fetcher = if offline {
         Fetcher::offline()
     } else {
-        Fetcher::new(mirror::choose(mirror_flag.as_deref()))
+        Fetcher::new(mirrors)
     };
     let progress = Arc::new(Progress::new(false));
     let push = caches.push.clone();
@@ -649,15 +663,16 @@ fn graph_cmd(arg: &str, format: GraphFormat) -> anyhow::Result<()> {
     }
 }
 
-fn lock_cmd(arg: &str, mirror_flag: Option<String>, output: Option<PathBuf>) -> anyhow::Result<()> {
+fn lock_cmd(arg: &str, mirror_flags: &[String], output: Option<PathBuf>) -> anyhow::Result<()> {
     let loaded = layers::load_any(arg, false)?;
     let dest = output
         .or_else(|| loaded.lock_path())
         .unwrap_or_else(|| PathBuf::from(format!("{}.lock", loaded.debian().recipe.name)));
-    let mirror = mirror::choose(mirror_flag.as_deref()).context(
-        "no Debian mirror: pass --mirror URL, set RBUILD_MIRROR, or configure one in /etc/apt",
-    )?;
-    let summary = lock_to(&loaded, &Fetcher::new(Some(mirror)), &dest)?;
+    let mirrors = mirrors(mirror_flags)?;
+    if mirrors.is_empty() {
+        bail!("no Debian mirror: pass --mirror URL, set RBUILD_MIRROR, list `mirrors` in config.toml, or configure one in /etc/apt");
+    }
+    let summary = lock_to(&loaded, &Fetcher::new(mirrors), &dest)?;
     eprintln!("{}: {summary}", dest.display());
     println!("{}", dest.display());
     Ok(())
@@ -740,7 +755,7 @@ fn main() {
             recipe,
             mirror,
             output,
-        } => lock_cmd(&recipe, mirror, output),
+        } => lock_cmd(&recipe, &mirror, output),
         Command::Gc { store, keep } => gc_cmd(store.store, keep),
         Command::Store { command } => store_cmd::run(command),
         Command::Doctor { connect, json } => doctor::doctor(connect, json),

@@ -7,7 +7,6 @@ use clap::Subcommand;
 use rbuild_engine::builtins::fetch::Fetcher;
 use rbuild_engine::progress::Progress;
 use rbuild_engine::repair::RepairResult;
-use rbuild_recipes::mirror;
 use rbuild_store::verify::{self, Checked, Damage};
 use serde_json::json;
 
@@ -29,10 +28,11 @@ pub struct VerifyArgs {
     /// Print one JSON report instead of text
     #[arg(long)]
     json: bool,
-    /// Debian mirror for downloads that must be fetched again (with --repair) [default: from the
-    /// host's apt configuration]
-    #[arg(long, env = "RBUILD_MIRROR")]
-    mirror: Option<String>,
+    /// Debian mirror for downloads that must be fetched again (with --repair); repeatable, tried
+    /// in order [default: RBUILD_MIRROR (space-separated URLs), else config.toml's `mirrors`,
+    /// else the host's apt configuration]
+    #[arg(long, env = "RBUILD_MIRROR", value_name = "URL")]
+    mirror: Vec<String>,
     /// Threads hashing, and sandboxed builds at once [default: number of cores]
     #[arg(short = 'j', long)]
     jobs: Option<usize>,
@@ -164,7 +164,7 @@ fn verify_cmd(args: VerifyArgs) -> anyhow::Result<()> {
             push: None,
             ..caches
         };
-        let fetcher = Fetcher::new(mirror::choose(args.mirror.as_deref()));
+        let fetcher = Fetcher::new(crate::mirrors(&args.mirror)?);
         let progress = Arc::new(Progress::new(false));
         let engine = crate::engine(
             store.clone(),

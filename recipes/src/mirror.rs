@@ -1,6 +1,8 @@
-//! Which Debian mirror to use: `--mirror` / `RBUILD_MIRROR`, else the host's apt configuration
-//! (deb822 `.sources` files and one-line `sources.list`). The mirror only decides where bytes
-//! come from; the lock decides which bytes, so it never enters a derivation hash.
+//! Which Debian mirrors to use, in order: the `--mirror`s, else `RBUILD_MIRROR` (several URLs
+//! separated by spaces), else config.toml's `mirrors`, else the host's apt configuration (deb822
+//! `.sources` files and one-line `sources.list`). A fetch tries them in order, so later ones are
+//! fallbacks (a snapshot archive for the files a point release removed). The mirrors only decide
+//! where bytes come from; the lock decides which bytes, so they never enter a derivation hash.
 
 use std::path::Path;
 
@@ -79,16 +81,53 @@ fn one_line_sources(text: &str) -> Vec<(String, Vec<String>)> {
     out
 }
 
-/// `--mirror`, then `RBUILD_MIRROR`, then the host's apt configuration.
+/// The mirrors to use, in order: those `given` (the `--mirror`s; each value may hold several
+/// URLs separated by spaces, as `RBUILD_MIRROR` does), else `RBUILD_MIRROR`'s, else `config`'s
+/// (config.toml's `mirrors`), else the host's apt configuration. The first of these that names
+/// any mirror is the whole list: an explicit `--mirror` is never mixed with the config file's.
+/// Trailing slashes are dropped, and a mirror named twice is kept once (its first place).
+pub fn choose_all(given: &[String], config: &[String]) -> Vec<String> {
+    let env = std::env::var("RBUILD_MIRROR").unwrap_or_default();
+    pick(given, &env, config, || {
+        from_apt_config(Path::new("/etc/apt"))
+    })
+}
+
+/// [`choose_all`] with `RBUILD_MIRROR`'s value and the apt configuration's mirror given.
+fn pick(
+    given: &[String],
+    env: &str,
+    config: &[String],
+    apt: impl FnOnce() -> Option<String>,
+) -> Vec<String> {
+    [
+        split(given.iter().map(String::as_str)),
+        split([env]),
+        split(config.iter().map(String::as_str)),
+    ]
+    .into_iter()
+    .find(|l| !l.is_empty())
+    .or_else(|| apt().map(|m| vec![m.trim_end_matches('/').to_owned()]))
+    .unwrap_or_default()
+}
+
+/// The URLs in `values`, each split on whitespace, without trailing slashes or repeats.
+fn split<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for url in values.into_iter().flat_map(str::split_whitespace) {
+        let url = url.trim_end_matches('/').to_owned();
+        if !url.is_empty() && !out.contains(&url) {
+            out.push(url);
+        }
+    }
+    out
+}
+
+/// The first mirror of [`choose_all`] with no config file: `flag`, else `RBUILD_MIRROR`'s
+/// first, else the host's apt configuration's.
 pub fn choose(flag: Option<&str>) -> Option<String> {
-    flag.map(str::to_owned)
-        .or_else(|| {
-            std::env::var("RBUILD_MIRROR")
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
-        .or_else(|| from_apt_config(Path::new("/etc/apt")))
-        .map(|m| m.trim_end_matches('/').to_owned())
+    let given: Vec<String> = flag.into_iter().map(str::to_owned).collect();
+    choose_all(&given, &[]).into_iter().next()
 }
 
 /// For tests that need real Debian data: the file named by the environment variable `var`
@@ -112,7 +151,7 @@ pub(crate) fn real_archive_file(test: &str, var: &str, rel: &str) -> Option<(Str
         );
         return None;
     };
-    let fetcher = rbuild_engine::builtins::fetch::Fetcher::new(Some(mirror));
+    let fetcher = rbuild_engine::builtins::fetch::Fetcher::new(vec![mirror]);
     let bytes = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -151,5 +190,34 @@ mod tests {
         );
         let f = tempfile::tempdir().unwrap();
         assert_eq!(from_apt_config(f.path()), None);
+    }
+
+    /// The first source that names any mirror is the whole list, in its order: the flags, then
+    /// `RBUILD_MIRROR`, then config.toml, then apt. Values split on whitespace; trailing slashes
+    /// and repeats dropped.
+    #[test]
+    fn the_first_source_naming_mirrors_gives_the_list() {
+        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let apt = || Some("file:///apt/".to_owned());
+        assert_eq!(
+            split(["file:///a/ http://127.0.0.1:9/b", "file:///c", "file:///a"]),
+            v(&["file:///a", "http://127.0.0.1:9/b", "file:///c"])
+        );
+        assert_eq!(split(["  ", ""]), Vec::<String>::new());
+        let (flags, config) = (v(&["file:///f1", "file:///f2"]), v(&["file:///c1/"]));
+        assert_eq!(
+            pick(&flags, "file:///e", &config, apt),
+            v(&["file:///f1", "file:///f2"])
+        );
+        assert_eq!(
+            pick(&[], " file:///e1  file:///e2 ", &config, apt),
+            v(&["file:///e1", "file:///e2"])
+        );
+        assert_eq!(
+            pick(&[], "", &v(&["file:///c1/", "file:///c2"]), apt),
+            v(&["file:///c1", "file:///c2"])
+        );
+        assert_eq!(pick(&[], " ", &[], apt), v(&["file:///apt"]));
+        assert_eq!(pick(&[], "", &[], || None), Vec::<String>::new());
     }
 }

@@ -36,6 +36,7 @@ fn benches(c: &mut Criterion) {
         args: vec!["pool/main/b/bash/bash_5.1-2+deb11u1_amd64.deb".into()],
         env: BTreeMap::new(),
         inputs: vec![],
+        system: None,
         fixed_output: Some(FixedOutput {
             sha256: "ab".repeat(32),
             size: 1_500_000,

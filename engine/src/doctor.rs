@@ -44,6 +44,7 @@ fn probe(map: &sandbox::IdMap, connect: &[String]) -> anyhow::Result<serde_json:
         env: sandbox::fixed_env(),
         walls: sandbox::Walls::default(),
         limits: sandbox::Limits::default(),
+        emulator: None,
     };
     let result = sandbox::run(
         &PathBuf::from(crate::SELF_EXE),

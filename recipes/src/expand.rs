@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rbuild_engine::archive::oci::ImageConfig;
-use rbuild_engine::{Derivation, DrvHash, FixedOutput, Graph, Stage};
+use rbuild_engine::{Derivation, DrvHash, Emulator, FixedOutput, Graph, Stage};
 use serde::{Deserialize, Serialize};
 
+use crate::debian::arch;
 use crate::recipe::{Lock, Recipe, RecipeError, Variant};
 
 /// The named outputs of a recipe (`RECIPE^NAME`).
@@ -71,6 +72,7 @@ pub fn fetch(name: String, path: &str, sha256: &str, size: u64) -> Derivation {
         args: vec![path.to_owned()],
         env: BTreeMap::new(),
         inputs: vec![],
+        system: None,
         fixed_output: Some(FixedOutput {
             sha256: sha256.to_owned(),
             size,
@@ -89,6 +91,94 @@ pub enum ExpandError {
     Graph(#[from] rbuild_engine::graph::GraphError),
     #[error(transparent)]
     Recipe(#[from] Box<crate::recipe::RecipeError>),
+    #[error("building {target} on this {host} machine needs an emulator, and the lock pins none for {host}: the recipe needs an [emulator] section (the package of its suite with static qemu-user binaries), then `rbuild lock` on this machine")]
+    NoEmulator { target: String, host: String },
+}
+
+/// The InRelease fetch of `lock` (the same derivation [`expand`] adds).
+fn inrelease_of(lock: &Lock) -> Derivation {
+    fetch(
+        format!("{}-InRelease", lock.suite),
+        &lock.inrelease.path,
+        &lock.inrelease.sha256,
+        lock.inrelease.size,
+    )
+}
+
+/// When the recipe's architecture is foreign to this machine: the emulator the lock pins for
+/// this machine's architecture — its index verified against the same InRelease, its `.deb`
+/// checked and unpacked like any other — set as the graph's emulator for that architecture.
+/// Nothing of it enters the hash of any derivation of the recipe's architecture.
+fn add_emulator(
+    g: &mut Graph,
+    recipe: &Recipe,
+    lock: &Lock,
+    inrelease: &Derivation,
+    mut verify_args: Vec<String>,
+) -> Result<(), ExpandError> {
+    let (Some(host), Some(target)) = (arch::host(), arch::by_name(&recipe.architecture)) else {
+        return Ok(());
+    };
+    if !arch::needs_emulator(host, target.debian) {
+        return Ok(());
+    }
+    let no_emulator = || ExpandError::NoEmulator {
+        target: target.debian.to_owned(),
+        host: host.debian.to_owned(),
+    };
+    let source = recipe.emulator.as_ref().ok_or_else(no_emulator)?;
+    let pin = lock
+        .emulators
+        .iter()
+        .find(|e| e.host == host.debian)
+        .ok_or_else(no_emulator)?;
+    let inrelease = g.add(inrelease.clone())?;
+    let index = g.add(fetch(
+        pin.index.path.replace('/', "_"),
+        &pin.index.path,
+        &pin.index.sha256,
+        pin.index.size,
+    ))?;
+    verify_args.push(pin.index.path.clone());
+    let verify = g.add(Derivation {
+        name: format!("{}-{}-verified-index", lock.suite, host.debian),
+        stage: Stage::Verify,
+        builder: "builtin:debian-verify".into(),
+        args: verify_args,
+        env: BTreeMap::new(),
+        inputs: vec![inrelease, index],
+        system: None,
+        fixed_output: None,
+    })?;
+    let p = &pin.package;
+    let deb = g.add(fetch(
+        base_name(&p.filename).to_owned(),
+        &p.filename,
+        &p.sha256,
+        p.size,
+    ))?;
+    let unpacked = g.add(Derivation {
+        name: format!("{}_{}_{}", p.name, p.version, p.architecture),
+        stage: Stage::Unpack,
+        builder: "builtin:debian-unpack".into(),
+        args: vec![p.name.clone(), p.version.clone(), p.architecture.clone()],
+        env: BTreeMap::new(),
+        inputs: vec![verify, deb],
+        system: None,
+        fixed_output: None,
+    })?;
+    let interpreter = source.interpreter.replace("{qemu}", target.qemu);
+    g.set_emulator(
+        target.debian,
+        Emulator {
+            drv: unpacked,
+            interpreter: format!("data/{}", interpreter.trim_start_matches('/')),
+            name: format!("rbuild-qemu-{}", target.qemu),
+            magic: target.magic.to_owned(),
+            mask: target.mask.to_owned(),
+        },
+    )?;
+    Ok(())
 }
 
 pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, ExpandError> {
@@ -100,12 +190,7 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
     .into_iter()
     .collect();
 
-    let inrelease = g.add(fetch(
-        format!("{}-InRelease", lock.suite),
-        &lock.inrelease.path,
-        &lock.inrelease.sha256,
-        lock.inrelease.size,
-    ))?;
+    let inrelease = g.add(inrelease_of(lock))?;
     let mut verify_inputs = vec![inrelease];
     let mut verify_args = vec![
         lock.suite.clone(),
@@ -118,6 +203,7 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         verify_inputs.push(g.add(fetch(name, &idx.path, &idx.sha256, idx.size))?);
         verify_args.push(idx.path.clone());
     }
+    let emulator_verify_args = verify_args[..4].to_vec();
     let verify = g.add(Derivation {
         name: format!("{}-verified-index", lock.suite),
         stage: Stage::Verify,
@@ -125,9 +211,17 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         args: verify_args,
         env: BTreeMap::new(),
         inputs: verify_inputs,
+        system: None,
         fixed_output: None,
     })?;
 
+    add_emulator(
+        &mut g,
+        recipe,
+        lock,
+        &inrelease_of(lock),
+        emulator_verify_args,
+    )?;
     let mut configure_inputs = vec![verify.clone()];
     let mut plan = ConfigurePlan {
         variant: recipe.variant,
@@ -158,6 +252,7 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
                 args: vec![p.name.clone(), p.version.clone(), p.architecture.clone()],
                 env: BTreeMap::new(),
                 inputs: vec![verify.clone(), deb.clone()],
+                system: None,
                 fixed_output: None,
             })?);
             Some(configure_inputs.len() - 1)
@@ -181,6 +276,8 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         args: vec![serde_json::to_string(&plan).expect("plan serializes")],
         env: sde.clone(),
         inputs: configure_inputs,
+        // dpkg and the maintainer scripts are programs of the recipe's architecture.
+        system: Some(recipe.architecture.clone()),
         fixed_output: None,
     })?;
     let rootfs = rootfs_tar(&mut g, &recipe.name, &tree, lock.source_date_epoch)?;
@@ -198,6 +295,7 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         )],
         env: sde,
         inputs: vec![rootfs.clone()],
+        system: None,
         fixed_output: None,
     })?;
     let config = ImageConfig {
@@ -261,6 +359,7 @@ pub fn rootfs_tar(
         args: vec![],
         env: sde_env(sde),
         inputs: vec![tree.clone()],
+        system: None,
         fixed_output: None,
     })
 }
@@ -283,6 +382,7 @@ pub fn image(
         ],
         env: sde_env(sde),
         inputs: layers.to_vec(),
+        system: None,
         fixed_output: None,
     })
 }

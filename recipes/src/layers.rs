@@ -463,6 +463,8 @@ fn expand_layered(
             args: vec![serde_json::to_string(&plan)?],
             env: env.clone(),
             inputs,
+            // The layer's dpkg and `run` commands are programs of the base's architecture.
+            system: Some(base.debian().recipe.architecture.clone()),
             fixed_output: None,
         })?;
         let layer = ex.graph.add(Derivation {
@@ -472,6 +474,7 @@ fn expand_layered(
             args: vec![history_line(spec)],
             env: env.clone(),
             inputs: vec![tree.clone(), upper.clone()],
+            system: None,
             fixed_output: None,
         })?;
         ex.layers.push(layer);

@@ -3,8 +3,8 @@
 use anyhow::{bail, Context};
 use rbuild_engine::builtins::fetch::Fetcher;
 
-use crate::debian::{self, packages, resolve};
-use crate::recipe::{Lock, PinnedFile, PinnedPackage, Recipe, ResolvedFor};
+use crate::debian::{self, arch, packages, resolve};
+use crate::recipe::{EmulatorPin, Lock, PinnedFile, PinnedPackage, Recipe, ResolvedFor};
 
 /// What a verified archive offers: the InRelease bytes, its signed Release, the pinned indices
 /// and every package they list.
@@ -34,23 +34,9 @@ async fn fetch_verified(
     let mut indices = Vec::new();
     let mut all = Vec::new();
     for comp in &recipe.components {
-        let rel = ["xz", "gz"]
-            .iter()
-            .map(|ext| format!("{comp}/binary-{}/Packages.{ext}", recipe.architecture))
-            .find(|r| release.sha256.contains_key(r))
-            .with_context(|| format!("{inrelease_path}: the signed Release lists no Packages.xz or Packages.gz for {comp}/binary-{}", recipe.architecture))?;
-        let path = format!("dists/{suite}/{rel}");
-        let bytes = fetcher.get_bytes(&path).await?;
-        debian::release::check_file(&rel, &bytes, &release)?;
-        let text = String::from_utf8(packages::decompress(&path, &bytes)?)
-            .with_context(|| format!("{path}: not UTF-8"))?;
-        all.extend(packages::parse_packages(&path, &text)?);
-        let entry = &release.sha256[&rel];
-        indices.push(PinnedFile {
-            path,
-            sha256: entry.sha256.clone(),
-            size: entry.size,
-        });
+        let (pin, pkgs) = fetch_index(fetcher, &release, suite, comp, &recipe.architecture).await?;
+        indices.push(pin);
+        all.extend(pkgs);
     }
     Ok(VerifiedArchive {
         inrelease,
@@ -58,6 +44,86 @@ async fn fetch_verified(
         indices,
         packages: all,
     })
+}
+
+/// One component's `Packages` index for `arch`, checked against the signed Release: its pin and
+/// its packages.
+async fn fetch_index(
+    fetcher: &Fetcher,
+    release: &debian::release::Release,
+    suite: &str,
+    comp: &str,
+    arch: &str,
+) -> anyhow::Result<(PinnedFile, Vec<packages::Package>)> {
+    let rel = ["xz", "gz"]
+        .iter()
+        .map(|ext| format!("{comp}/binary-{arch}/Packages.{ext}"))
+        .find(|r| release.sha256.contains_key(r))
+        .with_context(|| format!("dists/{suite}/InRelease: the signed Release lists no Packages.xz or Packages.gz for {comp}/binary-{arch}"))?;
+    let path = format!("dists/{suite}/{rel}");
+    let bytes = fetcher.get_bytes(&path).await?;
+    debian::release::check_file(&rel, &bytes, release)?;
+    let text = String::from_utf8(packages::decompress(&path, &bytes)?)
+        .with_context(|| format!("{path}: not UTF-8"))?;
+    let pkgs = packages::parse_packages(&path, &text)?;
+    let entry = &release.sha256[&rel];
+    Ok((
+        PinnedFile {
+            path,
+            sha256: entry.sha256.clone(),
+            size: entry.size,
+        },
+        pkgs,
+    ))
+}
+
+/// The emulator pins `recipe` needs: for each machine architecture that may build it (the
+/// machine locking, and the recipe's own) on which its architecture is foreign, the recipe's
+/// `[emulator]` package from that architecture's index.
+async fn emulator_pins(
+    recipe: &Recipe,
+    fetcher: &Fetcher,
+    release: &debian::release::Release,
+) -> anyhow::Result<Vec<EmulatorPin>> {
+    let Some(source) = &recipe.emulator else {
+        return Ok(vec![]);
+    };
+    let mut hosts: Vec<&str> = vec![&recipe.architecture];
+    if let Some(h) = arch::host() {
+        hosts.push(h.debian);
+    }
+    hosts.sort();
+    hosts.dedup();
+    let mut pins = Vec::new();
+    for host in hosts {
+        let Some(h) = arch::by_name(host) else {
+            continue;
+        };
+        if !arch::needs_emulator(h, &recipe.architecture) {
+            continue;
+        }
+        let comp = recipe
+            .components
+            .first()
+            .context("the recipe lists no component")?;
+        let (index, pkgs) = fetch_index(fetcher, release, &recipe.suite, comp, host).await?;
+        let best = pkgs
+            .iter()
+            .filter(|p| p.name == source.package && p.architecture == host)
+            .max_by(|a, b| resolve::compare_versions(&a.version, &b.version))
+            .with_context(|| {
+                format!(
+                    "{}: no package {} for {host} (the recipe's [emulator] package)",
+                    index.path, source.package
+                )
+            })?;
+        pins.push(EmulatorPin {
+            host: host.to_owned(),
+            index,
+            package: pin(best),
+        });
+    }
+    Ok(pins)
 }
 
 /// Every package of the recipe's archive, from a verified index. With `pinned`, the archive must
@@ -138,6 +204,7 @@ pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow:
         indices: archive.indices,
         packages,
         resolved: Some(ResolvedFor::of(recipe)),
+        emulators: emulator_pins(recipe, fetcher, &archive.release).await?,
     })
 }
 

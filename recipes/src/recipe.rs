@@ -100,6 +100,29 @@ pub struct Recipe {
     /// user's choice, not the recipe's).
     #[serde(default)]
     pub apt_sources: Option<AptSources>,
+    /// Where this suite keeps its static qemu-user binaries, to build an architecture foreign
+    /// to the machine building (data: the package was renamed between suites).
+    #[serde(default)]
+    pub emulator: Option<EmulatorSource>,
+}
+
+/// `[emulator]`: the package of the recipe's own archive that ships static qemu-user
+/// binaries, and the interpreter's path in it (`{qemu}`: qemu's name for the architecture).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EmulatorSource {
+    pub package: String,
+    pub interpreter: String,
+}
+
+/// The emulator a lock pins for building on a machine of architecture `host`: the package,
+/// checked like every other `.deb` against the signed index of that architecture (pinned too).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct EmulatorPin {
+    pub host: String,
+    pub index: PinnedFile,
+    pub package: PinnedPackage,
 }
 
 /// `[apt-sources]`: written as `/etc/apt/sources.list.d/debian.sources` (deb822).
@@ -244,6 +267,9 @@ pub struct Lock {
     /// in locks written before rbuild recorded it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved: Option<ResolvedFor>,
+    /// Emulators for building the recipe's architecture on machines of other architectures.
+    #[serde(default, rename = "emulator", skip_serializing_if = "Vec::is_empty")]
+    pub emulators: Vec<EmulatorPin>,
 }
 
 /// The parts of a recipe that decide its package set, as they were when it was locked.

@@ -84,6 +84,13 @@ pub struct Derivation {
     pub env: BTreeMap<String, String>,
     /// Input derivations, in the order the builder receives their outputs.
     pub inputs: Vec<DrvHash>,
+    /// The architecture the builder's commands are programs of, when that matters (the
+    /// recipe's name for it, e.g. `arm64`). Where it is foreign to the machine building, the
+    /// graph names an emulator for it ([`crate::Graph::set_emulator`]); the emulator is part of
+    /// the build environment, never of the hash, so a machine of that architecture building
+    /// natively computes the same hash. Absent from the hash when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
     pub fixed_output: Option<FixedOutput>,
 }
 
@@ -133,6 +140,7 @@ mod tests {
             args: vec!["pool/main/b/bash/bash_5.1_amd64.deb".into()],
             env: BTreeMap::new(),
             inputs: vec![],
+            system: None,
             fixed_output: Some(FixedOutput {
                 sha256: "ab".repeat(32),
                 size: 3,
@@ -167,6 +175,9 @@ mod tests {
         variants.push(v);
         let mut v = drv();
         v.fixed_output = None;
+        variants.push(v);
+        let mut v = drv();
+        v.system = Some("arm64".into());
         variants.push(v);
         let mut seen = std::collections::HashSet::new();
         seen.insert(d.hash());

@@ -1,6 +1,6 @@
 //! The build DAG: derivations as petgraph nodes, edges from an input to the derivation using it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
@@ -21,6 +21,23 @@ pub enum GraphError {
 pub struct Graph {
     g: DiGraph<Derivation, ()>,
     index: HashMap<DrvHash, NodeIndex>,
+    /// How derivations of a foreign `system` run here (see [`Graph::set_emulator`]).
+    emulators: BTreeMap<String, Emulator>,
+}
+
+/// How derivations of a foreign system run on this machine: an interpreter the sandbox
+/// registers with binfmt_misc. Part of the build environment, never of a derivation's hash:
+/// its derivation is built first, like an input, but a derivation's hash does not name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Emulator {
+    /// The derivation whose output holds the interpreter.
+    pub drv: DrvHash,
+    /// The interpreter's path inside that output (a static binary).
+    pub interpreter: String,
+    /// binfmt_misc's name for it, and the magic and mask (hex) of the ELF headers it runs.
+    pub name: String,
+    pub magic: String,
+    pub mask: String,
 }
 
 #[derive(Serialize)]
@@ -55,12 +72,49 @@ impl Graph {
                 })?;
             input_nodes.push(*n);
         }
+        if let Some(em) = drv.system.as_ref().and_then(|s| self.emulators.get(s)) {
+            input_nodes.push(self.index[&em.drv]);
+        }
         let node = self.g.add_node(drv);
         for n in input_nodes {
             self.g.update_edge(n, node, ());
         }
         self.index.insert(hash.clone(), node);
         Ok(hash)
+    }
+
+    /// Run derivations of `system` under `emulator` (its derivation must be in the graph): the
+    /// emulator is built before any of them, and their sandboxes register it.
+    pub fn set_emulator(&mut self, system: &str, emulator: Emulator) -> Result<(), GraphError> {
+        let em_node = *self
+            .index
+            .get(&emulator.drv)
+            .ok_or_else(|| GraphError::MissingInput {
+                name: format!("the emulator for {system}"),
+                input: emulator.drv.clone(),
+            })?;
+        let users: Vec<NodeIndex> = self
+            .g
+            .node_indices()
+            .filter(|n| self.g[*n].system.as_deref() == Some(system))
+            .collect();
+        for n in users {
+            self.g.update_edge(em_node, n, ());
+        }
+        self.emulators.insert(system.to_owned(), emulator);
+        Ok(())
+    }
+
+    /// The emulator `drv` runs under on this machine, if its system is foreign here.
+    pub fn emulator_for(&self, drv: &Derivation) -> Option<&Emulator> {
+        drv.system.as_ref().and_then(|s| self.emulators.get(s))
+    }
+
+    /// What must be built before `drv`: its inputs, and its emulator if it needs one.
+    pub fn needs(&self, drv: &Derivation) -> Vec<DrvHash> {
+        let mut v = drv.inputs.clone();
+        v.extend(self.emulator_for(drv).map(|e| e.drv.clone()));
+        v
     }
 
     pub fn get(&self, hash: &DrvHash) -> Option<&Derivation> {
@@ -164,6 +218,7 @@ mod tests {
             args: vec![],
             env: Default::default(),
             inputs,
+            system: None,
             fixed_output: None,
         }
     }

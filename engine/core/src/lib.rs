@@ -21,5 +21,5 @@ pub mod scheduler;
 mod skip;
 
 pub use derivation::{Derivation, DrvHash, FixedOutput, Stage};
-pub use graph::Graph;
+pub use graph::{Emulator, Graph};
 pub use scheduler::{Engine, EngineError, Report};

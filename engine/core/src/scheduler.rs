@@ -263,7 +263,7 @@ impl Engine {
                 continue;
             }
             if let Some(drv) = graph.get(&h) {
-                stack.extend(drv.inputs.iter().cloned());
+                stack.extend(graph.needs(drv));
             }
             unbuilt.push(h);
         }
@@ -321,7 +321,7 @@ impl Engine {
                     .insert(h.clone(), sub);
                 continue;
             }
-            stack.extend(drv.inputs.iter().cloned());
+            stack.extend(graph.needs(drv));
         }
         Ok((needed, reused))
     }
@@ -387,8 +387,8 @@ impl Engine {
             let mut ready = Vec::new();
             for h in &needed {
                 let drv = graph.get(h).expect("planned from the graph");
-                let n = drv
-                    .inputs
+                let n = graph
+                    .needs(drv)
                     .iter()
                     .filter(|i| needed.contains(*i))
                     .collect::<HashSet<_>>()
@@ -405,6 +405,7 @@ impl Engine {
                 if first_error.is_none() {
                     for h in ready.drain(..) {
                         let drv = graph.get(&h).expect("planned").clone();
+                        let emulator = graph.emulator_for(&drv).cloned();
                         let this = Arc::clone(self);
                         let slots = if drv.uses_network() {
                             fetch_slots.clone()
@@ -415,7 +416,7 @@ impl Engine {
                             let _slot = slots.acquire_owned().await.expect("semaphore open");
                             this.progress.started(drv.stage, &drv.name);
                             let started = std::time::Instant::now();
-                            let r = this.build_one(&h, &drv).await;
+                            let r = this.build_one(&h, &drv, emulator.as_ref()).await;
                             tracing::debug!(stage = %drv.stage, name = %drv.name, secs = started.elapsed().as_secs_f64(), "built");
                             (h, drv, r)
                         });
@@ -478,6 +479,7 @@ impl Engine {
         &self,
         hash: &DrvHash,
         drv: &Derivation,
+        emulator: Option<&crate::graph::Emulator>,
     ) -> Result<(Outcome, u64), EngineError> {
         let store = self.store.clone();
         let h = hash.0.clone();
@@ -536,7 +538,7 @@ impl Engine {
                 (out, fetched)
             }
             None => (
-                self.run_sandboxed(hash, drv, build_dir.path(), build_dir.lock_fd())
+                self.run_sandboxed(hash, drv, emulator, build_dir.path(), build_dir.lock_fd())
                     .await?,
                 0,
             ),
@@ -572,6 +574,7 @@ impl Engine {
         &self,
         hash: &DrvHash,
         drv: &Derivation,
+        emulator: Option<&crate::graph::Emulator>,
         build_dir: &Path,
         hold: std::os::fd::RawFd,
     ) -> Result<PathBuf, EngineError> {
@@ -601,6 +604,22 @@ impl Engine {
             env: env.into_iter().collect(),
             walls: self.walls,
             limits: self.limits,
+            emulator: match emulator {
+                Some(em) => {
+                    let out = self
+                        .store
+                        .valid_output(&em.drv.0)?
+                        .ok_or_else(|| EngineError::UnknownTarget(em.drv.clone()))?;
+                    Some(sandbox::EmulatorSpec {
+                        name: em.name.clone(),
+                        interpreter: out.path.join(&em.interpreter),
+                        magic: em.magic.clone(),
+                        mask: em.mask.clone(),
+                        host_registered: sandbox::EmulatorSpec::registered_on_host(&em.name),
+                    })
+                }
+                None => None,
+            },
         };
         let exe = self.exe.clone();
         let log = build_dir.join("log");

@@ -10,6 +10,7 @@
 //! [`testkit`] builds throwaway keys and signed archives for tests. Every error is a
 //! [`DebianError`] whose message names the file, the check, and what was expected and found.
 
+pub mod arch;
 pub mod packages;
 pub mod release;
 pub mod resolve;

@@ -108,6 +108,87 @@ pub struct SandboxSpec {
     pub walls: Walls,
     #[serde(default)]
     pub limits: Limits,
+    /// For a builder whose commands are of a foreign architecture: the interpreter the sandbox
+    /// registers with binfmt_misc in its own user namespace (never the host's).
+    #[serde(default)]
+    pub emulator: Option<EmulatorSpec>,
+}
+
+/// An interpreter for a foreign architecture's ELF files (a static qemu-user), as binfmt_misc
+/// takes it: a name, the magic bytes and mask (hex) of the ELF header it handles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmulatorSpec {
+    pub name: String,
+    /// The interpreter on the host (a store path).
+    pub interpreter: PathBuf,
+    pub magic: String,
+    pub mask: String,
+    /// Whether the host already has `name` registered (system-wide, as kernels before 6.7
+    /// require): then a sandbox that cannot register its own uses the host's.
+    #[serde(default)]
+    pub host_registered: bool,
+}
+
+/// Where the interpreter appears inside the sandbox.
+const EMULATOR_DIR: &str = "/emulator";
+
+impl EmulatorSpec {
+    /// Whether the host has an enabled binfmt_misc entry named `name`.
+    pub fn registered_on_host(name: &str) -> bool {
+        fs::read_to_string(Path::new("/proc/sys/fs/binfmt_misc").join(name))
+            .is_ok_and(|s| s.lines().next() == Some("enabled"))
+    }
+
+    /// binfmt_misc's registration line for the interpreter at `path`: the `F` flag opens the
+    /// interpreter now, so it keeps working in chroots that do not contain it.
+    fn register_line(&self, path: &str) -> Result<String, SandboxError> {
+        let esc = |hex: &str| -> Result<String, SandboxError> {
+            if !hex.len().is_multiple_of(2) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(SandboxError::Unsupported(format!(
+                    "emulator {}: {hex:?} is not hex bytes",
+                    self.name
+                )));
+            }
+            Ok(hex
+                .as_bytes()
+                .chunks(2)
+                .map(|c| format!("\\x{}", std::str::from_utf8(c).expect("hex is ASCII")))
+                .collect())
+        };
+        Ok(format!(
+            ":{}:M::{}:{}:{path}:F",
+            self.name,
+            esc(&self.magic)?,
+            esc(&self.mask)?
+        ))
+    }
+}
+
+/// Register `em` with a binfmt_misc instance of this sandbox's own user namespace (Linux 6.7
+/// and later mount one per user namespace), or fall back on the host's registration.
+fn register_emulator(em: &EmulatorSpec) -> Result<(), SandboxError> {
+    let dir = Path::new("/proc/sys/fs/binfmt_misc");
+    let inside = format!("{EMULATOR_DIR}/{}", em.name);
+    let line = em.register_line(&inside)?;
+    let mounted = mount(
+        Some("binfmt_misc"),
+        dir,
+        Some("binfmt_misc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    );
+    match mounted {
+        Ok(()) => fs::write(dir.join("register"), line)
+            .map_err(setup_io(format!("registering {inside} with binfmt_misc"))),
+        Err(_) if em.host_registered => Ok(()),
+        Err(e) => Err(SandboxError::Unsupported(format!(
+            "cannot run {} programs: mounting binfmt_misc in the sandbox's user namespace failed ({e}); \
+             Linux 6.7 or later allows that without privileges. Ways out: a newer kernel, or \
+             registering the emulator on the host once, as root (`apt install qemu-user-static \
+             binfmt-support` registers {} with the F flag)",
+            em.name, em.name
+        ))),
+    }
 }
 
 /// What one build step may use. The defaults are far above what any normal build needs; a
@@ -684,6 +765,11 @@ fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
             bind(&meta, &dst_meta, true)?;
         }
     }
+    if let Some(em) = &spec.emulator {
+        let dst = inside(EMULATOR_DIR).join(&em.name);
+        mountpoint_like(&em.interpreter, &dst)?;
+        bind(&em.interpreter, &dst, true)?;
+    }
     let dev = inside("/dev");
     fs::create_dir_all(&dev).map_err(setup_io("mkdir /dev"))?;
     populate_dev(&dev)?;
@@ -706,6 +792,9 @@ fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
     umount2("/.old-root", MntFlags::MNT_DETACH).map_err(setup("detaching the host's root"))?;
     fs::remove_dir("/.old-root").map_err(setup_io("rmdir /.old-root"))?;
     nix::unistd::sethostname("rbuild").map_err(setup("sethostname"))?;
+    if let Some(em) = &spec.emulator {
+        register_emulator(em)?;
+    }
     if !spec.network {
         loopback_up()?;
     }

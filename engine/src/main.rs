@@ -66,6 +66,9 @@ enum Command {
         /// Where to write the lock [default: beside the recipe file; ./NAME.lock for built-ins]
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Lock these architectures instead of the recipe's (comma-separated, e.g. amd64,arm64)
+        #[arg(long, value_delimiter = ',', value_name = "ARCH")]
+        arch: Vec<String>,
     },
     /// Check (and repair) the store's outputs
     Store {
@@ -115,6 +118,10 @@ struct RealiseArgs {
     /// Refuse to create or update a recipe file's lock (for CI): fail if the recipe changed
     #[arg(long)]
     locked: bool,
+    /// Build these architectures instead of the recipe's (comma-separated, e.g. amd64,arm64;
+    /// the lock must pin them): the image is then one multi-platform index
+    #[arg(long, value_delimiter = ',', value_name = "ARCH")]
+    arch: Vec<String>,
     /// Build with this lock instead of the recipe's own (one `rbuild lock RECIPE --output FILE`
     /// wrote); it is never rewritten
     #[arg(long, value_name = "FILE")]
@@ -310,7 +317,7 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
         } => (recipe, store, to, secret_key),
     };
     let (recipe_arg, output) = split_output(&recipe);
-    let expanded = load_locked(recipe_arg, &[], true, false, None)?;
+    let expanded = load_locked(recipe_arg, &[], true, false, None, &[])?;
     let target = expanded.output(output)?.clone();
     let store = open_store(store.store)?;
     let cache = rbuild_store::cache::open(&to)?;
@@ -506,9 +513,12 @@ fn load_locked(
     offline: bool,
     locked: bool,
     lock_file: Option<&Path>,
+    arches: &[String],
 ) -> anyhow::Result<expand::Expanded> {
     if let Some(file) = lock_file {
-        let loaded = layers::load_any(arg, true)?.with_lock_file(file)?;
+        let loaded = layers::load_any(arg, true)?
+            .with_arches(arches)?
+            .with_lock_file(file)?;
         if let Some((stale, recipe)) = relock::stale(&loaded)? {
             let why = stale.changes.join("; ");
             if std::ptr::eq(recipe, &loaded) {
@@ -528,7 +538,7 @@ fn load_locked(
     // Each round re-locks the lowest recipe of the stack that needs it: a base before the
     // recipes standing on it.
     loop {
-        let loaded = layers::load_any(arg, true)?;
+        let loaded = layers::load_any(arg, true)?.with_arches(arches)?;
         let Some((stale, recipe)) = relock::stale(&loaded)? else {
             return loaded.expand();
         };
@@ -561,6 +571,7 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         offline,
         locked,
         lock,
+        arch,
         jobs,
         json,
         cache,
@@ -573,7 +584,14 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         mirrors(&mirror_flag)?
     };
     let (recipe_arg, output) = split_output(arg);
-    let expanded = load_locked(recipe_arg, &mirrors, offline, locked, lock.as_deref())?;
+    let expanded = load_locked(
+        recipe_arg,
+        &mirrors,
+        offline,
+        locked,
+        lock.as_deref(),
+        &arch,
+    )?;
     let target = expanded.output(output)?.clone();
     let store = Arc::new(open_store(store)?);
     let jobs = jobs_or_cores(jobs);
@@ -663,8 +681,13 @@ fn graph_cmd(arg: &str, format: GraphFormat) -> anyhow::Result<()> {
     }
 }
 
-fn lock_cmd(arg: &str, mirror_flags: &[String], output: Option<PathBuf>) -> anyhow::Result<()> {
-    let loaded = layers::load_any(arg, false)?;
+fn lock_cmd(
+    arg: &str,
+    mirror_flags: &[String],
+    output: Option<PathBuf>,
+    arches: &[String],
+) -> anyhow::Result<()> {
+    let loaded = layers::load_any(arg, false)?.with_arches(arches)?;
     let dest = output
         .or_else(|| loaded.lock_path())
         .unwrap_or_else(|| PathBuf::from(format!("{}.lock", loaded.debian().recipe.name)));
@@ -755,7 +778,8 @@ fn main() {
             recipe,
             mirror,
             output,
-        } => lock_cmd(&recipe, &mirror, output),
+            arch,
+        } => lock_cmd(&recipe, &mirror, output, &arch),
         Command::Gc { store, keep } => gc_cmd(store.store, keep),
         Command::Store { command } => store_cmd::run(command),
         Command::Doctor { connect, json } => doctor::doctor(connect, json),

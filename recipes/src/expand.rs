@@ -14,7 +14,12 @@ use crate::recipe::{Lock, Recipe, RecipeError, Variant};
 #[derive(Debug, Clone)]
 pub struct Expanded {
     pub graph: Graph,
-    pub outputs: BTreeMap<&'static str, DrvHash>,
+    /// `image`, `rootfs`, `tree`, `index`; with several architectures also each of them
+    /// suffixed `-ARCH` (the unsuffixed ones are the first architecture's, but `image`, which
+    /// is then the multi-platform index).
+    pub outputs: BTreeMap<String, DrvHash>,
+    /// The architectures built, the first first.
+    pub arches: Vec<String>,
     /// The image's layer derivations, bottom first.
     pub layers: Vec<DrvHash>,
     pub config: ImageConfig,
@@ -32,7 +37,7 @@ impl Expanded {
             .get(n)
             .ok_or_else(|| RecipeError::UnknownOutput {
                 name: n.to_owned(),
-                available: self.outputs.keys().copied().collect(),
+                available: self.outputs.keys().cloned().collect(),
             })
     }
 }
@@ -91,6 +96,10 @@ pub enum ExpandError {
     Graph(#[from] rbuild_engine::graph::GraphError),
     #[error(transparent)]
     Recipe(#[from] Box<crate::recipe::RecipeError>),
+    #[error(
+        "the lock pins no packages for {0}; run `rbuild lock` with that architecture (`--arch`)"
+    )]
+    ArchNotLocked(String),
     #[error("building {target} on this {host} machine needs an emulator, and the lock pins none for {host}: the recipe needs an [emulator] section (the package of its suite with static qemu-user binaries), then `rbuild lock` on this machine")]
     NoEmulator { target: String, host: String },
 }
@@ -181,8 +190,66 @@ fn add_emulator(
     Ok(())
 }
 
+/// The graph of `recipe` (each of its architectures, from its lock's pins for it).
 pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, ExpandError> {
     let mut g = Graph::new();
+    let arches = recipe.arches();
+    let mut per_arch = Vec::new();
+    for a in &arches {
+        let pinned = lock
+            .for_arch(a)
+            .ok_or_else(|| ExpandError::ArchNotLocked(a.clone()))?;
+        per_arch.push(expand_arch(&mut g, &recipe.for_arch(a), keyring, pinned)?);
+    }
+    let first = per_arch.remove(0);
+    let mut outputs = first.outputs.clone();
+    if !per_arch.is_empty() {
+        let mut images = vec![first.outputs["image"].clone()];
+        for (k, v) in &first.outputs {
+            outputs.insert(format!("{k}-{}", arches[0]), v.clone());
+        }
+        for (a, e) in arches[1..].iter().zip(&per_arch) {
+            images.push(e.outputs["image"].clone());
+            for (k, v) in &e.outputs {
+                outputs.insert(format!("{k}-{a}"), v.clone());
+            }
+        }
+        let index = g.add(Derivation {
+            name: format!("{}-oci-index", recipe.name),
+            stage: Stage::Pack,
+            builder: "builtin:pack-oci-index".into(),
+            args: vec![recipe.name.clone()],
+            env: sde_env(lock.source_date_epoch),
+            inputs: images,
+            system: None,
+            fixed_output: None,
+        })?;
+        outputs.insert("image".into(), index);
+    }
+    Ok(Expanded {
+        graph: g,
+        outputs,
+        arches,
+        layers: first.layers,
+        config: first.config,
+        source_date_epoch: lock.source_date_epoch,
+        limits: recipe.limits,
+    })
+}
+
+/// One architecture's part of a recipe's graph.
+struct ArchExpanded {
+    outputs: BTreeMap<String, DrvHash>,
+    layers: Vec<DrvHash>,
+    config: ImageConfig,
+}
+
+fn expand_arch(
+    g: &mut Graph,
+    recipe: &Recipe,
+    keyring: &[u8],
+    lock: &Lock,
+) -> Result<ArchExpanded, ExpandError> {
     let sde: BTreeMap<String, String> = [(
         "SOURCE_DATE_EPOCH".to_owned(),
         lock.source_date_epoch.to_string(),
@@ -215,13 +282,7 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         fixed_output: None,
     })?;
 
-    add_emulator(
-        &mut g,
-        recipe,
-        lock,
-        &inrelease_of(lock),
-        emulator_verify_args,
-    )?;
+    add_emulator(g, recipe, lock, &inrelease_of(lock), emulator_verify_args)?;
     let mut configure_inputs = vec![verify.clone()];
     let mut plan = ConfigurePlan {
         variant: recipe.variant,
@@ -280,7 +341,7 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         system: Some(recipe.architecture.clone()),
         fixed_output: None,
     })?;
-    let rootfs = rootfs_tar(&mut g, &recipe.name, &tree, lock.source_date_epoch)?;
+    let rootfs = rootfs_tar(g, &recipe.name, &tree, lock.source_date_epoch)?;
     let layer = g.add(Derivation {
         name: format!("{}-layer", recipe.name),
         stage: Stage::Pack,
@@ -314,13 +375,7 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         labels: BTreeMap::new(),
     };
     let layers = vec![layer];
-    let image = image(
-        &mut g,
-        &recipe.name,
-        &layers,
-        &config,
-        lock.source_date_epoch,
-    )?;
+    let image = image(g, &recipe.name, &layers, &config, lock.source_date_epoch)?;
     let outputs = [
         ("image", image),
         ("rootfs", rootfs),
@@ -328,14 +383,12 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         ("index", verify),
     ]
     .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    Ok(Expanded {
-        graph: g,
+    Ok(ArchExpanded {
         outputs,
         layers,
         config,
-        source_date_epoch: lock.source_date_epoch,
-        limits: recipe.limits,
     })
 }
 

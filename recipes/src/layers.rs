@@ -177,6 +177,24 @@ impl AnyRecipe {
         }
     }
 
+    /// This recipe built for `arches` instead of its own (`--arch`; empty: unchanged).
+    pub fn with_arches(mut self, arches: &[String]) -> anyhow::Result<AnyRecipe> {
+        if arches.is_empty() {
+            return Ok(self);
+        }
+        match &mut self {
+            AnyRecipe::Debian(l) => l
+                .recipe
+                .set_architectures(arches.to_vec())
+                .map_err(|e| anyhow::anyhow!("--arch: {e}"))?,
+            AnyRecipe::Layered { path, .. } => bail!(
+                "--arch applies to Debian recipes; {} is layered (its base decides the architecture)",
+                path.display()
+            ),
+        }
+        Ok(self)
+    }
+
     /// This recipe with the lock in `file` instead of its own (`rbuild realise --lock FILE`, with
     /// a lock `rbuild lock … --output FILE` wrote).
     pub fn with_lock_file(mut self, file: &Path) -> anyhow::Result<AnyRecipe> {
@@ -381,6 +399,13 @@ fn expand_layered(
     base: &AnyRecipe,
 ) -> anyhow::Result<Expanded> {
     let mut ex = base.expand()?;
+    if ex.arches.len() > 1 {
+        bail!(
+            "{}: its base builds {} architectures; layered images are built for one (set the base to one architecture)",
+            path.display(),
+            ex.arches.len()
+        );
+    }
     if lock.layer.len() != recipe.layers.len() {
         bail!(
             "{}: the lock has {} layers, the recipe {}; run `rbuild lock {}`",
@@ -484,9 +509,9 @@ fn expand_layered(
     ex.limits = recipe.limits.over(ex.limits);
     let image = expand::image(&mut ex.graph, &name, &ex.layers, &ex.config, sde)?;
     let rootfs = expand::rootfs_tar(&mut ex.graph, &name, &tree, sde)?;
-    ex.outputs.insert("image", image);
-    ex.outputs.insert("tree", tree);
-    ex.outputs.insert("rootfs", rootfs);
+    ex.outputs.insert("image".into(), image);
+    ex.outputs.insert("tree".into(), tree);
+    ex.outputs.insert("rootfs".into(), rootfs);
     Ok(ex)
 }
 

@@ -78,17 +78,18 @@ async fn fetch_index(
 }
 
 /// The emulator pins `recipe` needs: for each machine architecture that may build it (the
-/// machine locking, and the recipe's own) on which its architecture is foreign, the recipe's
+/// machine locking, and the recipe's architectures) on which its architecture is foreign, the recipe's
 /// `[emulator]` package from that architecture's index.
 async fn emulator_pins(
     recipe: &Recipe,
+    all: &[String],
     fetcher: &Fetcher,
     release: &debian::release::Release,
 ) -> anyhow::Result<Vec<EmulatorPin>> {
     let Some(source) = &recipe.emulator else {
         return Ok(vec![]);
     };
-    let mut hosts: Vec<&str> = vec![&recipe.architecture];
+    let mut hosts: Vec<&str> = all.iter().map(String::as_str).collect();
     if let Some(h) = arch::host() {
         hosts.push(h.debian);
     }
@@ -163,7 +164,32 @@ pub fn pin(p: &packages::Package) -> PinnedPackage {
 }
 
 /// Download and verify the InRelease and indices, resolve the package set, and return the lock.
+/// With several architectures, the first's lock carries the others' (made against the same
+/// InRelease).
 pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow::Result<Lock> {
+    let arches = recipe.arches();
+    let mut first = lock_one(&recipe.for_arch(&arches[0]), &arches, keyring, fetcher).await?;
+    for a in &arches[1..] {
+        let other = lock_one(&recipe.for_arch(a), &arches, keyring, fetcher).await?;
+        if other.inrelease != first.inrelease {
+            bail!(
+                "{}: the archive changed while {a} was being locked; run `rbuild lock` again",
+                first.inrelease.path
+            );
+        }
+        first.others.push(other);
+    }
+    Ok(first)
+}
+
+/// The lock of one architecture; `all` are the recipe's architectures (a machine of any of them
+/// may build this one: the emulators are pinned for those).
+async fn lock_one(
+    recipe: &Recipe,
+    all: &[String],
+    keyring: &[u8],
+    fetcher: &Fetcher,
+) -> anyhow::Result<Lock> {
     let suite = &recipe.suite;
     let archive = fetch_verified(recipe, keyring, fetcher).await?;
     let selected = resolve::resolve_request(
@@ -204,7 +230,8 @@ pub async fn lock(recipe: &Recipe, keyring: &[u8], fetcher: &Fetcher) -> anyhow:
         indices: archive.indices,
         packages,
         resolved: Some(ResolvedFor::of(recipe)),
-        emulators: emulator_pins(recipe, fetcher, &archive.release).await?,
+        emulators: emulator_pins(recipe, all, fetcher, &archive.release).await?,
+        others: vec![],
     })
 }
 

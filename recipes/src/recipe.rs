@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
+    #[error("{path}: {msg}")]
+    Architectures {
+        path: PathBuf,
+        msg: ArchitecturesError,
+    },
     #[error("{path}: [apt-sources]: {msg}")]
     AptSources { path: PathBuf, msg: String },
     #[error("{path}: {source}")]
@@ -47,7 +52,7 @@ pub enum RecipeError {
     #[error("no output named {name:?}; this recipe has: {}", .available.join(", "))]
     UnknownOutput {
         name: String,
-        available: Vec<&'static str>,
+        available: Vec<String>,
     },
 }
 
@@ -74,7 +79,13 @@ pub enum Variant {
 pub struct Recipe {
     pub name: String,
     pub suite: String,
+    /// The (first) architecture; with `architectures`, the first of those.
+    #[serde(default)]
     pub architecture: String,
+    /// Several architectures: the `image` output is then one OCI image index with a manifest
+    /// per architecture.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub architectures: Vec<String>,
     pub components: Vec<String>,
     pub variant: Variant,
     #[serde(default = "yes")]
@@ -194,6 +205,69 @@ impl AptSources {
     }
 }
 
+/// Why a recipe's architectures cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchitecturesError {
+    #[error("no architecture: set `architecture = \"amd64\"` or `architectures = [\"amd64\", \"arm64\"]`")]
+    None,
+    #[error("`architecture = {0:?}` is not the first of `architectures`")]
+    Conflict(String),
+    #[error("architecture {0:?} is listed twice")]
+    Twice(String),
+    #[error("unknown architecture {0:?} (known: {1})")]
+    Unknown(String, String),
+}
+
+impl Recipe {
+    /// The recipe's architectures, the first one first.
+    pub fn arches(&self) -> Vec<String> {
+        if self.architectures.is_empty() {
+            vec![self.architecture.clone()]
+        } else {
+            self.architectures.clone()
+        }
+    }
+
+    /// Build for `arches` (`--arch`): the first becomes `architecture`.
+    pub fn set_architectures(&mut self, arches: Vec<String>) -> Result<(), ArchitecturesError> {
+        let first = arches
+            .first()
+            .filter(|a| !a.is_empty())
+            .ok_or(ArchitecturesError::None)?
+            .clone();
+        if !self.architectures.is_empty()
+            && !self.architecture.is_empty()
+            && self.architecture != self.architectures[0]
+        {
+            return Err(ArchitecturesError::Conflict(self.architecture.clone()));
+        }
+        for (i, a) in arches.iter().enumerate() {
+            if arches[..i].contains(a) {
+                return Err(ArchitecturesError::Twice(a.clone()));
+            }
+            if crate::debian::arch::by_name(a).is_none() {
+                let known: Vec<&str> = crate::debian::arch::ARCHES
+                    .iter()
+                    .map(|a| a.debian)
+                    .collect();
+                return Err(ArchitecturesError::Unknown(a.clone(), known.join(", ")));
+            }
+        }
+        self.architecture = first;
+        self.architectures = if arches.len() > 1 { arches } else { vec![] };
+        Ok(())
+    }
+
+    /// This recipe for `arch` alone (the others dropped).
+    pub fn for_arch(&self, arch: &str) -> Recipe {
+        Recipe {
+            architecture: arch.to_owned(),
+            architectures: vec![],
+            ..self.clone()
+        }
+    }
+}
+
 /// `[limits]` of a recipe: what one build step may use, where the defaults do not fit (the
 /// command line's `--max-build-*` and `RBUILD_MAX_BUILD_*` take precedence). Never part of a
 /// derivation's hash: limits decide whether a step finishes, not what it makes.
@@ -270,6 +344,30 @@ pub struct Lock {
     /// Emulators for building the recipe's architecture on machines of other architectures.
     #[serde(default, rename = "emulator", skip_serializing_if = "Vec::is_empty")]
     pub emulators: Vec<EmulatorPin>,
+    /// The locks of a multi-architecture recipe's other architectures (same InRelease).
+    #[serde(
+        default,
+        rename = "other-architecture",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub others: Vec<Lock>,
+}
+
+impl Lock {
+    /// The lock of `arch`: this one, or one of `others`.
+    pub fn for_arch(&self, arch: &str) -> Option<&Lock> {
+        std::iter::once(self)
+            .chain(&self.others)
+            .find(|l| l.architecture == arch)
+    }
+
+    /// The architectures pinned, this lock's first.
+    pub fn arches(&self) -> Vec<String> {
+        std::iter::once(self)
+            .chain(&self.others)
+            .map(|l| l.architecture.clone())
+            .collect()
+    }
 }
 
 /// The parts of a recipe that decide its package set, as they were when it was locked.
@@ -324,15 +422,20 @@ impl Loaded {
         let path = self
             .lock_path()
             .unwrap_or_else(|| PathBuf::from(format!("<built-in {}.lock>", self.recipe.name)));
-        for (what, expected, found) in [
-            ("suite", &self.recipe.suite, &lock.suite),
+        // Every architecture asked for must be pinned (a lock may pin more).
+        let pinned = lock.arches();
+        let covered = self.recipe.arches().iter().all(|a| pinned.contains(a));
+        let (expected_arches, found_arches) = (self.recipe.arches().join(","), pinned.join(","));
+        for (what, expected, found, ok) in [
             (
-                "architecture",
-                &self.recipe.architecture,
-                &lock.architecture,
+                "suite",
+                &self.recipe.suite,
+                &lock.suite,
+                self.recipe.suite == lock.suite,
             ),
+            ("architectures", &expected_arches, &found_arches, covered),
         ] {
-            if expected != found {
+            if !ok {
                 return Err(RecipeError::Stale {
                     path,
                     what,
@@ -387,10 +490,16 @@ pub fn builtin_names() -> Vec<&'static str> {
 }
 
 fn parse_recipe(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
-    let recipe: Recipe = toml::from_str(text).map_err(|source| RecipeError::Parse {
+    let mut recipe: Recipe = toml::from_str(text).map_err(|source| RecipeError::Parse {
         path: path.to_owned(),
         source,
     })?;
+    recipe
+        .set_architectures(recipe.arches())
+        .map_err(|msg| RecipeError::Architectures {
+            path: path.to_owned(),
+            msg,
+        })?;
     // Refused when the recipe is read, not when it is first built.
     if let Some(a) = &recipe.apt_sources {
         a.render(&recipe, path)?;

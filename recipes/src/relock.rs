@@ -64,9 +64,10 @@ fn stale_debian(l: &Loaded) -> Option<Stale> {
         });
     };
     let mut changes = Vec::new();
+    let (was_arches, now_arches) = (lock.arches().join(","), r.arches().join(","));
     for (what, was, now) in [
         ("suite", &lock.suite, &r.suite),
-        ("architecture", &lock.architecture, &r.architecture),
+        ("architectures", &was_arches, &now_arches),
     ] {
         if was != now {
             changes.push(format!("{what} {was} → {now}"));

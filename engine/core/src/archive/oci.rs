@@ -162,6 +162,71 @@ pub fn write_layout(
     Ok(digest)
 }
 
+/// Write an OCI image layout holding one multi-platform image: the single-image layouts
+/// `images` (as [`write_layout`] makes them) merged, their blobs copied in, and `index.json`
+/// naming one image index (carrying `ref_name`) that lists each image's manifest with its
+/// platform — the form `podman pull --arch ARCH oci:DIR` chooses from. Returns the digest of
+/// that image index.
+pub fn write_multi_platform_layout(
+    out: &Path,
+    images: &[&Path],
+    ref_name: Option<&str>,
+) -> Result<String, ArchiveError> {
+    if let Some(r) = ref_name {
+        check_ref_name(r).map_err(malformed(out))?;
+    }
+    let blobs = out.join("blobs").join("sha256");
+    fs::create_dir_all(&blobs).map_err(|e| ArchiveError::io(&blobs, e))?;
+    write_file(
+        &out.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let mut manifests = Vec::new();
+    for image in images {
+        let path = image.join("index.json");
+        let bytes = fs::read(&path).map_err(|e| ArchiveError::io(&path, e))?;
+        let index: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Codec {
+                what: format!("{} (an OCI index)", path.display()),
+                problem: e.to_string(),
+            })?;
+        for m in index["manifests"].as_array().into_iter().flatten() {
+            let mut m = m.clone();
+            if let Some(o) = m.as_object_mut() {
+                o.remove("annotations");
+            }
+            manifests.push(m);
+        }
+        let from = image.join("blobs").join("sha256");
+        let entries = fs::read_dir(&from).map_err(|e| ArchiveError::io(&from, e))?;
+        for e in entries {
+            let e = e.map_err(|e| ArchiveError::io(&from, e))?;
+            let dst = blobs.join(e.file_name());
+            if !dst.exists() {
+                fs::copy(e.path(), &dst).map_err(|err| ArchiveError::io(&dst, err))?;
+            }
+        }
+    }
+    let inner = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_INDEX,
+        "manifests": manifests,
+    });
+    let mut desc = write_json_blob(&blobs, MEDIA_TYPE_INDEX, &inner)?;
+    let digest = desc.digest.clone();
+    if let Some(r) = ref_name {
+        desc.annotations
+            .insert(ANNOTATION_REF_NAME.to_owned(), r.to_owned());
+    }
+    let index = Index {
+        schema_version: 2,
+        media_type: MEDIA_TYPE_INDEX,
+        manifests: vec![desc],
+    };
+    write_file(&out.join("index.json"), &to_json(&index)?)?;
+    Ok(digest)
+}
+
 /// The sha256 (lowercase hex, no `sha256:` prefix) and size of a file.
 pub fn sha256_file(path: &Path) -> Result<(String, u64), ArchiveError> {
     let mut f = File::open(path).map_err(|e| ArchiveError::io(path, e))?;

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::{BufReader, BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -215,6 +215,16 @@ pub fn pack_oci(ctx: &BuildContext) -> anyhow::Result<()> {
     }
     let ref_name = ctx.args.get(1).map(String::as_str);
     oci::write_layout(&ctx.out, &layers, &config, ref_name)?;
+    Ok(())
+}
+
+/// `pack-oci-index`: inputs are single-image OCI layouts (one per architecture); `$out`
+/// becomes one layout whose image is a multi-platform index of them; argument 0 is its
+/// reference name.
+pub fn pack_oci_index(ctx: &BuildContext) -> anyhow::Result<()> {
+    let images: Vec<&Path> = ctx.inputs.iter().map(PathBuf::as_path).collect();
+    let ref_name = ctx.args.first().map(String::as_str);
+    oci::write_multi_platform_layout(&ctx.out, &images, ref_name)?;
     Ok(())
 }
 

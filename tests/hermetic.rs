@@ -766,6 +766,16 @@ fn killed_build_leaves_no_registered_output_and_is_cleaned_up() {
     assert_eq!(again["built"], 0);
 }
 
+/// `recipes/app/` beside the throwaway archive's recipe, with the files its layers copy:
+/// `files/motd` and an executable-looking `files/tool`.
+fn app_with_files(a: &Archive) -> std::path::PathBuf {
+    let app_dir = a.recipe.parent().unwrap().join("app");
+    fs::create_dir_all(app_dir.join("files")).unwrap();
+    fs::write(app_dir.join("files/motd"), "hello from a layer\n").unwrap();
+    fs::write(app_dir.join("files/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    app_dir
+}
+
 /// A layered recipe on the throwaway base: the base's layer is reused byte for byte, each
 /// `[[layers]]` entry adds one layer, config and history follow the recipe, and editing the last
 /// layer rebuilds only that layer's tree, its diff and the image.
@@ -777,10 +787,7 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     let store = t.path().join("store");
     let base = realise_json(None, &a, "", &store, &[]);
     let base_layout = Path::new(base["output"].as_str().unwrap()).to_owned();
-    let app_dir = a.recipe.parent().unwrap().join("app");
-    fs::create_dir_all(app_dir.join("files")).unwrap();
-    fs::write(app_dir.join("files/motd"), "hello from a layer\n").unwrap();
-    fs::write(app_dir.join("files/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    let app_dir = app_with_files(&a);
     // A directory copied whole: files keep whether they are executable.
     fs::create_dir_all(app_dir.join("files/conf.d/sub")).unwrap();
     fs::write(app_dir.join("files/conf.d/a.conf"), "a = 1\n").unwrap();
@@ -927,10 +934,7 @@ fn gc_keeps_what_roots_need_to_be_rebuilt_incrementally() {
     // The base's image, with no root and not an input of the layered image: garbage.
     let base = realise_json(None, &a, "", &store, &[]);
     let base_image = Path::new(base["output"].as_str().unwrap()).to_owned();
-    let app_dir = a.recipe.parent().unwrap().join("app");
-    fs::create_dir_all(app_dir.join("files")).unwrap();
-    fs::write(app_dir.join("files/motd"), "hello from a layer\n").unwrap();
-    fs::write(app_dir.join("files/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    let app_dir = app_with_files(&a);
     let recipe = app_dir.join("app.toml");
     let edit_last_layer = |to: &str| {
         fs::write(

@@ -104,6 +104,20 @@ pub enum ExpandError {
     NoEmulator { target: String, host: String },
 }
 
+/// Unpacking package `p`'s `.deb` (checked against the verified index `verify` first).
+fn unpack_drv(p: &crate::recipe::PinnedPackage, verify: DrvHash, deb: DrvHash) -> Derivation {
+    Derivation {
+        name: format!("{}_{}_{}", p.name, p.version, p.architecture),
+        stage: Stage::Unpack,
+        builder: "builtin:debian-unpack".into(),
+        args: vec![p.name.clone(), p.version.clone(), p.architecture.clone()],
+        env: BTreeMap::new(),
+        inputs: vec![verify, deb],
+        system: None,
+        fixed_output: None,
+    }
+}
+
 /// The InRelease fetch of `lock` (the same derivation [`expand`] adds).
 fn inrelease_of(lock: &Lock) -> Derivation {
     fetch(
@@ -166,16 +180,7 @@ fn add_emulator(
         &p.sha256,
         p.size,
     ))?;
-    let unpacked = g.add(Derivation {
-        name: format!("{}_{}_{}", p.name, p.version, p.architecture),
-        stage: Stage::Unpack,
-        builder: "builtin:debian-unpack".into(),
-        args: vec![p.name.clone(), p.version.clone(), p.architecture.clone()],
-        env: BTreeMap::new(),
-        inputs: vec![verify, deb],
-        system: None,
-        fixed_output: None,
-    })?;
+    let unpacked = g.add(unpack_drv(p, verify, deb))?;
     let interpreter = source.interpreter.replace("{qemu}", target.qemu);
     g.set_emulator(
         target.debian,
@@ -306,16 +311,7 @@ fn expand_arch(
         // is unpacked by the target's dpkg from the verified `.deb`.
         let unpack = p.bootstrap || recipe.variant == Variant::Extract;
         let unpacked = if unpack {
-            configure_inputs.push(g.add(Derivation {
-                name: format!("{}_{}_{}", p.name, p.version, p.architecture),
-                stage: Stage::Unpack,
-                builder: "builtin:debian-unpack".into(),
-                args: vec![p.name.clone(), p.version.clone(), p.architecture.clone()],
-                env: BTreeMap::new(),
-                inputs: vec![verify.clone(), deb.clone()],
-                system: None,
-                fixed_output: None,
-            })?);
+            configure_inputs.push(g.add(unpack_drv(p, verify.clone(), deb.clone()))?);
             Some(configure_inputs.len() - 1)
         } else {
             None

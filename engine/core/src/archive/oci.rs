@@ -83,15 +83,7 @@ pub fn write_layout(
     config: &ImageConfig,
     ref_name: Option<&str>,
 ) -> Result<String, ArchiveError> {
-    if let Some(r) = ref_name {
-        check_ref_name(r).map_err(malformed(out))?;
-    }
-    let blobs = out.join("blobs").join("sha256");
-    fs::create_dir_all(&blobs).map_err(|e| ArchiveError::io(&blobs, e))?;
-    write_file(
-        &out.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
+    let blobs = start_layout(out, ref_name)?;
 
     for layer in layers {
         check_digest(&layer.diff_id).map_err(malformed(&layer.blob_path))?;
@@ -172,15 +164,7 @@ pub fn write_multi_platform_layout(
     images: &[&Path],
     ref_name: Option<&str>,
 ) -> Result<String, ArchiveError> {
-    if let Some(r) = ref_name {
-        check_ref_name(r).map_err(malformed(out))?;
-    }
-    let blobs = out.join("blobs").join("sha256");
-    fs::create_dir_all(&blobs).map_err(|e| ArchiveError::io(&blobs, e))?;
-    write_file(
-        &out.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
+    let blobs = start_layout(out, ref_name)?;
     let mut manifests = Vec::new();
     for image in images {
         let path = image.join("index.json");
@@ -225,6 +209,21 @@ pub fn write_multi_platform_layout(
     };
     write_file(&out.join("index.json"), &to_json(&index)?)?;
     Ok(digest)
+}
+
+/// Check `ref_name`, create `out`'s blob directory and its `oci-layout`; returns the blob
+/// directory.
+fn start_layout(out: &Path, ref_name: Option<&str>) -> Result<std::path::PathBuf, ArchiveError> {
+    if let Some(r) = ref_name {
+        check_ref_name(r).map_err(malformed(out))?;
+    }
+    let blobs = out.join("blobs").join("sha256");
+    fs::create_dir_all(&blobs).map_err(|e| ArchiveError::io(&blobs, e))?;
+    write_file(
+        &out.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    Ok(blobs)
 }
 
 /// The sha256 (lowercase hex, no `sha256:` prefix) and size of a file.

@@ -194,14 +194,7 @@ fn trixie_amd64_and_arm64_with_no_host_setup() {
         "the host's binfmt_misc is back as it was"
     );
     for (out, (machine, arch)) in runs.iter().zip([("aarch64", "arm64"), ("x86_64", "amd64")]) {
-        let lines: Vec<&str> = out
-            .lines()
-            .map(|l| {
-                l.trim_matches(|c: char| c.is_whitespace() || c == '\0')
-                    .trim_start_matches("^@")
-            })
-            .skip_while(|l| *l != machine)
-            .collect();
+        let lines: Vec<&str> = lines_from(out, machine);
         assert!(lines.len() >= 3, "{arch}: {out}");
         assert_eq!(&lines[..3], [machine, arch, "audit-done"], "{out}");
     }

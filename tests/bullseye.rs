@@ -257,16 +257,7 @@ fn debian_bullseye_as_root_and_unprivileged() {
         &home,
         &format!("{podman} /bin/sh -c \"{}\"", script.replace('$', "\\$")),
     );
-    // The terminal shows podman's own progress too (copying the layers in) before the output.
-    let lines: Vec<&str> = out
-        .lines()
-        .map(|l| {
-            // The pseudo-terminal echoes control characters as `^@`.
-            l.trim_matches(|c: char| c.is_whitespace() || c == '\0')
-                .trim_start_matches("^@")
-        })
-        .skip_while(|l| !l.starts_with("11."))
-        .collect();
+    let lines: Vec<&str> = lines_from(&out, "11.");
     assert!(!lines.is_empty(), "no Debian 11 version printed: {out}");
     assert_eq!(lines[1], "164", "{out}");
     assert_eq!(lines[2], "audit-done", "dpkg --audit is empty: {out}");
@@ -356,15 +347,7 @@ fn layered_example_on_bullseye() {
             &app,
             "podman run --rm oci:result 'id -un; pwd; cat hello; curl --version | head -n1'",
         );
-        let lines: Vec<&str> = out
-            .lines()
-            .map(|l| {
-                // The pseudo-terminal echoes control characters as `^@`.
-                l.trim_matches(|c: char| c.is_whitespace() || c == '\0')
-                    .trim_start_matches("^@")
-            })
-            .skip_while(|l| *l != "app")
-            .collect();
+        let lines = lines_from(&out, "app");
         assert!(lines.len() >= 4, "{out}");
         assert_eq!(&lines[..3], ["app", "/home/app", "hi"], "{out}");
         assert!(lines[3].starts_with("curl 7."), "{out}");

@@ -243,6 +243,13 @@ fn chroot_env(ctx: &BuildContext) -> Vec<(String, String)> {
 }
 
 /// Files that record when or where the system was built rather than what it is.
+/// Files debootstrap writes that no package installs (its `setup_etc` and
+/// `setup_dselect_method`).
+const DEBOOTSTRAP_FILES: &[(&str, &str)] = &[
+    ("etc/fstab", "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n"),
+    ("var/lib/dpkg/cmethopt", "apt apt\n"),
+];
+
 const VOLATILE: &[&str] = &[
     "var/log/dpkg.log",
     "var/log/alternatives.log",
@@ -302,6 +309,10 @@ fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     if plan.variant == Variant::Debootstrap {
         install_with_dpkg(ctx, &plan, &root)?;
         eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
+        // What debootstrap itself writes besides what the packages install.
+        for (path, text) in DEBOOTSTRAP_FILES {
+            fs::write(root.join(path), text).with_context(|| format!("writing /{path}"))?;
+        }
     }
     if let Some(text) = &plan.apt_sources {
         let path = root.join(crate::recipe::AptSources::PATH);

@@ -1960,19 +1960,22 @@ fn realise_relocks_only_what_a_recipe_change_needs() {
 
     // The Debian recipe itself: a new `include` is locked against the pinned archive...
     let testos = fs::read_to_string(&a.recipe).unwrap();
+    let realise_index = || {
+        rbuild(&[
+            "realise",
+            &format!("{}^index", a.recipe.display()),
+            "--store",
+            store.to_str().unwrap(),
+            "--mirror",
+            &a.mirror_url(),
+        ])
+    };
     fs::write(
         &a.recipe,
         testos.replace("[image]", "include = [\"unused\"]\n\n[image]"),
     )
     .unwrap();
-    let o = rbuild(&[
-        "realise",
-        &format!("{}^index", a.recipe.display()),
-        "--store",
-        store.to_str().unwrap(),
-        "--mirror",
-        &a.mirror_url(),
-    ]);
+    let o = realise_index();
     ok(&o);
     assert!(
         stderr(&o).contains("include [] → [\"unused\"]"),
@@ -1991,14 +1994,7 @@ fn realise_relocks_only_what_a_recipe_change_needs() {
         testos.replace("[image]", "include = [\"unused\", \"libhello\"]\n\n[image]"),
     )
     .unwrap();
-    let o = rbuild(&[
-        "realise",
-        &format!("{}^index", a.recipe.display()),
-        "--store",
-        store.to_str().unwrap(),
-        "--mirror",
-        &a.mirror_url(),
-    ]);
+    let o = realise_index();
     let e = fails(o, "a re-lock after the archive moved on");
     assert!(
         e.contains("has moved on") && e.contains("rbuild lock"),
@@ -2306,4 +2302,39 @@ fn several_mirrors_from_rbuild_mirror_and_config() {
         )),
         "{err}"
     );
+}
+
+/// `[apt-sources]` puts the archive it names into the image as deb822, owned by root; a recipe
+/// without it (the throwaway base before the edit) carries none.
+#[test]
+fn apt_sources_are_written_into_the_image() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    let store = t.path().join("store");
+    let tree = |extra: &[&str]| {
+        let r = realise_json(None, &a, "^tree", &store, extra);
+        Path::new(r["output"].as_str().unwrap()).to_owned()
+    };
+    let plain = tree(&[]);
+    assert!(!plain.join("etc/apt/sources.list.d/debian.sources").exists());
+    let text = fs::read_to_string(&a.recipe).unwrap();
+    fs::write(
+        &a.recipe,
+        format!("{text}\n[apt-sources]\nuri = \"http://127.0.0.1:9/debian\"\nsuites = [\"{SUITE}\", \"{SUITE}-updates\"]\n"),
+    )
+    .unwrap();
+    let with = tree(&[]);
+    assert_ne!(with, plain);
+    assert_eq!(
+        fs::read_to_string(with.join("etc/apt/sources.list.d/debian.sources")).unwrap(),
+        format!("Types: deb\nURIs: http://127.0.0.1:9/debian\nSuites: {SUITE} {SUITE}-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+    );
+    // A value that would start another deb822 field is refused as the recipe is read.
+    fs::write(
+        &a.recipe,
+        format!("{text}\n[apt-sources]\nuri = \"http://x/debian\\nTrusted: yes\"\n"),
+    )
+    .unwrap();
+    let e = realise_fails(&a, &store);
+    assert!(e.contains("[apt-sources]") && e.contains("one word"), "{e}");
 }

@@ -104,6 +104,16 @@ pub enum ExpandError {
     NoEmulator { target: String, host: String },
 }
 
+/// Downloading package `p`'s `.deb`, pinned.
+pub fn fetch_package(p: &crate::recipe::PinnedPackage) -> Derivation {
+    fetch(
+        base_name(&p.filename).to_owned(),
+        &p.filename,
+        &p.sha256,
+        p.size,
+    )
+}
+
 /// Unpacking package `p`'s `.deb` (checked against the verified index `verify` first).
 fn unpack_drv(p: &crate::recipe::PinnedPackage, verify: DrvHash, deb: DrvHash) -> Derivation {
     Derivation {
@@ -173,14 +183,8 @@ fn add_emulator(
         system: None,
         fixed_output: None,
     })?;
-    let p = &pin.package;
-    let deb = g.add(fetch(
-        base_name(&p.filename).to_owned(),
-        &p.filename,
-        &p.sha256,
-        p.size,
-    ))?;
-    let unpacked = g.add(unpack_drv(p, verify, deb))?;
+    let deb = g.add(fetch_package(&pin.package))?;
+    let unpacked = g.add(unpack_drv(&pin.package, verify, deb))?;
     let interpreter = source.interpreter.replace("{qemu}", target.qemu);
     g.set_emulator(
         target.debian,
@@ -301,12 +305,7 @@ fn expand_arch(
             .transpose()?,
     };
     for p in &lock.packages {
-        let deb = g.add(fetch(
-            base_name(&p.filename).to_owned(),
-            &p.filename,
-            &p.sha256,
-            p.size,
-        ))?;
+        let deb = g.add(fetch_package(p))?;
         // What configure lays out itself is unpacked (each package its own output); the rest
         // is unpacked by the target's dpkg from the verified `.deb`.
         let unpack = p.bootstrap || recipe.variant == Variant::Extract;

@@ -436,12 +436,7 @@ fn expand_layered(
         }
         let mut inputs = vec![tree.clone(), index.clone()];
         for p in &locked.package {
-            inputs.push(ex.graph.add(expand::fetch(
-                expand::base_name(&p.filename).to_owned(),
-                &p.filename,
-                &p.sha256,
-                p.size,
-            ))?);
+            inputs.push(ex.graph.add(expand::fetch_package(p))?);
         }
         let mut copy = Vec::new();
         for c in &spec.copy {

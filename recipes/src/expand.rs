@@ -191,7 +191,8 @@ fn add_emulator(
         Emulator {
             drv: unpacked,
             interpreter: format!("data/{}", interpreter.trim_start_matches('/')),
-            name: format!("rbuild-qemu-{}", target.qemu),
+            // Debian's own name for it, so a host registration (kernels before 6.7) is found.
+            name: format!("qemu-{}", target.qemu),
             magic: target.magic.to_owned(),
             mask: target.mask.to_owned(),
         },

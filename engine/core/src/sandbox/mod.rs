@@ -133,10 +133,15 @@ pub struct EmulatorSpec {
 const EMULATOR_DIR: &str = "/emulator";
 
 impl EmulatorSpec {
-    /// Whether the host has an enabled binfmt_misc entry named `name`.
+    /// Whether the host has an enabled binfmt_misc entry named `name` with the `F` flag (the
+    /// interpreter opened when it was registered: one that must be found by path would not be
+    /// in the chroot).
     pub fn registered_on_host(name: &str) -> bool {
-        fs::read_to_string(Path::new("/proc/sys/fs/binfmt_misc").join(name))
-            .is_ok_and(|s| s.lines().next() == Some("enabled"))
+        fs::read_to_string(Path::new("/proc/sys/fs/binfmt_misc").join(name)).is_ok_and(|s| {
+            s.lines().next() == Some("enabled")
+                && s.lines()
+                    .any(|l| l.strip_prefix("flags: ").is_some_and(|f| f.contains('F')))
+        })
     }
 
     /// binfmt_misc's registration line for the interpreter at `path`: the `F` flag opens the

@@ -8,7 +8,7 @@ use rbuild_engine::{Derivation, DrvHash, Emulator, FixedOutput, Graph, Stage};
 use serde::{Deserialize, Serialize};
 
 use crate::debian::arch;
-use crate::recipe::{Lock, Recipe, RecipeError, Variant};
+use crate::recipe::{Lock, PinnedFile, Recipe, RecipeError, Variant};
 
 /// The named outputs of a recipe (`RECIPE^NAME`).
 #[derive(Debug, Clone)]
@@ -128,14 +128,43 @@ fn unpack_drv(p: &crate::recipe::PinnedPackage, verify: DrvHash, deb: DrvHash) -
     }
 }
 
-/// The InRelease fetch of `lock` (the same derivation [`expand`] adds).
-fn inrelease_of(lock: &Lock) -> Derivation {
-    fetch(
+/// The `verify` derivation of `indices` (and of the InRelease that lists them), named `name`,
+/// with their fetches: the compact verified index packages are checked against.
+fn verified_index(
+    g: &mut Graph,
+    recipe: &Recipe,
+    keyring: &[u8],
+    lock: &Lock,
+    indices: &[PinnedFile],
+    name: String,
+) -> Result<DrvHash, ExpandError> {
+    let mut inputs = vec![g.add(fetch(
         format!("{}-InRelease", lock.suite),
         &lock.inrelease.path,
         &lock.inrelease.sha256,
         lock.inrelease.size,
-    )
+    ))?];
+    let mut args = vec![
+        lock.suite.clone(),
+        String::from_utf8_lossy(keyring).into_owned(),
+        recipe.fingerprints.join(","),
+        lock.source_date_epoch.to_string(),
+    ];
+    for idx in indices {
+        let name = idx.path.replace('/', "_");
+        inputs.push(g.add(fetch(name, &idx.path, &idx.sha256, idx.size))?);
+        args.push(idx.path.clone());
+    }
+    Ok(g.add(Derivation {
+        name,
+        stage: Stage::Verify,
+        builder: "builtin:debian-verify".into(),
+        args,
+        env: BTreeMap::new(),
+        inputs,
+        system: None,
+        fixed_output: None,
+    })?)
 }
 
 /// When the recipe's architecture is foreign to this machine: the emulator the lock pins for
@@ -145,9 +174,8 @@ fn inrelease_of(lock: &Lock) -> Derivation {
 fn add_emulator(
     g: &mut Graph,
     recipe: &Recipe,
+    keyring: &[u8],
     lock: &Lock,
-    inrelease: &Derivation,
-    mut verify_args: Vec<String>,
 ) -> Result<(), ExpandError> {
     let (Some(host), Some(target)) = (arch::host(), arch::by_name(&recipe.architecture)) else {
         return Ok(());
@@ -165,24 +193,14 @@ fn add_emulator(
         .iter()
         .find(|e| e.host == host.debian)
         .ok_or_else(no_emulator)?;
-    let inrelease = g.add(inrelease.clone())?;
-    let index = g.add(fetch(
-        pin.index.path.replace('/', "_"),
-        &pin.index.path,
-        &pin.index.sha256,
-        pin.index.size,
-    ))?;
-    verify_args.push(pin.index.path.clone());
-    let verify = g.add(Derivation {
-        name: format!("{}-{}-verified-index", lock.suite, host.debian),
-        stage: Stage::Verify,
-        builder: "builtin:debian-verify".into(),
-        args: verify_args,
-        env: BTreeMap::new(),
-        inputs: vec![inrelease, index],
-        system: None,
-        fixed_output: None,
-    })?;
+    let verify = verified_index(
+        g,
+        recipe,
+        keyring,
+        lock,
+        std::slice::from_ref(&pin.index),
+        format!("{}-{}-verified-index", lock.suite, host.debian),
+    )?;
     let deb = g.add(fetch_package(&pin.package))?;
     let unpacked = g.add(unpack_drv(&pin.package, verify, deb))?;
     let interpreter = source.interpreter.replace("{qemu}", target.qemu);
@@ -260,39 +278,17 @@ fn expand_arch(
     keyring: &[u8],
     lock: &Lock,
 ) -> Result<ArchExpanded, ExpandError> {
-    let sde: BTreeMap<String, String> = [(
-        "SOURCE_DATE_EPOCH".to_owned(),
-        lock.source_date_epoch.to_string(),
-    )]
-    .into_iter()
-    .collect();
+    let sde = sde_env(lock.source_date_epoch);
 
-    let inrelease = g.add(inrelease_of(lock))?;
-    let mut verify_inputs = vec![inrelease];
-    let mut verify_args = vec![
-        lock.suite.clone(),
-        String::from_utf8_lossy(keyring).into_owned(),
-        recipe.fingerprints.join(","),
-        lock.source_date_epoch.to_string(),
-    ];
-    for idx in &lock.indices {
-        let name = idx.path.replace('/', "_");
-        verify_inputs.push(g.add(fetch(name, &idx.path, &idx.sha256, idx.size))?);
-        verify_args.push(idx.path.clone());
-    }
-    let emulator_verify_args = verify_args[..4].to_vec();
-    let verify = g.add(Derivation {
-        name: format!("{}-verified-index", lock.suite),
-        stage: Stage::Verify,
-        builder: "builtin:debian-verify".into(),
-        args: verify_args,
-        env: BTreeMap::new(),
-        inputs: verify_inputs,
-        system: None,
-        fixed_output: None,
-    })?;
-
-    add_emulator(g, recipe, lock, &inrelease_of(lock), emulator_verify_args)?;
+    let verify = verified_index(
+        g,
+        recipe,
+        keyring,
+        lock,
+        &lock.indices,
+        format!("{}-verified-index", lock.suite),
+    )?;
+    add_emulator(g, recipe, keyring, lock)?;
     let mut configure_inputs = vec![verify.clone()];
     let mut plan = ConfigurePlan {
         variant: recipe.variant,

@@ -5,11 +5,7 @@
 #
 #   benches/arch.sh          (the mirror: RBUILD_MIRROR, else the host's apt configuration)
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-rbuild=${RBUILD:-$here/target/release/rbuild}
-if [ ! -x "$rbuild" ]; then
-    (cd "$here" && cargo build --release -q -p rbuild)
-fi
+. "$(dirname "$0")/rbuild.sh"
 work=$(mktemp -d "${TMPDIR:-/tmp}/rbuild-bench-arch.XXXXXX")
 trap 'rm -rf "$work" 2>/dev/null || unshare --map-auto --map-root-user rm -rf "$work" 2>/dev/null || true' EXIT
 now() { date +%s.%N; }

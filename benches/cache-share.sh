@@ -7,11 +7,7 @@
 #
 # The mirror is RBUILD_MIRROR, else the host's apt configuration (as rbuild itself chooses).
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-rbuild=${RBUILD:-$here/target/release/rbuild}
-if [ ! -x "$rbuild" ]; then
-    (cd "$here" && cargo build --release -q -p rbuild)
-fi
+. "$(dirname "$0")/rbuild.sh"
 bgd=${RBUILD_BGD:-$("$here/tests/buildgrid/setup.sh")}
 work=$(mktemp -d "${TMPDIR:-/tmp}/rbuild-cache-bench.XXXXXX")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

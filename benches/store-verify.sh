@@ -8,11 +8,7 @@
 # The mirror is RBUILD_MIRROR, else the host's apt configuration (as rbuild itself chooses).
 set -euo pipefail
 rounds=${1:-2}
-here=$(cd "$(dirname "$0")/.." && pwd)
-rbuild=${RBUILD:-$here/target/release/rbuild}
-if [ ! -x "$rbuild" ]; then
-    (cd "$here" && cargo build --release -q -p rbuild)
-fi
+. "$(dirname "$0")/rbuild.sh"
 work=$(mktemp -d "${TMPDIR:-/tmp}/rbuild-verify-bench.XXXXXX")
 trap 'rm -rf "$work" 2>/dev/null || true' EXIT
 store=${STORE:-}

@@ -8,11 +8,7 @@
 # The mirror is RBUILD_MIRROR, else the host's apt configuration (as rbuild itself chooses).
 set -euo pipefail
 rounds=${1:-2}
-here=$(cd "$(dirname "$0")/.." && pwd)
-rbuild=${RBUILD:-$here/target/release/rbuild}
-if [ ! -x "$rbuild" ]; then
-    (cd "$here" && cargo build --release -q -p rbuild)
-fi
+. "$(dirname "$0")/rbuild.sh"
 mirror=${RBUILD_MIRROR:-}
 if [ -z "$mirror" ]; then
     mirror=$(sed -n 's|^URIs: *||p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1 | awk '{print $1}')

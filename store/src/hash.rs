@@ -177,7 +177,11 @@ impl Walker<'_, '_> {
         let meta_digest = match self.meta.and_then(|m| m.get(rel)) {
             Some(e) => {
                 let caps = e.caps.as_deref().unwrap_or("");
-                let text = format!("{}:{}:{:o}:{}:{}", e.uid, e.gid, e.mode, e.mtime, caps);
+                let mut text = format!("{}:{}:{:o}:{}:{}", e.uid, e.gid, e.mode, e.mtime, caps);
+                // Absent ACLs add nothing, so trees without them keep their hashes.
+                for (name, value) in &e.acls {
+                    text.push_str(&format!(":{name}={value}"));
+                }
                 self.field("meta", text.as_bytes())
             }
             None if !ft.is_symlink() => self.field("mode", format!("{mode:o}").as_bytes()),
@@ -497,6 +501,13 @@ mod tests {
         let mut m4 = meta.clone();
         m4.entries.get_mut("a/b/f").unwrap().caps = Some("01".into());
         assert_ne!(base, content_hash(t.path(), Some(&m4)).unwrap(), "caps");
+        let mut m5 = meta.clone();
+        m5.entries
+            .get_mut("a/b/f")
+            .unwrap()
+            .acls
+            .insert(crate::meta::ACL_XATTRS[0].into(), "02".into());
+        assert_ne!(base, content_hash(t.path(), Some(&m5)).unwrap(), "acls");
 
         fs::write(t.path().join("a/b/f"), b"hellO").unwrap();
         assert_ne!(

@@ -2,7 +2,7 @@
 //!
 //! Trees in the store are owned by the invoking user and carry no setuid/setgid bits and no file
 //! capabilities. What the tree *means* — numeric uid/gid as seen inside the sandbox, the full mode
-//! including special bits, the clamped mtime and the `security.capability` xattr — is recorded here,
+//! including special bits, the clamped mtime, the `security.capability` xattr and POSIX ACLs — is recorded here,
 //! one entry per path, and applied only inside a sandbox or when packing an archive.
 
 use std::collections::BTreeMap;
@@ -27,7 +27,14 @@ pub struct EntryMeta {
     /// Hex of the raw `security.capability` xattr value, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caps: Option<String>,
+    /// Hex of the raw POSIX ACL xattrs ([`ACL_XATTRS`]) the entry has, by xattr name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub acls: BTreeMap<String, String>,
 }
+
+/// The extended attributes that hold POSIX ACLs: kept in [`EntryMeta::acls`], not on disk (their
+/// ids, like the owner's, are the sandbox's).
+pub const ACL_XATTRS: [&str; 2] = ["system.posix_acl_access", "system.posix_acl_default"];
 
 impl EntryMeta {
     /// A path owned by root (uid and gid 0), without file capabilities.
@@ -38,6 +45,7 @@ impl EntryMeta {
             mode,
             mtime,
             caps: None,
+            acls: BTreeMap::new(),
         }
     }
 }

@@ -279,6 +279,7 @@ impl Extractor<'_> {
             mode,
             mtime,
             caps,
+            acls: Default::default(),
         };
 
         match etype {

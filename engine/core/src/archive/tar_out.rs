@@ -23,6 +23,17 @@ use super::ArchiveError;
 
 /// The PAX record carrying a file's `security.capability` xattr.
 const CAPS_PAX_KEY: &str = "SCHILY.xattr.security.capability";
+/// POSIX ACLs as GNU tar `--xattrs` and container tools write them: the raw xattr values.
+const ACL_PAX_KEYS: [(&str, &str); 2] = [
+    (
+        "system.posix_acl_access",
+        "SCHILY.xattr.system.posix_acl_access",
+    ),
+    (
+        "system.posix_acl_default",
+        "SCHILY.xattr.system.posix_acl_default",
+    ),
+];
 /// The largest value an 8-byte octal ustar field holds.
 const MAX_OCTAL_8: u64 = 0o7777777;
 /// The largest value the 12-byte octal ustar size field holds.
@@ -113,6 +124,20 @@ impl<W: Write> TarWriter<'_, W> {
             })?),
             None => None,
         };
+        let mut acls = Vec::new();
+        for (name, h) in m.map(|e| &e.acls).into_iter().flatten() {
+            let key = ACL_PAX_KEYS
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, k)| *k)
+                .ok_or_else(|| {
+                    ArchiveError::tree(path, format!("metadata has an unknown ACL {name:?}"))
+                })?;
+            let value = hex::decode(h).map_err(|e| {
+                ArchiveError::tree(path, format!("metadata has a bad {name} {h:?}: {e}"))
+            })?;
+            acls.push((key, value));
+        }
 
         let ft = md.file_type();
         let mut name = rel.to_vec();
@@ -193,6 +218,7 @@ impl<W: Write> TarWriter<'_, W> {
         if let Some(caps) = caps {
             pax.push((CAPS_PAX_KEY, caps));
         }
+        pax.extend(acls);
         let mtime = mtime.max(0) as u64;
         h.set_entry_type(etype);
         h.set_mode(mode);

@@ -603,6 +603,7 @@ fn write_tar_order_defaults_and_clamping() {
         mode: 0o1777,
         mtime,
         caps: None,
+        acls: Default::default(),
     };
     meta.entries.insert("b".into(), em(10));
     meta.entries.insert("b/g".into(), em(5_000));
@@ -1050,4 +1051,43 @@ fn gnu_tar_and_gzip_read_our_output() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
+}
+
+/// POSIX ACLs recorded in the metadata reach the tar as GNU tar `--xattrs` writes them (raw
+/// values under `SCHILY.xattr.system.posix_acl_*`); a name that is no ACL is refused.
+#[test]
+fn write_tar_carries_posix_acls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().join("tree");
+    fs::create_dir_all(t.join("journal")).unwrap();
+    // version 2; user::rwx, group::r-x, group:101:r-x, mask::r-x, other::r-x
+    let acl =
+        "02000000010007000000000004000500000000000800050065000000100005000000000020000500ffffffff";
+    let mut e = EntryMeta::root(0o2755, 0);
+    e.acls.insert("system.posix_acl_access".into(), acl.into());
+    e.acls.insert("system.posix_acl_default".into(), acl.into());
+    let mut meta = TreeMeta::default();
+    meta.entries.insert("journal".into(), e.clone());
+    let bytes = write_tar(&t, &meta, 0, Vec::new()).unwrap();
+    let mut found = std::collections::BTreeMap::new();
+    let mut ar = tar::Archive::new(&bytes[..]);
+    for entry in ar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if let Some(exts) = entry.pax_extensions().unwrap() {
+            for x in exts {
+                let x = x.unwrap();
+                found.insert(x.key().unwrap().to_owned(), hex::encode(x.value_bytes()));
+            }
+        }
+    }
+    assert_eq!(found["SCHILY.xattr.system.posix_acl_access"], acl);
+    assert_eq!(found["SCHILY.xattr.system.posix_acl_default"], acl);
+
+    e.acls.insert("user.other".into(), "00".into());
+    meta.entries.insert("journal".into(), e);
+    let err = write_tar(&t, &meta, 0, Vec::new()).unwrap_err().to_string();
+    assert!(
+        err.contains("unknown ACL") && err.contains("user.other"),
+        "{err}"
+    );
 }

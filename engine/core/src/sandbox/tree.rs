@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use rbuild_store::meta::{EntryMeta, TreeMeta};
+use rbuild_store::meta::{EntryMeta, TreeMeta, ACL_XATTRS};
 
 use super::SandboxError;
 
@@ -27,13 +27,22 @@ fn os_err(what: String) -> SandboxError {
 
 /// The raw `security.capability` xattr of a file, if it has one.
 pub fn read_caps(p: &Path) -> Result<Option<Vec<u8>>, SandboxError> {
+    read_xattr(p, CAPS, 64)
+}
+
+/// The raw value of xattr `name` of `p` (up to `max` bytes), if it has one.
+fn read_xattr(
+    p: &Path,
+    name: &std::ffi::CStr,
+    max: usize,
+) -> Result<Option<Vec<u8>>, SandboxError> {
     let c = cpath(p)?;
-    let mut buf = [0u8; 64];
-    // SAFETY: valid NUL-terminated path and a buffer of the given length.
+    let mut buf = vec![0u8; max];
+    // SAFETY: valid NUL-terminated path and name, and a buffer of the given length.
     let n = unsafe {
         libc::lgetxattr(
             c.as_ptr(),
-            CAPS.as_ptr(),
+            name.as_ptr(),
             buf.as_mut_ptr().cast(),
             buf.len(),
         )
@@ -43,12 +52,60 @@ pub fn read_caps(p: &Path) -> Result<Option<Vec<u8>>, SandboxError> {
         return match e.raw_os_error() {
             Some(libc::ENODATA) | Some(libc::ENOTSUP) => Ok(None),
             _ => Err(SandboxError::Setup {
-                what: format!("reading capabilities of {}", p.display()),
+                what: format!("reading {} of {}", name.to_string_lossy(), p.display()),
                 source: e,
             }),
         };
     }
-    Ok(Some(buf[..n as usize].to_vec()))
+    buf.truncate(n as usize);
+    Ok(Some(buf))
+}
+
+/// Set xattr `name` of `p` to `value`.
+fn set_xattr(p: &Path, name: &str, value: &[u8]) -> Result<(), SandboxError> {
+    let c = cpath(p)?;
+    let n = CString::new(name).map_err(|_| SandboxError::Unsupported("xattr name".into()))?;
+    // SAFETY: valid path, name and value buffer.
+    if unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    } != 0
+    {
+        return Err(os_err(format!("setting {name} on {}", p.display())));
+    }
+    Ok(())
+}
+
+/// Remove xattr `name` of `p`.
+fn remove_xattr(p: &Path, name: &std::ffi::CStr) -> Result<(), SandboxError> {
+    let c = cpath(p)?;
+    // SAFETY: valid path and name.
+    if unsafe { libc::lremovexattr(c.as_ptr(), name.as_ptr()) } != 0 {
+        return Err(os_err(format!(
+            "removing {} of {}",
+            name.to_string_lossy(),
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The POSIX ACLs of a file or directory, by xattr name (raw values).
+fn read_acls(p: &Path) -> Result<Vec<(&'static str, Vec<u8>)>, SandboxError> {
+    let mut out = Vec::new();
+    for name in ACL_XATTRS {
+        let c = CString::new(name).expect("no NUL in ACL xattr names");
+        // An ACL entry is 8 bytes after a 4-byte header; 64 KiB is the kernel's xattr limit.
+        if let Some(v) = read_xattr(p, &c, 65536)? {
+            out.push((name, v));
+        }
+    }
+    Ok(out)
 }
 
 fn lchown(p: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
@@ -83,20 +140,13 @@ pub fn apply_meta(p: &Path, e: &EntryMeta) -> Result<(), SandboxError> {
             let bytes = hex::decode(hex).map_err(|_| {
                 SandboxError::Unsupported(format!("{}: bad caps metadata", p.display()))
             })?;
-            let c = cpath(p)?;
-            // SAFETY: valid path, name and value buffer.
-            if unsafe {
-                libc::lsetxattr(
-                    c.as_ptr(),
-                    CAPS.as_ptr(),
-                    bytes.as_ptr().cast(),
-                    bytes.len(),
-                    0,
-                )
-            } != 0
-            {
-                return Err(os_err(format!("setting capabilities on {}", p.display())));
-            }
+            set_xattr(p, "security.capability", &bytes)?;
+        }
+        for (name, hex) in &e.acls {
+            let bytes = hex::decode(hex).map_err(|_| {
+                SandboxError::Unsupported(format!("{}: bad {name} metadata", p.display()))
+            })?;
+            set_xattr(p, name, &bytes)?;
         }
     }
     let t = nix::sys::time::TimeSpec::new(e.mtime, 0);
@@ -114,10 +164,10 @@ pub fn apply_meta(p: &Path, e: &EntryMeta) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Record the real ownership, mode, mtime (clamped to `clamp`) and capabilities of every entry
-/// under `root` into a [`TreeMeta`], then make the tree plain: owned by uid/gid 0 of the
-/// namespace (the invoking user on the host), owner-readable/writable, no setuid/setgid/sticky
-/// bits, no capabilities. Fifos, sockets and device nodes are removed (they are recreated by a
+/// Record the real ownership, mode, mtime (clamped to `clamp`), capabilities and POSIX ACLs of
+/// every entry under `root` into a [`TreeMeta`], then make the tree plain: owned by uid/gid 0
+/// of the namespace (the invoking user on the host), owner-readable/writable, no
+/// setuid/setgid/sticky bits, no capabilities, no ACLs. Fifos, sockets and device nodes are removed (they are recreated by a
 /// container runtime, never shipped in a root filesystem).
 pub fn normalize_tree(root: &Path, clamp: i64) -> Result<TreeMeta, SandboxError> {
     let mut meta = TreeMeta::default();
@@ -155,12 +205,21 @@ fn walk(
         }
     }
     let caps = if ft.is_file() { read_caps(p)? } else { None };
+    let acls = if ft.is_symlink() {
+        vec![]
+    } else {
+        read_acls(p)?
+    };
     let entry = EntryMeta {
         uid: md.uid(),
         gid: md.gid(),
         mode: md.mode() & 0o7777,
         mtime: md.mtime().min(clamp),
         caps: caps.as_ref().map(hex::encode),
+        acls: acls
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), hex::encode(v)))
+            .collect(),
     };
     if ft.is_file() && md.nlink() > 1 {
         links.insert((md.dev(), md.ino()), entry.clone());
@@ -170,11 +229,10 @@ fn walk(
         lchown(p, 0, 0)?;
     }
     if caps.is_some() {
-        let c = cpath(p)?;
-        // SAFETY: valid path and name.
-        if unsafe { libc::lremovexattr(c.as_ptr(), CAPS.as_ptr()) } != 0 {
-            return Err(os_err(format!("removing capabilities of {}", p.display())));
-        }
+        remove_xattr(p, CAPS)?;
+    }
+    for (name, _) in &acls {
+        remove_xattr(p, &CString::new(*name).expect("no NUL in ACL xattr names"))?;
     }
     if !ft.is_symlink() {
         let plain = (md.mode() & 0o777) | if ft.is_dir() { 0o700 } else { 0o600 };

@@ -50,6 +50,13 @@ pub struct ConfigurePlan {
     pub merged_usr: bool,
     /// In install order. `unpacked` and `deb` index the derivation's inputs.
     pub packages: Vec<ConfigurePackage>,
+    /// The input holding the packages' stanzas of the signed index, as debootstrap writes them
+    /// to dpkg's `available` (the debootstrap variant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<usize>,
+    /// The suite's `exclude-dependencies`, which debootstrap's dependency walk skips.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_dependencies: Vec<String>,
     /// The recipe's `[apt-sources]`, rendered (absent when unset, so recipes without it keep
     /// their derivation hashes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,8 +68,9 @@ pub struct ConfigurePackage {
     pub name: String,
     pub version: String,
     pub architecture: String,
-    /// Extracted before dpkg first runs, and installed in dpkg's first pass.
-    pub bootstrap: bool,
+    /// In debootstrap's required set: extracted before dpkg first runs, and configured before
+    /// the base set is unpacked.
+    pub required: bool,
     /// The input holding the unpacked package, for the packages configure lays out itself.
     pub unpacked: Option<usize>,
     /// The input holding the `.deb`.
@@ -128,6 +136,11 @@ fn unpack_drv(p: &crate::recipe::PinnedPackage, verify: DrvHash, deb: DrvHash) -
     }
 }
 
+/// The fetch of a pinned `Packages` index.
+fn index_fetch(idx: &PinnedFile) -> Derivation {
+    fetch(idx.path.replace('/', "_"), &idx.path, &idx.sha256, idx.size)
+}
+
 /// The `verify` derivation of `indices` (and of the InRelease that lists them), named `name`,
 /// with their fetches: the compact verified index packages are checked against.
 fn verified_index(
@@ -151,14 +164,35 @@ fn verified_index(
         lock.source_date_epoch.to_string(),
     ];
     for idx in indices {
-        let name = idx.path.replace('/', "_");
-        inputs.push(g.add(fetch(name, &idx.path, &idx.sha256, idx.size))?);
+        inputs.push(g.add(index_fetch(idx))?);
         args.push(idx.path.clone());
     }
     Ok(g.add(Derivation {
         name,
         stage: Stage::Verify,
         builder: "builtin:debian-verify".into(),
+        args,
+        env: BTreeMap::new(),
+        inputs,
+        system: None,
+        fixed_output: None,
+    })?)
+}
+
+/// The `available` derivation: the stanzas the lock's packages have in the pinned indices (the
+/// same fetches `verify` checked against the signed Release), as debootstrap hands them to dpkg.
+fn available_drv(g: &mut Graph, lock: &Lock, verify: DrvHash) -> Result<DrvHash, ExpandError> {
+    let mut inputs = vec![verify];
+    for idx in &lock.indices {
+        inputs.push(g.add(index_fetch(idx))?);
+    }
+    let mut args: Vec<String> = lock.indices.iter().map(|i| i.path.clone()).collect();
+    args.push("--".into());
+    args.extend(lock.packages.iter().map(|p| p.name.clone()));
+    Ok(g.add(Derivation {
+        name: format!("{}-{}-available", lock.suite, lock.architecture),
+        stage: Stage::Verify,
+        builder: "builtin:debian-available".into(),
         args,
         env: BTreeMap::new(),
         inputs,
@@ -290,11 +324,20 @@ fn expand_arch(
     )?;
     add_emulator(g, recipe, keyring, lock)?;
     let mut configure_inputs = vec![verify.clone()];
+    let available = match recipe.variant {
+        Variant::Debootstrap => {
+            configure_inputs.push(available_drv(g, lock, verify.clone())?);
+            Some(configure_inputs.len() - 1)
+        }
+        Variant::Extract => None,
+    };
     let mut plan = ConfigurePlan {
         variant: recipe.variant,
         architecture: recipe.architecture.clone(),
         merged_usr: recipe.merged_usr,
         packages: vec![],
+        available,
+        exclude_dependencies: recipe.exclude_dependencies.clone(),
         apt_sources: recipe
             .apt_sources
             .as_ref()
@@ -305,7 +348,7 @@ fn expand_arch(
         let deb = g.add(fetch_package(p))?;
         // What configure lays out itself is unpacked (each package its own output); the rest
         // is unpacked by the target's dpkg from the verified `.deb`.
-        let unpack = p.bootstrap || recipe.variant == Variant::Extract;
+        let unpack = p.required || recipe.variant == Variant::Extract;
         let unpacked = if unpack {
             configure_inputs.push(g.add(unpack_drv(p, verify.clone(), deb.clone()))?);
             Some(configure_inputs.len() - 1)
@@ -317,7 +360,7 @@ fn expand_arch(
             name: p.name.clone(),
             version: p.version.clone(),
             architecture: p.architecture.clone(),
-            bootstrap: p.bootstrap,
+            required: p.required,
             unpacked,
             deb: configure_inputs.len() - 1,
         });

@@ -156,7 +156,7 @@ pub fn pin(p: &packages::Package) -> PinnedPackage {
         version: p.version.clone(),
         architecture: p.architecture.clone(),
         essential: p.essential,
-        bootstrap: false,
+        required: false,
         filename: p.filename.clone(),
         sha256: p.sha256.clone(),
         size: p.size,
@@ -192,20 +192,17 @@ async fn lock_one(
 ) -> anyhow::Result<Lock> {
     let suite = &recipe.suite;
     let archive = fetch_verified(recipe, keyring, fetcher).await?;
-    let selected = resolve::resolve_request(
-        &archive.packages,
-        &recipe.architecture,
-        &resolve::Request {
-            include: &recipe.include,
-            also_required: &recipe.also_required,
-            exclude_dependencies: &recipe.exclude_dependencies,
-        },
-    )?;
+    let request = resolve::Request {
+        include: &recipe.include,
+        also_required: &recipe.also_required,
+        exclude_dependencies: &recipe.exclude_dependencies,
+    };
+    let selected = resolve::resolve_request(&archive.packages, &recipe.architecture, &request)?;
     if selected.is_empty() {
         bail!("{suite}: resolution selected no packages");
     }
     let order = resolve::install_order(&selected);
-    let bootstrap = essential_closure(&selected);
+    let required = resolve::required_set(&selected, &request);
     let by_name: std::collections::HashMap<&str, &packages::Package> =
         selected.iter().map(|p| (p.name.as_str(), p)).collect();
     let packages = order
@@ -213,7 +210,7 @@ async fn lock_one(
         .map(|n| {
             let p = by_name[n.as_str()];
             PinnedPackage {
-                bootstrap: bootstrap.contains(p.name.as_str()),
+                required: required.contains(&p.name),
                 ..pin(p)
             }
         })
@@ -233,34 +230,6 @@ async fn lock_one(
         emulators: emulator_pins(recipe, all, fetcher, &archive.release).await?,
         others: vec![],
     })
-}
-
-/// The Essential packages of `selected` and, transitively, what they (pre-)depend on: the set
-/// that must be on disk before dpkg can run at all.
-fn essential_closure(selected: &[packages::Package]) -> std::collections::HashSet<&str> {
-    let mut by_name: std::collections::HashMap<&str, &packages::Package> =
-        std::collections::HashMap::new();
-    for p in selected {
-        by_name.insert(p.name.as_str(), p);
-    }
-    for p in selected {
-        for v in &p.provides {
-            by_name.entry(v.as_str()).or_insert(p);
-        }
-    }
-    let mut seen = std::collections::HashSet::new();
-    let mut stack: Vec<&packages::Package> = selected.iter().filter(|p| p.essential).collect();
-    while let Some(p) = stack.pop() {
-        if !seen.insert(p.name.as_str()) {
-            continue;
-        }
-        for alts in p.pre_depends.iter().chain(&p.depends) {
-            if let Some(dep) = alts.iter().find_map(|d| by_name.get(d.name.as_str())) {
-                stack.push(dep);
-            }
-        }
-    }
-    seen
 }
 
 fn sha256_hex(b: &[u8]) -> String {

@@ -318,8 +318,10 @@ pub struct PinnedPackage {
     pub version: String,
     pub architecture: String,
     pub essential: bool,
-    /// Extracted before dpkg first runs: the Essential packages and everything they depend on.
-    pub bootstrap: bool,
+    /// In debootstrap's *required* set (`Priority: required`, the suite's `also-required` and
+    /// their dependencies): extracted before dpkg first runs, and configured before the rest,
+    /// the *base* set, is unpacked.
+    pub required: bool,
     pub filename: String,
     pub sha256: String,
     pub size: u64,

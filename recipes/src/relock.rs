@@ -358,7 +358,7 @@ mod tests {
             version: "1".into(),
             architecture: "amd64".into(),
             essential: false,
-            bootstrap: false,
+            required: false,
             filename: format!("pool/main/{name}_1_amd64.deb"),
             sha256: "00".repeat(32),
             size: 1,

@@ -364,6 +364,51 @@ pub fn resolve_request(
     Ok(sel.selected.into_values().cloned().collect())
 }
 
+/// debootstrap's `resolve_deps` within an already resolved set: `start` and, transitively, the
+/// first alternative of each `Pre-Depends` and `Depends` relation of what is reached (version
+/// and architecture qualifiers dropped, as its `pkgdetails GETDEPS` does), skipping names in
+/// `exclude` (its `EXCLUDE_DEPENDENCY`) and keeping only names that are packages of `within` (its
+/// `PKGS REAL` keeps real packages, and `within` is closed under the same walk). Returned in
+/// byte order, as its `sort` under `LANG=C` leaves them.
+pub fn first_alternative_closure<'a>(
+    within: &'a [Package],
+    start: impl IntoIterator<Item = &'a str>,
+    exclude: &[String],
+) -> std::collections::BTreeSet<String> {
+    let by_name: HashMap<&str, &Package> = within.iter().map(|p| (p.name.as_str(), p)).collect();
+    let mut out = std::collections::BTreeSet::new();
+    let mut queue: VecDeque<&str> = start.into_iter().collect();
+    while let Some(name) = queue.pop_front() {
+        let Some(p) = by_name.get(name) else {
+            continue;
+        };
+        if !out.insert(name.to_owned()) {
+            continue;
+        }
+        for alts in p.pre_depends.iter().chain(&p.depends) {
+            if let Some(first) = alts.first() {
+                if !exclude.contains(&first.name) && !out.contains(&first.name) {
+                    queue.push_back(first.name.as_str());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// debootstrap's two sets (default variant): its *required* set — every package of `selected`
+/// with `Priority: required`, the suite's `also_required`, and their dependencies, extracted
+/// before dpkg first runs and configured first — and the rest of `selected`, its *base* set.
+/// Returns the required set.
+pub fn required_set(selected: &[Package], request: &Request) -> std::collections::BTreeSet<String> {
+    let seeds = selected
+        .iter()
+        .filter(|p| p.priority.as_deref() == Some("required"))
+        .map(|p| p.name.as_str())
+        .chain(request.also_required.iter().map(String::as_str));
+    first_alternative_closure(selected, seeds, request.exclude_dependencies)
+}
+
 /// The names of `selected` in an order one `dpkg --install` run can take them: essential
 /// packages first, then the rest, each group in name order, except that a package's dependencies
 /// within the set (`Pre-Depends` first, then `Depends`; for alternatives the first satisfied
@@ -575,6 +620,40 @@ mod tests {
 
     fn names(p: &[Package]) -> Vec<&str> {
         p.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// debootstrap's required set follows only the first alternative of each relation, skips
+    /// excluded names and keeps names of real packages; the rest of the selection is its base.
+    #[test]
+    fn required_set_is_debootstraps_first_alternative_walk() {
+        let a = archive(&[
+            stanza("a", "1", "Priority: required\nDepends: v | c (>= 2), b\n"),
+            stanza("b", "1", "Priority: important\nPre-Depends: d:any (>= 1)\n"),
+            stanza("c", "2", "Priority: important\nProvides: v\n"),
+            stanza("d", "1", "Priority: optional\n"),
+            stanza("e", "1", "Priority: required\nDepends: usrmerge | f\n"),
+            stanza("f", "1", "Priority: optional\n"),
+            stanza("g", "1", "Priority: optional\n"),
+            stanza("h", "1", "Priority: important\nDepends: g\n"),
+        ]);
+        let none: Vec<String> = vec![];
+        let exclude = vec!["usrmerge".to_owned()];
+        let also = vec!["h".to_owned()];
+        let request = Request {
+            also_required: &none,
+            exclude_dependencies: &exclude,
+            ..Request::default()
+        };
+        let got: Vec<String> = required_set(&a, &request).into_iter().collect();
+        // `v` is virtual (dropped, so `c` stays in base), `d:any (>= 1)` is `d`, `usrmerge` is
+        // excluded (so `f` is not reached), and `h` is important.
+        assert_eq!(got, ["a", "b", "d", "e"]);
+        let request = Request {
+            also_required: &also,
+            ..request
+        };
+        let got: Vec<String> = required_set(&a, &request).into_iter().collect();
+        assert_eq!(got, ["a", "b", "d", "e", "g", "h"]);
     }
 
     #[test]

@@ -1,0 +1,319 @@
+//! `debian-configure`: the root filesystem `debootstrap` makes, step by step as it makes it.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use rbuild_engine::builtins::BuildContext;
+use rbuild_engine::sandbox;
+
+use super::{finish_tree, materialize, Chroot, NoServices, INPUTS_IN_CHROOT};
+use crate::debian::{packages, resolve};
+use crate::expand::{ConfigurePackage, ConfigurePlan};
+use crate::recipe::Variant;
+
+const MERGED_USR_DIRS_AMD64: &[&str] = &["bin", "sbin", "lib", "lib64"];
+const MERGED_USR_DIRS: &[&str] = &["bin", "sbin", "lib"];
+
+/// Files that record when or where the system was built rather than what it is.
+/// The packages debootstrap installs one by one, in this order, before anything else is
+/// configured (its `scripts/debian-common`, default variant; `libc6` is `$LIBC` on every
+/// architecture rbuild knows).
+const CORE: &[&str] = &[
+    "base-passwd",
+    "base-files",
+    "dpkg",
+    "libc6",
+    "perl-base",
+    "mawk",
+    "debconf",
+];
+
+/// `debian-configure`: inputs `[verified index, available?, (unpacked?, deb)…]`; argument 0 is
+/// a [`ConfigurePlan`]; `$out` is the root filesystem.
+///
+/// The debootstrap variant makes it as `debootstrap` does (its `first_stage_install` and
+/// `second_stage_install`), step for step, so that maintainer scripts run in the same order
+/// and give the same system (the same ids to the same groups): the required set is extracted;
+/// the core packages are installed one at a time; the required set is unpacked and configured;
+/// dpkg is told the index's stanzas (`available`) and selections; pre-dependencies are
+/// installed; then the base set is unpacked and configured. The extract variant only lays the
+/// packages out.
+pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let plan: ConfigurePlan = serde_json::from_str(ctx.arg(0)?).context("configure plan")?;
+    let root = ctx.out.clone();
+    fs::create_dir_all(&root)?;
+    if plan.merged_usr {
+        let dirs = if plan.architecture == "amd64" {
+            MERGED_USR_DIRS_AMD64
+        } else {
+            MERGED_USR_DIRS
+        };
+        fs::create_dir_all(root.join("usr"))?;
+        for d in dirs {
+            fs::create_dir_all(root.join("usr").join(d))?;
+            std::os::unix::fs::symlink(format!("usr/{d}"), root.join(d))?;
+        }
+    }
+    let mut seed: Vec<&ConfigurePackage> = match plan.variant {
+        Variant::Extract => plan.packages.iter().collect(),
+        Variant::Debootstrap => plan.packages.iter().filter(|p| p.required).collect(),
+    };
+    if plan.variant == Variant::Debootstrap {
+        // debootstrap extracts `$required`, which is in byte order.
+        seed.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    for p in &seed {
+        let unpacked = p
+            .unpacked
+            .with_context(|| format!("configure: {} was not unpacked", p.name))?;
+        materialize(&ctx.inputs[unpacked], "data/", &root)
+            .with_context(|| format!("extracting {}", p.name))?;
+    }
+    eprintln!(
+        "configure: {} packages extracted in {:.1?}",
+        seed.len(),
+        started.elapsed()
+    );
+    if plan.variant == Variant::Debootstrap {
+        second_stage(ctx, &plan, &root)?;
+        eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
+    }
+    if let Some(text) = &plan.apt_sources {
+        let path = root.join(crate::recipe::AptSources::PATH);
+        fs::create_dir_all(path.parent().expect("a file below etc/apt"))?;
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    finish_tree(ctx, &root)
+}
+
+/// debootstrap's second stage (and the end of its first) on the extracted required set.
+fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow::Result<()> {
+    // The first stage's empty database, and the files it writes that no package installs.
+    for d in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+    ] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    for f in ["var/lib/dpkg/status", "var/lib/dpkg/available"] {
+        fs::write(root.join(f), b"")?;
+    }
+    if fs::symlink_metadata(root.join("etc/fstab")).is_err() {
+        fs::write(
+            root.join("etc/fstab"),
+            "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n",
+        )?;
+    }
+    // Under emulation dpkg must still know which architecture is native.
+    fs::write(
+        root.join("var/lib/dpkg/arch"),
+        format!("{}\n", plan.architecture),
+    )?;
+
+    // dpkg reads each `.deb` straight from the sandbox's read-only inputs, bind-mounted into
+    // the chroot; those no unpack derivation checked are checked against the signed index here.
+    let mut deb_of = std::collections::HashMap::new();
+    for p in &plan.packages {
+        let input = &ctx.inputs[p.deb];
+        if p.unpacked.is_none() {
+            super::index::verify_deb(&ctx.inputs[0], &p.name, &p.version, &p.architecture, input)?;
+        }
+        let name = input.file_name().context("input path")?.to_string_lossy();
+        deb_of.insert(p.name.as_str(), format!("/{INPUTS_IN_CHROOT}/{name}"));
+    }
+    let debs = |names: &[&str]| -> Vec<String> {
+        names
+            .iter()
+            .filter_map(|n| deb_of.get(n).cloned())
+            .collect()
+    };
+    let mut required: Vec<&str> = plan
+        .packages
+        .iter()
+        .filter(|p| p.required)
+        .map(|p| p.name.as_str())
+        .collect();
+    let mut base: Vec<&str> = plan
+        .packages
+        .iter()
+        .filter(|p| !p.required)
+        .map(|p| p.name.as_str())
+        .collect();
+    required.sort();
+    base.sort();
+
+    // x_feign_install dpkg: the status claims dpkg, so that dpkg can install the first packages.
+    let dpkg = plan
+        .packages
+        .iter()
+        .find(|p| p.name == "dpkg")
+        .context("configure: the lock has no dpkg")?;
+    fs::write(
+        root.join("var/lib/dpkg/status"),
+        format!(
+            "Package: dpkg\nVersion: {}\nMaintainer: unknown\nStatus: install ok installed\n",
+            dpkg.version
+        ),
+    )?;
+    fs::write(root.join("var/lib/dpkg/info/dpkg.list"), b"")?;
+
+    let mut chroot = Chroot::enter(ctx, root)?;
+    chroot
+        .mounts
+        .bind_readonly(Path::new(sandbox::INPUTS_DIR), INPUTS_IN_CHROOT)?;
+    chroot.run("ldconfig", &["/sbin/ldconfig"])?;
+
+    // The core packages, one `dpkg --install` each.
+    let install_core = |chroot: &Chroot, name: &str| -> anyhow::Result<()> {
+        let deb = deb_of.get(name).with_context(|| {
+            format!("configure: debootstrap's core package {name} is not in the lock")
+        })?;
+        chroot.run(
+            &format!("dpkg --install of {name}"),
+            &["/usr/bin/dpkg", "--force-depends", "--install", deb],
+        )
+    };
+    chroot.sh("linking awk", "ln -sf mawk /usr/bin/awk")?;
+    for name in CORE {
+        match *name {
+            "libc6" => chroot.sh(
+                "linking /etc/localtime",
+                "[ -e /etc/localtime ] || ln -sf /usr/share/zoneinfo/UTC /etc/localtime",
+            )?,
+            "mawk" => chroot.sh("removing the awk link", "rm /usr/bin/awk")?,
+            _ => {}
+        }
+        install_core(&chroot, name)?;
+    }
+
+    // The required set: unpacked, then configured with services held off.
+    let mut argv = vec!["/usr/bin/dpkg", "--force-depends", "--unpack"];
+    let required_debs = debs(&required);
+    argv.extend(required_debs.iter().map(String::as_str));
+    chroot.run("dpkg --unpack of the required packages", &argv)?;
+    let no_services = NoServices::install(ctx, root)?;
+    chroot.sh(
+        "moving start-stop-daemon aside",
+        "mv /sbin/start-stop-daemon /sbin/start-stop-daemon.REAL",
+    )?;
+    let fake = root.join("sbin/start-stop-daemon");
+    fs::write(
+        &fake,
+        "#!/bin/sh\necho\necho \"Warning: Fake start-stop-daemon called, doing nothing\"\n",
+    )?;
+    sandbox::apply_meta(
+        &fake,
+        &rbuild_store::meta::EntryMeta::root(0o755, ctx.source_date_epoch()),
+    )?;
+    fs::write(root.join("var/lib/dpkg/cmethopt"), "apt apt\n")?;
+    chroot.run(
+        "dpkg --configure of the required packages",
+        &[
+            "/usr/bin/dpkg",
+            "--configure",
+            "--pending",
+            "--force-configure-any",
+            "--force-depends",
+        ],
+    )?;
+
+    // setup_available: the index's stanzas of every package, and every package selected.
+    let available_input = plan
+        .available
+        .context("configure: the plan names no available input")?;
+    let available = fs::read_to_string(ctx.inputs[available_input].join("available"))
+        .context("reading the packages' stanzas")?;
+    fs::write(root.join("var/lib/dpkg/available"), &available)?;
+    let selections: String = required
+        .iter()
+        .chain(&base)
+        .map(|n| format!("{n} install\n"))
+        .collect();
+    fs::write(root.join(super::DEB_STAGING).join("selections"), selections)?;
+    chroot.sh(
+        "dpkg --set-selections",
+        &format!(
+            "/usr/bin/dpkg --set-selections < /{}/selections",
+            super::DEB_STAGING
+        ),
+    )?;
+
+    // Pre-dependencies of the base set, each with what it depends on, installed first.
+    let stanzas = packages::parse_packages("available", &available)?;
+    let mut done: Vec<String> = Vec::new();
+    loop {
+        if done.len() > plan.packages.len() {
+            bail!("configure: dpkg --predep-package keeps naming packages: {done:?}");
+        }
+        let (_, out) = chroot.output(&["/usr/bin/dpkg", "--predep-package"])?;
+        let Some(predep) = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Package:"))
+            .map(str::trim)
+        else {
+            break;
+        };
+        let closure =
+            resolve::first_alternative_closure(&stanzas, [predep], &plan.exclude_dependencies);
+        let batch: Vec<&str> = closure
+            .iter()
+            .map(String::as_str)
+            .filter(|n| required.binary_search(n).is_err() && !done.iter().any(|d| d == n))
+            .collect();
+        if batch.is_empty() {
+            bail!("configure: dpkg names {predep} as a pre-dependency to install, but it is installed already");
+        }
+        let mut argv = vec![
+            "/usr/bin/dpkg",
+            "--force-overwrite",
+            "--force-confold",
+            "--skip-same-version",
+            "--install",
+        ];
+        let batch_debs = debs(&batch);
+        argv.extend(batch_debs.iter().map(String::as_str));
+        chroot.run(
+            &format!("dpkg --install of the pre-dependency {predep}"),
+            &argv,
+        )?;
+        base.retain(|n| !batch.contains(n));
+        done.extend(batch.iter().map(|n| n.to_string()));
+    }
+
+    // The base set.
+    if !base.is_empty() {
+        let mut argv = vec![
+            "/usr/bin/dpkg",
+            "--force-overwrite",
+            "--force-confold",
+            "--skip-same-version",
+            "--unpack",
+        ];
+        let base_debs = debs(&base);
+        argv.extend(base_debs.iter().map(String::as_str));
+        chroot.run("dpkg --unpack of the base packages", &argv)?;
+        chroot.run(
+            "dpkg --configure of the base packages",
+            &[
+                "/usr/bin/dpkg",
+                "--force-confold",
+                "--skip-same-version",
+                "--configure",
+                "-a",
+            ],
+        )?;
+    }
+    chroot.sh(
+        "restoring start-stop-daemon",
+        "mv /sbin/start-stop-daemon.REAL /sbin/start-stop-daemon",
+    )?;
+    chroot.audit()?;
+    chroot.leave()?;
+    no_services.remove()?;
+    // dpkg knows its native architecture; debootstrap leaves no arch file either.
+    fs::remove_file(root.join("var/lib/dpkg/arch"))?;
+    Ok(())
+}

@@ -37,6 +37,8 @@ pub enum RecipeError {
         #[source]
         source: toml::de::Error,
     },
+    #[error("{path}: the lock marks no package of debootstrap's required set for {architecture} (it was written by an older rbuild); run `rbuild lock` again")]
+    NoRequiredSet { path: PathBuf, architecture: String },
     #[error("unknown recipe {0:?}: give a built-in name ({1}) or a path to a .toml recipe file")]
     Unknown(String, String),
     #[error("{path}: no lock file; run `rbuild lock {recipe}` to create it")]
@@ -320,7 +322,8 @@ pub struct PinnedPackage {
     pub essential: bool,
     /// In debootstrap's *required* set (`Priority: required`, the suite's `also-required` and
     /// their dependencies): extracted before dpkg first runs, and configured before the rest,
-    /// the *base* set, is unpacked.
+    /// the *base* set, is unpacked. Not written for a layer's packages.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub required: bool,
     pub filename: String,
     pub sha256: String,
@@ -514,12 +517,21 @@ pub fn parse_lock(path: &Path, text: &str) -> Result<Option<Lock>, RecipeError> 
     if text.trim().is_empty() {
         return Ok(None);
     }
-    toml::from_str(text)
-        .map(Some)
-        .map_err(|source| RecipeError::LockParse {
-            path: path.to_owned(),
-            source,
-        })
+    let lock: Lock = toml::from_str(text).map_err(|source| RecipeError::LockParse {
+        path: path.to_owned(),
+        source,
+    })?;
+    // Every Debian suite has Priority: required packages; a lock that marks none was written
+    // before locks recorded debootstrap's required set, and cannot be configured as it would be.
+    for l in std::iter::once(&lock).chain(&lock.others) {
+        if !l.packages.is_empty() && !l.packages.iter().any(|p| p.required) {
+            return Err(RecipeError::NoRequiredSet {
+                path: path.to_owned(),
+                architecture: l.architecture.clone(),
+            });
+        }
+    }
+    Ok(Some(lock))
 }
 
 pub fn render_lock(lock: &Lock) -> String {
@@ -604,6 +616,22 @@ fn load_inner(arg: &str, read_lock: bool) -> Result<Loaded, RecipeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lock from before locks recorded debootstrap's required set is refused with what to do,
+    /// not configured as if nothing were required; the committed locks all record it.
+    #[test]
+    fn a_lock_without_the_required_set_is_refused() {
+        let text = include_str!("../debian-bullseye.lock");
+        assert!(parse_lock(Path::new("bullseye.lock"), text).is_ok());
+        let old = text.replace("required = true\n", "bootstrap = true\n");
+        let err = parse_lock(Path::new("old.lock"), &old)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("old.lock") && err.contains("required set") && err.contains("rbuild lock"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn apt_sources_render_as_deb822_and_refuse_what_would_inject_fields() {

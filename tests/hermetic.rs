@@ -2338,3 +2338,150 @@ fn apt_sources_are_written_into_the_image() {
     let e = realise_fails(&a, &store);
     assert!(e.contains("[apt-sources]") && e.contains("one word"), "{e}");
 }
+
+/// `rbuild check` builds the closure again into scratch and compares: the base and a layer
+/// that writes the same bytes every time reproduce (exit 0); a layer whose `run` step writes
+/// random bytes does not (exit 1, naming that layer and the file). Nothing registered is
+/// replaced: the store still verifies and the output is reused as it was.
+#[test]
+fn check_rebuilds_into_scratch_and_names_what_does_not_reproduce() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(a) = common::busybox::busybox_archive(t.path()) else {
+        return;
+    };
+    let store = t.path().join("store");
+    let mirror = a.mirror_url();
+    let check = |recipe: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "check",
+            recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--mirror",
+            &mirror,
+        ];
+        args.extend_from_slice(extra);
+        rbuild(&args)
+    };
+
+    let same = common::busybox::layered(&a, "same", "echo same > /etc/same");
+    // Built, signed and pushed by one store; checked by another against that cache: each
+    // entry is independently reproduced.
+    let keys = t.path().join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    let (sec, public) = (keys.join("k.sec"), keys.join("k.pub"));
+    ok(&rbuild(&[
+        "key",
+        "generate",
+        "test-1",
+        sec.to_str().unwrap(),
+        public.to_str().unwrap(),
+    ]));
+    let cache = format!("file://{}", t.path().join("cache").display());
+    ok(&rbuild(&[
+        "realise",
+        same.to_str().unwrap(),
+        "--store",
+        t.path().join("pusher").to_str().unwrap(),
+        "--mirror",
+        &mirror,
+        "--push-to",
+        &cache,
+        "--secret-key",
+        sec.to_str().unwrap(),
+    ]));
+    let out = check(
+        &same,
+        &[
+            "--substituter",
+            &cache,
+            "--trusted-key",
+            public.to_str().unwrap(),
+        ],
+    );
+    let report = ok(&out);
+    assert!(
+        report.contains("reproduce their registered outputs") && !report.contains("does not"),
+        "{report}"
+    );
+    let n: usize = report
+        .split("check: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        n >= 4,
+        "the verify, unpacks, configure, layer and packs were built again: {report}"
+    );
+
+    let random = common::busybox::layered(
+        &a,
+        "random",
+        "head -c 32 /dev/urandom > /etc/random; echo fixed > /etc/fixed",
+    );
+    let realised = json(&rbuild(&[
+        "realise",
+        random.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &mirror,
+        "--json",
+    ]));
+    let out = check(&random, &["--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let differs: Vec<&serde_json::Value> = results
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["result"] != "reproduced")
+        .collect();
+    // The layer's tree differs first; what is made from it (its diff, the image) follows.
+    let first = differs
+        .first()
+        .expect("a derivation that does not reproduce");
+    assert_eq!(first["result"], "differs", "{first}");
+    assert!(first["name"].as_str().unwrap().contains("layer"), "{first}");
+    let paths: Vec<&str> = first["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["etc/random"],
+        "only the random file differs: {first}"
+    );
+    assert_eq!(first["paths"][0]["change"], "contents changed");
+    // The human report names the derivation and the file.
+    let out = check(&random, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        report.contains("does not reproduce") && report.contains("/etc/random: contents changed"),
+        "{report}"
+    );
+
+    // Nothing was replaced.
+    ok(&rbuild(&[
+        "store",
+        "verify",
+        "--store",
+        store.to_str().unwrap(),
+    ]));
+    let again = json(&rbuild(&[
+        "realise",
+        random.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--offline",
+        "--json",
+    ]));
+    assert_eq!(
+        (&again["output"], again["built"].as_u64()),
+        (&realised["output"], Some(0))
+    );
+}

@@ -39,6 +39,9 @@ struct StoreArgs {
 enum Command {
     /// Build RECIPE[^OUTPUT] (outputs: image (default), rootfs, tree, index) and print its store path
     Realise(RealiseArgs),
+    /// Build RECIPE[^OUTPUT]'s derivations again into scratch and compare them with what is
+    /// registered (and with a --substituter's entries); exit 1 naming what differs
+    Check(CheckArgs),
     /// Generate a signing key pair for binary caches (NAME:BASE64 files, as nix-store's)
     Key {
         #[command(subcommand)]
@@ -134,6 +137,40 @@ struct RealiseArgs {
     json: bool,
     #[command(flatten)]
     cache: CacheArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// A built-in recipe name or a path to a .toml recipe, optionally ^OUTPUT
+    recipe: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Debian mirror URL, as for realise (only what the store lacks is fetched)
+    #[arg(long, env = "RBUILD_MIRROR", value_name = "URL")]
+    mirror: Vec<String>,
+    /// Never touch the network
+    #[arg(long)]
+    offline: bool,
+    /// Check with this lock instead of the recipe's own
+    #[arg(long, value_name = "FILE")]
+    lock: Option<PathBuf>,
+    /// Check these architectures instead of the recipe's (comma-separated)
+    #[arg(long, value_delimiter = ',', value_name = "ARCH")]
+    arch: Vec<String>,
+    /// Sandboxed builds to run at once [default: number of cores]
+    #[arg(short = 'j', long)]
+    jobs: Option<usize>,
+    /// Print a JSON array, one object per derivation built again, instead of the report
+    #[arg(long)]
+    json: bool,
+    /// Compare with this binary cache's signed entries too (repeatable)
+    #[arg(long = "substituter")]
+    substituters: Vec<String>,
+    /// Trust cache entries signed by this public key: a file or NAME:BASE64 (repeatable)
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<String>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -645,6 +682,115 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `rbuild check`: realise, build every derivation again into scratch, and report.
+fn check_cmd(args: CheckArgs) -> anyhow::Result<()> {
+    use rbuild_engine::check::CheckResult;
+    let CheckArgs {
+        recipe,
+        store,
+        mirror,
+        offline,
+        lock,
+        arch,
+        jobs,
+        json,
+        substituters,
+        trusted_keys,
+        limits,
+    } = args;
+    let caches = caches(CacheArgs {
+        substituters,
+        trusted_keys,
+        ..CacheArgs::default()
+    })?;
+    let mirrors = if offline {
+        Vec::new()
+    } else {
+        mirrors(&mirror)?
+    };
+    let (recipe_arg, output) = split_output(&recipe);
+    let expanded = load_locked(recipe_arg, &mirrors, offline, false, lock.as_deref(), &arch)?;
+    let target = expanded.output(output)?.clone();
+    let store = Arc::new(open_store(store.store)?);
+    let jobs = jobs_or_cores(jobs);
+    let fetcher = if offline {
+        Fetcher::offline()
+    } else {
+        Fetcher::new(mirrors)
+    };
+    let progress = Arc::new(Progress::new(false));
+    let engine = engine(
+        store.clone(),
+        fetcher,
+        jobs,
+        progress.clone(),
+        caches,
+        limits.limits(&expanded.limits),
+    )?;
+    let result = runtime(jobs)?.block_on(engine.check(Arc::new(expanded.graph), &target));
+    progress.finish();
+    let results = result
+        .map_err(|e| full_disk(store.root(), e))
+        .with_context(|| format!("checking {recipe}"))?;
+    let bad = results
+        .iter()
+        .filter(|r| !matches!(r.result, CheckResult::Reproduced))
+        .count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        let mut text = String::new();
+        for r in &results {
+            let short = &r.drv_hash[..12.min(r.drv_hash.len())];
+            match &r.result {
+                CheckResult::Reproduced => {}
+                CheckResult::Differs {
+                    rebuilt,
+                    paths,
+                    more,
+                } => {
+                    text.push_str(&format!(
+                        "{} ({short}) does not reproduce: registered {}, rebuilt {rebuilt}\n",
+                        r.name, r.registered
+                    ));
+                    for p in paths {
+                        text.push_str(&format!("  /{}: {}\n", p.path, p.change));
+                        for d in &p.details {
+                            text.push_str(&format!("    {d}\n"));
+                        }
+                    }
+                    if *more > 0 {
+                        text.push_str(&format!("  and {more} more paths\n"));
+                    }
+                }
+                CheckResult::CacheDiffers { cache, claimed } => text.push_str(&format!(
+                    "{} ({short}) reproduces its registered output {}, but {cache} claims {claimed}\n",
+                    r.name, r.registered
+                )),
+                CheckResult::Failed { error } => text.push_str(&format!(
+                    "{} ({short}) could not be built again: {error}\n",
+                    r.name
+                )),
+            }
+        }
+        text.push_str(&format!(
+            "check: {} derivations built again, {} reproduce their registered outputs{}\n",
+            results.len(),
+            results.len() - bad,
+            if bad == 0 {
+                ""
+            } else {
+                "; the first listed is where the difference starts"
+            }
+        ));
+        print_out(&text)?;
+    }
+    if bad > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 /// `err`, with "no space left on device on the filesystem holding STORE" (and `rbuild gc`) in
 /// front when it is a full disk.
 fn full_disk<E: std::error::Error + Send + Sync + 'static>(store: &Path, err: E) -> anyhow::Error {
@@ -771,6 +917,7 @@ fn main() {
             })
         }
         Command::Realise(args) => realise(args),
+        Command::Check(args) => check_cmd(args),
         Command::Key { command } => key_cmd(command),
         Command::Cache { command } => cache_cmd(command),
         Command::Graph { recipe, format } => graph_cmd(&recipe, format),

@@ -121,6 +121,102 @@ pub fn compare(
     })
 }
 
+/// What differs at `rel` between two copies of an output on disk, `was` (with its sidecar
+/// `was_meta`) and `now`: for each side, its type, mode, owner, capabilities and ACLs, and for
+/// files their sizes and, when both are short text, the lines that differ. One line each.
+pub fn explain(
+    was: &Path,
+    was_meta: Option<&TreeMeta>,
+    now: &Path,
+    now_meta: Option<&TreeMeta>,
+    rel: &str,
+) -> Vec<String> {
+    let at = |root: &Path| {
+        if rel.is_empty() {
+            root.to_owned()
+        } else {
+            root.join(rel)
+        }
+    };
+    let (a, b) = (at(was), at(now));
+    let describe = |p: &Path, m: Option<&TreeMeta>| -> String {
+        let Ok(md) = std::fs::symlink_metadata(p) else {
+            return "absent".into();
+        };
+        let kind = if md.is_dir() {
+            "directory".to_owned()
+        } else if md.file_type().is_symlink() {
+            format!(
+                "symlink to {}",
+                std::fs::read_link(p)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_default()
+            )
+        } else {
+            format!("file of {} bytes", md.len())
+        };
+        match m.and_then(|m| m.get(rel)) {
+            Some(e) => {
+                let mut s = format!("{kind}, mode {:o}, owner {}:{}", e.mode, e.uid, e.gid);
+                if let Some(c) = &e.caps {
+                    s.push_str(&format!(", capabilities {c}"));
+                }
+                for (n, v) in &e.acls {
+                    s.push_str(&format!(", {n} {v}"));
+                }
+                s
+            }
+            None => kind,
+        }
+    };
+    let (da, db) = (describe(&a, was_meta), describe(&b, now_meta));
+    let mut out = Vec::new();
+    if da != db {
+        out.push(format!("registered: {da}"));
+        out.push(format!("rebuilt:    {db}"));
+    }
+    const TEXT_LIMIT: u64 = 256 * 1024;
+    let text = |p: &Path| -> Option<String> {
+        let md = std::fs::symlink_metadata(p).ok()?;
+        if !md.is_file() || md.len() > TEXT_LIMIT {
+            return None;
+        }
+        String::from_utf8(std::fs::read(p).ok()?)
+            .ok()
+            .filter(|t| !t.contains('\0'))
+    };
+    match (text(&a), text(&b)) {
+        (Some(ta), Some(tb)) if ta != tb => {
+            let diff = similar::TextDiff::from_lines(&ta, &tb);
+            let mut lines = 0;
+            for change in diff.iter_all_changes() {
+                let sign = match change.tag() {
+                    similar::ChangeTag::Delete => "-",
+                    similar::ChangeTag::Insert => "+",
+                    similar::ChangeTag::Equal => continue,
+                };
+                if lines == 12 {
+                    out.push("  …".into());
+                    break;
+                }
+                out.push(format!(
+                    "  {sign} {}",
+                    change.value().trim_end_matches('\n')
+                ));
+                lines += 1;
+            }
+        }
+        _ => {
+            let same_size = std::fs::metadata(&a).ok().map(|m| m.len())
+                == std::fs::metadata(&b).ok().map(|m| m.len());
+            if out.is_empty() && same_size {
+                out.push("same type, metadata and size; the bytes differ".into());
+            }
+        }
+    }
+    out
+}
+
 /// Check one registered output.
 pub fn check(store: &Store, output: &Registered) -> Result<Checked, StoreError> {
     let recorded = store.listing(&output.drv_hash, &output.output.content_hash)?;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod busybox;
 pub mod readme;
 pub mod real;
 pub mod reapi_server;

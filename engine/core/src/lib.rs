@@ -6,6 +6,7 @@
 
 pub mod archive;
 pub mod builtins;
+pub mod check;
 pub mod derivation;
 pub mod errors;
 pub mod graph;

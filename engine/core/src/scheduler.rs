@@ -228,6 +228,24 @@ impl Engine {
         &self.store
     }
 
+    /// How many sandboxed builds run at once.
+    pub(crate) fn jobs(&self) -> usize {
+        self.jobs
+    }
+
+    pub(crate) fn progress(&self) -> &Arc<Progress> {
+        &self.progress
+    }
+
+    /// The content hash the first substituter with a trusted entry for `h` claims, and its URL.
+    pub(crate) fn cache_claim(&self, h: &DrvHash, name: &str) -> Option<(String, String)> {
+        let (i, entry) = self.find_substitute(h, name)?;
+        Some((
+            self.caches.substituters[i].url().to_owned(),
+            entry.body.content_hash,
+        ))
+    }
+
     fn idmap(&self) -> Result<IdMap, EngineError> {
         self.idmap
             .get_or_init(|| sandbox::check_support().map_err(Arc::new))
@@ -538,8 +556,15 @@ impl Engine {
                 (out, fetched)
             }
             None => (
-                self.run_sandboxed(hash, drv, emulator, build_dir.path(), build_dir.lock_fd())
-                    .await?,
+                self.run_sandboxed(
+                    hash,
+                    drv,
+                    emulator,
+                    build_dir.path(),
+                    build_dir.lock_fd(),
+                    "log",
+                )
+                .await?,
                 0,
             ),
         };
@@ -570,13 +595,16 @@ impl Engine {
         Ok((Outcome::Built, fetched))
     }
 
-    async fn run_sandboxed(
+    /// Run `drv`'s builder in the sandbox in `build_dir`; its output is left at
+    /// `build_dir/build/out`, its log kept as `<store>/log/<hash>.<log_kind>`.
+    pub(crate) async fn run_sandboxed(
         &self,
         hash: &DrvHash,
         drv: &Derivation,
         emulator: Option<&crate::graph::Emulator>,
         build_dir: &Path,
         hold: std::os::fd::RawFd,
+        log_kind: &str,
     ) -> Result<PathBuf, EngineError> {
         let map = self.idmap()?;
         let mut inputs = Vec::new();
@@ -636,7 +664,7 @@ impl Engine {
             .store
             .root()
             .join("log")
-            .join(format!("{}.log", hash.0));
+            .join(format!("{}.{log_kind}", hash.0));
         let _ = std::fs::create_dir_all(kept.parent().expect("log dir"));
         let _ = std::fs::copy(&log, &kept);
         if !result.success {

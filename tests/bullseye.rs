@@ -97,6 +97,28 @@ fn debian_bullseye_as_root_and_unprivileged() {
         "su is setuid root in the tar"
     );
 
+    // Every derivation of the root filesystem, built again into scratch, reproduces.
+    let started = Instant::now();
+    let report = ok(&rbuild_as(
+        None,
+        &[
+            "check",
+            "debian-bullseye^rootfs",
+            "--store",
+            s1.to_str().unwrap(),
+            "--offline",
+        ],
+        &env,
+    ));
+    assert!(
+        report.contains("reproduce their registered outputs") && !report.contains("does not"),
+        "{report}"
+    );
+    eprintln!(
+        "check of debian-bullseye^rootfs: {:?}: {report}",
+        started.elapsed()
+    );
+
     if have(
         "debian_bullseye_as_root_and_unprivileged: skopeo inspect",
         "skopeo",

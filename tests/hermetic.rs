@@ -2485,3 +2485,153 @@ fn check_rebuilds_into_scratch_and_names_what_does_not_reproduce() {
         (&realised["output"], Some(0))
     );
 }
+
+/// `^provenance` is an in-toto statement with a SLSA v1 predicate: its subjects are the image
+/// manifest's digest and the rootfs tar's sha256, its dependencies exactly the lock's files
+/// (InRelease, indices, packages, each with the lock's sha256; the InRelease with the key that
+/// signed it), and it is the same bytes from another store. `attest` signs it as a DSSE
+/// envelope that `verify-attestation` accepts with the signer's key, and refuses with another
+/// key or with one byte of the payload flipped.
+#[test]
+fn provenance_names_the_outputs_and_every_fetched_file_and_attests() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let store = t.path().join("store");
+    let image = realise_json(None, &a, "", &store, &[]);
+    let rootfs = realise_json(None, &a, "^rootfs", &store, &["--offline"]);
+    let prov = realise_json(None, &a, "^provenance", &store, &["--offline"]);
+    assert_eq!(prov["built"], 1, "only the statement is new: {prov}");
+    let prov_path = Path::new(prov["output"].as_str().unwrap()).to_owned();
+    let bytes = fs::read(&prov_path).unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(s["_type"], "https://in-toto.io/Statement/v1");
+    assert_eq!(s["predicateType"], "https://slsa.dev/provenance/v1");
+    let manifest = image_manifest_digest(Path::new(image["output"].as_str().unwrap()));
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            s["subject"][0]["digest"]["sha256"].as_str().unwrap()
+        ),
+        manifest
+    );
+    let tar = fs::read(rootfs["output"].as_str().unwrap()).unwrap();
+    assert_eq!(s["subject"][1]["digest"]["sha256"], sha256_hex(&tar));
+
+    let locked: rbuild_recipes::recipe::Lock =
+        toml::from_str(&fs::read_to_string(a.lock_path()).unwrap()).unwrap();
+    let mut want: BTreeMap<String, String> = locked
+        .packages
+        .iter()
+        .map(|p| (p.filename.clone(), p.sha256.clone()))
+        .chain(
+            locked
+                .indices
+                .iter()
+                .map(|i| (i.path.clone(), i.sha256.clone())),
+        )
+        .collect();
+    want.insert(
+        locked.inrelease.path.clone(),
+        locked.inrelease.sha256.clone(),
+    );
+    let deps = s["predicate"]["buildDefinition"]["resolvedDependencies"]
+        .as_array()
+        .unwrap();
+    let got: BTreeMap<String, String> = deps
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().to_owned(),
+                d["digest"]["sha256"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want, "the dependencies are the lock's files");
+    assert_eq!(deps.len(), want.len(), "each once");
+    assert_eq!(
+        deps[0]["annotations"]["signedBy"],
+        serde_json::json!([a.key.fingerprint()])
+    );
+    let builder = s["predicate"]["runDetails"]["builder"]["id"]
+        .as_str()
+        .unwrap();
+    assert!(
+        builder.starts_with("urn:rbuild:builder:builders-"),
+        "{builder}"
+    );
+
+    // The same statement from another store, built from nothing.
+    let other = realise_json(None, &a, "^provenance", &t.path().join("other"), &[]);
+    assert_eq!(fs::read(other["output"].as_str().unwrap()).unwrap(), bytes);
+
+    // Signed, and checked.
+    let keys = t.path().join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    let key = |name: &str| {
+        let (sec, public) = (
+            keys.join(format!("{name}.sec")),
+            keys.join(format!("{name}.pub")),
+        );
+        ok(&rbuild(&[
+            "key",
+            "generate",
+            "release-1",
+            sec.to_str().unwrap(),
+            public.to_str().unwrap(),
+        ]));
+        (sec, public)
+    };
+    let (sec, public) = key("a");
+    let (_, impostor) = key("b");
+    let envelope = t.path().join("provenance.dsse.json");
+    ok(&rbuild(&[
+        "attest",
+        &format!("{}", a.recipe.display()),
+        "--store",
+        store.to_str().unwrap(),
+        "--offline",
+        "--secret-key",
+        sec.to_str().unwrap(),
+        "-o",
+        envelope.to_str().unwrap(),
+    ]));
+    let env: serde_json::Value = serde_json::from_slice(&fs::read(&envelope).unwrap()).unwrap();
+    assert_eq!(env["payloadType"], "application/vnd.in-toto+json");
+    let verify = |file: &Path, key: &Path| {
+        rbuild(&[
+            "verify-attestation",
+            file.to_str().unwrap(),
+            "--trusted-key",
+            key.to_str().unwrap(),
+        ])
+    };
+    let report = ok(&verify(&envelope, &public));
+    assert!(
+        report.contains(&manifest) && report.contains("signed by release-1"),
+        "{report}"
+    );
+    let refused = verify(&envelope, &impostor);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("signature check failed"),
+        "{}",
+        stderr(&refused)
+    );
+    // One byte of the statement flipped, the signature kept.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut payload = b64.decode(env["payload"].as_str().unwrap()).unwrap();
+    payload[10] ^= 1;
+    let mut flipped = env.clone();
+    flipped["payload"] = b64.encode(&payload).into();
+    let flipped_path = t.path().join("flipped.dsse.json");
+    fs::write(&flipped_path, serde_json::to_vec(&flipped).unwrap()).unwrap();
+    let refused = verify(&flipped_path, &public);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("signature check failed"),
+        "{}",
+        stderr(&refused)
+    );
+}

@@ -42,6 +42,15 @@ enum Command {
     /// Build RECIPE[^OUTPUT]'s derivations again into scratch and compare them with what is
     /// registered (and with a --substituter's entries); exit 1 naming what differs
     Check(CheckArgs),
+    /// Sign RECIPE[^OUTPUT] (default: provenance) as a DSSE envelope of an in-toto statement
+    Attest(AttestArgs),
+    /// Check a DSSE envelope's signature against trusted keys and print its subjects
+    VerifyAttestation {
+        file: PathBuf,
+        /// A public key the signature may be by: a file or NAME:BASE64 (repeatable)
+        #[arg(long = "trusted-key", required = true)]
+        trusted_keys: Vec<String>,
+    },
     /// Generate a signing key pair for binary caches (NAME:BASE64 files, as nix-store's)
     Key {
         #[command(subcommand)]
@@ -139,6 +148,33 @@ struct RealiseArgs {
     cache: CacheArgs,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+#[derive(clap::Args)]
+struct AttestArgs {
+    /// A built-in recipe name or a path to a .toml recipe, optionally ^OUTPUT (default:
+    /// provenance; with several architectures, provenance-ARCH)
+    recipe: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The key that signs (as `rbuild key generate` writes it)
+    #[arg(long)]
+    secret_key: PathBuf,
+    /// Where to write the envelope
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// Debian mirror URL, as for realise
+    #[arg(long, env = "RBUILD_MIRROR", value_name = "URL")]
+    mirror: Vec<String>,
+    /// Never touch the network
+    #[arg(long)]
+    offline: bool,
+    /// Use this lock instead of the recipe's own
+    #[arg(long, value_name = "FILE")]
+    lock: Option<PathBuf>,
+    /// These architectures instead of the recipe's (comma-separated)
+    #[arg(long, value_delimiter = ',', value_name = "ARCH")]
+    arch: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -682,6 +718,111 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `rbuild attest`: realise the statement and sign it.
+fn attest_cmd(args: AttestArgs) -> anyhow::Result<()> {
+    let AttestArgs {
+        recipe,
+        store,
+        secret_key,
+        output,
+        mirror,
+        offline,
+        lock,
+        arch,
+    } = args;
+    let key = SecretKey::read(&secret_key)?;
+    let mirrors = if offline {
+        Vec::new()
+    } else {
+        mirrors(&mirror)?
+    };
+    let (recipe_arg, out) = split_output(&recipe);
+    let expanded = load_locked(recipe_arg, &mirrors, offline, false, lock.as_deref(), &arch)?;
+    let target = expanded.output(Some(out.unwrap_or("provenance")))?.clone();
+    let store = Arc::new(open_store(store.store)?);
+    let fetcher = if offline {
+        Fetcher::offline()
+    } else {
+        Fetcher::new(mirrors)
+    };
+    let jobs = jobs_or_cores(None);
+    let progress = Arc::new(Progress::new(false));
+    let engine = engine(
+        store.clone(),
+        fetcher,
+        jobs,
+        progress.clone(),
+        Caches::default(),
+        rbuild_engine::sandbox::Limits::default(),
+    )?;
+    let result = runtime(jobs)?.block_on(engine.realise(Arc::new(expanded.graph), &target));
+    progress.finish();
+    let report = result
+        .map_err(|e| full_disk(store.root(), e))
+        .with_context(|| format!("realising {recipe}"))?;
+    let statement = std::fs::read(&report.output).with_context(|| {
+        format!(
+            "reading {} (a statement is one file)",
+            report.output.display()
+        )
+    })?;
+    let envelope = rbuild_store::dsse::sign(rbuild_store::dsse::IN_TOTO, &statement, &key);
+    let mut text = serde_json::to_vec_pretty(&envelope)?;
+    text.push(b'\n');
+    std::fs::write(&output, text).with_context(|| format!("writing {}", output.display()))?;
+    eprintln!(
+        "{}: {} signed by {}",
+        output.display(),
+        report.output.display(),
+        key.name
+    );
+    Ok(())
+}
+
+/// `rbuild verify-attestation`: a trusted signature, then the statement's subjects.
+fn verify_attestation(file: &Path, trusted_keys: &[String]) -> anyhow::Result<()> {
+    let trusted = trusted_keys
+        .iter()
+        .map(|k| PublicKey::load(k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let envelope: rbuild_store::dsse::Envelope = serde_json::from_slice(&text)
+        .with_context(|| format!("{}: not a DSSE envelope", file.display()))?;
+    let payload = rbuild_store::dsse::verify(&envelope, &trusted)
+        .with_context(|| format!("{}: signature check failed", file.display()))?;
+    if envelope.payload_type != rbuild_store::dsse::IN_TOTO {
+        bail!(
+            "{}: signed, but its payload type is {:?}, not {:?}",
+            file.display(),
+            envelope.payload_type,
+            rbuild_store::dsse::IN_TOTO
+        );
+    }
+    let statement: serde_json::Value = serde_json::from_slice(&payload)
+        .with_context(|| format!("{}: the signed payload is not JSON", file.display()))?;
+    let mut text = format!(
+        "{}: signed by {}; {}\n",
+        file.display(),
+        envelope
+            .signatures
+            .iter()
+            .map(|s| s.keyid.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        statement["predicateType"]
+            .as_str()
+            .unwrap_or("no predicate type")
+    );
+    for s in statement["subject"].as_array().into_iter().flatten() {
+        text.push_str(&format!(
+            "sha256:{}  {}\n",
+            s["digest"]["sha256"].as_str().unwrap_or("?"),
+            s["name"].as_str().unwrap_or("?")
+        ));
+    }
+    print_out(&text)
+}
+
 /// `rbuild check`: realise, build every derivation again into scratch, and report.
 fn check_cmd(args: CheckArgs) -> anyhow::Result<()> {
     use rbuild_engine::check::CheckResult;
@@ -918,6 +1059,10 @@ fn main() {
         }
         Command::Realise(args) => realise(args),
         Command::Check(args) => check_cmd(args),
+        Command::Attest(args) => attest_cmd(args),
+        Command::VerifyAttestation { file, trusted_keys } => {
+            verify_attestation(&file, &trusted_keys)
+        }
         Command::Key { command } => key_cmd(command),
         Command::Cache { command } => cache_cmd(command),
         Command::Graph { recipe, format } => graph_cmd(&recipe, format),

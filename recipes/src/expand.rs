@@ -136,6 +136,68 @@ fn unpack_drv(p: &crate::recipe::PinnedPackage, verify: DrvHash, deb: DrvHash) -
     }
 }
 
+/// The build type of a Debian recipe's provenance.
+pub const BUILD_TYPE: &str = "urn:rbuild:build-type:debian-recipe:v1";
+
+/// The `provenance` derivation of one architecture's image and root filesystem.
+fn provenance_drv(
+    recipe: &Recipe,
+    lock: &Lock,
+    image: &DrvHash,
+    rootfs: &DrvHash,
+    verify: &DrvHash,
+) -> Result<Derivation, ExpandError> {
+    use crate::builders::{Dependency, ProvenancePlan};
+    use sha2::Digest;
+    let sha = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
+    let recipe_json = serde_json::to_vec(recipe).expect("recipes serialize");
+    let plan = ProvenancePlan {
+        subjects: [
+            format!("{} image manifest ({})", recipe.name, recipe.architecture),
+            format!("{} rootfs.tar ({})", recipe.name, recipe.architecture),
+        ],
+        build_type: BUILD_TYPE.into(),
+        external_parameters: serde_json::json!({
+            "recipe": {"name": recipe.name, "digest": {"sha256": sha(&recipe_json)}},
+            "lock": {"digest": {"sha256": sha(crate::recipe::render_lock(lock).as_bytes())}},
+            "suite": lock.suite,
+            "architecture": recipe.architecture,
+            "variant": recipe.variant,
+            "sourceDateEpoch": lock.source_date_epoch,
+        }),
+        inrelease: Dependency {
+            name: lock.inrelease.path.clone(),
+            sha256: lock.inrelease.sha256.clone(),
+        },
+        dependencies: lock
+            .indices
+            .iter()
+            .map(|i| Dependency {
+                name: i.path.clone(),
+                sha256: i.sha256.clone(),
+            })
+            .chain(lock.packages.iter().map(|p| Dependency {
+                name: p.filename.clone(),
+                sha256: p.sha256.clone(),
+            }))
+            .collect(),
+        builder_id: format!(
+            "urn:rbuild:builder:{}",
+            rbuild_engine::derivation::BUILDERS_EPOCH.trim_end_matches('\0')
+        ),
+    };
+    Ok(Derivation {
+        name: format!("{}-provenance", recipe.name),
+        stage: Stage::Pack,
+        builder: "builtin:debian-provenance".into(),
+        args: vec![serde_json::to_string(&plan).expect("plan serializes")],
+        env: BTreeMap::new(),
+        inputs: vec![image.clone(), rootfs.clone(), verify.clone()],
+        system: None,
+        fixed_output: None,
+    })
+}
+
 /// The fetch of a pinned `Packages` index.
 fn index_fetch(idx: &PinnedFile) -> Derivation {
     fetch(idx.path.replace('/', "_"), &idx.path, &idx.sha256, idx.size)
@@ -411,11 +473,13 @@ fn expand_arch(
     };
     let layers = vec![layer];
     let image = image(g, &recipe.name, &layers, &config, lock.source_date_epoch)?;
+    let provenance = g.add(provenance_drv(recipe, lock, &image, &rootfs, &verify)?)?;
     let outputs = [
         ("image", image),
         ("rootfs", rootfs),
         ("tree", tree),
         ("index", verify),
+        ("provenance", provenance),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

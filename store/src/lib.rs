@@ -10,6 +10,7 @@
 //! collects garbage.
 
 pub mod cache;
+pub mod dsse;
 pub mod hash;
 pub mod meta;
 pub mod verify;

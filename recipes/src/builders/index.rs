@@ -133,7 +133,7 @@ fn select_stanzas(text: &str, wanted: &std::collections::HashSet<&str>, out: &mu
     }
 }
 
-fn sha256_of(path: &Path) -> anyhow::Result<(String, u64)> {
+pub(super) fn sha256_of(path: &Path) -> anyhow::Result<(String, u64)> {
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];

@@ -1,6 +1,6 @@
 //! The Debian builders, run inside the sandbox: `debian-verify`, `debian-available` and
 //! `debian-unpack` ([`index`]), `debian-configure` ([`configure`]) and `debian-layer`
-//! ([`layer`]), with what they share: laying out unpacked trees, the chroot's environment, and
+//! ([`layer`]), `debian-provenance` ([`provenance`]), with what they share: laying out unpacked trees, the chroot's environment, and
 //! finishing a tree.
 
 use std::fs;
@@ -15,8 +15,10 @@ use rbuild_store::meta::{sidecar, TreeMeta};
 mod configure;
 mod index;
 mod layer;
+mod provenance;
 
 pub use layer::{CopyFile, LayerPackage, LayerPlan};
+pub use provenance::{Dependency, ProvenancePlan};
 
 pub fn register(b: &mut Builtins) {
     b.register("debian-verify", index::verify);
@@ -24,6 +26,7 @@ pub fn register(b: &mut Builtins) {
     b.register("debian-unpack", index::unpack);
     b.register_chrooting("debian-configure", configure::configure);
     b.register_chrooting("debian-layer", layer::layer);
+    b.register("debian-provenance", provenance::provenance);
 }
 
 /// Copy the entries of the tree at `src` whose metadata key starts with `prefix` into `root`

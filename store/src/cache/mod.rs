@@ -421,6 +421,11 @@ impl SecretKey {
         }
     }
 
+    /// An ed25519 signature of `message`.
+    pub fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
+        self.key.sign(message).to_bytes().to_vec()
+    }
+
     pub fn sign(&self, body: &EntryBody) -> Signature {
         Signature {
             key: self.name.clone(),
@@ -458,6 +463,17 @@ impl PublicKey {
 
     pub fn to_text(&self) -> String {
         format!("{}:{}", self.name, b64().encode(self.key.to_bytes()))
+    }
+
+    /// Whether `sig` is this key's ed25519 signature of `message`.
+    pub fn verifies(&self, message: &[u8], sig: &[u8]) -> bool {
+        ed25519_dalek::Signature::from_slice(sig)
+            .is_ok_and(|s| self.key.verify(message, &s).is_ok())
+    }
+
+    /// The raw 32-byte public key.
+    pub fn raw(&self) -> [u8; 32] {
+        self.key.to_bytes()
     }
 }
 

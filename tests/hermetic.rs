@@ -2611,6 +2611,44 @@ fn provenance_names_the_outputs_and_every_fetched_file_and_attests() {
         report.contains(&manifest) && report.contains("signed by release-1"),
         "{report}"
     );
+    // A standard DSSE implementation agrees.
+    if let Some(python) = pytools("provenance: securesystemslib's DSSE verification") {
+        const CHECK: &str = r#"
+import base64, json, sys
+from securesystemslib.dsse import Envelope
+from securesystemslib.signer import SSlibKey
+name, b64 = open(sys.argv[2]).read().strip().split(":", 1)
+key = SSlibKey(name, "ed25519", "ed25519", {"public": base64.b64decode(b64).hex()})
+env = Envelope.from_dict(json.load(open(sys.argv[1])))
+print("verified by", ",".join(sorted(env.verify([key], 1))))
+print(json.loads(env.payload)["predicateType"])
+"#;
+        let run = |file: &Path, key: &Path| {
+            Command::new(&python)
+                .args(["-c", CHECK])
+                .arg(file)
+                .arg(key)
+                .output()
+                .unwrap()
+        };
+        let out = run(&envelope, &public);
+        assert!(
+            out.status.success(),
+            "securesystemslib refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("verified by release-1")
+                && said.contains("https://slsa.dev/provenance/v1"),
+            "{said}"
+        );
+        let out = run(&envelope, &impostor);
+        assert!(
+            !out.status.success(),
+            "securesystemslib accepted another key"
+        );
+    }
     let refused = verify(&envelope, &impostor);
     assert!(!refused.status.success());
     assert!(

@@ -554,6 +554,22 @@ impl Drop for BuildGrid {
     }
 }
 
+/// The Python with the reference tools of `tests/pytools/setup.sh` (`RBUILD_PYTHON`); `None`,
+/// after a loud skip (a failure under `CI=true`), when it is not set.
+pub fn pytools(what: &str) -> Option<String> {
+    match std::env::var("RBUILD_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ => {
+            skip(
+                what,
+                "RBUILD_PYTHON (a python with securesystemslib) is not set",
+                "RBUILD_PYTHON=\"$(tests/pytools/setup.sh)\" (.ci/run sets it)",
+            );
+            None
+        }
+    }
+}
+
 pub fn buildgrid() -> BuildGrid {
     buildgrid_with_tls(None)
 }

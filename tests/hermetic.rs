@@ -2565,6 +2565,57 @@ fn provenance_names_the_outputs_and_every_fetched_file_and_attests() {
     let other = realise_json(None, &a, "^provenance", &t.path().join("other"), &[]);
     assert_eq!(fs::read(other["output"].as_str().unwrap()).unwrap(), bytes);
 
+    // The SBOMs: every locked package with the lock's sha256 (the index's), the same bytes
+    // from both stores.
+    for output in ["^spdx", "^cyclonedx"] {
+        let one = realise_json(None, &a, output, &store, &["--offline"]);
+        let two = realise_json(None, &a, output, &t.path().join("other"), &["--offline"]);
+        let doc = fs::read(one["output"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            doc,
+            fs::read(two["output"].as_str().unwrap()).unwrap(),
+            "{output}"
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+        let listed: BTreeMap<String, String> = if output == "^spdx" {
+            assert_eq!(doc["spdxVersion"], "SPDX-2.3");
+            doc["packages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["primaryPackagePurpose"] == "LIBRARY")
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap().to_owned(),
+                        p["checksums"][0]["checksumValue"]
+                            .as_str()
+                            .unwrap()
+                            .to_owned(),
+                    )
+                })
+                .collect()
+        } else {
+            assert_eq!(doc["specVersion"], "1.6");
+            doc["components"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    (
+                        c["name"].as_str().unwrap().to_owned(),
+                        c["hashes"][0]["content"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        };
+        let pinned: BTreeMap<String, String> = locked
+            .packages
+            .iter()
+            .map(|p| (p.name.clone(), p.sha256.clone()))
+            .collect();
+        assert_eq!(listed, pinned, "{output}");
+    }
+
     // Signed, and checked.
     let keys = t.path().join("keys");
     fs::create_dir_all(&keys).unwrap();

@@ -386,9 +386,11 @@ fn expand_arch(
     )?;
     add_emulator(g, recipe, keyring, lock)?;
     let mut configure_inputs = vec![verify.clone()];
+    // The packages' stanzas: dpkg's `available` (the debootstrap variant), and the SBOMs'.
+    let stanzas = available_drv(g, lock, verify.clone())?;
     let available = match recipe.variant {
         Variant::Debootstrap => {
-            configure_inputs.push(available_drv(g, lock, verify.clone())?);
+            configure_inputs.push(stanzas.clone());
             Some(configure_inputs.len() - 1)
         }
         Variant::Extract => None,
@@ -451,7 +453,7 @@ fn expand_arch(
             recipe.variant,
             lock.packages.len()
         )],
-        env: sde,
+        env: sde.clone(),
         inputs: vec![rootfs.clone()],
         system: None,
         fixed_output: None,
@@ -474,6 +476,35 @@ fn expand_arch(
     let layers = vec![layer];
     let image = image(g, &recipe.name, &layers, &config, lock.source_date_epoch)?;
     let provenance = g.add(provenance_drv(recipe, lock, &image, &rootfs, &verify)?)?;
+    let mut sboms = Vec::new();
+    for format in ["spdx", "cyclonedx"] {
+        let plan = crate::builders::SbomPlan {
+            format: format.into(),
+            name: recipe.name.clone(),
+            architecture: recipe.architecture.clone(),
+            packages: lock
+                .packages
+                .iter()
+                .map(|p| (p.name.clone(), p.version.clone(), p.architecture.clone()))
+                .collect(),
+            tool_version: rbuild_engine::derivation::BUILDERS_EPOCH
+                .trim_end_matches('\0')
+                .to_owned(),
+        };
+        sboms.push((
+            format,
+            g.add(Derivation {
+                name: format!("{}-{format}", recipe.name),
+                stage: Stage::Pack,
+                builder: "builtin:debian-sbom".into(),
+                args: vec![serde_json::to_string(&plan).expect("plan serializes")],
+                env: sde.clone(),
+                inputs: vec![image.clone(), tree.clone(), stanzas.clone(), verify.clone()],
+                system: None,
+                fixed_output: None,
+            })?,
+        ));
+    }
     let outputs = [
         ("image", image),
         ("rootfs", rootfs),
@@ -482,6 +513,7 @@ fn expand_arch(
         ("provenance", provenance),
     ]
     .into_iter()
+    .chain(sboms)
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     Ok(ArchExpanded {

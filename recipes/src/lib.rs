@@ -14,6 +14,7 @@ pub mod lock;
 pub mod mirror;
 pub mod recipe;
 pub mod relock;
+pub mod sbom;
 
 /// The shared way a test that cannot run here skips (and fails under `CI=true`).
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The Debian builders, run inside the sandbox: `debian-verify`, `debian-available` and
 //! `debian-unpack` ([`index`]), `debian-configure` ([`configure`]) and `debian-layer`
-//! ([`layer`]), `debian-provenance` ([`provenance`]), with what they share: laying out unpacked trees, the chroot's environment, and
+//! ([`layer`]), `debian-provenance` ([`provenance`]), `debian-sbom` ([`sbom`]), with what they share: laying out unpacked trees, the chroot's environment, and
 //! finishing a tree.
 
 use std::fs;
@@ -16,9 +16,11 @@ mod configure;
 mod index;
 mod layer;
 mod provenance;
+mod sbom;
 
 pub use layer::{CopyFile, LayerPackage, LayerPlan};
 pub use provenance::{Dependency, ProvenancePlan};
+pub use sbom::SbomPlan;
 
 pub fn register(b: &mut Builtins) {
     b.register("debian-verify", index::verify);
@@ -27,6 +29,7 @@ pub fn register(b: &mut Builtins) {
     b.register_chrooting("debian-configure", configure::configure);
     b.register_chrooting("debian-layer", layer::layer);
     b.register("debian-provenance", provenance::provenance);
+    b.register("debian-sbom", sbom::sbom);
 }
 
 /// Copy the entries of the tree at `src` whose metadata key starts with `prefix` into `root`

@@ -77,7 +77,7 @@ pub(super) fn provenance(ctx: &BuildContext) -> anyhow::Result<()> {
 }
 
 /// The sha256 (hex) of the one image manifest an OCI layout's `index.json` lists.
-fn image_manifest_digest(layout: &Path) -> anyhow::Result<String> {
+pub(super) fn image_manifest_digest(layout: &Path) -> anyhow::Result<String> {
     let path = layout.join("index.json");
     let index: serde_json::Value = serde_json::from_slice(
         &fs::read(&path).with_context(|| format!("reading {}", path.display()))?,

@@ -119,25 +119,11 @@ struct RealiseArgs {
     /// Make PATH a symlink to the output, and a GC root
     #[arg(short = 'o', long = "out-link")]
     out_link: Option<PathBuf>,
-    /// Debian mirror URL (http://, https:// or file://); repeatable: each file comes from the
-    /// first that has its pinned bytes [default: RBUILD_MIRROR (space-separated URLs), else
-    /// config.toml's `mirrors`, else the host's apt configuration]
-    #[arg(long, env = "RBUILD_MIRROR", value_name = "URL")]
-    mirror: Vec<String>,
-    /// Never touch the network; fail clearly when something is missing from the store
-    #[arg(long)]
-    offline: bool,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Refuse to create or update a recipe file's lock (for CI): fail if the recipe changed
     #[arg(long)]
     locked: bool,
-    /// Build these architectures instead of the recipe's (comma-separated, e.g. amd64,arm64;
-    /// the lock must pin them): the image is then one multi-platform index
-    #[arg(long, value_delimiter = ',', value_name = "ARCH")]
-    arch: Vec<String>,
-    /// Build with this lock instead of the recipe's own (one `rbuild lock RECIPE --output FILE`
-    /// wrote); it is never rewritten
-    #[arg(long, value_name = "FILE")]
-    lock: Option<PathBuf>,
     /// Sandboxed builds to run at once [default: number of cores]
     #[arg(short = 'j', long)]
     jobs: Option<usize>,
@@ -148,6 +134,54 @@ struct RealiseArgs {
     cache: CacheArgs,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+/// Where a recipe's bytes come from and which lock and architectures it is built with: what
+/// `realise`, `check` and `attest` share.
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// Debian mirror URL (http://, https:// or file://); repeatable: each file comes from the
+    /// first that has its pinned bytes [default: RBUILD_MIRROR (space-separated URLs), else
+    /// config.toml's `mirrors`, else the host's apt configuration]
+    #[arg(long, env = "RBUILD_MIRROR", value_name = "URL")]
+    mirror: Vec<String>,
+    /// Never touch the network; fail clearly when something is missing from the store
+    #[arg(long)]
+    offline: bool,
+    /// Build these architectures instead of the recipe's (comma-separated, e.g. amd64,arm64;
+    /// the lock must pin them): the image is then one multi-platform index
+    #[arg(long, value_delimiter = ',', value_name = "ARCH")]
+    arch: Vec<String>,
+    /// Build with this lock instead of the recipe's own (one `rbuild lock RECIPE --output FILE`
+    /// wrote); it is never rewritten
+    #[arg(long, value_name = "FILE")]
+    lock: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// RECIPE (without its `^OUTPUT`) expanded with its lock (re-locked as `realise` does unless
+    /// `locked`), and the fetcher for what the store lacks.
+    fn load(&self, recipe: &str, locked: bool) -> anyhow::Result<(expand::Expanded, Fetcher)> {
+        let mirrors = if self.offline {
+            Vec::new()
+        } else {
+            mirrors(&self.mirror)?
+        };
+        let expanded = load_locked(
+            recipe,
+            &mirrors,
+            self.offline,
+            locked,
+            self.lock.as_deref(),
+            &self.arch,
+        )?;
+        let fetcher = if self.offline {
+            Fetcher::offline()
+        } else {
+            Fetcher::new(mirrors)
+        };
+        Ok((expanded, fetcher))
+    }
 }
 
 #[derive(clap::Args)]
@@ -163,18 +197,8 @@ struct AttestArgs {
     /// Where to write the envelope
     #[arg(short = 'o', long = "output")]
     output: PathBuf,
-    /// Debian mirror URL, as for realise
-    #[arg(long, env = "RBUILD_MIRROR", value_name = "URL")]
-    mirror: Vec<String>,
-    /// Never touch the network
-    #[arg(long)]
-    offline: bool,
-    /// Use this lock instead of the recipe's own
-    #[arg(long, value_name = "FILE")]
-    lock: Option<PathBuf>,
-    /// These architectures instead of the recipe's (comma-separated)
-    #[arg(long, value_delimiter = ',', value_name = "ARCH")]
-    arch: Vec<String>,
+    #[command(flatten)]
+    source: SourceArgs,
 }
 
 #[derive(clap::Args)]
@@ -183,18 +207,8 @@ struct CheckArgs {
     recipe: String,
     #[command(flatten)]
     store: StoreArgs,
-    /// Debian mirror URL, as for realise (only what the store lacks is fetched)
-    #[arg(long, env = "RBUILD_MIRROR", value_name = "URL")]
-    mirror: Vec<String>,
-    /// Never touch the network
-    #[arg(long)]
-    offline: bool,
-    /// Check with this lock instead of the recipe's own
-    #[arg(long, value_name = "FILE")]
-    lock: Option<PathBuf>,
-    /// Check these architectures instead of the recipe's (comma-separated)
-    #[arg(long, value_delimiter = ',', value_name = "ARCH")]
-    arch: Vec<String>,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Sandboxed builds to run at once [default: number of cores]
     #[arg(short = 'j', long)]
     jobs: Option<usize>,
@@ -640,39 +654,19 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         recipe,
         store,
         out_link,
-        mirror: mirror_flag,
-        offline,
+        source,
         locked,
-        lock,
-        arch,
         jobs,
         json,
         cache,
         limits,
     } = args;
     let (arg, store, caches) = (recipe.as_str(), store.store, caches(cache)?);
-    let mirrors = if offline {
-        Vec::new()
-    } else {
-        mirrors(&mirror_flag)?
-    };
     let (recipe_arg, output) = split_output(arg);
-    let expanded = load_locked(
-        recipe_arg,
-        &mirrors,
-        offline,
-        locked,
-        lock.as_deref(),
-        &arch,
-    )?;
+    let (expanded, fetcher) = source.load(recipe_arg, locked)?;
     let target = expanded.output(output)?.clone();
     let store = Arc::new(open_store(store)?);
     let jobs = jobs_or_cores(jobs);
-    let fetcher = if offline {
-        Fetcher::offline()
-    } else {
-        Fetcher::new(mirrors)
-    };
     let progress = Arc::new(Progress::new(false));
     let push = caches.push.clone();
     let engine = engine(
@@ -725,26 +719,13 @@ fn attest_cmd(args: AttestArgs) -> anyhow::Result<()> {
         store,
         secret_key,
         output,
-        mirror,
-        offline,
-        lock,
-        arch,
+        source,
     } = args;
     let key = SecretKey::read(&secret_key)?;
-    let mirrors = if offline {
-        Vec::new()
-    } else {
-        mirrors(&mirror)?
-    };
     let (recipe_arg, out) = split_output(&recipe);
-    let expanded = load_locked(recipe_arg, &mirrors, offline, false, lock.as_deref(), &arch)?;
+    let (expanded, fetcher) = source.load(recipe_arg, false)?;
     let target = expanded.output(Some(out.unwrap_or("provenance")))?.clone();
     let store = Arc::new(open_store(store.store)?);
-    let fetcher = if offline {
-        Fetcher::offline()
-    } else {
-        Fetcher::new(mirrors)
-    };
     let jobs = jobs_or_cores(None);
     let progress = Arc::new(Progress::new(false));
     let engine = engine(
@@ -829,10 +810,7 @@ fn check_cmd(args: CheckArgs) -> anyhow::Result<()> {
     let CheckArgs {
         recipe,
         store,
-        mirror,
-        offline,
-        lock,
-        arch,
+        source,
         jobs,
         json,
         substituters,
@@ -844,21 +822,11 @@ fn check_cmd(args: CheckArgs) -> anyhow::Result<()> {
         trusted_keys,
         ..CacheArgs::default()
     })?;
-    let mirrors = if offline {
-        Vec::new()
-    } else {
-        mirrors(&mirror)?
-    };
     let (recipe_arg, output) = split_output(&recipe);
-    let expanded = load_locked(recipe_arg, &mirrors, offline, false, lock.as_deref(), &arch)?;
+    let (expanded, fetcher) = source.load(recipe_arg, false)?;
     let target = expanded.output(output)?.clone();
     let store = Arc::new(open_store(store.store)?);
     let jobs = jobs_or_cores(jobs);
-    let fetcher = if offline {
-        Fetcher::offline()
-    } else {
-        Fetcher::new(mirrors)
-    };
     let progress = Arc::new(Progress::new(false));
     let engine = engine(
         store.clone(),

@@ -161,7 +161,12 @@ struct SourceArgs {
 impl SourceArgs {
     /// RECIPE (without its `^OUTPUT`) expanded with its lock (re-locked as `realise` does unless
     /// `locked`), and the fetcher for what the store lacks.
-    fn load(&self, recipe: &str, locked: bool) -> anyhow::Result<(expand::Expanded, Fetcher)> {
+    /// `locked` names what forbids re-locking (`--locked`, a command that never writes locks).
+    fn load(
+        &self,
+        recipe: &str,
+        locked: Option<&str>,
+    ) -> anyhow::Result<(expand::Expanded, Fetcher)> {
         let mirrors = if self.offline {
             Vec::new()
         } else {
@@ -404,7 +409,14 @@ fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
         } => (recipe, store, to, secret_key),
     };
     let (recipe_arg, output) = split_output(&recipe);
-    let expanded = load_locked(recipe_arg, &[], true, false, None, &[])?;
+    let expanded = load_locked(
+        recipe_arg,
+        &[],
+        true,
+        Some("`rbuild cache push`"),
+        None,
+        &[],
+    )?;
     let target = expanded.output(output)?.clone();
     let store = open_store(store.store)?;
     let cache = rbuild_store::cache::open(&to)?;
@@ -598,7 +610,7 @@ fn load_locked(
     arg: &str,
     mirrors: &[String],
     offline: bool,
-    locked: bool,
+    locked: Option<&str>,
     lock_file: Option<&Path>,
     arches: &[String],
 ) -> anyhow::Result<expand::Expanded> {
@@ -630,8 +642,8 @@ fn load_locked(
             return loaded.expand();
         };
         let (path, why) = (stale.lock_path.display(), stale.changes.join("; "));
-        if locked {
-            bail!("{path}: the lock does not fit the recipe ({why}), and --locked forbids updating it; run `rbuild lock` on the recipe, or realise without --locked");
+        if let Some(who) = locked {
+            bail!("{path}: the lock does not fit the recipe ({why}), and {who} never updates a lock; run `rbuild lock` on the recipe, or realise it first");
         }
         if offline && stale.needs_archive {
             bail!("{path}: the lock does not fit the recipe ({why}); re-locking needs the archive's signed index from the mirror, and --offline forbids the network; realise once without --offline, or run `rbuild lock` on the recipe with network access");
@@ -663,7 +675,7 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     } = args;
     let (arg, store, caches) = (recipe.as_str(), store.store, caches(cache)?);
     let (recipe_arg, output) = split_output(arg);
-    let (expanded, fetcher) = source.load(recipe_arg, locked)?;
+    let (expanded, fetcher) = source.load(recipe_arg, locked.then_some("--locked"))?;
     let target = expanded.output(output)?.clone();
     let store = Arc::new(open_store(store)?);
     let jobs = jobs_or_cores(jobs);
@@ -723,7 +735,8 @@ fn attest_cmd(args: AttestArgs) -> anyhow::Result<()> {
     } = args;
     let key = SecretKey::read(&secret_key)?;
     let (recipe_arg, out) = split_output(&recipe);
-    let (expanded, fetcher) = source.load(recipe_arg, false)?;
+    // What is signed is what the lock already pins: attest never re-locks.
+    let (expanded, fetcher) = source.load(recipe_arg, Some("`rbuild attest`"))?;
     let target = expanded.output(Some(out.unwrap_or("provenance")))?.clone();
     let store = Arc::new(open_store(store.store)?);
     let jobs = jobs_or_cores(None);
@@ -823,7 +836,8 @@ fn check_cmd(args: CheckArgs) -> anyhow::Result<()> {
         ..CacheArgs::default()
     })?;
     let (recipe_arg, output) = split_output(&recipe);
-    let (expanded, fetcher) = source.load(recipe_arg, false)?;
+    // What is checked is what the lock already pins: check never re-locks.
+    let (expanded, fetcher) = source.load(recipe_arg, Some("`rbuild check`"))?;
     let target = expanded.output(output)?.clone();
     let store = Arc::new(open_store(store.store)?);
     let jobs = jobs_or_cores(jobs);

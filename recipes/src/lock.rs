@@ -203,6 +203,9 @@ async fn lock_one(
     }
     let order = resolve::install_order(&selected);
     let required = resolve::required_set(&selected, &request);
+    if recipe.variant == crate::recipe::Variant::Debootstrap && required.is_empty() {
+        bail!("{suite}: no package of the archive has Priority: required, so debootstrap's required set is empty and the system cannot be configured as debootstrap does");
+    }
     let by_name: std::collections::HashMap<&str, &packages::Package> =
         selected.iter().map(|p| (p.name.as_str(), p)).collect();
     let packages = order

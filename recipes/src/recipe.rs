@@ -524,7 +524,11 @@ pub fn parse_lock(path: &Path, text: &str) -> Result<Option<Lock>, RecipeError> 
     // Every Debian suite has Priority: required packages; a lock that marks none was written
     // before locks recorded debootstrap's required set, and cannot be configured as it would be.
     for l in std::iter::once(&lock).chain(&lock.others) {
-        if !l.packages.is_empty() && !l.packages.iter().any(|p| p.required) {
+        let debootstrap = l
+            .resolved
+            .as_ref()
+            .is_none_or(|r| r.variant == Variant::Debootstrap);
+        if debootstrap && !l.packages.is_empty() && !l.packages.iter().any(|p| p.required) {
             return Err(RecipeError::NoRequiredSet {
                 path: path.to_owned(),
                 architecture: l.architecture.clone(),

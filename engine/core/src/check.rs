@@ -103,10 +103,21 @@ impl Engine {
                 (i, r)
             });
         }
+        // Every task is waited for, even after an error: a sandbox must not outlive the
+        // scratch directory it writes to.
         let mut results: Vec<Option<Rechecked>> = vec![None; order.len()];
+        let mut first_error = None;
         while let Some(joined) = tasks.join_next().await {
             let (i, r) = joined.expect("check task does not panic");
-            results[i] = Some(r?);
+            match r {
+                Ok(r) => results[i] = Some(r),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         Ok(results
             .into_iter()

@@ -104,7 +104,7 @@ pub fn declared(copyright: &str) -> Option<Declared> {
             refs.entry(id.clone()).or_insert(text);
             id
         });
-        if !parts.contains(&expr) {
+        if !expr.is_empty() && !parts.contains(&expr) {
             parts.push(expr);
         }
     }
@@ -145,16 +145,23 @@ fn text_of(lines: &[&str]) -> String {
 /// SPDX identifier (and records its text).
 fn expression(line: &str, unknown: &mut dyn FnMut(&str) -> String) -> String {
     // A comma separates groups joined by the `and`/`or` that follows it (lowest precedence).
-    let mut groups = line.split(',').map(str::trim).filter(|g| !g.is_empty());
-    let first = groups.next().unwrap_or_default();
-    let mut out = group(first, unknown);
-    for g in groups {
+    let mut out = String::new();
+    for g in line.split(',').map(str::trim).filter(|g| !g.is_empty()) {
         let (op, rest) = match g.split_once(char::is_whitespace) {
             Some((op, rest)) if op.eq_ignore_ascii_case("and") => ("AND", rest),
             Some((op, rest)) if op.eq_ignore_ascii_case("or") => ("OR", rest),
+            _ if g.eq_ignore_ascii_case("and") || g.eq_ignore_ascii_case("or") => continue,
             _ => ("AND", g),
         };
-        out = format!("({out}) {op} ({})", group(rest.trim(), unknown));
+        let part = group(rest.trim(), unknown);
+        if part.is_empty() {
+            continue;
+        }
+        out = if out.is_empty() {
+            part
+        } else {
+            format!("({out}) {op} ({part})")
+        };
     }
     out
 }
@@ -232,6 +239,9 @@ mod tests {
     #[test]
     fn short_names_map_exactly_or_become_references() {
         assert_eq!(expr("GPL-2+"), "GPL-2.0-or-later");
+        // Malformed lines give no dangling operators or empty groups.
+        assert_eq!(expr("GPL-2, and"), "GPL-2.0-only");
+        assert_eq!(expr("and"), "");
         assert_eq!(
             expr("GPL-2+ or Artistic"),
             "GPL-2.0-or-later OR Artistic-1.0-Perl"

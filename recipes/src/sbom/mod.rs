@@ -115,10 +115,33 @@ impl Sbom {
                     }
                 }
             }
-            let declared = i.copyright.as_deref().and_then(license::declared);
-            if let Some(d) = &declared {
+            let mut declared = i.copyright.as_deref().and_then(license::declared);
+            if let Some(d) = &mut declared {
                 for (k, v) in &d.refs {
-                    license_refs.entry(k.clone()).or_insert_with(|| v.clone());
+                    // Debian short names such as `other` or `public-domain` stand for different
+                    // texts in different packages: a text already known under another id, or
+                    // a second text for the same id, gets an id of its own.
+                    let id = match license_refs.get(k) {
+                        Some(t) if t != v => {
+                            let own = format!("{k}-{}", &hex::encode(Sha256::digest(v))[..8]);
+                            d.expression = d
+                                .expression
+                                .split(' ')
+                                .map(|t| {
+                                    let bare = t.trim_matches(|c| c == '(' || c == ')');
+                                    if bare == k {
+                                        t.replace(k.as_str(), &own)
+                                    } else {
+                                        t.to_owned()
+                                    }
+                                })
+                                .collect::<Vec<_>>()
+                                .join(" ");
+                            own
+                        }
+                        _ => k.clone(),
+                    };
+                    license_refs.entry(id).or_insert_with(|| v.clone());
                 }
             }
             components.push(Component {
@@ -146,18 +169,19 @@ impl Sbom {
         })
     }
 
-    /// A UUID made from the document's content and `salt` (version 5's layout, from SHA-256):
-    /// the same for every build of the same image.
+    /// A UUID made from the document's content and `salt` (version 8, from SHA-256): the same
+    /// for every build of the same image by the same builders.
     pub fn uuid(&self, salt: &str) -> String {
         let mut h = Sha256::new();
         h.update(salt.as_bytes());
+        h.update(self.tool_version.as_bytes());
         h.update(self.image_digest.as_bytes());
         for c in &self.components {
             h.update(c.purl.as_bytes());
             h.update(c.sha256.as_bytes());
         }
         let mut b: [u8; 16] = h.finalize()[..16].try_into().expect("16 bytes");
-        b[6] = (b[6] & 0x0f) | 0x50;
+        b[6] = (b[6] & 0x0f) | 0x80;
         b[8] = (b[8] & 0x3f) | 0x80;
         let x = hex::encode(b);
         format!(
@@ -185,21 +209,27 @@ fn field(stanza: &str, name: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
-/// `pkg:deb/debian/NAME@VERSION?arch=ARCH&distro=DISTRO`, the version percent-encoded.
+/// `pkg:deb/debian/NAME@VERSION?arch=ARCH&distro=DISTRO`, name and version percent-encoded.
 pub fn purl(name: &str, version: &str, arch: &str, distro: &str) -> String {
+    format!(
+        "pkg:deb/debian/{}@{}?arch={arch}&distro={distro}",
+        percent(name),
+        percent(version)
+    )
+}
+
+/// Everything but `[A-Za-z0-9._~-]` as `%XX`.
+fn percent(s: &str) -> String {
     let mut v = String::new();
-    for c in version.chars() {
-        match c {
-            'A'..='Z' | 'a'..='z' | '0'..='9' | '.' | '-' | '_' | '~' => v.push(c),
-            _ => {
-                let mut buf = [0u8; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    v.push_str(&format!("%{b:02X}"));
-                }
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' => {
+                v.push(b as char)
             }
+            _ => v.push_str(&format!("%{b:02X}")),
         }
     }
-    format!("pkg:deb/debian/{name}@{v}?arch={arch}&distro={distro}")
+    v
 }
 
 #[cfg(test)]
@@ -216,5 +246,52 @@ mod tests {
             purl("libcrypt1", "1:4.4.18-4", "amd64", "debian-11"),
             "pkg:deb/debian/libcrypt1@1%3A4.4.18-4?arch=amd64&distro=debian-11"
         );
+        assert_eq!(
+            purl("libstdc++6", "10.2.1-6", "amd64", "debian-11"),
+            "pkg:deb/debian/libstdc%2B%2B6@10.2.1-6?arch=amd64&distro=debian-11"
+        );
+    }
+}
+
+#[cfg(test)]
+mod collision_tests {
+    use super::*;
+
+    fn stanza(name: &str) -> String {
+        format!(
+            "Package: {name}\nVersion: 1\nArchitecture: all\nMaintainer: M <m@example.org>\nFilename: pool/{name}_1_all.deb\nSize: 1\nSHA256: {}\n",
+            "0".repeat(64)
+        )
+    }
+
+    /// Two packages whose `public-domain` mean different texts get two references.
+    #[test]
+    fn one_short_name_with_two_texts_gets_two_references() {
+        let copyright = |text: &str| {
+            format!("Format: x\n\nFiles: *\nCopyright: A\nLicense: public-domain\n {text}\n")
+        };
+        let (a, b) = (stanza("a"), stanza("b"));
+        let installed = [
+            Installed {
+                stanza: &a,
+                copyright: Some(copyright("first text")),
+            },
+            Installed {
+                stanza: &b,
+                copyright: Some(copyright("second text")),
+            },
+        ];
+        let s = Sbom::new("x", "amd64", "00", "debian-13", 0, "t", &installed).unwrap();
+        let (la, lb) = (
+            s.components[0].license.clone().unwrap(),
+            s.components[1].license.clone().unwrap(),
+        );
+        assert_eq!(la, "LicenseRef-public-domain");
+        assert!(
+            lb.starts_with("LicenseRef-public-domain-") && lb != la,
+            "{lb}"
+        );
+        assert_eq!(s.license_refs[&la], "first text");
+        assert_eq!(s.license_refs[&lb], "second text");
     }
 }

@@ -148,6 +148,18 @@ pub fn apply_meta(p: &Path, e: &EntryMeta) -> Result<(), SandboxError> {
             })?;
             set_xattr(p, name, &bytes)?;
         }
+        // An entry made below a directory with a default ACL inherits it: only the recorded
+        // ACLs stay.
+        for name in ACL_XATTRS.iter().filter(|n| !e.acls.contains_key(**n)) {
+            let c = CString::new(*name).expect("no NUL in ACL xattr names");
+            if let Err(err) = remove_xattr(p, &c) {
+                let absent = matches!(&err, SandboxError::Setup { source, .. }
+                    if matches!(source.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)));
+                if !absent {
+                    return Err(err);
+                }
+            }
+        }
     }
     let t = nix::sys::time::TimeSpec::new(e.mtime, 0);
     nix::sys::stat::utimensat(

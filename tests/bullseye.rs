@@ -490,9 +490,12 @@ fn sboms_of_bullseye(store: &Path, rootfs: &Path, env: &[(&str, &str)], dir: &Pa
         );
         let purl = c["purl"].as_str().unwrap();
         assert!(
-            purl.starts_with(&format!("pkg:deb/debian/{}@", c["name"].as_str().unwrap()))
-                && (purl.ends_with("?arch=amd64&distro=debian-11")
-                    || purl.ends_with("?arch=all&distro=debian-11")),
+            // Names are percent-encoded as versions are (`libstdc++6` is `libstdc%2B%2B6`).
+            purl.starts_with(&format!(
+                "pkg:deb/debian/{}@",
+                c["name"].as_str().unwrap().replace('+', "%2B")
+            )) && (purl.ends_with("?arch=amd64&distro=debian-11")
+                || purl.ends_with("?arch=all&distro=debian-11")),
             "{purl}"
         );
     }

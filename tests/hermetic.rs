@@ -2724,3 +2724,136 @@ print(json.loads(env.payload)["predicateType"])
         stderr(&refused)
     );
 }
+
+/// A layered image's SBOMs describe the whole image: the base's packages in the first layer,
+/// each copied file (with its sha256) in the layer that copied it; its provenance names the
+/// layered image. Both SBOMs pass the reference validators.
+#[test]
+fn layered_sboms_attribute_packages_and_files_to_layers() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let app_dir = app_with_files(&a);
+    fs::write(
+        app_dir.join("app.toml"),
+        "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{ from = \"files/motd\", to = \"/etc/motd\", mode = \"0644\" }]\n",
+    )
+    .unwrap();
+    let recipe = app_dir.join("app.toml");
+    let store = t.path().join("store");
+    let realise = |output: &str, link: &Path| {
+        json(&rbuild(&[
+            "realise",
+            &format!("{}{output}", recipe.display()),
+            "--store",
+            store.to_str().unwrap(),
+            "--mirror",
+            &a.mirror_url(),
+            "--json",
+            "-o",
+            link.to_str().unwrap(),
+        ]))
+    };
+    let image = realise("", &t.path().join("image"));
+    let (spdx_path, cdx_path) = (
+        t.path().join("app.spdx.json"),
+        t.path().join("app.cdx.json"),
+    );
+    realise("^spdx", &spdx_path);
+    realise("^cyclonedx", &cdx_path);
+    let prov = realise("^provenance", &t.path().join("app.provenance.json"));
+    let prov: serde_json::Value =
+        serde_json::from_slice(&fs::read(prov["output"].as_str().unwrap()).unwrap()).unwrap();
+    let manifest = image_manifest_digest(Path::new(image["output"].as_str().unwrap()));
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            prov["subject"][0]["digest"]["sha256"].as_str().unwrap()
+        ),
+        manifest,
+        "the provenance is the layered image's"
+    );
+    assert_eq!(
+        prov["predicate"]["buildDefinition"]["externalParameters"]["recipe"]["name"],
+        "app"
+    );
+
+    let motd = sha256_hex(b"hello from a layer\n");
+    let spdx: serde_json::Value = serde_json::from_slice(&fs::read(&spdx_path).unwrap()).unwrap();
+    let files = spdx["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0]["fileName"], "./etc/motd");
+    assert_eq!(files[0]["checksums"][1]["checksumValue"], motd.as_str());
+    let rel = spdx["relationships"].as_array().unwrap();
+    let contains = |from: &str, to: &str| {
+        rel.iter().any(|r| {
+            r["spdxElementId"] == from
+                && r["relationshipType"] == "CONTAINS"
+                && r["relatedSpdxElement"] == to
+        })
+    };
+    let layers: Vec<&serde_json::Value> = spdx["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["primaryPackagePurpose"] == "ARCHIVE")
+        .collect();
+    assert_eq!(layers.len(), 2, "the base's layer and the app's");
+    let (base_layer, app_layer) = (
+        layers[0]["SPDXID"].as_str().unwrap(),
+        layers[1]["SPDXID"].as_str().unwrap(),
+    );
+    assert!(contains(app_layer, files[0]["SPDXID"].as_str().unwrap()));
+    let packages: Vec<&serde_json::Value> = spdx["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["primaryPackagePurpose"] == "LIBRARY")
+        .collect();
+    assert!(!packages.is_empty());
+    for p in &packages {
+        assert!(contains(base_layer, p["SPDXID"].as_str().unwrap()), "{p}");
+    }
+    let cdx: serde_json::Value = serde_json::from_slice(&fs::read(&cdx_path).unwrap()).unwrap();
+    let file = cdx["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "file")
+        .unwrap();
+    assert_eq!(file["name"], "/etc/motd");
+    assert_eq!(file["hashes"][1]["content"], motd.as_str());
+    assert_eq!(file["properties"][0]["value"], "2");
+
+    let Some(python) = pytools("layered SBOMs: the reference validators") else {
+        return;
+    };
+    let bin = Path::new(&python).parent().unwrap().to_owned();
+    let out = Command::new(bin.join("pyspdxtools"))
+        .arg("-i")
+        .arg(&spdx_path)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !said.contains("ERROR"),
+        "pyspdxtools: {said}"
+    );
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import sys\nfrom cyclonedx.validation.json import JsonStrictValidator\nfrom cyclonedx.schema import SchemaVersion\ne = JsonStrictValidator(SchemaVersion.V1_6).validate_str(open(sys.argv[1]).read())\nprint(e or 'valid')\nsys.exit(1 if e else 0)",
+        ])
+        .arg(&cdx_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "CycloneDX: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

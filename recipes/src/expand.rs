@@ -26,6 +26,8 @@ pub struct Expanded {
     pub source_date_epoch: i64,
     /// The recipe's `[limits]` (a layered recipe's over its base's).
     pub limits: crate::recipe::BuildLimits,
+    /// What the image's SBOMs and provenance are made from (one architecture only).
+    pub evidence: Option<crate::evidence::Evidence>,
 }
 
 impl Expanded {
@@ -136,68 +138,6 @@ fn unpack_drv(p: &crate::recipe::PinnedPackage, verify: DrvHash, deb: DrvHash) -
     }
 }
 
-/// The build type of a Debian recipe's provenance.
-pub const BUILD_TYPE: &str = "urn:rbuild:build-type:debian-recipe:v1";
-
-/// The `provenance` derivation of one architecture's image and root filesystem.
-fn provenance_drv(
-    recipe: &Recipe,
-    lock: &Lock,
-    image: &DrvHash,
-    rootfs: &DrvHash,
-    verify: &DrvHash,
-) -> Result<Derivation, ExpandError> {
-    use crate::builders::{Dependency, ProvenancePlan};
-    use sha2::Digest;
-    let sha = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
-    let recipe_json = serde_json::to_vec(recipe).expect("recipes serialize");
-    let plan = ProvenancePlan {
-        subjects: [
-            format!("{} image manifest ({})", recipe.name, recipe.architecture),
-            format!("{} rootfs.tar ({})", recipe.name, recipe.architecture),
-        ],
-        build_type: BUILD_TYPE.into(),
-        external_parameters: serde_json::json!({
-            "recipe": {"name": recipe.name, "digest": {"sha256": sha(&recipe_json)}},
-            "lock": {"digest": {"sha256": sha(crate::recipe::render_lock(lock).as_bytes())}},
-            "suite": lock.suite,
-            "architecture": recipe.architecture,
-            "variant": recipe.variant,
-            "sourceDateEpoch": lock.source_date_epoch,
-        }),
-        inrelease: Dependency {
-            name: lock.inrelease.path.clone(),
-            sha256: lock.inrelease.sha256.clone(),
-        },
-        dependencies: lock
-            .indices
-            .iter()
-            .map(|i| Dependency {
-                name: i.path.clone(),
-                sha256: i.sha256.clone(),
-            })
-            .chain(lock.packages.iter().map(|p| Dependency {
-                name: p.filename.clone(),
-                sha256: p.sha256.clone(),
-            }))
-            .collect(),
-        builder_id: format!(
-            "urn:rbuild:builder:{}",
-            rbuild_engine::derivation::BUILDERS_EPOCH.trim_end_matches('\0')
-        ),
-    };
-    Ok(Derivation {
-        name: format!("{}-provenance", recipe.name),
-        stage: Stage::Pack,
-        builder: "builtin:debian-provenance".into(),
-        args: vec![serde_json::to_string(&plan).expect("plan serializes")],
-        env: BTreeMap::new(),
-        inputs: vec![image.clone(), rootfs.clone(), verify.clone()],
-        system: None,
-        fixed_output: None,
-    })
-}
-
 /// The fetch of a pinned `Packages` index.
 fn index_fetch(idx: &PinnedFile) -> Derivation {
     fetch(idx.path.replace('/', "_"), &idx.path, &idx.sha256, idx.size)
@@ -241,18 +181,25 @@ fn verified_index(
     })?)
 }
 
-/// The `available` derivation: the stanzas the lock's packages have in the pinned indices (the
-/// same fetches `verify` checked against the signed Release), as debootstrap hands them to dpkg.
-fn available_drv(g: &mut Graph, lock: &Lock, verify: DrvHash) -> Result<DrvHash, ExpandError> {
+/// The `available` derivation: the stanzas `packages` have in the pinned `indices` (the same
+/// fetches `verify` checked against the signed Release), as debootstrap hands them to dpkg and
+/// the SBOMs read them.
+pub fn available_drv(
+    g: &mut Graph,
+    name: String,
+    indices: &[PinnedFile],
+    packages: &[String],
+    verify: DrvHash,
+) -> Result<DrvHash, ExpandError> {
     let mut inputs = vec![verify];
-    for idx in &lock.indices {
+    for idx in indices {
         inputs.push(g.add(index_fetch(idx))?);
     }
-    let mut args: Vec<String> = lock.indices.iter().map(|i| i.path.clone()).collect();
+    let mut args: Vec<String> = indices.iter().map(|i| i.path.clone()).collect();
     args.push("--".into());
-    args.extend(lock.packages.iter().map(|p| p.name.clone()));
+    args.extend(packages.iter().cloned());
     Ok(g.add(Derivation {
-        name: format!("{}-{}-available", lock.suite, lock.architecture),
+        name,
         stage: Stage::Verify,
         builder: "builtin:debian-available".into(),
         args,
@@ -358,6 +305,8 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         config: first.config,
         source_date_epoch: lock.source_date_epoch,
         limits: recipe.limits,
+        // Evidence of a stack of layers is the one architecture's (layered recipes build one).
+        evidence: per_arch.is_empty().then_some(first.evidence),
     })
 }
 
@@ -366,6 +315,7 @@ struct ArchExpanded {
     outputs: BTreeMap<String, DrvHash>,
     layers: Vec<DrvHash>,
     config: ImageConfig,
+    evidence: crate::evidence::Evidence,
 }
 
 fn expand_arch(
@@ -387,7 +337,14 @@ fn expand_arch(
     add_emulator(g, recipe, keyring, lock)?;
     let mut configure_inputs = vec![verify.clone()];
     // The packages' stanzas: dpkg's `available` (the debootstrap variant), and the SBOMs'.
-    let stanzas = available_drv(g, lock, verify.clone())?;
+    let names: Vec<String> = lock.packages.iter().map(|p| p.name.clone()).collect();
+    let stanzas = available_drv(
+        g,
+        format!("{}-{}-available", lock.suite, lock.architecture),
+        &lock.indices,
+        &names,
+        verify.clone(),
+    )?;
     let available = match recipe.variant {
         Variant::Debootstrap => {
             configure_inputs.push(stanzas.clone());
@@ -441,18 +398,19 @@ fn expand_arch(
         fixed_output: None,
     })?;
     let rootfs = rootfs_tar(g, &recipe.name, &tree, lock.source_date_epoch)?;
+    let layer_history = format!(
+        "rbuild {} {} {} {:?} ({} packages)",
+        recipe.name,
+        recipe.suite,
+        recipe.architecture,
+        recipe.variant,
+        lock.packages.len()
+    );
     let layer = g.add(Derivation {
         name: format!("{}-layer", recipe.name),
         stage: Stage::Pack,
         builder: "builtin:pack-layer".into(),
-        args: vec![format!(
-            "rbuild {} {} {} {:?} ({} packages)",
-            recipe.name,
-            recipe.suite,
-            recipe.architecture,
-            recipe.variant,
-            lock.packages.len()
-        )],
+        args: vec![layer_history.clone()],
         env: sde.clone(),
         inputs: vec![rootfs.clone()],
         system: None,
@@ -475,51 +433,24 @@ fn expand_arch(
     };
     let layers = vec![layer];
     let image = image(g, &recipe.name, &layers, &config, lock.source_date_epoch)?;
-    let provenance = g.add(provenance_drv(recipe, lock, &image, &rootfs, &verify)?)?;
-    let mut sboms = Vec::new();
-    for format in ["spdx", "cyclonedx"] {
-        let plan = crate::builders::SbomPlan {
-            format: format.into(),
-            name: recipe.name.clone(),
-            architecture: recipe.architecture.clone(),
-            packages: lock
-                .packages
-                .iter()
-                .map(|p| (p.name.clone(), p.version.clone(), p.architecture.clone()))
-                .collect(),
-            tool_version: rbuild_engine::derivation::BUILDERS_EPOCH
-                .trim_end_matches('\0')
-                .to_owned(),
-        };
-        sboms.push((
-            format,
-            g.add(Derivation {
-                name: format!("{}-{format}", recipe.name),
-                stage: Stage::Pack,
-                builder: "builtin:debian-sbom".into(),
-                args: vec![serde_json::to_string(&plan).expect("plan serializes")],
-                env: sde.clone(),
-                inputs: vec![image.clone(), tree.clone(), stanzas.clone(), verify.clone()],
-                system: None,
-                fixed_output: None,
-            })?,
-        ));
-    }
+    let evidence =
+        crate::evidence::Evidence::of_debian(recipe, lock, verify.clone(), &layer_history);
+    let extra = crate::evidence::outputs(g, &evidence, &image, &rootfs, &tree)?;
     let outputs = [
         ("image", image),
         ("rootfs", rootfs),
         ("tree", tree),
         ("index", verify),
-        ("provenance", provenance),
     ]
     .into_iter()
-    .chain(sboms)
     .map(|(k, v)| (k.to_owned(), v))
+    .chain(extra)
     .collect();
     Ok(ArchExpanded {
         outputs,
         layers,
         config,
+        evidence,
     })
 }
 

@@ -422,6 +422,10 @@ fn expand_layered(
         .into_iter()
         .collect();
     let index = ex.outputs["index"].clone();
+    let mut evidence = ex
+        .evidence
+        .take()
+        .context("the base has no evidence of one architecture")?;
     let mut installed = base.installed()?;
     let mut tree = ex.outputs["tree"].clone();
     for (i, (spec, locked)) in recipe.layers.iter().zip(&lock.layer).enumerate() {
@@ -439,6 +443,7 @@ fn expand_layered(
             inputs.push(ex.graph.add(expand::fetch_package(p))?);
         }
         let mut copy = Vec::new();
+        let mut copied: Vec<(String, Vec<u8>)> = Vec::new();
         for c in &spec.copy {
             let what = format!("{}: layer {} copy {}", path.display(), i + 1, c.from);
             let from = dir.join(&c.from);
@@ -457,10 +462,11 @@ fn expand_layered(
                     format!("{}/{rel}", c.to.trim_end_matches('/'))
                 };
                 copy.push(CopyFile {
-                    to,
+                    to: to.clone(),
                     mode,
-                    content: hex::encode(bytes),
+                    content: hex::encode(&bytes),
                 });
+                copied.push((to, bytes));
             }
         }
         let plan = LayerPlan {
@@ -498,12 +504,22 @@ fn expand_layered(
             fixed_output: None,
         })?;
         ex.layers.push(layer);
+        let files: Vec<(String, &[u8])> = copied
+            .iter()
+            .map(|(to, b)| (to.clone(), b.as_slice()))
+            .collect();
+        evidence.add_layer(&history_line(spec), &locked.package, &files);
         tree = upper;
     }
     ex.config = merge_config(ex.config, &recipe.config);
     ex.limits = recipe.limits.over(ex.limits);
     let image = expand::image(&mut ex.graph, &name, &ex.layers, &ex.config, sde)?;
     let rootfs = expand::rootfs_tar(&mut ex.graph, &name, &tree, sde)?;
+    evidence.layered(&name, &serde_json::to_vec(recipe)?, &render_lock(lock));
+    for (k, v) in crate::evidence::outputs(&mut ex.graph, &evidence, &image, &rootfs, &tree)? {
+        ex.outputs.insert(k, v);
+    }
+    ex.evidence = Some(evidence);
     ex.outputs.insert("image".into(), image);
     ex.outputs.insert("tree".into(), tree);
     ex.outputs.insert("rootfs".into(), rootfs);

@@ -8,6 +8,7 @@
 
 pub mod builders;
 pub mod debian;
+pub mod evidence;
 pub mod expand;
 pub mod layers;
 pub mod lock;

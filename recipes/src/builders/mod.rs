@@ -20,7 +20,7 @@ mod sbom;
 
 pub use layer::{CopyFile, LayerPackage, LayerPlan};
 pub use provenance::{Dependency, ProvenancePlan};
-pub use sbom::SbomPlan;
+pub use sbom::{SbomFile, SbomPackage, SbomPlan};
 
 pub fn register(b: &mut Builtins) {
     b.register("debian-verify", index::verify);

@@ -16,9 +16,32 @@ pub struct SbomPlan {
     pub format: String,
     pub name: String,
     pub architecture: String,
-    /// The installed packages: name, version, architecture.
-    pub packages: Vec<(String, String, String)>,
+    /// The installed packages.
+    pub packages: Vec<SbomPackage>,
+    /// The files layers copied in.
+    pub files: Vec<SbomFile>,
+    /// Each image layer's description, bottom first.
+    pub layers: Vec<String>,
     pub tool_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SbomPackage {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    /// The image layer that installed it (0: the bottom one).
+    pub layer: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SbomFile {
+    /// Absolute path in the image.
+    pub path: String,
+    pub sha256: String,
+    /// SPDX 2.3 requires a file's SHA-1.
+    pub sha1: String,
+    pub layer: usize,
 }
 
 /// inputs `[image layout, configured tree, available stanzas, verified index]`; argument 0 is
@@ -26,6 +49,14 @@ pub struct SbomPlan {
 pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
     let plan: SbomPlan = serde_json::from_str(ctx.arg(0)?).context("sbom plan")?;
     let digest = super::provenance::image_manifest_digest(&ctx.inputs[0])?;
+    let layer_digests = layer_digests(&ctx.inputs[0], &digest)?;
+    if layer_digests.len() != plan.layers.len() {
+        bail!(
+            "sbom: the image has {} layers, the plan describes {}",
+            layer_digests.len(),
+            plan.layers.len()
+        );
+    }
     let tree = &ctx.inputs[1];
     let available = fs::read_to_string(ctx.inputs[2].join("available"))
         .context("reading the packages' stanzas")?;
@@ -41,21 +72,27 @@ pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
     let distro = format!("debian-{major}");
     let stanzas = split_stanzas(&available);
     let mut installed = Vec::new();
-    for (name, version, arch) in &plan.packages {
+    for p in &plan.packages {
         let stanza = stanzas
             .iter()
             .find(|s| {
-                field(s, "Package") == Some(name)
-                    && field(s, "Version") == Some(version)
-                    && field(s, "Architecture") == Some(arch)
+                field(s, "Package") == Some(&p.name)
+                    && field(s, "Version") == Some(&p.version)
+                    && field(s, "Architecture") == Some(&p.architecture)
             })
-            .with_context(|| format!("sbom: no index stanza for {name} {version} ({arch})"))?;
+            .with_context(|| {
+                format!(
+                    "sbom: no index stanza for {} {} ({})",
+                    p.name, p.version, p.architecture
+                )
+            })?;
         installed.push(Installed {
             stanza,
-            copyright: copyright(tree, name),
+            copyright: copyright(tree, &p.name),
+            layer: p.layer,
         });
     }
-    let doc = Sbom::new(
+    let mut doc = Sbom::new(
         &plan.name,
         &plan.architecture,
         &digest,
@@ -64,6 +101,25 @@ pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
         &plan.tool_version,
         &installed,
     )?;
+    doc.layers = plan
+        .layers
+        .iter()
+        .zip(layer_digests)
+        .map(|(description, digest)| sbom::Layer {
+            description: description.clone(),
+            digest,
+        })
+        .collect();
+    doc.files = plan
+        .files
+        .iter()
+        .map(|f| sbom::CopiedFile {
+            path: f.path.clone(),
+            sha256: f.sha256.clone(),
+            sha1: f.sha1.clone(),
+            layer: f.layer,
+        })
+        .collect();
     let value = match plan.format.as_str() {
         "spdx" => sbom::spdx::document(&doc),
         "cyclonedx" => sbom::cyclonedx::document(&doc),
@@ -73,6 +129,28 @@ pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
     text.push(b'\n');
     fs::write(&ctx.out, text)?;
     Ok(())
+}
+
+/// The digests (hex) of the layers of the image manifest `manifest` in `layout`, bottom first.
+fn layer_digests(layout: &Path, manifest: &str) -> anyhow::Result<Vec<String>> {
+    let path = layout.join("blobs/sha256").join(manifest);
+    let m: serde_json::Value = serde_json::from_slice(
+        &fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: not JSON", path.display()))?;
+    m["layers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .and_then(|d| d.strip_prefix("sha256:"))
+                .map(str::to_owned)
+                .with_context(|| format!("{}: a layer without a sha256 digest", path.display()))
+        })
+        .collect()
 }
 
 /// The stanzas of an `available` file, each with its text.

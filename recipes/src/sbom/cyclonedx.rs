@@ -22,12 +22,36 @@ pub fn document(s: &Sbom) -> Value {
                     {"name": "debian:source", "value": c.source},
                     {"name": "debian:source_version", "value": c.source_version},
                     {"name": "debian:architecture", "value": c.architecture},
+                    {"name": "rbuild:layer", "value": (c.layer + 1).to_string()},
                 ],
             });
             if let Some(l) = &c.license {
                 v["licenses"] = json!([{"expression": l}]);
             }
             v
+        })
+        .collect();
+    let components: Vec<Value> = components
+        .into_iter()
+        .chain(s.files.iter().map(|f| {
+            json!({
+                "type": "file",
+                "bom-ref": format!("file:{}:{}", f.layer + 1, f.path),
+                "name": f.path,
+                "hashes": [
+                    {"alg": "SHA-1", "content": f.sha1},
+                    {"alg": "SHA-256", "content": f.sha256},
+                ],
+                "properties": [{"name": "rbuild:layer", "value": (f.layer + 1).to_string()}],
+            })
+        }))
+        .collect();
+    let layers: Vec<Value> = s
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            json!({"name": format!("rbuild:layer:{}", i + 1), "value": format!("sha256:{} {}", l.digest, l.description)})
         })
         .collect();
     let purl_of = |name: &str| {
@@ -64,6 +88,7 @@ pub fn document(s: &Sbom) -> Value {
                 "name": s.name,
                 "version": format!("sha256:{}", s.image_digest),
                 "hashes": [{"alg": "SHA-256", "content": s.image_digest}],
+                "properties": layers,
             },
         },
         "components": components,

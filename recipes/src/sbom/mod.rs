@@ -32,6 +32,27 @@ pub struct Component {
     /// The installed packages its `Depends` and `Pre-Depends` are satisfied by.
     pub depends: Vec<String>,
     pub purl: String,
+    /// The image layer that installed it (0: the bottom one).
+    pub layer: usize,
+}
+
+/// One image layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// Its history line.
+    pub description: String,
+    /// The layer blob's sha256 (hex).
+    pub digest: String,
+}
+
+/// A file a layer copied in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopiedFile {
+    /// Absolute path in the image.
+    pub path: String,
+    pub sha256: String,
+    pub sha1: String,
+    pub layer: usize,
 }
 
 /// The whole image.
@@ -48,6 +69,9 @@ pub struct Sbom {
     /// `rbuild builders-…`.
     pub tool_version: String,
     pub components: Vec<Component>,
+    /// The image's layers, bottom first (empty: not known).
+    pub layers: Vec<Layer>,
+    pub files: Vec<CopiedFile>,
     /// The texts of every `LicenseRef-` used.
     pub license_refs: BTreeMap<String, String>,
 }
@@ -56,6 +80,8 @@ pub struct Sbom {
 pub struct Installed<'a> {
     pub stanza: &'a str,
     pub copyright: Option<String>,
+    /// The image layer that installed it.
+    pub layer: usize,
 }
 
 impl Sbom {
@@ -155,6 +181,7 @@ impl Sbom {
                 sha256: p.sha256.clone(),
                 license: declared.map(|d| d.expression),
                 depends,
+                layer: i.layer,
             });
         }
         Ok(Sbom {
@@ -165,6 +192,8 @@ impl Sbom {
             source_date_epoch,
             tool_version: tool_version.to_owned(),
             components,
+            layers: vec![],
+            files: vec![],
             license_refs,
         })
     }
@@ -275,10 +304,12 @@ mod collision_tests {
             Installed {
                 stanza: &a,
                 copyright: Some(copyright("first text")),
+                layer: 0,
             },
             Installed {
                 stanza: &b,
                 copyright: Some(copyright("second text")),
+                layer: 0,
             },
         ];
         let s = Sbom::new("x", "amd64", "00", "debian-13", 0, "t", &installed).unwrap();

@@ -5,15 +5,19 @@ use serde_json::{json, Value};
 use super::Sbom;
 
 /// An `SPDXRef-` id: `[A-Za-z0-9.-]` kept, anything else as `-` and its hex code (unique).
-fn spdx_id(kind: &str, name: &str, arch: &str) -> String {
+fn spdx_id(kind: &str, name: &str) -> String {
     let mut id = format!("SPDXRef-{kind}-");
-    for c in format!("{name}-{arch}").chars() {
+    for c in name.chars() {
         match c {
             'A'..='Z' | 'a'..='z' | '0'..='9' | '.' | '-' => id.push(c),
             _ => id.push_str(&format!("-{:02X}", c as u32)),
         }
     }
     id
+}
+
+fn package_id(name: &str, arch: &str) -> String {
+    spdx_id("Package", &format!("{name}-{arch}"))
 }
 
 /// `Name <email>` as an SPDX supplier (`Organization: Name (email)`).
@@ -29,8 +33,12 @@ fn supplier(maintainer: &str) -> String {
     }
 }
 
+fn relationship(from: &str, kind: &str, to: &str) -> Value {
+    json!({"spdxElementId": from, "relationshipType": kind, "relatedSpdxElement": to})
+}
+
 pub fn document(s: &Sbom) -> Value {
-    let image_id = spdx_id("Image", &s.name, &s.architecture);
+    let image_id = spdx_id("Image", &format!("{}-{}", s.name, s.architecture));
     let mut packages = vec![json!({
         "SPDXID": image_id,
         "name": s.name,
@@ -45,13 +53,52 @@ pub fn document(s: &Sbom) -> Value {
         "copyrightText": "NOASSERTION",
         "comment": format!("The OCI image manifest of {} for {}", s.name, s.architecture),
     })];
-    let mut relationships = vec![json!({
-        "spdxElementId": "SPDXRef-DOCUMENT",
-        "relationshipType": "DESCRIBES",
-        "relatedSpdxElement": image_id,
-    })];
+    let mut relationships = vec![relationship("SPDXRef-DOCUMENT", "DESCRIBES", &image_id)];
+    // Each layer is a package the image contains; what a layer installed or copied, it contains.
+    let layer_ids: Vec<String> = s
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let id = spdx_id("Layer", &(i + 1).to_string());
+            // A package that contains files must say its files were analysed, with their
+            // verification code (SPDX 2.3 §7.9: the SHA-1 of its files' sorted SHA-1s).
+            let mut sha1s: Vec<&str> = s
+                .files
+                .iter()
+                .filter(|f| f.layer == i)
+                .map(|f| f.sha1.as_str())
+                .collect();
+            sha1s.sort();
+            let analyzed = !sha1s.is_empty();
+            packages.push(json!({
+                "SPDXID": id,
+                "name": format!("{} layer {}", s.name, i + 1),
+                "versionInfo": format!("sha256:{}", l.digest),
+                "primaryPackagePurpose": "ARCHIVE",
+                "supplier": "Organization: rbuild",
+                "downloadLocation": "NOASSERTION",
+                "filesAnalyzed": analyzed,
+                "checksums": [{"algorithm": "SHA256", "checksumValue": l.digest}],
+                "licenseConcluded": "NOASSERTION",
+                "licenseDeclared": "NOASSERTION",
+                "copyrightText": "NOASSERTION",
+                "comment": l.description,
+            }));
+            if analyzed {
+                use sha1::Digest;
+                let code = hex::encode(sha1::Sha1::digest(sha1s.concat().as_bytes()));
+                let last = packages.last_mut().expect("just pushed");
+                last["packageVerificationCode"] = json!({"packageVerificationCodeValue": code});
+                last["licenseInfoFromFiles"] = json!(["NOASSERTION"]);
+            }
+            relationships.push(relationship(&image_id, "CONTAINS", &id));
+            id
+        })
+        .collect();
+    let container_of = |layer: usize| layer_ids.get(layer).unwrap_or(&image_id).clone();
     for c in &s.components {
-        let id = spdx_id("Package", &c.name, &c.architecture);
+        let id = package_id(&c.name, &c.architecture);
         packages.push(json!({
             "SPDXID": id,
             "name": c.name,
@@ -71,19 +118,33 @@ pub fn document(s: &Sbom) -> Value {
                 "referenceLocator": c.purl,
             }],
         }));
-        relationships.push(json!({
-            "spdxElementId": image_id,
-            "relationshipType": "CONTAINS",
-            "relatedSpdxElement": id,
-        }));
+        relationships.push(relationship(&container_of(c.layer), "CONTAINS", &id));
         for d in &c.depends {
-            relationships.push(json!({
-                "spdxElementId": id,
-                "relationshipType": "DEPENDS_ON",
-                "relatedSpdxElement": spdx_id("Package", d, arch_of(s, d)),
-            }));
+            relationships.push(relationship(
+                &id,
+                "DEPENDS_ON",
+                &package_id(d, arch_of(s, d)),
+            ));
         }
     }
+    let files: Vec<Value> = s
+        .files
+        .iter()
+        .map(|f| {
+            let id = spdx_id("File", &format!("{}{}", f.layer + 1, f.path));
+            relationships.push(relationship(&container_of(f.layer), "CONTAINS", &id));
+            json!({
+                "SPDXID": id,
+                "fileName": format!(".{}", f.path),
+                "checksums": [
+                    {"algorithm": "SHA1", "checksumValue": f.sha1},
+                    {"algorithm": "SHA256", "checksumValue": f.sha256},
+                ],
+                "licenseConcluded": "NOASSERTION",
+                "copyrightText": "NOASSERTION",
+            })
+        })
+        .collect();
     let extracted: Vec<Value> = s
         .license_refs
         .iter()
@@ -95,7 +156,7 @@ pub fn document(s: &Sbom) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut doc = json!({
         "spdxVersion": "SPDX-2.3",
         "dataLicense": "CC0-1.0",
         "SPDXID": "SPDXRef-DOCUMENT",
@@ -108,7 +169,11 @@ pub fn document(s: &Sbom) -> Value {
         "packages": packages,
         "relationships": relationships,
         "hasExtractedLicensingInfos": extracted,
-    })
+    });
+    if !files.is_empty() {
+        doc["files"] = Value::Array(files);
+    }
+    doc
 }
 
 /// The architecture of installed package `name`.

@@ -564,6 +564,28 @@ fn engine(
     ))
 }
 
+/// The store (opened) and an engine on it with a progress display, as `check` and `attest`
+/// make them.
+fn open_engine(
+    store: Option<PathBuf>,
+    fetcher: Fetcher,
+    jobs: usize,
+    caches: Caches,
+    limits: rbuild_engine::sandbox::Limits,
+) -> anyhow::Result<(Arc<Store>, Arc<Engine>, Arc<Progress>)> {
+    let store = Arc::new(open_store(store)?);
+    let progress = Arc::new(Progress::new(false));
+    let engine = engine(
+        store.clone(),
+        fetcher,
+        jobs,
+        progress.clone(),
+        caches,
+        limits,
+    )?;
+    Ok((store, engine, progress))
+}
+
 /// `RECIPE^OUTPUT` → (RECIPE, OUTPUT).
 fn split_output(arg: &str) -> (&str, Option<&str>) {
     match arg.rsplit_once('^') {
@@ -738,14 +760,11 @@ fn attest_cmd(args: AttestArgs) -> anyhow::Result<()> {
     // What is signed is what the lock already pins: attest never re-locks.
     let (expanded, fetcher) = source.load(recipe_arg, Some("`rbuild attest`"))?;
     let target = expanded.output(Some(out.unwrap_or("provenance")))?.clone();
-    let store = Arc::new(open_store(store.store)?);
     let jobs = jobs_or_cores(None);
-    let progress = Arc::new(Progress::new(false));
-    let engine = engine(
-        store.clone(),
+    let (store, engine, progress) = open_engine(
+        store.store,
         fetcher,
         jobs,
-        progress.clone(),
         Caches::default(),
         rbuild_engine::sandbox::Limits::default(),
     )?;
@@ -839,14 +858,11 @@ fn check_cmd(args: CheckArgs) -> anyhow::Result<()> {
     // What is checked is what the lock already pins: check never re-locks.
     let (expanded, fetcher) = source.load(recipe_arg, Some("`rbuild check`"))?;
     let target = expanded.output(output)?.clone();
-    let store = Arc::new(open_store(store.store)?);
     let jobs = jobs_or_cores(jobs);
-    let progress = Arc::new(Progress::new(false));
-    let engine = engine(
-        store.clone(),
+    let (store, engine, progress) = open_engine(
+        store.store,
         fetcher,
         jobs,
-        progress.clone(),
         caches,
         limits.limits(&expanded.limits),
     )?;

@@ -396,6 +396,23 @@ pub fn first_alternative_closure<'a>(
     out
 }
 
+/// debootstrap's walk for the required set over the whole archive (`archive`, this
+/// architecture's packages), seeded from `selected`'s `Priority: required` packages as
+/// [`required_set`] is: what it reaches outside `selected` shows the selection is not
+/// debootstrap's.
+pub fn required_set_within(
+    archive: &[Package],
+    selected: &[Package],
+    request: &Request,
+) -> std::collections::BTreeSet<String> {
+    let seeds = selected
+        .iter()
+        .filter(|p| p.priority.as_deref() == Some("required"))
+        .map(|p| p.name.as_str())
+        .chain(request.also_required.iter().map(String::as_str));
+    first_alternative_closure(archive, seeds, request.exclude_dependencies)
+}
+
 /// debootstrap's two sets (default variant): its *required* set — every package of `selected`
 /// with `Priority: required`, the suite's `also_required`, and their dependencies, extracted
 /// before dpkg first runs and configured first — and the rest of `selected`, its *base* set.
@@ -654,6 +671,30 @@ mod tests {
         };
         let got: Vec<String> = required_set(&a, &request).into_iter().collect();
         assert_eq!(got, ["a", "b", "d", "e", "g", "h"]);
+    }
+
+    /// Over the whole archive, debootstrap's walk reaches a first alternative the selection
+    /// satisfied with another package: the guard `rbuild lock` runs sees it.
+    #[test]
+    fn the_walk_over_the_archive_finds_what_the_selection_left_out() {
+        let a = archive(&[
+            stanza("a", "1", "Priority: required\nDepends: x | b\n"),
+            stanza("b", "1", "Priority: required\n"),
+            stanza("x", "1", "Priority: optional\n"),
+        ]);
+        let selected: Vec<Package> = a.iter().filter(|p| p.name != "x").cloned().collect();
+        let none: Vec<String> = vec![];
+        let request = Request {
+            also_required: &none,
+            exclude_dependencies: &none,
+            ..Request::default()
+        };
+        let within: Vec<String> = required_set(&selected, &request).into_iter().collect();
+        assert_eq!(within, ["a", "b"]);
+        let walked: Vec<String> = required_set_within(&a, &selected, &request)
+            .into_iter()
+            .collect();
+        assert_eq!(walked, ["a", "b", "x"]);
     }
 
     #[test]

@@ -564,8 +564,8 @@ fn engine(
     ))
 }
 
-/// The store (opened) and an engine on it with a progress display, as `check` and `attest`
-/// make them.
+/// The store (opened) and an engine on it with a progress display, as `realise`, `check` and
+/// `attest` make them.
 fn open_engine(
     store: Option<PathBuf>,
     fetcher: Fetcher,
@@ -699,15 +699,12 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     let (recipe_arg, output) = split_output(arg);
     let (expanded, fetcher) = source.load(recipe_arg, locked.then_some("--locked"))?;
     let target = expanded.output(output)?.clone();
-    let store = Arc::new(open_store(store)?);
     let jobs = jobs_or_cores(jobs);
-    let progress = Arc::new(Progress::new(false));
     let push = caches.push.clone();
-    let engine = engine(
-        store.clone(),
+    let (store, engine, progress) = open_engine(
+        store,
         fetcher,
         jobs,
-        progress.clone(),
         caches,
         limits.limits(&expanded.limits),
     )?;

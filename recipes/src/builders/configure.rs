@@ -171,9 +171,10 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
         let deb = deb_of.get(name).with_context(|| {
             format!("configure: debootstrap's core package {name} is not in the lock")
         })?;
-        chroot.run(
+        chroot.dpkg(
             &format!("dpkg --install of {name}"),
-            &["/usr/bin/dpkg", "--force-depends", "--install", deb],
+            &["--force-depends", "--install"],
+            std::slice::from_ref(deb),
         )
     };
     chroot.sh("linking awk", "ln -sf mawk /usr/bin/awk")?;
@@ -190,10 +191,11 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
     }
 
     // The required set: unpacked, then configured with services held off.
-    let mut argv = vec!["/usr/bin/dpkg", "--force-depends", "--unpack"];
-    let required_debs = debs(&required);
-    argv.extend(required_debs.iter().map(String::as_str));
-    chroot.run("dpkg --unpack of the required packages", &argv)?;
+    chroot.dpkg(
+        "dpkg --unpack of the required packages",
+        &["--force-depends", "--unpack"],
+        &debs(&required),
+    )?;
     let no_services = NoServices::install(ctx, root)?;
     chroot.sh(
         "moving start-stop-daemon aside",
@@ -209,15 +211,15 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
         &rbuild_store::meta::EntryMeta::root(0o755, ctx.source_date_epoch()),
     )?;
     fs::write(root.join("var/lib/dpkg/cmethopt"), "apt apt\n")?;
-    chroot.run(
+    chroot.dpkg(
         "dpkg --configure of the required packages",
         &[
-            "/usr/bin/dpkg",
             "--configure",
             "--pending",
             "--force-configure-any",
             "--force-depends",
         ],
+        &[],
     )?;
 
     // setup_available: the index's stanzas of every package, and every package selected.
@@ -266,18 +268,15 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
         if batch.is_empty() {
             bail!("configure: dpkg names {predep} as a pre-dependency to install, but it is installed already");
         }
-        let mut argv = vec![
-            "/usr/bin/dpkg",
-            "--force-overwrite",
-            "--force-confold",
-            "--skip-same-version",
-            "--install",
-        ];
-        let batch_debs = debs(&batch);
-        argv.extend(batch_debs.iter().map(String::as_str));
-        chroot.run(
+        chroot.dpkg(
             &format!("dpkg --install of the pre-dependency {predep}"),
-            &argv,
+            &[
+                "--force-overwrite",
+                "--force-confold",
+                "--skip-same-version",
+                "--install",
+            ],
+            &debs(&batch),
         )?;
         base.retain(|n| !batch.contains(n));
         done.extend(batch.iter().map(|n| n.to_string()));
@@ -285,25 +284,25 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
 
     // The base set.
     if !base.is_empty() {
-        let mut argv = vec![
-            "/usr/bin/dpkg",
-            "--force-overwrite",
-            "--force-confold",
-            "--skip-same-version",
-            "--unpack",
-        ];
-        let base_debs = debs(&base);
-        argv.extend(base_debs.iter().map(String::as_str));
-        chroot.run("dpkg --unpack of the base packages", &argv)?;
-        chroot.run(
+        chroot.dpkg(
+            "dpkg --unpack of the base packages",
+            &[
+                "--force-overwrite",
+                "--force-confold",
+                "--skip-same-version",
+                "--unpack",
+            ],
+            &debs(&base),
+        )?;
+        chroot.dpkg(
             "dpkg --configure of the base packages",
             &[
-                "/usr/bin/dpkg",
                 "--force-confold",
                 "--skip-same-version",
                 "--configure",
                 "-a",
             ],
+            &[],
         )?;
     }
     chroot.sh(

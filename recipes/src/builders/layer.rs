@@ -24,23 +24,20 @@ fn stage_deb(root: &Path, i: usize, name: &str, deb: &Path) -> anyhow::Result<St
 fn dpkg_install(ctx: &BuildContext, root: &Path, debs: &[String]) -> anyhow::Result<()> {
     let no_services = NoServices::install(ctx, root)?;
     let chroot = Chroot::enter(ctx, root)?;
-    let mut argv = vec![
-        "/usr/bin/dpkg",
-        "--install",
-        "--force-depends",
-        "--force-confdef",
-        "--force-confold",
-    ];
-    argv.extend(debs.iter().map(String::as_str));
-    chroot.run("dpkg --install of the layer's packages", &argv)?;
-    chroot.run(
-        "dpkg --configure --pending",
+    chroot.dpkg(
+        "dpkg --install of the layer's packages",
         &[
-            "/usr/bin/dpkg",
-            "--configure",
-            "--pending",
+            "--install",
             "--force-depends",
+            "--force-confdef",
+            "--force-confold",
         ],
+        debs,
+    )?;
+    chroot.dpkg(
+        "dpkg --configure --pending",
+        &["--configure", "--pending", "--force-depends"],
+        &[],
     )?;
     chroot.audit()?;
     chroot.leave()?;

@@ -172,6 +172,14 @@ impl Chroot {
         Ok(())
     }
 
+    /// Run the tree's dpkg with `options`, then the `.deb`s (paths inside the chroot).
+    fn dpkg(&self, what: &str, options: &[&str], debs: &[String]) -> anyhow::Result<()> {
+        let mut argv = vec!["/usr/bin/dpkg"];
+        argv.extend_from_slice(options);
+        argv.extend(debs.iter().map(String::as_str));
+        self.run(what, &argv)
+    }
+
     /// Run a shell command line.
     fn sh(&self, what: &str, script: &str) -> anyhow::Result<()> {
         self.run(what, &["/bin/sh", "-c", script])

@@ -205,13 +205,14 @@ async fn lock_one(
     let required = resolve::required_set(&selected, &request);
     // debootstrap walks the whole archive; within the selection the walk must reach the same
     // packages, or the selection is not debootstrap's.
-    let archive_packages: Vec<packages::Package> = archive
-        .packages
-        .iter()
-        .filter(|p| p.architecture == recipe.architecture || p.architecture == "all")
-        .cloned()
-        .collect();
-    let walked = resolve::required_set_within(&archive_packages, &selected, &request);
+    let walked = resolve::required_set_within(
+        archive
+            .packages
+            .iter()
+            .filter(|p| p.architecture == recipe.architecture || p.architecture == "all"),
+        &selected,
+        &request,
+    );
     if let Some(missing) = walked.iter().find(|n| !required.contains(*n)) {
         bail!("{suite}: debootstrap's required set would include {missing}, which the resolution did not select; the package set would not be debootstrap's");
     }

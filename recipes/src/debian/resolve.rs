@@ -371,11 +371,12 @@ pub fn resolve_request(
 /// `PKGS REAL` keeps real packages, and `within` is closed under the same walk). Returned in
 /// byte order, as its `sort` under `LANG=C` leaves them.
 pub fn first_alternative_closure<'a>(
-    within: &'a [Package],
+    within: impl IntoIterator<Item = &'a Package>,
     start: impl IntoIterator<Item = &'a str>,
     exclude: &[String],
 ) -> std::collections::BTreeSet<String> {
-    let by_name: HashMap<&str, &Package> = within.iter().map(|p| (p.name.as_str(), p)).collect();
+    let by_name: HashMap<&str, &Package> =
+        within.into_iter().map(|p| (p.name.as_str(), p)).collect();
     let mut out = std::collections::BTreeSet::new();
     let mut queue: VecDeque<&str> = start.into_iter().collect();
     while let Some(name) = queue.pop_front() {
@@ -400,10 +401,10 @@ pub fn first_alternative_closure<'a>(
 /// architecture's packages), seeded from `selected`'s `Priority: required` packages as
 /// [`required_set`] is: what it reaches outside `selected` shows the selection is not
 /// debootstrap's.
-pub fn required_set_within(
-    archive: &[Package],
-    selected: &[Package],
-    request: &Request,
+pub fn required_set_within<'a>(
+    archive: impl IntoIterator<Item = &'a Package>,
+    selected: &'a [Package],
+    request: &'a Request,
 ) -> std::collections::BTreeSet<String> {
     let seeds = selected
         .iter()
@@ -418,12 +419,7 @@ pub fn required_set_within(
 /// before dpkg first runs and configured first — and the rest of `selected`, its *base* set.
 /// Returns the required set.
 pub fn required_set(selected: &[Package], request: &Request) -> std::collections::BTreeSet<String> {
-    let seeds = selected
-        .iter()
-        .filter(|p| p.priority.as_deref() == Some("required"))
-        .map(|p| p.name.as_str())
-        .chain(request.also_required.iter().map(String::as_str));
-    first_alternative_closure(selected, seeds, request.exclude_dependencies)
+    required_set_within(selected, selected, request)
 }
 
 /// The names of `selected` in an order one `dpkg --install` run can take them: essential

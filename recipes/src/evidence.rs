@@ -87,6 +87,18 @@ impl Evidence {
             }));
     }
 
+    /// The derivation of every installed package's index stanza (dpkg's `available`).
+    pub fn stanzas(&self, g: &mut Graph) -> Result<DrvHash, ExpandError> {
+        let names: Vec<String> = self.packages.iter().map(|(p, _)| p.name.clone()).collect();
+        available_drv(
+            g,
+            format!("{}-{}-available", self.suite, self.architecture),
+            &self.indices,
+            &names,
+            self.verify.clone(),
+        )
+    }
+
     /// A layered recipe's parameters: its own (name, digest of the recipe and of its lock) with
     /// its base's below.
     pub fn layered(&mut self, name: &str, recipe_json: &[u8], lock_text: &str) {
@@ -108,14 +120,7 @@ pub fn outputs(
     rootfs: &DrvHash,
     tree: &DrvHash,
 ) -> Result<Vec<(String, DrvHash)>, ExpandError> {
-    let names: Vec<String> = ev.packages.iter().map(|(p, _)| p.name.clone()).collect();
-    let stanzas = available_drv(
-        g,
-        format!("{}-{}-available", ev.suite, ev.architecture),
-        &ev.indices,
-        &names,
-        ev.verify.clone(),
-    )?;
+    let stanzas = ev.stanzas(g)?;
     let sde: BTreeMap<String, String> = [(
         "SOURCE_DATE_EPOCH".to_owned(),
         ev.source_date_epoch.to_string(),

@@ -336,15 +336,18 @@ fn expand_arch(
     )?;
     add_emulator(g, recipe, keyring, lock)?;
     let mut configure_inputs = vec![verify.clone()];
+    let layer_history = format!(
+        "rbuild {} {} {} {:?} ({} packages)",
+        recipe.name,
+        recipe.suite,
+        recipe.architecture,
+        recipe.variant,
+        lock.packages.len()
+    );
+    let evidence =
+        crate::evidence::Evidence::of_debian(recipe, lock, verify.clone(), &layer_history);
     // The packages' stanzas: dpkg's `available` (the debootstrap variant), and the SBOMs'.
-    let names: Vec<String> = lock.packages.iter().map(|p| p.name.clone()).collect();
-    let stanzas = available_drv(
-        g,
-        format!("{}-{}-available", lock.suite, lock.architecture),
-        &lock.indices,
-        &names,
-        verify.clone(),
-    )?;
+    let stanzas = evidence.stanzas(g)?;
     let available = match recipe.variant {
         Variant::Debootstrap => {
             configure_inputs.push(stanzas.clone());
@@ -398,14 +401,6 @@ fn expand_arch(
         fixed_output: None,
     })?;
     let rootfs = rootfs_tar(g, &recipe.name, &tree, lock.source_date_epoch)?;
-    let layer_history = format!(
-        "rbuild {} {} {} {:?} ({} packages)",
-        recipe.name,
-        recipe.suite,
-        recipe.architecture,
-        recipe.variant,
-        lock.packages.len()
-    );
     let layer = g.add(Derivation {
         name: format!("{}-layer", recipe.name),
         stage: Stage::Pack,
@@ -433,8 +428,6 @@ fn expand_arch(
     };
     let layers = vec![layer];
     let image = image(g, &recipe.name, &layers, &config, lock.source_date_epoch)?;
-    let evidence =
-        crate::evidence::Evidence::of_debian(recipe, lock, verify.clone(), &layer_history);
     let extra = crate::evidence::outputs(g, &evidence, &image, &rootfs, &tree)?;
     let outputs = [
         ("image", image),

@@ -70,22 +70,23 @@ pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
         .or_else(|| release["codename"].as_str())
         .context("the verified Release has neither Version nor Codename")?;
     let distro = format!("debian-{major}");
-    let stanzas = split_stanzas(&available);
+    // Each stanza by package, version and architecture, read once.
+    let stanzas: std::collections::HashMap<[Option<String>; 3], &str> = split_stanzas(&available)
+        .into_iter()
+        .map(|s| {
+            let key = ["Package", "Version", "Architecture"].map(|f| sbom::field(s, f));
+            (key, s)
+        })
+        .collect();
     let mut installed = Vec::new();
     for p in &plan.packages {
-        let stanza = stanzas
-            .iter()
-            .find(|s| {
-                field(s, "Package") == Some(&p.name)
-                    && field(s, "Version") == Some(&p.version)
-                    && field(s, "Architecture") == Some(&p.architecture)
-            })
-            .with_context(|| {
-                format!(
-                    "sbom: no index stanza for {} {} ({})",
-                    p.name, p.version, p.architecture
-                )
-            })?;
+        let key = [&p.name, &p.version, &p.architecture].map(|v| Some(v.clone()));
+        let stanza = *stanzas.get(&key).with_context(|| {
+            format!(
+                "sbom: no index stanza for {} {} ({})",
+                p.name, p.version, p.architecture
+            )
+        })?;
         installed.push(Installed {
             stanza,
             copyright: copyright(tree, &p.name),
@@ -159,15 +160,6 @@ fn split_stanzas(text: &str) -> Vec<&str> {
         .map(|s| s.trim_matches('\n'))
         .filter(|s| !s.is_empty())
         .collect()
-}
-
-/// A stanza's single-line field, by exact name at the start of a line.
-fn field<'a>(stanza: &'a str, name: &str) -> Option<&'a str> {
-    stanza.lines().find_map(|l| {
-        l.strip_prefix(name)
-            .and_then(|r| r.strip_prefix(':'))
-            .map(str::trim)
-    })
 }
 
 /// `usr/share/doc/NAME/copyright` of the tree, following the tree's own symlinks (a package's

@@ -229,8 +229,8 @@ impl Sbom {
     }
 }
 
-/// A single-line field of a stanza.
-fn field(stanza: &str, name: &str) -> Option<String> {
+/// The first line of a stanza's field.
+pub fn field(stanza: &str, name: &str) -> Option<String> {
     let para = deb822_fast::borrowed::parse_borrowed(stanza).ok()?;
     para.first()?
         .get(name)

@@ -37,22 +37,36 @@ fn relationship(from: &str, kind: &str, to: &str) -> Value {
     json!({"spdxElementId": from, "relationshipType": kind, "relatedSpdxElement": to})
 }
 
-pub fn document(s: &Sbom) -> Value {
-    let image_id = spdx_id("Image", &format!("{}-{}", s.name, s.architecture));
-    let mut packages = vec![json!({
-        "SPDXID": image_id,
-        "name": s.name,
-        "versionInfo": format!("sha256:{}", s.image_digest),
-        "primaryPackagePurpose": "CONTAINER",
+/// A package rbuild made (the image, a layer), identified by the sha256 of its blob.
+fn blob_package(id: &str, name: &str, sha256: &str, purpose: &str, comment: &str) -> Value {
+    json!({
+        "SPDXID": id,
+        "name": name,
+        "versionInfo": format!("sha256:{sha256}"),
+        "primaryPackagePurpose": purpose,
         "supplier": "Organization: rbuild",
         "downloadLocation": "NOASSERTION",
         "filesAnalyzed": false,
-        "checksums": [{"algorithm": "SHA256", "checksumValue": s.image_digest}],
+        "checksums": [{"algorithm": "SHA256", "checksumValue": sha256}],
         "licenseConcluded": "NOASSERTION",
         "licenseDeclared": "NOASSERTION",
         "copyrightText": "NOASSERTION",
-        "comment": format!("The OCI image manifest of {} for {}", s.name, s.architecture),
-    })];
+        "comment": comment,
+    })
+}
+
+pub fn document(s: &Sbom) -> Value {
+    let image_id = spdx_id("Image", &format!("{}-{}", s.name, s.architecture));
+    let mut packages = vec![blob_package(
+        &image_id,
+        &s.name,
+        &s.image_digest,
+        "CONTAINER",
+        &format!(
+            "The OCI image manifest of {} for {}",
+            s.name, s.architecture
+        ),
+    )];
     let mut relationships = vec![relationship("SPDXRef-DOCUMENT", "DESCRIBES", &image_id)];
     // Each layer is a package the image contains; what a layer installed or copied, it contains.
     let layer_ids: Vec<String> = s
@@ -70,28 +84,21 @@ pub fn document(s: &Sbom) -> Value {
                 .map(|f| f.sha1.as_str())
                 .collect();
             sha1s.sort();
-            let analyzed = !sha1s.is_empty();
-            packages.push(json!({
-                "SPDXID": id,
-                "name": format!("{} layer {}", s.name, i + 1),
-                "versionInfo": format!("sha256:{}", l.digest),
-                "primaryPackagePurpose": "ARCHIVE",
-                "supplier": "Organization: rbuild",
-                "downloadLocation": "NOASSERTION",
-                "filesAnalyzed": analyzed,
-                "checksums": [{"algorithm": "SHA256", "checksumValue": l.digest}],
-                "licenseConcluded": "NOASSERTION",
-                "licenseDeclared": "NOASSERTION",
-                "copyrightText": "NOASSERTION",
-                "comment": l.description,
-            }));
-            if analyzed {
+            let mut layer = blob_package(
+                &id,
+                &format!("{} layer {}", s.name, i + 1),
+                &l.digest,
+                "ARCHIVE",
+                &l.description,
+            );
+            if !sha1s.is_empty() {
                 use sha1::Digest;
                 let code = hex::encode(sha1::Sha1::digest(sha1s.concat().as_bytes()));
-                let last = packages.last_mut().expect("just pushed");
-                last["packageVerificationCode"] = json!({"packageVerificationCodeValue": code});
-                last["licenseInfoFromFiles"] = json!(["NOASSERTION"]);
+                layer["filesAnalyzed"] = json!(true);
+                layer["packageVerificationCode"] = json!({"packageVerificationCodeValue": code});
+                layer["licenseInfoFromFiles"] = json!(["NOASSERTION"]);
             }
+            packages.push(layer);
             relationships.push(relationship(&image_id, "CONTAINS", &id));
             id
         })

@@ -570,6 +570,65 @@ pub fn pytools(what: &str) -> Option<String> {
     }
 }
 
+/// The SBOM validators of `tests/pytools/setup.sh` (`python` is its `RBUILD_PYTHON`). Each
+/// says whether the document passes, and what the tool printed.
+pub struct SbomValidators {
+    python: PathBuf,
+}
+
+impl SbomValidators {
+    pub fn new(python: &str) -> SbomValidators {
+        SbomValidators {
+            python: PathBuf::from(python),
+        }
+    }
+
+    fn run(cmd: &mut std::process::Command) -> (bool, String) {
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    fn tool(&self, name: &str) -> std::process::Command {
+        std::process::Command::new(self.python.parent().unwrap().join(name))
+    }
+
+    /// `pyspdxtools -i` (which can exit 0 while printing ERROR).
+    pub fn spdx(&self, file: &Path) -> (bool, String) {
+        let (ok, said) = Self::run(self.tool("pyspdxtools").arg("-i").arg(file));
+        (ok && !said.contains("ERROR"), said)
+    }
+
+    /// The NTIA minimum elements (`ntia-checker`), on an SPDX document.
+    pub fn ntia(&self, file: &Path) -> (bool, String) {
+        let (ok, said) = Self::run(self.tool("ntia-checker").arg("-v").arg(file));
+        (ok && said.contains("Conformant: True"), said)
+    }
+
+    /// cyclonedx-python-lib's strict JSON validator, CycloneDX 1.6.
+    pub fn cyclonedx(&self, file: &Path) -> (bool, String) {
+        const CHECK: &str = r#"
+import sys
+from cyclonedx.validation.json import JsonStrictValidator
+from cyclonedx.schema import SchemaVersion
+errors = JsonStrictValidator(SchemaVersion.V1_6).validate_str(open(sys.argv[1]).read())
+print(errors or "valid")
+sys.exit(1 if errors else 0)
+"#;
+        Self::run(
+            std::process::Command::new(&self.python)
+                .args(["-c", CHECK])
+                .arg(file),
+        )
+    }
+}
+
 pub fn buildgrid() -> BuildGrid {
     buildgrid_with_tls(None)
 }

@@ -121,13 +121,37 @@ fn debian_bullseye_as_root_and_unprivileged() {
         started.elapsed()
     );
 
+    // The layout carries the SBOMs as referrers, and stays what peers read: skopeo takes its
+    // one image without a tag, umoci unpacks it by its tag.
+    assert_sbom_referrers(
+        &result,
+        &std::fs::read(t.path().join("bullseye.spdx.json")).unwrap(),
+        &std::fs::read(t.path().join("bullseye.cdx.json")).unwrap(),
+    );
     if have(
         "debian_bullseye_as_root_and_unprivileged: skopeo inspect",
         "skopeo",
     ) {
-        sh(Command::new("skopeo")
+        let inspected: serde_json::Value = serde_json::from_str(&sh(Command::new("skopeo")
             .arg("inspect")
-            .arg(format!("oci:{}", result.display())));
+            .arg(format!("oci:{}", result.display()))))
+        .unwrap();
+        assert_eq!(inspected["Digest"], digest.as_str());
+    }
+    if have(
+        "debian_bullseye_as_root_and_unprivileged: umoci unpack",
+        "umoci",
+    ) {
+        let bundle = t.path().join("bundle");
+        sh(Command::new("umoci")
+            .args(["unpack", "--rootless", "--image"])
+            .arg(format!("{}:debian-bullseye", result.display()))
+            .arg(&bundle));
+        let version = std::fs::read_to_string(bundle.join("rootfs/etc/debian_version")).unwrap();
+        assert!(version.starts_with("11."), "{version}");
+        // umoci's rootless unpack leaves directories it cannot remove without write permission.
+        sh(Command::new("chmod").arg("-R").arg("u+rwX").arg(&bundle));
+        std::fs::remove_dir_all(&bundle).unwrap();
     }
 
     // An unprivileged user, another store, README's quick start as written (the store and the
@@ -293,7 +317,8 @@ fn debian_bullseye_as_root_and_unprivileged() {
 /// realised with README's command as an unprivileged user: the base's layers are shared, podman
 /// runs it as `app` in `/home/app` and curl works; a `run` layer added afterwards is locked
 /// offline and cannot reach a listener on the host's loopback; and after a `gc`, editing the
-/// last layer rebuilds three derivations and fetches nothing.
+/// last layer rebuilds six derivations (the layer's tree and diff, the image, its manifest and
+/// its two SBOMs) and fetches nothing.
 #[test]
 fn layered_example_on_bullseye() {
     let Some(mirror) = mirror("layered_example_on_bullseye") else {
@@ -334,8 +359,8 @@ fn layered_example_on_bullseye() {
         &env,
     ));
     assert!(
-        base["built"].as_u64().unwrap() <= 1,
-        "at most the base's own image manifest: {base}"
+        base["built"].as_u64().unwrap() <= 4,
+        "at most the base's own image, its manifest and two SBOMs: {base}"
     );
     let manifest = |l: &Path| -> serde_json::Value {
         let d = manifest_digest(l);
@@ -378,7 +403,7 @@ fn layered_example_on_bullseye() {
     }
 
     // A `run` layer added to the recipe: locked offline (it needs nothing pinned), built as
-    // that layer's tree, its diff and the image, and without a network: the host's loopback
+    // that layer's tree, its diff and the image (with its manifest and SBOMs), and without a network: the host's loopback
     // listener is not reached.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -395,7 +420,7 @@ fn layered_example_on_bullseye() {
         "the re-lock is named: {}",
         stderr(&o)
     );
-    assert_eq!(added["built"], 3, "{added}");
+    assert_eq!(added["built"], 6, "{added}");
     let tree = json(&rbuild_as(
         user.as_deref(),
         &[
@@ -413,13 +438,13 @@ fn layered_example_on_bullseye() {
     assert!(listener.accept().is_err(), "no connection arrived");
 
     // gc (keeping what the `result` root was built from), then an edit of the last layer:
-    // three derivations, offline.
+    // the layer's tree and diff, the image, its manifest and two SBOMs, offline.
     let gc = rbuild_as(user.as_deref(), &["gc"], &env);
     ok(&gc);
     eprintln!("{}", stderr(&gc).trim());
     std::fs::write(&recipe, format!("{text}{}", probe("no-network"))).unwrap();
     let edited = json(&realise(&["--offline", "-o", result.to_str().unwrap()]));
-    assert_eq!(edited["built"], 3, "{edited}");
+    assert_eq!(edited["built"], 6, "{edited}");
     assert_ne!(edited["output"], added["output"]);
 }
 

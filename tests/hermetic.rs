@@ -13,6 +13,11 @@ use std::process::Command;
 
 use common::*;
 
+/// What editing a layered recipe's top layer rebuilds: that layer's tree and its diff, and the
+/// image with what describes it — its manifest, the SPDX and CycloneDX documents it carries as
+/// referrers. Nothing below the edited layer.
+const TOP_EDIT: u64 = 6;
+
 /// The lock text with the pin of `old` (sha256 and size) changed to that of `new`.
 fn repin(lock_text: &str, old: &[u8], new: &[u8]) -> String {
     let text = lock_text
@@ -114,15 +119,9 @@ fn read_tar(bytes: &[u8]) -> BTreeMap<String, TarEntry> {
     out
 }
 
-fn image_manifest_digest(layout: &Path) -> String {
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-    index["manifests"][0]["digest"].as_str().unwrap().to_owned()
-}
-
 /// The image manifest digest of a `realise --json` result.
 fn output_digest(r: &serde_json::Value) -> String {
-    image_manifest_digest(Path::new(r["output"].as_str().unwrap()))
+    manifest_digest(Path::new(r["output"].as_str().unwrap()))
 }
 
 /// `(built, substituted)` of a `realise --json` result.
@@ -131,15 +130,6 @@ fn counts(r: &serde_json::Value) -> (u64, u64) {
         r["built"].as_u64().unwrap(),
         r["substituted"].as_u64().unwrap(),
     )
-}
-
-fn blob(layout: &Path, digest: &str) -> Vec<u8> {
-    fs::read(
-        layout
-            .join("blobs/sha256")
-            .join(digest.strip_prefix("sha256:").unwrap()),
-    )
-    .unwrap()
 }
 
 fn realise_and_check(user: Option<&str>) {
@@ -170,8 +160,9 @@ fn realise_and_check(user: Option<&str>) {
     }
     let store = user_dir(t.path(), "store", user);
     let r = realise_json(user, &a, "", &store, &[]);
-    // 1 InRelease + 1 index + 3 debs fetched, 1 verify, 3 unpacks, configure, tar, layer, image.
-    assert_eq!(r["built"], 13, "{r}");
+    // 1 InRelease + 1 index + 3 debs fetched, 1 verify, 3 unpacks, configure, tar, layer, the
+    // image's manifest, the stanzas and two SBOMs it carries as referrers, the image.
+    assert_eq!(r["built"], 17, "{r}");
     assert_eq!(r["reused"], 0);
     let layout = Path::new(r["output"].as_str().unwrap()).to_owned();
     assert!(layout.starts_with(fs::canonicalize(&store).unwrap()));
@@ -183,11 +174,11 @@ fn realise_and_check(user: Option<&str>) {
             .trim(),
         r#"{"imageLayoutVersion":"1.0.0"}"#
     );
-    let mdigest = image_manifest_digest(&layout);
-    let manifest_bytes = blob(&layout, &mdigest);
+    let mdigest = manifest_digest(&layout);
+    let manifest_bytes = layout_blob(&layout, &mdigest);
     assert_eq!(format!("sha256:{}", sha256_hex(&manifest_bytes)), mdigest);
     let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).unwrap();
-    let config: serde_json::Value = serde_json::from_slice(&blob(
+    let config: serde_json::Value = serde_json::from_slice(&layout_blob(
         &layout,
         manifest["config"]["digest"].as_str().unwrap(),
     ))
@@ -196,7 +187,7 @@ fn realise_and_check(user: Option<&str>) {
     assert_eq!(config["os"], "linux");
     assert_eq!(config["config"]["Cmd"], serde_json::json!(["/bin/sh"]));
     assert_eq!(config["history"].as_array().unwrap().len(), 1);
-    let layer_gz = blob(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
+    let layer_gz = layout_blob(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
     let mut tar_bytes = vec![];
     flate2::read::GzDecoder::new(&layer_gz[..])
         .read_to_end(&mut tar_bytes)
@@ -711,7 +702,7 @@ fn concurrent_realises_share_a_store_without_building_twice() {
     assert_eq!(j1["output"], j2["output"]);
     assert_eq!(
         j1["built"].as_u64().unwrap() + j2["built"].as_u64().unwrap(),
-        13,
+        17,
         "every derivation built exactly once: {j1} {j2}"
     );
 }
@@ -824,18 +815,24 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     };
     let r = realise();
     assert!(app_dir.join("app.lock").exists(), "locked first");
-    assert_eq!(r["built"], 5, "two layer trees, two diffs, one image: {r}");
+    assert_eq!(
+        r["built"], 8,
+        "two layer trees, two diffs, the image, its manifest and two SBOMs: {r}"
+    );
     let layout = Path::new(r["output"].as_str().unwrap()).to_owned();
 
     let manifest = |l: &Path| -> serde_json::Value {
-        serde_json::from_slice(&blob(l, &image_manifest_digest(l))).unwrap()
+        serde_json::from_slice(&layout_blob(l, &manifest_digest(l))).unwrap()
     };
     let (bm, m) = (manifest(&base_layout), manifest(&layout));
     let layers = m["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 3);
     assert_eq!(layers[0], bm["layers"][0], "the base layer, byte for byte");
-    let config: serde_json::Value =
-        serde_json::from_slice(&blob(&layout, m["config"]["digest"].as_str().unwrap())).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&layout_blob(
+        &layout,
+        m["config"]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
     let c = &config["config"];
     assert_eq!(c["User"], "app");
     assert_eq!(c["WorkingDir"], "/home/app");
@@ -860,7 +857,7 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     // The second layer holds exactly the new file (and its parent directories), owned by root,
     // setuid as the recipe asked, with the clamped mtime.
     let mut top = vec![];
-    flate2::read::GzDecoder::new(&blob(&layout, layers[2]["digest"].as_str().unwrap())[..])
+    flate2::read::GzDecoder::new(&layout_blob(&layout, layers[2]["digest"].as_str().unwrap())[..])
         .read_to_end(&mut top)
         .unwrap();
     let entries = read_tar(&top);
@@ -872,7 +869,7 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     assert_eq!((tool.1 & 0o7777, tool.2, tool.3), (0o4755, 0, 0));
     assert_eq!(tool.5, b"#!/bin/sh\necho tool\n");
     let mut first = vec![];
-    flate2::read::GzDecoder::new(&blob(&layout, layers[1]["digest"].as_str().unwrap())[..])
+    flate2::read::GzDecoder::new(&layout_blob(&layout, layers[1]["digest"].as_str().unwrap())[..])
         .read_to_end(&mut first)
         .unwrap();
     let first = read_tar(&first);
@@ -888,11 +885,12 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     );
     assert_eq!(first["etc/app/a.conf"].5, b"a = 1\n");
 
-    // Nothing edited: nothing built. Last layer edited: its tree, its diff and the image only.
+    // Nothing edited: nothing built. Last layer edited: its tree, its diff, and the image with
+    // what describes it (its manifest, two SBOMs) only.
     assert_eq!(realise()["built"], 0);
     write_recipe("/usr/local/bin/tool2");
     let edited = realise();
-    assert_eq!(edited["built"], 3, "{edited}");
+    assert_eq!(edited["built"], TOP_EDIT, "{edited}");
     let m2 = manifest(Path::new(edited["output"].as_str().unwrap()));
     assert_eq!(
         m2["layers"][1], m["layers"][1],
@@ -963,27 +961,32 @@ fn gc_keeps_what_roots_need_to_be_rebuilt_incrementally() {
     };
     let built = |o: &std::process::Output| json(o)["built"].as_u64().unwrap();
     edit_last_layer("/usr/local/bin/tool");
-    assert_eq!(built(&realise(&[])), 5, "two trees, two diffs, the image");
+    assert_eq!(
+        built(&realise(&[])),
+        8,
+        "two trees, two diffs, the image, its manifest and two SBOMs"
+    );
 
     let line = gc(&store, &[]);
     assert!(line.contains(" for 1 root;"), "{line}");
     assert!(
-        line.contains("deleted 1 output,"),
-        "only the base's image: {line}"
+        line.contains("deleted 4 outputs,"),
+        "only the base's image, its manifest and its two SBOMs: {line}"
     );
     assert_ne!(freed(&line), "0 B", "{line}");
     assert!(!base_image.exists());
-    // Editing the last layer: its tree, its diff and the image, without the network.
+    // Editing the last layer: its tree, its diff and the image (with its manifest and SBOMs),
+    // without the network.
     edit_last_layer("/usr/local/bin/tool2");
     let edited = realise(&["--offline"]);
-    assert_eq!(built(&edited), 3, "{}", stderr(&edited));
+    assert_eq!(built(&edited), TOP_EDIT, "{}", stderr(&edited));
 
     // The downloads only: the edit builds the base's steps again, still offline.
     let line = gc(&store, &["--keep", "fetches"]);
     assert_ne!(freed(&line), "0 B", "{line}");
     edit_last_layer("/usr/local/bin/tool3");
     let edited = realise(&["--offline"]);
-    assert!(built(&edited) > 3, "{}", stderr(&edited));
+    assert!(built(&edited) > TOP_EDIT, "{}", stderr(&edited));
 
     // The root alone: the edit needs the mirror again, and builds everything.
     let line = gc(&store, &["--keep", "roots"]);
@@ -997,7 +1000,7 @@ fn gc_keeps_what_roots_need_to_be_rebuilt_incrementally() {
         stderr(&offline)
     );
     let edited = realise(&[]);
-    assert!(built(&edited) > 5, "{}", stderr(&edited));
+    assert!(built(&edited) > 8, "{}", stderr(&edited));
 
     // The image before the edit goes; then nothing is left to collect.
     let line = gc(&store, &[]);
@@ -1100,7 +1103,7 @@ fn file_cache_substitutes_signed_outputs_only() {
         ok(&o);
         stderr(&o)
     };
-    assert!(push(recipe).contains("pushed 13 outputs"));
+    assert!(push(recipe).contains("pushed 17 outputs"));
     assert!(
         push(recipe).contains("(0 new blobs)"),
         "pushing again uploads nothing"
@@ -1156,8 +1159,10 @@ fn file_cache_substitutes_signed_outputs_only() {
     ));
     assert_eq!(
         counts(&e),
-        (2, 1),
-        "tar substituted; layer and image built: {e}"
+        (6, 4),
+        "from the ^rootfs closure, what the image needs substituted (the tar, the tree, the \
+         verified index and the Packages it is made of); the layer, the image, its manifest, \
+         the stanzas and two SBOMs built: {e}"
     );
 }
 
@@ -1186,7 +1191,7 @@ fn http_cache_round_trip_and_dead_cache() {
         "--secret-key",
         &sec,
     ]));
-    assert_eq!(r["built"], 13);
+    assert_eq!(r["built"], 17);
     assert!(
         t.path().join("served/entries").read_dir().unwrap().count() >= 13,
         "pushed while building"
@@ -1211,7 +1216,7 @@ fn http_cache_round_trip_and_dead_cache() {
         &[],
     );
     let c = json(&o);
-    assert_eq!(c["built"], 13);
+    assert_eq!(c["built"], 17);
     assert!(
         stderr(&o).contains("127.0.0.1:9/cache"),
         "warned: {}",
@@ -1258,8 +1263,10 @@ fn http_cache_round_trip_and_dead_cache() {
     ));
     assert_eq!(
         counts(&e),
-        (2, 1),
-        "tar substituted; layer and image built: {e}"
+        (6, 4),
+        "from the ^rootfs closure, what the image needs substituted (the tar, the tree, the \
+         verified index and the Packages it is made of); the layer, the image, its manifest, \
+         the stanzas and two SBOMs built: {e}"
     );
 
     // Tampered blobs: caught while downloading, built from the mirror instead.
@@ -1293,7 +1300,7 @@ fn grpc_cache_on_buildgrid() {
         &store_a,
         &["--push-to", &bg.url, "--secret-key", &sec],
     );
-    assert_eq!(r["built"], 13);
+    assert_eq!(r["built"], 17);
     let again = rbuild(&[
         "cache",
         "push",
@@ -1350,7 +1357,8 @@ fn grpc_cache_on_buildgrid() {
         .unwrap();
     let o = from("d", &a.mirror_url(), &[&bg.url], &public);
     let d = json(&o);
-    assert_eq!(counts(&d), (1, 1), "{d}");
+    // The layer and the two SBOMs attached to the image are substituted.
+    assert_eq!(counts(&d), (1, 3), "{d}");
     assert!(stderr(&o).contains("no valid signature"), "{}", stderr(&o));
     assert_eq!(output_digest(&d), digest);
 
@@ -1411,8 +1419,10 @@ fn grpc_cache_on_buildgrid() {
     let e = json(&o);
     assert_eq!(
         counts(&e),
-        (2, 1),
-        "tar substituted; layer and image built: {e}"
+        (6, 4),
+        "from the ^rootfs closure, what the image needs substituted (the tar, the tree, the \
+         verified index and the Packages it is made of); the layer, the image, its manifest, \
+         the stanzas and two SBOMs built: {e}"
     );
     assert!(
         stderr(&o).contains("grpc://127.0.0.1:9"),
@@ -1446,7 +1456,7 @@ fn grpc_cache_on_buildgrid() {
         &public,
         &[("RBUILD_CACHE_TIMEOUT", "2")],
     );
-    assert_eq!(json(&o)["built"], 13);
+    assert_eq!(json(&o)["built"], 17);
     for url in [&silent_url, &garbage_url] {
         assert!(
             stderr(&o).contains(url.as_str()),
@@ -1571,13 +1581,13 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         &t.path().join("a"),
         &["--push-to", &url, "--secret-key", &sec],
     );
-    assert_eq!(r["built"], 13);
+    assert_eq!(r["built"], 17);
     let (calls, asked) = (
         state.find_missing_calls.load(Ordering::Relaxed),
         state.digests_asked.load(Ordering::Relaxed),
     );
     assert!(
-        calls <= 13 && asked > 2 * calls,
+        calls <= 17 && asked > 2 * calls,
         "one FindMissingBlobs per output, many digests each: {calls} calls, {asked} digests"
     );
     // `cache push` of the whole closure to an empty server asks about all its blobs at once.
@@ -1594,9 +1604,9 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         &sec,
     ]);
     ok(&o);
-    assert!(stderr(&o).contains("pushed 13 outputs"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("pushed 17 outputs"), "{}", stderr(&o));
     assert_eq!(state2.find_missing_calls.load(Ordering::Relaxed), 1);
-    assert_eq!(state2.actions.lock().unwrap().len(), 13);
+    assert_eq!(state2.actions.lock().unwrap().len(), 17);
     let digest = output_digest(&r);
     let from = |store: &str, mirror: &str| {
         realise_from(&a, &t.path().join(store), mirror, &[&url], &public, &[])
@@ -1701,7 +1711,8 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
     let kept = state.blobs.lock().unwrap().remove(&evicted).unwrap();
     let o = from("e", &a.mirror_url());
     let e = json(&o);
-    assert_eq!(counts(&e), (1, 1), "{e}");
+    // The image is built from its layer and the two SBOMs it carries, substituted.
+    assert_eq!(counts(&e), (1, 3), "{e}");
     assert!(!stderr(&o).contains("refused"), "{}", stderr(&o));
     state.blobs.lock().unwrap().insert(evicted, kept);
 
@@ -1925,7 +1936,7 @@ fn realise_relocks_only_what_a_recipe_change_needs() {
         "{e}"
     );
     assert!(e.contains("2 layers: 0 kept as pinned, 0 resolved"), "{e}");
-    assert_eq!(two["built"], 3, "{two}");
+    assert_eq!(two["built"], TOP_EDIT, "{two}");
     assert_ne!(two["output"], r["output"]);
 
     // A layer that now wants a package: --offline refuses (the archive's index is needed) and
@@ -2264,7 +2275,7 @@ fn several_mirrors_from_rbuild_mirror_and_config() {
         rbuild_as(None, &args, env)
     };
     let r = json(&realise(&store, &[], &[("RBUILD_MIRROR", &urls)]));
-    assert_eq!(r["built"], 13, "{r}");
+    assert_eq!(r["built"], 17, "{r}");
 
     let config = t.path().join("config");
     fs::create_dir_all(config.join("rbuild")).unwrap();
@@ -2507,7 +2518,7 @@ fn provenance_names_the_outputs_and_every_fetched_file_and_attests() {
     let s: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(s["_type"], "https://in-toto.io/Statement/v1");
     assert_eq!(s["predicateType"], "https://slsa.dev/provenance/v1");
-    let manifest = image_manifest_digest(Path::new(image["output"].as_str().unwrap()));
+    let manifest = manifest_digest(Path::new(image["output"].as_str().unwrap()));
     assert_eq!(
         format!(
             "sha256:{}",
@@ -2726,8 +2737,9 @@ print(json.loads(env.payload)["predicateType"])
 }
 
 /// A layered image's SBOMs describe the whole image: the base's packages in the first layer,
-/// each copied file (with its sha256) in the layer that copied it; its provenance names the
-/// layered image. Both SBOMs pass the reference validators.
+/// each copied file (with its sha256) in the layer that copied it; the image carries both as
+/// OCI referrers; its provenance names the layered image. Both SBOMs pass the reference
+/// validators.
 #[test]
 fn layered_sboms_attribute_packages_and_files_to_layers() {
     let t = tempfile::tempdir().unwrap();
@@ -2764,7 +2776,7 @@ fn layered_sboms_attribute_packages_and_files_to_layers() {
     let prov = realise("^provenance", &t.path().join("app.provenance.json"));
     let prov: serde_json::Value =
         serde_json::from_slice(&fs::read(prov["output"].as_str().unwrap()).unwrap()).unwrap();
-    let manifest = image_manifest_digest(Path::new(image["output"].as_str().unwrap()));
+    let manifest = manifest_digest(Path::new(image["output"].as_str().unwrap()));
     assert_eq!(
         format!(
             "sha256:{}",
@@ -2776,6 +2788,12 @@ fn layered_sboms_attribute_packages_and_files_to_layers() {
     assert_eq!(
         prov["predicate"]["buildDefinition"]["externalParameters"]["recipe"]["name"],
         "app"
+    );
+    // The image carries both SBOMs as referrers.
+    assert_sbom_referrers(
+        Path::new(image["output"].as_str().unwrap()),
+        &fs::read(&spdx_path).unwrap(),
+        &fs::read(&cdx_path).unwrap(),
     );
 
     let motd = sha256_hex(b"hello from a layer\n");

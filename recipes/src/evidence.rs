@@ -112,12 +112,18 @@ impl Evidence {
     }
 }
 
-/// The `spdx`, `cyclonedx` and `provenance` derivations of `ev`'s image.
-pub fn outputs(
+/// The SBOM formats rbuild writes: output name and the artifact type of its OCI referrer.
+pub const SBOM_FORMATS: [(&str, &str); 2] = [
+    ("spdx", "application/spdx+json"),
+    ("cyclonedx", "application/vnd.cyclonedx+json"),
+];
+
+/// The `spdx` and `cyclonedx` derivations of `ev`'s image, from `manifest` (the image's
+/// [`crate::expand::image_manifest`]), in [`SBOM_FORMATS`]' order.
+pub fn sboms(
     g: &mut Graph,
     ev: &Evidence,
-    image: &DrvHash,
-    rootfs: &DrvHash,
+    manifest: &DrvHash,
     tree: &DrvHash,
 ) -> Result<Vec<(String, DrvHash)>, ExpandError> {
     let stanzas = ev.stanzas(g)?;
@@ -127,11 +133,9 @@ pub fn outputs(
     )]
     .into_iter()
     .collect();
-    let tool_version = rbuild_engine::derivation::BUILDERS_EPOCH
-        .trim_end_matches('\0')
-        .to_owned();
+    let tool_version = tool_version();
     let mut out = Vec::new();
-    for format in ["spdx", "cyclonedx"] {
+    for (format, _) in SBOM_FORMATS {
         let plan = SbomPlan {
             format: format.into(),
             name: ev.name.clone(),
@@ -159,7 +163,7 @@ pub fn outputs(
                 args: vec![serde_json::to_string(&plan).expect("plan serializes")],
                 env: sde.clone(),
                 inputs: vec![
-                    image.clone(),
+                    manifest.clone(),
                     tree.clone(),
                     stanzas.clone(),
                     ev.verify.clone(),
@@ -169,6 +173,22 @@ pub fn outputs(
             })?,
         ));
     }
+    Ok(out)
+}
+
+fn tool_version() -> String {
+    rbuild_engine::derivation::BUILDERS_EPOCH
+        .trim_end_matches('\0')
+        .to_owned()
+}
+
+/// The `provenance` derivation of `ev`'s image (the layout `image`) and its `rootfs`.
+pub fn provenance(
+    g: &mut Graph,
+    ev: &Evidence,
+    image: &DrvHash,
+    rootfs: &DrvHash,
+) -> Result<DrvHash, ExpandError> {
     let mut dependencies: Vec<Dependency> = ev
         .indices
         .iter()
@@ -197,20 +217,16 @@ pub fn outputs(
             sha256: ev.inrelease.sha256.clone(),
         },
         dependencies,
-        builder_id: format!("urn:rbuild:builder:{tool_version}"),
+        builder_id: format!("urn:rbuild:builder:{}", tool_version()),
     };
-    out.push((
-        "provenance".to_owned(),
-        g.add(Derivation {
-            name: format!("{}-provenance", ev.name),
-            stage: Stage::Pack,
-            builder: "builtin:debian-provenance".into(),
-            args: vec![serde_json::to_string(&plan).expect("plan serializes")],
-            env: BTreeMap::new(),
-            inputs: vec![image.clone(), rootfs.clone(), ev.verify.clone()],
-            system: None,
-            fixed_output: None,
-        })?,
-    ));
-    Ok(out)
+    Ok(g.add(Derivation {
+        name: format!("{}-provenance", ev.name),
+        stage: Stage::Pack,
+        builder: "builtin:debian-provenance".into(),
+        args: vec![serde_json::to_string(&plan).expect("plan serializes")],
+        env: BTreeMap::new(),
+        inputs: vec![image.clone(), rootfs.clone(), ev.verify.clone()],
+        system: None,
+        fixed_output: None,
+    })?)
 }

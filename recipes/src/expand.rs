@@ -427,8 +427,16 @@ fn expand_arch(
         labels: BTreeMap::new(),
     };
     let layers = vec![layer];
-    let image = image(g, &recipe.name, &layers, &config, lock.source_date_epoch)?;
-    let extra = crate::evidence::outputs(g, &evidence, &image, &rootfs, &tree)?;
+    let (image, extra) = image_with_evidence(
+        g,
+        &recipe.name,
+        &layers,
+        &config,
+        lock.source_date_epoch,
+        &evidence,
+        &rootfs,
+        &tree,
+    )?;
     let outputs = [
         ("image", image),
         ("rootfs", rootfs),
@@ -472,27 +480,60 @@ pub fn rootfs_tar(
     })
 }
 
-/// The OCI image of `layers` (bottom first) with `config`.
-pub fn image(
+/// The OCI image of `layers` (bottom first) with `config`, its SBOMs attached as OCI referrers,
+/// and the image's evidence outputs (`spdx`, `cyclonedx`, `provenance`) of `ev`.
+#[allow(clippy::too_many_arguments)]
+pub fn image_with_evidence(
     g: &mut Graph,
     name: &str,
     layers: &[DrvHash],
     config: &ImageConfig,
     sde: i64,
-) -> Result<DrvHash, rbuild_engine::graph::GraphError> {
-    g.add(Derivation {
-        name: format!("{name}-oci"),
+    ev: &crate::evidence::Evidence,
+    rootfs: &DrvHash,
+    tree: &DrvHash,
+) -> Result<(DrvHash, Vec<(String, DrvHash)>), ExpandError> {
+    let args = vec![
+        serde_json::to_string(config).expect("config serializes"),
+        name.to_owned(),
+    ];
+    // The SBOMs describe the image by its manifest, which the layer blobs are not needed for.
+    let manifest = g.add(Derivation {
+        name: format!("{name}-oci-manifest"),
         stage: Stage::Pack,
-        builder: "builtin:pack-oci".into(),
-        args: vec![
-            serde_json::to_string(config).expect("config serializes"),
-            name.to_owned(),
-        ],
+        builder: "builtin:pack-oci-manifest".into(),
+        args: args.clone(),
         env: sde_env(sde),
         inputs: layers.to_vec(),
         system: None,
         fixed_output: None,
-    })
+    })?;
+    let mut outputs = crate::evidence::sboms(g, ev, &manifest, tree)?;
+    let kinds: Vec<&str> = crate::evidence::SBOM_FORMATS
+        .iter()
+        .map(|(_, kind)| *kind)
+        .collect();
+    let mut args = args;
+    args.push(serde_json::to_string(&kinds).expect("strings serialize"));
+    let image = g.add(Derivation {
+        name: format!("{name}-oci"),
+        stage: Stage::Pack,
+        builder: "builtin:pack-oci".into(),
+        args,
+        env: sde_env(sde),
+        inputs: layers
+            .iter()
+            .chain(outputs.iter().map(|(_, sbom)| sbom))
+            .cloned()
+            .collect(),
+        system: None,
+        fixed_output: None,
+    })?;
+    outputs.push((
+        "provenance".to_owned(),
+        crate::evidence::provenance(g, ev, &image, rootfs)?,
+    ));
+    Ok((image, outputs))
 }
 
 #[cfg(test)]

@@ -513,12 +513,19 @@ fn expand_layered(
     }
     ex.config = merge_config(ex.config, &recipe.config);
     ex.limits = recipe.limits.over(ex.limits);
-    let image = expand::image(&mut ex.graph, &name, &ex.layers, &ex.config, sde)?;
     let rootfs = expand::rootfs_tar(&mut ex.graph, &name, &tree, sde)?;
     evidence.layered(&name, &serde_json::to_vec(recipe)?, &render_lock(lock));
-    for (k, v) in crate::evidence::outputs(&mut ex.graph, &evidence, &image, &rootfs, &tree)? {
-        ex.outputs.insert(k, v);
-    }
+    let (image, extra) = expand::image_with_evidence(
+        &mut ex.graph,
+        &name,
+        &ex.layers,
+        &ex.config,
+        sde,
+        &evidence,
+        &rootfs,
+        &tree,
+    )?;
+    ex.outputs.extend(extra);
     ex.evidence = Some(evidence);
     ex.outputs.insert("image".into(), image);
     ex.outputs.insert("tree".into(), tree);

@@ -704,3 +704,78 @@ pub fn buildgrid_with_tls(tls: Option<(&Path, &Path)>) -> BuildGrid {
         _dir: dir,
     }
 }
+
+/// The digest of the one image an OCI layout's `index.json` lists.
+pub fn manifest_digest(layout: &Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 1, "{}: one image", layout.display());
+    manifests[0]["digest"].as_str().unwrap().to_owned()
+}
+
+/// A blob of an OCI layout, checked against its digest.
+pub fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let bytes = fs::read(layout.join("blobs/sha256").join(hex)).unwrap();
+    assert_eq!(
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+        hex,
+        "blob {digest} of {}",
+        layout.display()
+    );
+    bytes
+}
+
+/// The image layout `layout` carries `spdx` and `cyclonedx` (the `^spdx` and `^cyclonedx`
+/// outputs' bytes) as OCI 1.1 referrers of its image: `index.json` lists the image alone, and
+/// `referrers/` — a layout on the same blobs — lists the image as `index.json` does, then one
+/// artifact manifest per document, whose `subject` is the image and whose one layer is the
+/// document, byte for byte.
+pub fn assert_sbom_referrers(layout: &Path, spdx: &[u8], cyclonedx: &[u8]) {
+    let read =
+        |p: &Path| -> serde_json::Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
+    let index = read(&layout.join("index.json"));
+    let image = manifest_digest(layout);
+    let image_size = layout_blob(layout, &image).len() as u64;
+    let referrers = layout.join("referrers");
+    let listed = read(&referrers.join("index.json"));
+    let listed = listed["manifests"].as_array().unwrap();
+    assert_eq!(
+        listed[0], index["manifests"][0],
+        "the referrers layout's image"
+    );
+    let mut found = Vec::new();
+    for d in &listed[1..] {
+        let digest = d["digest"].as_str().unwrap();
+        // Read through the referrers layout: its blobs are the image layout's.
+        let m: serde_json::Value =
+            serde_json::from_slice(&layout_blob(&referrers, digest)).unwrap();
+        assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+        assert_eq!(m["artifactType"], d["artifactType"]);
+        assert_eq!(
+            (&m["subject"]["digest"], &m["subject"]["size"]),
+            (&serde_json::json!(image), &serde_json::json!(image_size)),
+            "{digest}: the subject is the image"
+        );
+        assert_eq!(
+            m["config"]["mediaType"],
+            "application/vnd.oci.empty.v1+json"
+        );
+        let layers = m["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 1);
+        let doc = layout_blob(layout, layers[0]["digest"].as_str().unwrap());
+        found.push((m["artifactType"].as_str().unwrap().to_owned(), doc));
+    }
+    assert_eq!(
+        found,
+        vec![
+            ("application/spdx+json".to_owned(), spdx.to_vec()),
+            (
+                "application/vnd.cyclonedx+json".to_owned(),
+                cyclonedx.to_vec()
+            ),
+        ],
+        "the referrers are the SBOMs"
+    );
+}

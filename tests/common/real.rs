@@ -20,12 +20,6 @@ pub fn mirror(test: &str) -> Option<String> {
     m
 }
 
-pub fn manifest_digest(layout: &Path) -> String {
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    index["manifests"][0]["digest"].as_str().unwrap().to_owned()
-}
-
 /// Whether `tool` (from the Debian package of the same name) is installed; if not, `what` is
 /// skipped the shared way.
 pub fn have(what: &str, tool: &str) -> bool {

@@ -20,6 +20,27 @@ pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+jso
 pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+/// The config of an artifact manifest that has none (image-spec 1.1's empty descriptor).
+pub const MEDIA_TYPE_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// The directory, inside an image layout, of the layout that lists its referrers.
+pub const REFERRERS_DIR: &str = "referrers";
+
+/// Whether [`write_layout`] copies the layer blobs in, or writes only the config, the manifest
+/// and the index (all an image's digest depends on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerBlobs {
+    Copy,
+    Omit,
+}
+
+/// A file to attach to an image as an OCI 1.1 referrer: an artifact manifest of
+/// `artifact_type` whose one layer is the file and whose `subject` is the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Referrer {
+    pub artifact_type: String,
+    pub path: PathBuf,
+}
 
 /// One compressed layer, bottom first in a `&[Layer]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,20 +95,23 @@ pub fn oci_platform(arch: &str) -> (&str, Option<&'static str>) {
 }
 
 /// Write an OCI image layout of `layers` (bottom first) and `config` into `out` (created if
-/// missing). Layer blobs are copied in and verified against their descriptor. With `ref_name`, the
-/// index entry carries it as `org.opencontainers.image.ref.name`. Returns the manifest digest
-/// (`sha256:…`).
+/// missing). With [`LayerBlobs::Copy`], layer blobs are copied in and verified against their
+/// descriptor. With `ref_name`, the index entry carries it as `org.opencontainers.image.ref.name`.
+/// Returns the manifest digest (`sha256:…`).
 pub fn write_layout(
     out: &Path,
     layers: &[Layer],
     config: &ImageConfig,
     ref_name: Option<&str>,
+    blobs_mode: LayerBlobs,
 ) -> Result<String, ArchiveError> {
     let blobs = start_layout(out, ref_name)?;
 
     for layer in layers {
         check_digest(&layer.diff_id).map_err(malformed(&layer.blob_path))?;
-        copy_blob(layer, &blobs)?;
+        if blobs_mode == LayerBlobs::Copy {
+            copy_blob(layer, &blobs)?;
+        }
     }
 
     let (arch, variant) = oci_platform(&config.architecture);
@@ -166,14 +190,10 @@ pub fn write_multi_platform_layout(
 ) -> Result<String, ArchiveError> {
     let blobs = start_layout(out, ref_name)?;
     let mut manifests = Vec::new();
+    let mut referrers = Vec::new();
     for image in images {
-        let path = image.join("index.json");
-        let bytes = fs::read(&path).map_err(|e| ArchiveError::io(&path, e))?;
-        let index: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Codec {
-                what: format!("{} (an OCI index)", path.display()),
-                problem: e.to_string(),
-            })?;
+        let index = read_json(&image.join("index.json"))?;
+        referrers.extend(listed_referrers(image)?);
         for m in index["manifests"].as_array().into_iter().flatten() {
             let mut m = m.clone();
             if let Some(o) = m.as_object_mut() {
@@ -207,8 +227,149 @@ pub fn write_multi_platform_layout(
         media_type: MEDIA_TYPE_INDEX,
         manifests: vec![desc],
     };
+    let top = serde_json::to_value(&index.manifests[0]).map_err(|e| ArchiveError::Codec {
+        what: "OCI JSON".into(),
+        problem: e.to_string(),
+    })?;
     write_file(&out.join("index.json"), &to_json(&index)?)?;
+    if !referrers.is_empty() {
+        // Each image's referrers name that image's manifest, which the index lists.
+        write_referrers_layout(out, top, referrers)?;
+    }
     Ok(digest)
+}
+
+/// Attach `referrers` to the one image the layout `out` holds, as OCI 1.1 referrers: for each, the
+/// file as a blob and an artifact manifest (`artifactType`, the empty config, the file as its one
+/// layer, `subject` the image, `created` as its creation annotation), in `out`'s blobs.
+///
+/// `out/index.json` keeps listing the image alone: podman and skopeo (containers/image) refuse
+/// `oci:DIR` when it lists more than one manifest, and umoci refuses a tag whose index reaches
+/// more than one. The referrers are listed instead in a second layout, `out/referrers/`, that
+/// shares `out`'s blobs (`blobs` is the link `../blobs`) and lists the image (with its ref.name)
+/// and every artifact manifest — the layout ORAS reads referrers from, and copies to a registry
+/// with them. Returns the artifact manifests' digests.
+pub fn attach_referrers(
+    out: &Path,
+    referrers: &[Referrer],
+    created: &str,
+) -> Result<Vec<String>, ArchiveError> {
+    let (top, subject) = single_top_descriptor(out)?;
+    let blobs = out.join("blobs").join("sha256");
+    let empty = write_bytes_blob(&blobs, b"{}")?;
+    let mut artifacts = Vec::new();
+    let mut digests = Vec::new();
+    for r in referrers {
+        let bytes = fs::read(&r.path).map_err(|e| ArchiveError::io(&r.path, e))?;
+        let file = write_bytes_blob(&blobs, &bytes)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_MANIFEST,
+            "artifactType": r.artifact_type,
+            "config": {
+                "mediaType": MEDIA_TYPE_EMPTY,
+                "digest": empty.0,
+                "size": empty.1,
+                "data": "e30=",
+            },
+            "layers": [{
+                "mediaType": r.artifact_type,
+                "digest": file.0,
+                "size": file.1,
+            }],
+            "subject": subject,
+            "annotations": {ANNOTATION_CREATED: created},
+        });
+        let (digest, size) = write_bytes_blob(&blobs, &to_json(&manifest)?)?;
+        artifacts.push(serde_json::json!({
+            "mediaType": MEDIA_TYPE_MANIFEST,
+            "digest": digest,
+            "size": size,
+            "artifactType": r.artifact_type,
+            "annotations": {ANNOTATION_CREATED: created},
+        }));
+        digests.push(digest);
+    }
+    write_referrers_layout(out, top, artifacts)?;
+    Ok(digests)
+}
+
+/// The artifact-manifest descriptors `layout`'s `referrers/` lists (none when it has none).
+fn listed_referrers(layout: &Path) -> Result<Vec<serde_json::Value>, ArchiveError> {
+    let path = layout.join(REFERRERS_DIR).join("index.json");
+    if !path.exists() {
+        return Ok(vec![]);
+    }
+    let index = read_json(&path)?;
+    Ok(index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m.get("artifactType").is_some())
+        .cloned()
+        .collect())
+}
+
+/// Write `out/referrers/`: an image layout sharing `out`'s blobs, listing `top` (the image, as
+/// `out/index.json` lists it) then `artifacts`.
+fn write_referrers_layout(
+    out: &Path,
+    top: serde_json::Value,
+    artifacts: Vec<serde_json::Value>,
+) -> Result<(), ArchiveError> {
+    let dir = out.join(REFERRERS_DIR);
+    fs::create_dir_all(&dir).map_err(|e| ArchiveError::io(&dir, e))?;
+    write_file(
+        &dir.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let link = dir.join("blobs");
+    std::os::unix::fs::symlink("../blobs", &link).map_err(|e| ArchiveError::io(&link, e))?;
+    let mut manifests = vec![top];
+    manifests.extend(artifacts);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_INDEX,
+        "manifests": manifests,
+    });
+    write_file(&dir.join("index.json"), &to_json(&index)?)
+}
+
+/// `layout`'s one `index.json` entry, whole, and as a bare descriptor (media type, digest, size).
+fn single_top_descriptor(
+    layout: &Path,
+) -> Result<(serde_json::Value, serde_json::Value), ArchiveError> {
+    let path = layout.join("index.json");
+    let index = read_json(&path)?;
+    match index["manifests"].as_array().map(Vec::as_slice) {
+        Some([m]) => {
+            let bare = serde_json::json!({
+                "mediaType": m["mediaType"],
+                "digest": m["digest"],
+                "size": m["size"],
+            });
+            Ok((m.clone(), bare))
+        }
+        _ => Err(ArchiveError::Codec {
+            what: format!("{} (an OCI index)", path.display()),
+            problem: "expected exactly one image in \"manifests\"".into(),
+        }),
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, ArchiveError> {
+    let bytes = fs::read(path).map_err(|e| ArchiveError::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Codec {
+        what: format!("{} (OCI JSON)", path.display()),
+        problem: e.to_string(),
+    })
+}
+
+/// Store `bytes` as a blob; returns its digest (`sha256:…`) and size.
+fn write_bytes_blob(blobs: &Path, bytes: &[u8]) -> Result<(String, u64), ArchiveError> {
+    let hex = hex::encode(Sha256::digest(bytes));
+    write_file(&blobs.join(&hex), bytes)?;
+    Ok((format!("sha256:{hex}"), bytes.len() as u64))
 }
 
 /// Check `ref_name`, create `out`'s blob directory and its `oci-layout`; returns the blob

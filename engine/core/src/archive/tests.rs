@@ -717,8 +717,10 @@ fn oci_layout_is_consistent_and_deterministic() {
     let config = test_config();
     let l1 = tmp.path().join("image1");
     let l2 = tmp.path().join("image2");
-    let d1 = oci::write_layout(&l1, &layers, &config, Some("test:1")).unwrap();
-    let d2 = oci::write_layout(&l2, &layers, &config, Some("test:1")).unwrap();
+    let d1 =
+        oci::write_layout(&l1, &layers, &config, Some("test:1"), oci::LayerBlobs::Copy).unwrap();
+    let d2 =
+        oci::write_layout(&l2, &layers, &config, Some("test:1"), oci::LayerBlobs::Copy).unwrap();
     assert_eq!(d1, d2);
 
     assert_eq!(
@@ -809,6 +811,7 @@ fn oci_layout_rejects_wrong_descriptors() {
         &[layer.clone()],
         &test_config(),
         None,
+        oci::LayerBlobs::Copy,
     )
     .unwrap_err();
     assert!(matches!(e, ArchiveError::Tree { .. }), "{e}");
@@ -818,7 +821,8 @@ fn oci_layout_rejects_wrong_descriptors() {
         &tmp.path().join("img"),
         &[layer.clone()],
         &test_config(),
-        None
+        None,
+        oci::LayerBlobs::Copy,
     )
     .is_err());
     let stray: Vec<_> = fs::read_dir(tmp.path().join("img/blobs/sha256"))
@@ -837,27 +841,149 @@ fn tool(name: &str) -> bool {
     )
 }
 
+/// Two documents attached to `layout`'s image as referrers.
+fn attach_two(tmp: &Path, layout: &Path) -> Vec<String> {
+    let spdx = tmp.join("doc.spdx.json");
+    fs::write(&spdx, br#"{"spdxVersion":"SPDX-2.3"}"#).unwrap();
+    let cdx = tmp.join("doc.cdx.json");
+    fs::write(&cdx, br#"{"bomFormat":"CycloneDX"}"#).unwrap();
+    let refs = [
+        oci::Referrer {
+            artifact_type: "application/spdx+json".into(),
+            path: spdx,
+        },
+        oci::Referrer {
+            artifact_type: "application/vnd.cyclonedx+json".into(),
+            path: cdx,
+        },
+    ];
+    oci::attach_referrers(layout, &refs, "2023-11-14T22:13:20Z").unwrap()
+}
+
+#[test]
+fn referrers_name_the_image_and_leave_its_index_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = [make_layer(tmp.path(), "base")];
+    let layout = tmp.path().join("image");
+    let image = oci::write_layout(
+        &layout,
+        &layers,
+        &test_config(),
+        Some("t"),
+        oci::LayerBlobs::Copy,
+    )
+    .unwrap();
+    let index_before = fs::read(layout.join("index.json")).unwrap();
+    let digests = attach_two(tmp.path(), &layout);
+    assert_eq!(fs::read(layout.join("index.json")).unwrap(), index_before);
+
+    let refs = json(&fs::read(layout.join("referrers/index.json")).unwrap());
+    let listed = refs["manifests"].as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{refs}");
+    assert_eq!(listed[0], json(&index_before)["manifests"][0]);
+    // The referrers layout reads the image layout's blobs.
+    assert_eq!(
+        fs::read_link(layout.join("referrers/blobs")).unwrap(),
+        Path::new("../blobs")
+    );
+    let image_size = blob(&layout, &image).len() as u64;
+    for (desc, (digest, (kind, body))) in listed[1..].iter().zip(digests.iter().zip([
+        ("application/spdx+json", "SPDX-2.3"),
+        ("application/vnd.cyclonedx+json", "CycloneDX"),
+    ])) {
+        assert_eq!(desc["digest"], digest.as_str());
+        assert_eq!(desc["artifactType"], kind);
+        let m = json(&blob(&layout.join("referrers"), digest));
+        assert_eq!(m["mediaType"], oci::MEDIA_TYPE_MANIFEST);
+        assert_eq!(m["artifactType"], kind);
+        assert_eq!(m["subject"]["digest"], image.as_str());
+        assert_eq!(m["subject"]["size"], image_size);
+        assert_eq!(m["subject"]["mediaType"], oci::MEDIA_TYPE_MANIFEST);
+        assert_eq!(m["config"]["mediaType"], oci::MEDIA_TYPE_EMPTY);
+        assert_eq!(
+            blob(&layout, m["config"]["digest"].as_str().unwrap()),
+            b"{}"
+        );
+        assert_eq!(m["layers"][0]["mediaType"], kind);
+        let doc = blob(&layout, m["layers"][0]["digest"].as_str().unwrap());
+        assert!(String::from_utf8(doc).unwrap().contains(body));
+        assert_eq!(
+            m["annotations"][oci::ANNOTATION_CREATED],
+            "2023-11-14T22:13:20Z"
+        );
+    }
+}
+
+#[test]
+fn multi_platform_layout_keeps_each_images_referrers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut images = Vec::new();
+    let mut artifacts = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let layers = [make_layer(tmp.path(), arch)];
+        let layout = tmp.path().join(arch);
+        let mut config = test_config();
+        config.architecture = arch.into();
+        oci::write_layout(&layout, &layers, &config, None, oci::LayerBlobs::Copy).unwrap();
+        artifacts.extend(attach_two(tmp.path(), &layout));
+        images.push(layout);
+    }
+    let out = tmp.path().join("multi");
+    let paths: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
+    let top = oci::write_multi_platform_layout(&out, &paths, Some("m")).unwrap();
+    let index = json(&fs::read(out.join("index.json")).unwrap());
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
+    let refs = json(&fs::read(out.join("referrers/index.json")).unwrap());
+    let listed = refs["manifests"].as_array().unwrap();
+    assert_eq!(listed[0]["digest"], top.as_str());
+    assert_eq!(listed[0]["annotations"][oci::ANNOTATION_REF_NAME], "m");
+    let got: Vec<&str> = listed[1..]
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, artifacts);
+    for d in got {
+        // Every artifact manifest and the document it carries were copied in.
+        let m = json(&blob(&out, d));
+        blob(&out, m["layers"][0]["digest"].as_str().unwrap());
+    }
+}
+
 #[test]
 fn oci_layout_accepted_by_skopeo_and_umoci() {
     let tmp = tempfile::tempdir().unwrap();
     let layers = [make_layer(tmp.path(), "base")];
     let layout = tmp.path().join("image");
-    oci::write_layout(&layout, &layers, &test_config(), Some("test")).unwrap();
+    oci::write_layout(
+        &layout,
+        &layers,
+        &test_config(),
+        Some("test"),
+        oci::LayerBlobs::Copy,
+    )
+    .unwrap();
+    // The form every rbuild image has: referrers attached.
+    attach_two(tmp.path(), &layout);
     let image = format!("{}:test", layout.display());
 
     if tool("skopeo") {
-        let o = Command::new("skopeo")
-            .args(["inspect", &format!("oci:{image}")])
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "skopeo inspect: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let v = json(&o.stdout);
-        assert_eq!(v["Architecture"], "amd64");
-        assert_eq!(v["Layers"].as_array().unwrap().len(), 1);
+        // By tag, without one (the layout's only image), and through the referrers layout.
+        let untagged = layout.display().to_string();
+        let through = format!("{}/referrers:test", layout.display());
+        for name in [&image, &untagged, &through] {
+            let o = Command::new("skopeo")
+                .args(["inspect", &format!("oci:{name}")])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "skopeo inspect oci:{name}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let v = json(&o.stdout);
+            assert_eq!(v["Architecture"], "amd64");
+            assert_eq!(v["Layers"].as_array().unwrap().len(), 1);
+        }
     }
     if tool("umoci") {
         let bundle = tmp.path().join("bundle");

@@ -64,6 +64,7 @@ impl Builtins {
         b.register("pack-tar", pack::pack_tar);
         b.register("pack-layer", pack::pack_layer);
         b.register("pack-oci", pack::pack_oci);
+        b.register("pack-oci-manifest", pack::pack_oci_manifest);
         b.register("pack-oci-index", pack::pack_oci_index);
         b.register("layer-diff", pack::layer_diff);
         b

@@ -194,13 +194,59 @@ pub fn layer_diff(ctx: &BuildContext) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `pack-oci`: inputs are layer outputs (bottom first); argument 0 is the image config as JSON
-/// ([`oci::ImageConfig`]); `$out` becomes an OCI image layout.
+/// `pack-oci`: inputs are layer outputs (bottom first), then the files to attach as referrers;
+/// argument 0 is the image config as JSON ([`oci::ImageConfig`]), 1 the reference name, 2 (if
+/// present) a JSON list of artifact types, one per trailing referrer input; `$out` becomes
+/// an OCI image layout, its referrers listed in `referrers/` ([`oci::attach_referrers`]).
 pub fn pack_oci(ctx: &BuildContext) -> anyhow::Result<()> {
+    let kinds: Vec<String> = match ctx.args.get(2) {
+        Some(a) => serde_json::from_str(a).context("pack-oci: referrer list argument")?,
+        None => vec![],
+    };
+    if kinds.len() > ctx.inputs.len() {
+        anyhow::bail!(
+            "pack-oci: {} referrers named but only {} inputs",
+            kinds.len(),
+            ctx.inputs.len()
+        );
+    }
+    let (layer_inputs, referrer_inputs) = ctx.inputs.split_at(ctx.inputs.len() - kinds.len());
+    let digest = write_image(ctx, layer_inputs, oci::LayerBlobs::Copy)?;
+    if !kinds.is_empty() {
+        let referrers: Vec<oci::Referrer> = kinds
+            .into_iter()
+            .zip(referrer_inputs)
+            .map(|(artifact_type, path)| oci::Referrer {
+                artifact_type,
+                path: path.clone(),
+            })
+            .collect();
+        let config: oci::ImageConfig = serde_json::from_str(ctx.arg(0)?)?;
+        oci::attach_referrers(&ctx.out, &referrers, &config.created)
+            .with_context(|| format!("pack-oci: attaching referrers to {digest}"))?;
+    }
+    Ok(())
+}
+
+/// `pack-oci-manifest`: `pack-oci`'s image without its layer blobs or referrers — the config, the
+/// manifest and `index.json`, all the image's digest depends on — for derivations that describe the
+/// image (its SBOMs) and are themselves attached to it.
+pub fn pack_oci_manifest(ctx: &BuildContext) -> anyhow::Result<()> {
+    write_image(ctx, &ctx.inputs, oci::LayerBlobs::Omit)?;
+    Ok(())
+}
+
+/// The image layout of the layer outputs `inputs` with `ctx`'s config (argument 0) and reference
+/// name (argument 1) into `$out`; returns the manifest digest.
+fn write_image(
+    ctx: &BuildContext,
+    inputs: &[PathBuf],
+    blobs: oci::LayerBlobs,
+) -> anyhow::Result<String> {
     let config: oci::ImageConfig =
         serde_json::from_str(ctx.arg(0)?).context("pack-oci: image config argument")?;
     let mut layers = Vec::new();
-    for input in &ctx.inputs {
+    for input in inputs {
         let info_path = input.join("layer.json");
         let info: LayerInfo = serde_json::from_slice(
             &fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?,
@@ -214,8 +260,9 @@ pub fn pack_oci(ctx: &BuildContext) -> anyhow::Result<()> {
         });
     }
     let ref_name = ctx.args.get(1).map(String::as_str);
-    oci::write_layout(&ctx.out, &layers, &config, ref_name)?;
-    Ok(())
+    Ok(oci::write_layout(
+        &ctx.out, &layers, &config, ref_name, blobs,
+    )?)
 }
 
 /// `pack-oci-index`: inputs are single-image OCI layouts (one per architecture); `$out`

@@ -155,6 +155,34 @@ fn no_run_step_changes_anything_but_its_own_output() {
     );
 }
 
+/// Flushes to disk inside a build are answered without flushing (the store flushes an output
+/// once, when it registers it): `sync -d /dev/null` — `fdatasync`, which the kernel refuses for
+/// /dev/null — succeeds in a `run` step; with every wall but the seccomp filter's, it is refused
+/// again, so the check can fail.
+#[test]
+fn flushes_inside_a_build_are_answered_without_flushing() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(a) = busybox_archive(t.path()) else {
+        return;
+    };
+    let recipe = layered(
+        &a,
+        "flush",
+        "if sync -d /dev/null; then echo answered > /flush; else echo refused > /flush; fi",
+    );
+    for (walls, expected) in [(None, "answered"), (Some("mounts,landlock"), "refused")] {
+        let store = t.path().join(format!("store-{expected}"));
+        let tree = format!("{}^tree", recipe.display());
+        let out = realise(&a, Path::new(&tree), &store, walls);
+        let path = ok(&out).trim().to_owned();
+        assert_eq!(
+            fs::read_to_string(Path::new(&path).join("flush")).unwrap(),
+            format!("{expected}\n"),
+            "walls {walls:?}"
+        );
+    }
+}
+
 /// No terminal reaches a build: rbuild runs on a pseudo-terminal of its own (as CI has none),
 /// and the run step's writes to /dev/tty go nowhere.
 #[test]

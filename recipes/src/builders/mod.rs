@@ -165,7 +165,9 @@ impl Chroot {
     /// Run `argv`; its output goes to the build's log. `what` names it in an error.
     fn run(&self, what: &str, argv: &[&str]) -> anyhow::Result<()> {
         eprintln!("configure: {}", argv.join(" "));
+        let started = std::time::Instant::now();
         let status = sandbox::run_chrooted(&self.mounts, argv, &self.env, None)?;
+        eprintln!("configure: ({what}: {:.2?})", started.elapsed());
         if !status.success() {
             bail!("configure: {what} failed ({status}); see the output above");
         }

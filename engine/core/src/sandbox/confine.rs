@@ -223,7 +223,11 @@ const TIOCSTI: u64 = 0x5412;
 const TIOCLINUX: u64 = 0x541C;
 
 /// The seccomp filters: one refusing (EPERM) what no build needs, one answering `clone3` with
-/// ENOSYS (its flags cannot be inspected; C libraries fall back to `clone`, whose can).
+/// ENOSYS (its flags cannot be inspected; C libraries fall back to `clone`, whose can), and one
+/// answering the calls that flush files to disk (`fsync`, `fdatasync`, `sync_file_range`,
+/// `syncfs`, `sync`) with success without flushing: a build writes into scratch that is thrown
+/// away if it fails, and the store flushes an output once, when it registers it (outside the
+/// sandbox), so flushes inside are cost without benefit.
 fn seccomp_filters() -> Result<Vec<BpfProgram>, SandboxError> {
     #[cfg(target_arch = "x86_64")]
     let (arch, x32): (TargetArch, &[i64]) = (TargetArch::x86_64, &[0, 0x4000_0000]);
@@ -259,7 +263,17 @@ fn seccomp_filters() -> Result<Vec<BpfProgram>, SandboxError> {
     let newuser = libc::CLONE_NEWUSER as u64;
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = Default::default();
     let mut enosys: std::collections::BTreeMap<i64, Vec<SeccompRule>> = Default::default();
+    let mut no_flush: std::collections::BTreeMap<i64, Vec<SeccompRule>> = Default::default();
     for &abi in x32 {
+        for nr in [
+            libc::SYS_fsync,
+            libc::SYS_fdatasync,
+            libc::SYS_sync_file_range,
+            libc::SYS_syncfs,
+            libc::SYS_sync,
+        ] {
+            no_flush.insert(nr | abi, vec![]);
+        }
         for nr in denied {
             rules.insert(nr | abi, vec![]);
         }
@@ -277,7 +291,8 @@ fn seccomp_filters() -> Result<Vec<BpfProgram>, SandboxError> {
         enosys.insert(libc::SYS_clone3 | abi, vec![]);
     }
     let mut out = Vec::new();
-    for (rules, errno) in [(rules, libc::EPERM), (enosys, libc::ENOSYS)] {
+    // Errno(0): the call returns 0, as if it had succeeded.
+    for (rules, errno) in [(rules, libc::EPERM), (enosys, libc::ENOSYS), (no_flush, 0)] {
         let f = SeccompFilter::new(
             rules,
             SeccompAction::Allow,

@@ -405,7 +405,9 @@ fn expand_arch(
         name: format!("{}-layer", recipe.name),
         stage: Stage::Pack,
         builder: "builtin:pack-layer".into(),
-        args: vec![layer_history.clone()],
+        args: std::iter::once(layer_history.clone())
+            .chain(recipe.image.compression.layer_args())
+            .collect(),
         env: sde.clone(),
         inputs: vec![rootfs.clone()],
         system: None,
@@ -540,6 +542,28 @@ pub fn image_with_evidence(
 mod tests {
     use super::*;
     use crate::recipe::{load, AptSources};
+
+    /// `[image] compression = "zstd"` reaches the layer's derivation only when set: gzip layers
+    /// (every built-in recipe's) keep their derivation hashes.
+    #[test]
+    fn compression_enters_the_layer_only_when_zstd() {
+        let l = load("debian-bookworm").unwrap();
+        let lock = l.require_lock().unwrap();
+        let layer = |ex: &Expanded| ex.graph.get(&ex.layers[0]).unwrap().clone();
+        let plain = expand(&l.recipe, &l.keyring, lock).unwrap();
+        assert_eq!(layer(&plain).args.len(), 1, "the history line alone");
+        let mut r = l.recipe.clone();
+        r.image.compression = crate::recipe::Compression::Zstd;
+        let zstd = expand(&r, &l.keyring, lock).unwrap();
+        assert_eq!(layer(&zstd).args[1], "zstd");
+        assert_eq!(plain.outputs["tree"], zstd.outputs["tree"]);
+        assert_ne!(plain.outputs["image"], zstd.outputs["image"]);
+        let bad = toml::from_str::<crate::recipe::ImageSection>("compression = \"lz4\"");
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("unknown variant `lz4`"));
+    }
 
     /// `[apt-sources]` reaches the configure plan only when set: recipes without it (every
     /// built-in) keep their derivation hashes.

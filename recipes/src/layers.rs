@@ -497,7 +497,9 @@ fn expand_layered(
             name: format!("{name}-layer{}", i + 1),
             stage: Stage::Pack,
             builder: "builtin:layer-diff".into(),
-            args: vec![history_line(spec)],
+            args: std::iter::once(history_line(spec))
+                .chain(base.debian().recipe.image.compression.layer_args())
+                .collect(),
             env: env.clone(),
             inputs: vec![tree.clone(), upper.clone()],
             system: None,

@@ -59,7 +59,7 @@ pub enum RecipeError {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ImageSection {
     #[serde(default)]
     pub cmd: Option<Vec<String>>,
@@ -67,6 +67,34 @@ pub struct ImageSection {
     pub entrypoint: Option<Vec<String>>,
     #[serde(default)]
     pub env: Vec<String>,
+    /// How the image's layers are compressed (a layered recipe's layers as its base's).
+    #[serde(default, skip_serializing_if = "Compression::is_gzip")]
+    pub compression: Compression,
+}
+
+/// The compression of an image's layers: gzip (every OCI tool reads it) or zstd (smaller and
+/// faster; podman, skopeo, containerd and Docker 23+ read it).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn is_gzip(&self) -> bool {
+        *self == Compression::Gzip
+    }
+
+    /// The layer builders' extra argument: none for gzip, so that gzip layers keep the
+    /// derivation hashes they had before zstd existed.
+    pub fn layer_args(&self) -> Option<String> {
+        match self {
+            Compression::Gzip => None,
+            Compression::Zstd => Some("zstd".to_owned()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -304,6 +332,7 @@ fn default_image() -> ImageSection {
         cmd: Some(vec!["/bin/bash".into()]),
         entrypoint: None,
         env: vec![],
+        compression: Compression::Gzip,
     }
 }
 

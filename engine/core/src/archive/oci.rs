@@ -19,6 +19,7 @@ pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MEDIA_TYPE_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 /// The config of an artifact manifest that has none (image-spec 1.1's empty descriptor).
@@ -45,13 +46,15 @@ pub struct Referrer {
 /// One compressed layer, bottom first in a `&[Layer]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layer {
-    /// A gzip-compressed tar on disk.
+    /// A compressed tar on disk.
     pub blob_path: PathBuf,
+    /// Its media type ([`MEDIA_TYPE_LAYER_GZIP`] or [`MEDIA_TYPE_LAYER_ZSTD`]).
+    pub media_type: String,
     /// `sha256:…` of the uncompressed tar.
     pub diff_id: String,
-    /// `sha256:…` of the gzip blob.
+    /// `sha256:…` of the compressed blob.
     pub digest: String,
-    /// Size of the gzip blob in bytes.
+    /// Size of the compressed blob in bytes.
     pub size: u64,
     /// The history line of this layer.
     pub created_by: String,
@@ -149,7 +152,7 @@ pub fn write_layout(
         layers: layers
             .iter()
             .map(|l| Descriptor {
-                media_type: MEDIA_TYPE_LAYER_GZIP,
+                media_type: &l.media_type,
                 digest: l.digest.clone(),
                 size: l.size,
                 platform: None,

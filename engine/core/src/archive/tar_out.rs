@@ -379,6 +379,25 @@ fn check_level(level: u32) -> Result<Compression, ArchiveError> {
     Ok(Compression::new(level))
 }
 
+/// The zstd level of layers: zstd's default, already smaller than gzip -6 and several times
+/// faster.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Compress `r` into `w` as one zstd frame at [`ZSTD_LEVEL`], single-threaded and with a content
+/// checksum: the output depends only on the input (and the zstd library the binary links,
+/// which its builder epoch pins).
+pub fn zstd_reproducible<R: Read, W: Write>(mut r: R, w: W) -> Result<(), ArchiveError> {
+    let err = |e: io::Error| ArchiveError::Codec {
+        what: "zstd".into(),
+        problem: e.to_string(),
+    };
+    let mut enc = zstd::stream::Encoder::new(w, ZSTD_LEVEL).map_err(err)?;
+    enc.include_checksum(true).map_err(err)?;
+    io::copy(&mut r, &mut enc).map_err(err)?;
+    enc.finish().map_err(err)?.flush().map_err(err)?;
+    Ok(())
+}
+
 fn gzip_err(problem: impl Into<String>) -> ArchiveError {
     ArchiveError::Codec {
         what: "gzip".into(),

@@ -671,6 +671,7 @@ fn make_layer(dir: &Path, name: &str) -> Layer {
     let (digest, size) = oci::sha256_file(&blob).unwrap();
     Layer {
         blob_path: blob,
+        media_type: oci::MEDIA_TYPE_LAYER_GZIP.into(),
         diff_id: format!("sha256:{diff}"),
         digest: format!("sha256:{digest}"),
         size,

@@ -36,20 +36,63 @@ pub struct LayerInfo {
     pub digest: String,
     pub size: u64,
     pub created_by: String,
+    /// The blob's compression; absent for gzip (as every layer was before zstd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<LayerCompression>,
 }
 
-/// `pack-layer`: input 0 is a layer tar; `$out/layer.tar.gz` is its reproducible gzip and
-/// `$out/layer.json` the digests. Argument 0 is the history line.
+/// How a layer blob is compressed: `$out/layer.tar.gz` or `$out/layer.tar.zst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerCompression {
+    Gzip,
+    Zstd,
+}
+
+impl LayerCompression {
+    /// From a layer builder's optional compression argument (none: gzip).
+    fn from_arg(arg: Option<&String>) -> anyhow::Result<LayerCompression> {
+        match arg.map(String::as_str) {
+            None | Some("gzip") => Ok(LayerCompression::Gzip),
+            Some("zstd") => Ok(LayerCompression::Zstd),
+            Some(other) => anyhow::bail!("unknown layer compression {other:?} (gzip or zstd)"),
+        }
+    }
+
+    fn blob_name(self) -> &'static str {
+        match self {
+            LayerCompression::Gzip => "layer.tar.gz",
+            LayerCompression::Zstd => "layer.tar.zst",
+        }
+    }
+
+    fn media_type(self) -> &'static str {
+        match self {
+            LayerCompression::Gzip => oci::MEDIA_TYPE_LAYER_GZIP,
+            LayerCompression::Zstd => oci::MEDIA_TYPE_LAYER_ZSTD,
+        }
+    }
+}
+
+/// `pack-layer`: input 0 is a layer tar; `$out/layer.tar.gz` (or `.zst`) is its reproducible
+/// compression and `$out/layer.json` the digests. Argument 0 is the history line, argument 1
+/// (optional) the compression, `gzip` or `zstd`.
 pub fn pack_layer(ctx: &BuildContext) -> anyhow::Result<()> {
     let tar = ctx.inputs.first().context("pack-layer needs a tar input")?;
-    write_layer_blob(tar, &ctx.out, ctx.arg(0)?)
+    let compression = LayerCompression::from_arg(ctx.args.get(1))?;
+    write_layer_blob(tar, &ctx.out, ctx.arg(0)?, compression)
 }
 
-/// Compress the layer tar `tar` into `out/layer.tar.gz` and record its digests in `out/layer.json`.
-fn write_layer_blob(tar: &Path, out: &Path, created_by: &str) -> anyhow::Result<()> {
+/// Compress the layer tar `tar` into `out`'s blob and record its digests in `out/layer.json`.
+fn write_layer_blob(
+    tar: &Path,
+    out: &Path,
+    created_by: &str,
+    compression: LayerCompression,
+) -> anyhow::Result<()> {
     fs::create_dir_all(out)?;
     let (diff_hex, _) = oci::sha256_file(tar)?;
-    let blob = out.join("layer.tar.gz");
+    let blob = out.join(compression.blob_name());
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -58,14 +101,20 @@ fn write_layer_blob(tar: &Path, out: &Path, created_by: &str) -> anyhow::Result<
         fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?,
     );
     let w = BufWriter::with_capacity(1 << 20, fs::File::create(&blob)?);
-    let mut w = archive::tar_out::gzip_parallel(r, w, 6, threads)?;
-    w.flush()?;
+    match compression {
+        LayerCompression::Gzip => {
+            let mut w = archive::tar_out::gzip_parallel(r, w, 6, threads)?;
+            w.flush()?;
+        }
+        LayerCompression::Zstd => archive::tar_out::zstd_reproducible(r, w)?,
+    }
     let (digest_hex, size) = oci::sha256_file(&blob)?;
     let info = LayerInfo {
         diff_id: format!("sha256:{diff_hex}"),
         digest: format!("sha256:{digest_hex}"),
         size,
         created_by: created_by.to_owned(),
+        compression: (compression != LayerCompression::Gzip).then_some(compression),
     };
     fs::write(out.join("layer.json"), serde_json::to_vec_pretty(&info)?)?;
     Ok(())
@@ -189,7 +238,8 @@ pub fn layer_diff(ctx: &BuildContext) -> anyhow::Result<()> {
     let f = fs::File::create(&tar_path)?;
     let w = archive::tar_out::write_tar(&tree, &meta, sde, BufWriter::with_capacity(1 << 20, f))?;
     w.into_inner().map_err(|e| e.into_error())?;
-    write_layer_blob(&tar_path, &ctx.out, ctx.arg(0)?)?;
+    let compression = LayerCompression::from_arg(ctx.args.get(1))?;
+    write_layer_blob(&tar_path, &ctx.out, ctx.arg(0)?, compression)?;
     fs::remove_dir_all(&work)?;
     Ok(())
 }
@@ -251,8 +301,10 @@ fn write_image(
         let info: LayerInfo = serde_json::from_slice(
             &fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?,
         )?;
+        let compression = info.compression.unwrap_or(LayerCompression::Gzip);
         layers.push(oci::Layer {
-            blob_path: input.join("layer.tar.gz"),
+            blob_path: input.join(compression.blob_name()),
+            media_type: compression.media_type().to_owned(),
             diff_id: info.diff_id,
             digest: info.digest,
             size: info.size,

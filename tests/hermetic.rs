@@ -967,6 +967,11 @@ fn gc_keeps_what_roots_need_to_be_rebuilt_incrementally() {
         "two trees, two diffs, the image, its manifest and two SBOMs"
     );
 
+    // --dry-run says what gc will delete and free, and deletes nothing.
+    let o = rbuild(&["gc", "--store", store.to_str().unwrap(), "--dry-run"]);
+    let dry = ok(&o).to_owned() + &stderr(&o);
+    assert!(dry.contains("would delete 4 outputs, freeing "), "{dry}");
+    assert!(base_image.exists());
     let line = gc(&store, &[]);
     assert!(line.contains(" for 1 root;"), "{line}");
     assert!(
@@ -974,6 +979,10 @@ fn gc_keeps_what_roots_need_to_be_rebuilt_incrementally() {
         "only the base's image, its manifest and its two SBOMs: {line}"
     );
     assert_ne!(freed(&line), "0 B", "{line}");
+    assert!(
+        dry.contains(&format!("freeing {}", freed(&line))),
+        "the dry run's bytes are the real run's: {dry} / {line}"
+    );
     assert!(!base_image.exists());
     // Editing the last layer: its tree, its diff and the image (with its manifest and SBOMs),
     // without the network.
@@ -2967,4 +2976,240 @@ fn zstd_layers_on_request() {
         let hex = diff_id.strip_prefix("sha256:").unwrap();
         assert_eq!(fs::read(dir.join(hex)).unwrap(), tar);
     }
+}
+
+/// `realise --timings=DIR`: a trace with one complete event per derivation built, each inside
+/// the run and after the inputs it waited for, the critical path a chain ending with the last
+/// to finish; and a self-contained page that headless Chromium draws with one bar per
+/// derivation built.
+#[test]
+fn timings_report_draws_one_bar_per_derivation_built() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let dir = t.path().join("timings");
+    let arg = format!("--timings={}", dir.display());
+    let r = realise_json(None, &a, "", &t.path().join("store"), &[&arg]);
+    let built = r["built"].as_u64().unwrap() as usize;
+    assert!(built > 10, "{r}");
+
+    let trace: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("trace.json")).unwrap()).unwrap();
+    let events: Vec<&serde_json::Value> = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .collect();
+    assert_eq!(events.len(), built);
+    let by_hash: BTreeMap<&str, &serde_json::Value> = events
+        .iter()
+        .map(|e| (e["args"]["hash"].as_str().unwrap(), *e))
+        .collect();
+    assert_eq!(by_hash.len(), built, "one event per derivation");
+    let seconds = r["seconds"].as_f64().unwrap();
+    let end = |e: &serde_json::Value| e["ts"].as_i64().unwrap() + e["dur"].as_i64().unwrap();
+    for e in &events {
+        assert!(e["ts"].as_i64().unwrap() >= 0 && e["dur"].as_i64().unwrap() >= 0);
+        assert!(end(e) as f64 <= seconds * 1e6 + 1.0, "{e}");
+        assert!(["fetch", "verify", "unpack", "configure", "pack"]
+            .contains(&e["cat"].as_str().unwrap()));
+    }
+    // No two events of one lane overlap.
+    let mut lanes: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
+    for e in &events {
+        lanes
+            .entry(e["tid"].as_i64().unwrap())
+            .or_default()
+            .push((e["ts"].as_i64().unwrap(), end(e)));
+    }
+    for spans in lanes.values_mut() {
+        spans.sort();
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "{spans:?}");
+    }
+    // The image is built last, on the critical path, with the configure it waited for.
+    let critical: Vec<&&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["args"]["critical"] == true)
+        .collect();
+    let last = events.iter().max_by_key(|e| end(e)).unwrap();
+    assert_eq!(last["name"], "testos-oci");
+    assert_eq!(last["args"]["critical"], true);
+    assert!(critical.iter().any(|e| e["cat"] == "configure"));
+    assert!(critical.iter().any(|e| e["cat"] == "fetch"));
+
+    let page = fs::read_to_string(dir.join("index.html")).unwrap();
+    for fetching in ["src=", "href=", "url(", "@import"] {
+        assert!(
+            !page.contains(fetching),
+            "self-contained, but has {fetching}"
+        );
+    }
+    let Some(chromium) = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| Command::new(c).arg("--version").output().is_ok())
+    else {
+        skip(
+            "timings_report_draws_one_bar_per_derivation_built: rendering the page",
+            "chromium is not installed",
+            "install it (Debian/Ubuntu: `apt install chromium`)",
+        );
+        return;
+    };
+    let o = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            t.path().join("chromium").display()
+        ))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", dir.join("index.html").display()))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bars = dom.matches("<rect class=\"bar ").count();
+    assert_eq!(bars, built, "one bar per derivation built:\n{dom}");
+    assert!(
+        dom.contains(&format!("{built} built, 0 substituted")),
+        "{dom}"
+    );
+}
+
+/// "Why did this rebuild?": `realise --explain` gives a reason for each derivation it builds —
+/// never built, the first field that differs from last time (down to the JSON path in a plan),
+/// or that it only follows from its inputs — and `rbuild diff` compares the graph behind an
+/// `-o` link with a recipe, the causes named and what only follows from them collapsed.
+#[test]
+fn explain_and_diff_say_why_a_layer_rebuilt() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let store = t.path().join("store");
+    let app_dir = app_with_files(&a);
+    let recipe = app_dir.join("app.toml");
+    fs::write(
+        &recipe,
+        "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{ from = \"files/motd\", to = \"/etc/motd\", mode = \"0644\" }]\n",
+    )
+    .unwrap();
+    let realise = |link: &str| {
+        json(&rbuild(&[
+            "realise",
+            recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--mirror",
+            &a.mirror_url(),
+            "--json",
+            "--explain",
+            "-o",
+            t.path().join(link).to_str().unwrap(),
+        ]))
+    };
+    let first = realise("before");
+    let reasons = |r: &serde_json::Value| -> BTreeMap<String, String> {
+        r["explain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_owned(),
+                    e["reason"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let r1 = reasons(&first);
+    assert_eq!(r1.len() as u64, first["built"].as_u64().unwrap(), "{first}");
+    assert!(r1.values().all(|r| r.starts_with("never built")), "{r1:?}");
+
+    // The copied file's bytes change: the layer's plan carries them, the SBOMs their digests;
+    // the layer, the manifest and the image only follow.
+    fs::write(app_dir.join("files/motd"), "hello again\n").unwrap();
+    let second = realise("after");
+    let r2 = reasons(&second);
+    assert_eq!(second["built"], 6, "{second}");
+    assert_eq!(
+        r2.keys().collect::<Vec<_>>(),
+        [
+            "app-cyclonedx",
+            "app-layer1",
+            "app-layer1-tree",
+            "app-oci",
+            "app-oci-manifest",
+            "app-spdx"
+        ]
+    );
+    assert!(
+        r2["app-layer1-tree"].starts_with("args[0].copy[0].content: \"68656c6c6f2066726f6d"),
+        "{r2:?}"
+    );
+    for sbom in ["app-spdx", "app-cyclonedx"] {
+        assert!(r2[sbom].starts_with("args[0].files[0].sha1: "), "{r2:?}");
+    }
+    assert_eq!(
+        r2["app-layer1"],
+        "only follows from its inputs: app-layer1-tree changed"
+    );
+    let oci = &r2["app-oci"];
+    assert!(
+        oci.starts_with("only follows from its inputs: ")
+            && ["app-layer1", "app-spdx", "app-cyclonedx"]
+                .iter()
+                .all(|i| oci.contains(i)),
+        "{oci}"
+    );
+    assert!(r2["app-oci-manifest"].starts_with("only follows"), "{r2:?}");
+
+    // diff: the -o link of the first realise against the recipe as it is now.
+    let diff = |x: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "diff",
+            x.to_str().unwrap(),
+            recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--offline",
+        ];
+        args.extend_from_slice(extra);
+        rbuild(&args)
+    };
+    let o = diff(&t.path().join("before"), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        text.contains("app-layer1-tree (") && text.contains("  args[0].copy[0].content: "),
+        "{text}"
+    );
+    assert!(
+        text.contains("and 3 derivations that only follow from these: "),
+        "{text}"
+    );
+    let o = diff(&t.path().join("before"), &["--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut causes: Vec<&str> = j["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["follows"] == false)
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    causes.sort();
+    assert_eq!(
+        causes,
+        ["app-cyclonedx", "app-layer1-tree", "app-spdx"],
+        "{j}"
+    );
+    // The same graph on both sides: no difference, exit 0.
+    let o = diff(&t.path().join("after"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("are the same derivation"));
 }

@@ -1,6 +1,7 @@
 //! The `rbuild` command line.
 
 mod doctor;
+mod explain;
 mod store_cmd;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,21 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Compare two derivation graphs (each a recipe, an output path in the store, or an -o link
+    /// to one): the derivations that differ, each with the first field that does; exit 1 when
+    /// they differ
+    Diff {
+        a: String,
+        b: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Print {a, b, differences: [{name, a, b, field, from, to, removed_inputs,
+        /// added_inputs, changed_inputs, follows}]}
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the derivation graph of a recipe
     Graph {
         recipe: String,
@@ -94,6 +110,9 @@ enum Command {
         /// What to keep besides the roots' own outputs
         #[arg(long, value_enum, default_value_t = GcKeep::All)]
         keep: GcKeep,
+        /// Only say what would be deleted and freed; change nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Check, line by line, what the sandbox needs and has here (--json: what a builder sees)
     Doctor {
@@ -130,6 +149,16 @@ struct RealiseArgs {
     /// Print one JSON object {output, built, substituted, reused, fetched_bytes, substituted_bytes, seconds} instead of the path
     #[arg(long)]
     json: bool,
+    /// Write what each derivation took to DIR [default: rbuild-timings]: index.html (a time line,
+    /// one bar per derivation, the critical path marked) and trace.json (Chrome trace events,
+    /// for Perfetto)
+    #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true, default_missing_value = "rbuild-timings")]
+    timings: Option<PathBuf>,
+    /// Say why each derivation is built: which field differs from the derivation of the same
+    /// name the last realise of this recipe and output used (or that it was never built, or its
+    /// output was collected), and after the build, which no substituter had
+    #[arg(long)]
+    explain: bool,
     #[command(flatten)]
     cache: CacheArgs,
     #[command(flatten)]
@@ -692,6 +721,8 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         locked,
         jobs,
         json,
+        timings,
+        explain,
         cache,
         limits,
     } = args;
@@ -701,6 +732,7 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     let target = expanded.output(output)?.clone();
     let jobs = jobs_or_cores(jobs);
     let push = caches.push.clone();
+    let has_substituters = !caches.substituters.is_empty();
     let (store, engine, progress) = open_engine(
         store,
         fetcher,
@@ -709,12 +741,30 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         limits.limits(&expanded.limits),
     )?;
     let graph = Arc::new(expanded.graph);
+    let key = explain::request_key(recipe_arg, output);
+    let explained = if explain {
+        let e = explain::explain(&store, &graph, &target, &key)?;
+        for x in &e {
+            progress.line(&format!("explain: {}: {}", x.name, x.reason));
+        }
+        Some(e)
+    } else {
+        None
+    };
     let result = runtime(jobs)?.block_on(engine.realise(graph.clone(), &target));
     // The bars stop drawing before anything else is printed, so nothing is drawn over it.
     progress.finish();
     let report = result
         .map_err(|e| full_disk(store.root(), e))
         .with_context(|| format!("realising {arg}"))?;
+    store
+        .set_last_realised(&key, &target.0)
+        .context("recording what was realised")?;
+    if explained.is_some() && has_substituters {
+        for t in report.timings.iter().filter(|t| t.outcome == "built") {
+            eprintln!("explain: {}: no substituter had an entry for it", t.name);
+        }
+    }
     if let Some(link) = out_link {
         store
             .add_root(&link, &target.0)
@@ -728,6 +778,17 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     eprintln!("{}", rbuild_engine::progress::summary(&report, elapsed));
+    if let Some(dir) = timings {
+        let timeline = rbuild_engine::timings::Timeline::new(
+            arg,
+            &report.timings,
+            report.reused,
+            elapsed.as_secs_f64(),
+        );
+        write_timings(&dir, &timeline)
+            .with_context(|| format!("writing the timings report to {}", dir.display()))?;
+        eprintln!("timings: {}", dir.join("index.html").display());
+    }
     if json {
         println!(
             "{}",
@@ -735,11 +796,23 @@ fn realise(args: RealiseArgs) -> anyhow::Result<()> {
                 "output": report.output, "built": report.built, "substituted": report.substituted, "reused": report.reused,
                 "fetched_bytes": report.fetched_bytes, "substituted_bytes": report.substituted_bytes,
                 "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+                "explain": explained,
             })
         );
     } else {
         println!("{}", report.output.display());
     }
+    Ok(())
+}
+
+/// `DIR/index.html` and `DIR/trace.json` of `timeline`.
+fn write_timings(dir: &Path, timeline: &rbuild_engine::timings::Timeline) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("index.html"), timeline.html())?;
+    std::fs::write(
+        dir.join("trace.json"),
+        serde_json::to_vec(&timeline.chrome_trace())?,
+    )?;
     Ok(())
 }
 
@@ -945,6 +1018,27 @@ fn print_out(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `rbuild diff A B`; exits 1 when they differ.
+fn diff_cmd(
+    a: &str,
+    b: &str,
+    store: Option<PathBuf>,
+    source: &SourceArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    let store = open_store(store)?;
+    let load = |arg: &str| -> anyhow::Result<(Graph, rbuild_engine::DrvHash)> {
+        let (recipe, output) = split_output(arg);
+        let (expanded, _) = source.load(recipe, Some("`rbuild diff`"))?;
+        let target = expanded.output(output)?.clone();
+        Ok((expanded.graph, target))
+    };
+    if !explain::diff_cmd(a, b, &store, &load, json)? {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn graph_cmd(arg: &str, format: GraphFormat) -> anyhow::Result<()> {
     let (recipe_arg, _) = split_output(arg);
     let loaded = layers::load_any(recipe_arg, true)?;
@@ -996,7 +1090,7 @@ enum GcKeep {
     Roots,
 }
 
-fn gc_cmd(store: Option<PathBuf>, keep: GcKeep) -> anyhow::Result<()> {
+fn gc_cmd(store: Option<PathBuf>, keep: GcKeep, dry_run: bool) -> anyhow::Result<()> {
     use rbuild_engine::progress::human_bytes as human;
     fn count(n: usize, what: &str) -> String {
         format!("{n} {what}{}", if n == 1 { "" } else { "s" })
@@ -1009,9 +1103,34 @@ fn gc_cmd(store: Option<PathBuf>, keep: GcKeep) -> anyhow::Result<()> {
         }
         GcKeep::Roots => rbuild_store::Keep::Roots,
     };
-    let r = store.gc(keep, || {
-        eprintln!("gc: waiting for the other rbuild processes using this store to finish")
-    })?;
+    // On a terminal, a progress line while a large store is deleted.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last = std::time::Instant::now();
+    let r = store.gc_with(
+        keep,
+        dry_run,
+        || eprintln!("gc: waiting for the other rbuild processes using this store to finish"),
+        |done, total| {
+            if terminal && last.elapsed() > std::time::Duration::from_millis(200) {
+                last = std::time::Instant::now();
+                eprint!("\rgc: deleting {done}/{total} outputs\x1b[K");
+            }
+        },
+    )?;
+    if terminal {
+        eprint!("\r\x1b[K");
+    }
+    if dry_run {
+        eprintln!(
+            "gc --dry-run: would keep {} ({}) for {}; would delete {}, freeing {}",
+            count(r.kept, "output"),
+            human(r.kept_bytes),
+            count(r.roots_kept, "root"),
+            count(r.deleted, "output"),
+            human(r.freed_bytes),
+        );
+        return Ok(());
+    }
     if !r.unremovable.is_empty() {
         let map = rbuild_engine::sandbox::check_support()?;
         for p in &r.unremovable {
@@ -1061,13 +1180,24 @@ fn main() {
         Command::Key { command } => key_cmd(command),
         Command::Cache { command } => cache_cmd(command),
         Command::Graph { recipe, format } => graph_cmd(&recipe, format),
+        Command::Diff {
+            a,
+            b,
+            store,
+            source,
+            json,
+        } => diff_cmd(&a, &b, store.store, &source, json),
         Command::Lock {
             recipe,
             mirror,
             output,
             arch,
         } => lock_cmd(&recipe, &mirror, output, &arch),
-        Command::Gc { store, keep } => gc_cmd(store.store, keep),
+        Command::Gc {
+            store,
+            keep,
+            dry_run,
+        } => gc_cmd(store.store, keep, dry_run),
         Command::Store { command } => store_cmd::run(command),
         Command::Doctor { connect, json } => doctor::doctor(connect, json),
     };

@@ -132,6 +132,7 @@ CREATE TABLE IF NOT EXISTS outputs (
 CREATE TABLE IF NOT EXISTS refs (
     drv_hash TEXT NOT NULL, input_hash TEXT NOT NULL, PRIMARY KEY (drv_hash, input_hash));
 CREATE TABLE IF NOT EXISTS roots (link TEXT PRIMARY KEY, drv_hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS realised (what TEXT PRIMARY KEY, drv_hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS listings (
     drv_hash TEXT PRIMARY KEY, content_hash TEXT NOT NULL, listing BLOB NOT NULL);
 ";
@@ -518,6 +519,30 @@ impl Store {
     }
 
     /// Make `link` a symlink to the output of `hash` and record it as a GC root.
+    /// Remember that `what` (a caller's name for a request, e.g. a recipe and output) was last
+    /// realised as derivation `hash`: what `realise --explain` compares a new request with.
+    pub fn set_last_realised(&self, what: &str, hash: &str) -> Result<()> {
+        let db = self.db.lock().expect("store db lock");
+        db.execute(
+            "INSERT OR REPLACE INTO realised (what, drv_hash) VALUES (?1, ?2)",
+            params![what, hash],
+        )
+        .map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// The derivation `what` was last realised as ([`Store::set_last_realised`]).
+    pub fn last_realised(&self, what: &str) -> Result<Option<String>> {
+        let db = self.db.lock().expect("store db lock");
+        db.query_row(
+            "SELECT drv_hash FROM realised WHERE what = ?1",
+            params![what],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| self.db_err(e))
+    }
+
     pub fn add_root(&self, link: &Path, hash: &str) -> Result<PathBuf> {
         let out = self
             .valid_output(hash)?
@@ -556,6 +581,19 @@ impl Store {
     /// Waits until no other process has the store open (`waiting` is called once if it has to),
     /// so no build or push is using an output while it goes.
     pub fn gc(&self, keep: Keep, waiting: impl FnOnce()) -> Result<GcReport> {
+        self.gc_with(keep, false, waiting, |_, _| ())
+    }
+
+    /// [`Store::gc`], or with `dry_run` only what it would delete (nothing is changed: the
+    /// report's `deleted` and `freed_bytes` are what a real run would delete and free).
+    /// `progress(done, total)` follows the deletions.
+    pub fn gc_with(
+        &self,
+        keep: Keep,
+        dry_run: bool,
+        waiting: impl FnOnce(),
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<GcReport> {
         let gc_lock = self.root.join("gc.lock");
         let intent_path = self.root.join("gc-intent.lock");
         let lock_err = |e: nix::errno::Errno| StoreError::io(&gc_lock, e.into());
@@ -581,14 +619,19 @@ impl Store {
                 flock(file, FlockArg::LockExclusive).map_err(|(_, e)| lock_err(e))?
             }
         };
-        let report = self.gc_locked(&keep);
+        let report = self.gc_locked(&keep, dry_run, &mut progress);
         retry_eintr(|| exclusive.relock(FlockArg::LockShared)).map_err(lock_err)?;
         *users = Some(exclusive);
         drop(intent);
         report
     }
 
-    fn gc_locked(&self, keep: &Keep) -> Result<GcReport> {
+    fn gc_locked(
+        &self,
+        keep: &Keep,
+        dry_run: bool,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<GcReport> {
         use std::collections::{HashMap, HashSet};
         let mut db = self.db.lock().expect("store db lock");
         let pairs = |db: &Connection, sql: &str| -> Result<Vec<(String, String)>> {
@@ -657,7 +700,7 @@ impl Store {
             }
         };
         let tx = db.transaction().map_err(|e| self.db_err(e))?;
-        for link in &dead_roots {
+        for link in dead_roots.iter().filter(|_| !dry_run) {
             tx.execute("DELETE FROM roots WHERE link = ?1", params![link])
                 .map_err(|e| self.db_err(e))?;
         }
@@ -673,13 +716,20 @@ impl Store {
                 survivors.push(PathBuf::from(path));
                 continue;
             }
+            doomed.push((hash.clone(), PathBuf::from(path)));
+            if dry_run {
+                continue;
+            }
             tx.execute("DELETE FROM outputs WHERE drv_hash = ?1", params![hash])
                 .map_err(|e| self.db_err(e))?;
             tx.execute("DELETE FROM listings WHERE drv_hash = ?1", params![hash])
                 .map_err(|e| self.db_err(e))?;
-            doomed.push((hash.clone(), PathBuf::from(path)));
         }
-        tx.commit().map_err(|e| self.db_err(e))?;
+        if dry_run {
+            tx.rollback().map_err(|e| self.db_err(e))?;
+        } else {
+            tx.commit().map_err(|e| self.db_err(e))?;
+        }
         drop(db);
         // Each inode once: what is kept first, so a file linked from a kept output and a deleted
         // one (which deleting does not free) counts as kept.
@@ -690,9 +740,16 @@ impl Store {
             .map(|p| disk_usage(p, &mut seen) + disk_usage(&meta::sidecar(p), &mut seen))
             .sum();
         // Invalidated first, deleted second: a crash in between leaves only unregistered files.
-        for (hash, path) in doomed {
+        let total = doomed.len();
+        for (done, (hash, path)) in doomed.into_iter().enumerate() {
             let side = meta::sidecar(&path);
             let bytes = disk_usage(&path, &mut seen) + disk_usage(&side, &mut seen);
+            if dry_run {
+                report.deleted += 1;
+                report.freed_bytes += bytes;
+                continue;
+            }
+            progress(done, total);
             let _ = fs::remove_file(&side);
             let _ = fs::remove_file(self.root.join("log").join(format!("{hash}.log")));
             match remove_all(&path) {
@@ -989,6 +1046,38 @@ mod tests {
         let again = store.gc(Keep::default(), || ()).unwrap();
         assert_eq!((again.kept, again.deleted, again.freed_bytes), (3, 0, 0));
         assert_eq!(again.kept_bytes, r.kept_bytes);
+    }
+
+    #[test]
+    fn gc_dry_run_says_what_gc_would_delete_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, paths) = graph_store(dir.path(), 100_000);
+        let before = valid(&store);
+        let dry = store
+            .gc_with(
+                Keep::default(),
+                true,
+                || (),
+                |_, _| panic!("nothing is deleted"),
+            )
+            .unwrap();
+        assert_eq!(valid(&store), before);
+        assert!(paths.values().all(|p| p.exists()));
+        assert_eq!((dry.kept, dry.deleted), (3, 2));
+        let mut seen = Vec::new();
+        let real = store
+            .gc_with(
+                Keep::default(),
+                false,
+                || (),
+                |done, total| seen.push((done, total)),
+            )
+            .unwrap();
+        assert_eq!(
+            (real.deleted, real.freed_bytes),
+            (dry.deleted, dry.freed_bytes)
+        );
+        assert_eq!(seen, [(0, 2), (1, 2)]);
     }
 
     #[test]

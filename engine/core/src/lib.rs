@@ -8,6 +8,7 @@ pub mod archive;
 pub mod builtins;
 pub mod check;
 pub mod derivation;
+pub mod diff;
 pub mod errors;
 pub mod graph;
 pub mod nospace;
@@ -15,6 +16,7 @@ pub mod progress;
 pub mod repair;
 pub mod sandbox;
 pub mod scheduler;
+pub mod timings;
 
 /// The shared way a test that cannot run here skips (and fails under `CI=true`).
 #[cfg(test)]

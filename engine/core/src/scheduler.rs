@@ -88,6 +88,9 @@ pub struct Report {
     pub fetched_bytes: u64,
     /// Bytes of the outputs substituted from binary caches.
     pub substituted_bytes: u64,
+    /// When each derivation built or substituted ran (for `--timings`).
+    #[serde(skip)]
+    pub timings: Vec<crate::timings::Timing>,
 }
 
 pub struct Engine {
@@ -355,9 +358,10 @@ impl Engine {
         // Counted over every attempt: what an attempt built stays built after a replan.
         let mut report = Report::default();
         let mut produced = HashSet::new();
+        let t0 = std::time::Instant::now();
         loop {
             match self
-                .realise_once(graph.clone(), target, &mut report, &mut produced)
+                .realise_once(graph.clone(), target, &mut report, &mut produced, t0)
                 .await
             {
                 Ok(()) => return Ok(report),
@@ -384,6 +388,7 @@ impl Engine {
         target: &DrvHash,
         report: &mut Report,
         produced: &mut HashSet<DrvHash>,
+        t0: std::time::Instant,
     ) -> Result<(), EngineError> {
         self.substitutes.lock().expect("lock").clear();
         let (needed, mut reused) = tokio::task::block_in_place(|| {
@@ -436,16 +441,41 @@ impl Engine {
                             let started = std::time::Instant::now();
                             let r = this.build_one(&h, &drv, emulator.as_ref()).await;
                             tracing::debug!(stage = %drv.stage, name = %drv.name, secs = started.elapsed().as_secs_f64(), "built");
-                            (h, drv, r)
+                            let span = (
+                                started.duration_since(t0).as_secs_f64(),
+                                t0.elapsed().as_secs_f64(),
+                            );
+                            (h, drv, r, span)
                         });
                     }
                 }
                 let Some(joined) = tasks.join_next().await else {
                     break;
                 };
-                let (h, drv, r) = joined.expect("build task does not panic");
+                let (h, drv, r, (start, end)) = joined.expect("build task does not panic");
                 match r {
                     Ok((outcome, bytes)) => {
+                        let outcome_name = match outcome {
+                            Outcome::Built => Some("built"),
+                            Outcome::Substituted => Some("substituted"),
+                            Outcome::Reused => None,
+                        };
+                        if let Some(outcome) = outcome_name {
+                            report.timings.push(crate::timings::Timing {
+                                hash: h.0.clone(),
+                                name: drv.name.clone(),
+                                stage: drv.stage,
+                                outcome,
+                                start,
+                                end,
+                                deps: graph
+                                    .needs(&drv)
+                                    .iter()
+                                    .filter(|i| needed.contains(*i))
+                                    .map(|i| i.0.clone())
+                                    .collect(),
+                            });
+                        }
                         match outcome {
                             Outcome::Built => {
                                 report.built += 1;

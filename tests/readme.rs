@@ -73,3 +73,68 @@ fn readme_layered_example_is_the_example_recipe() {
     assert!(example.join("files/motd").is_file());
     assert!(readme::mentions("`rbuild realise app.toml -o result`"));
 }
+
+/// `rbuild man --dir` writes a page per command README's summary names, which `man` renders
+/// with its flags; `rbuild completions bash` registers a completion that completes `rea` to
+/// `realise` and `realise --ti` to `--timings`.
+#[test]
+fn man_pages_and_completions_cover_the_commands() {
+    let t = tempfile::tempdir().unwrap();
+    ok(&rbuild(&["man", "--dir", t.path().to_str().unwrap()]));
+    for line in readme::commands("Command line")
+        .iter()
+        .filter(|l| l.starts_with("rbuild ") && !l.contains("--help"))
+    {
+        let sub: Vec<&str> = line
+            .split_whitespace()
+            .skip(1)
+            .take_while(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+            .filter(|w| !w.starts_with('-'))
+            .collect();
+        let page = t.path().join(format!("rbuild-{}.1", sub.join("-")));
+        assert!(page.exists(), "no page {} for `{line}`", page.display());
+    }
+    if skip::have_tool(
+        "man_pages_and_completions_cover_the_commands: rendering a page",
+        "man",
+        "man-db",
+    ) {
+        let o = std::process::Command::new("man")
+            .arg("-l")
+            .arg(t.path().join("rbuild-realise.1"))
+            .env("MANWIDTH", "100")
+            .env("MANPAGER", "cat")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            text.contains("rbuild-realise")
+                && text.contains("--explain")
+                && text.contains("--timings"),
+            "{text}"
+        );
+    }
+    let script = ok(&rbuild(&["completions", "bash"]));
+    let file = t.path().join("rbuild.bash");
+    std::fs::write(&file, script).unwrap();
+    let complete = |words: &str| {
+        let o = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+                 COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}; \
+                 _rbuild rbuild \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; \
+                 printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                file.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(complete("rbuild rea").lines().any(|l| l == "realise"));
+    assert!(complete("rbuild realise --ti")
+        .lines()
+        .any(|l| l == "--timings"));
+}

@@ -38,7 +38,8 @@ struct StoreArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build RECIPE[^OUTPUT] (outputs: image (default), rootfs, tree, index) and print its store path
+    /// Build RECIPE[^OUTPUT] (outputs: image (default), rootfs, tree, index, spdx, cyclonedx,
+    /// provenance) and print its store path
     Realise(RealiseArgs),
     /// Build RECIPE[^OUTPUT]'s derivations again into scratch and compare them with what is
     /// registered (and with a --substituter's entries); exit 1 naming what differs
@@ -122,6 +123,18 @@ enum Command {
         /// Also print the sandbox probe's report as JSON on stdout
         #[arg(long)]
         json: bool,
+    },
+    /// Print a shell completion script (e.g. `rbuild completions bash >
+    /// ~/.local/share/bash-completion/completions/rbuild`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the rbuild(1) manual page, or with --dir write one page per command into DIR
+    /// (rbuild.1, rbuild-realise.1, …)
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     #[command(name = "__sandbox", hide = true)]
     Sandbox { spec: PathBuf },
@@ -1018,6 +1031,29 @@ fn print_out(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `rbuild man`: rbuild(1) on stdout, or every visible command's page into `dir`.
+fn man_cmd(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let Some(dir) = dir else {
+        clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+        return Ok(());
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    fn write(dir: &Path, name: &str, cmd: clap::Command) -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        // clap names commands with static strings; a page per command, once per run.
+        let page: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        clap_mangen::Man::new(cmd.clone().name(page)).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(dir, &format!("{name}-{}", sub.get_name()), sub.clone())?;
+        }
+        Ok(())
+    }
+    write(&dir, "rbuild", cmd)
+}
+
 /// `rbuild diff A B`; exits 1 when they differ.
 fn diff_cmd(
     a: &str,
@@ -1180,6 +1216,12 @@ fn main() {
         Command::Key { command } => key_cmd(command),
         Command::Cache { command } => cache_cmd(command),
         Command::Graph { recipe, format } => graph_cmd(&recipe, format),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "rbuild", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => man_cmd(dir),
         Command::Diff {
             a,
             b,

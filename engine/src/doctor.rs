@@ -47,7 +47,7 @@ fn probe(map: &sandbox::IdMap, connect: &[String]) -> anyhow::Result<serde_json:
         emulator: None,
     };
     let result = sandbox::run(
-        &PathBuf::from(crate::SELF_EXE),
+        &PathBuf::from(crate::setup::SELF_EXE),
         &spec,
         map,
         &dir.join("log"),

@@ -20,7 +20,7 @@ pub enum StoreCommand {
 #[derive(clap::Args)]
 pub struct VerifyArgs {
     #[command(flatten)]
-    store: crate::StoreArgs,
+    store: crate::setup::StoreArgs,
     /// Build the damaged outputs again (or substitute them), requiring the content hash they
     /// were registered with
     #[arg(long)]
@@ -115,8 +115,8 @@ fn print_damage(c: &Checked) {
 }
 
 fn verify_cmd(args: VerifyArgs) -> anyhow::Result<()> {
-    let store = Arc::new(crate::open_store(args.store.store)?);
-    let jobs = crate::jobs_or_cores(args.jobs);
+    let store = Arc::new(crate::setup::open_store(args.store.store)?);
+    let jobs = crate::setup::jobs_or_cores(args.jobs);
     let started = std::time::Instant::now();
     let outputs = store.outputs()?;
     let checked = verify::check_all(&store, &outputs, jobs)?;
@@ -154,7 +154,7 @@ fn verify_cmd(args: VerifyArgs) -> anyhow::Result<()> {
     let mut unrepaired = damaged.len();
     if args.repair && !damaged.is_empty() {
         let hashes: Vec<String> = damaged.iter().map(|c| c.output.drv_hash.clone()).collect();
-        let caches = crate::caches(crate::CacheArgs {
+        let caches = crate::cache_cmd::caches(crate::cache_cmd::CacheArgs {
             substituters: args.substituters,
             trusted_keys: args.trusted_keys,
             push_to: None,
@@ -164,9 +164,9 @@ fn verify_cmd(args: VerifyArgs) -> anyhow::Result<()> {
             push: None,
             ..caches
         };
-        let fetcher = Fetcher::new(crate::mirrors(&args.mirror)?);
+        let fetcher = Fetcher::new(crate::setup::mirrors(&args.mirror)?);
         let progress = Arc::new(Progress::new(false));
-        let engine = crate::engine(
+        let engine = crate::setup::engine(
             store.clone(),
             fetcher,
             jobs,
@@ -174,7 +174,7 @@ fn verify_cmd(args: VerifyArgs) -> anyhow::Result<()> {
             caches,
             Default::default(),
         )?;
-        let repaired = crate::runtime(jobs)?.block_on(engine.repair(&hashes));
+        let repaired = crate::setup::runtime(jobs)?.block_on(engine.repair(&hashes));
         // The bars stop drawing before the report is printed.
         progress.finish();
         let repaired = repaired.context("repairing")?;

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -162,20 +162,50 @@ fn verify_names_damaged_outputs_and_paths_and_repair_restores_them() {
     // The image layout (no sidecar: modes on disk count): one changed byte in a blob, a deleted
     // file, a changed mode.
     let blob = a_file(&image, &["index.json", "oci-layout"]);
+    let in_tree = a_file(&tree, &[]);
+    // Files of equal content and mode in different outputs are one inode: damage to one is
+    // damage to every output that shares it, and verify must name each.
+    let damaged_inodes: std::collections::HashSet<(u64, u64)> = [
+        image.join(&blob),
+        image.join("index.json"),
+        tree.join(&in_tree),
+        deb.clone(),
+    ]
+    .iter()
+    .map(|p| {
+        let m = fs::metadata(p).unwrap();
+        (m.dev(), m.ino())
+    })
+    .collect();
+    let mut expected: Vec<PathBuf> = fs::read_dir(store.join("o"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|o| inodes_below(o).iter().any(|i| damaged_inodes.contains(i)))
+        .collect();
+    expected.sort();
+    for own in [&image, &tree, &deb] {
+        assert!(expected.contains(own), "{}", own.display());
+    }
     flip_first_byte(&image.join(&blob));
     fs::remove_file(image.join("oci-layout")).unwrap();
     let index = image.join("index.json");
     let mode = fs::metadata(&index).unwrap().permissions().mode() & 0o777;
     fs::set_permissions(&index, fs::Permissions::from_mode(mode ^ 0o111)).unwrap();
     // A tree with a sidecar: one changed byte in a file.
-    let in_tree = a_file(&tree, &[]);
     flip_first_byte(&tree.join(&in_tree));
     // A download: one changed byte.
     flip_first_byte(&deb);
 
     let (ok, report) = verify_json(&store, &[]);
     assert!(!ok, "damage must fail the command: {report}");
-    assert_eq!(report["damaged"].as_array().unwrap().len(), 3, "{report}");
+    let mut reported: Vec<PathBuf> = report["damaged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
+        .collect();
+    reported.sort();
+    assert_eq!(reported, expected, "{report}");
     let img = damaged_entry(&report, &image);
     assert!(img["name"].as_str().unwrap().contains("oci"), "{img}");
     let mut got = changes(img);
@@ -205,7 +235,11 @@ fn verify_names_damaged_outputs_and_paths_and_repair_restores_them() {
         text.contains(&format!("{}", image.display())) && text.contains("oci-layout: deleted"),
         "{text}"
     );
-    assert!(stderr(&o).contains("3 damaged"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("{} damaged", expected.len())),
+        "{}",
+        stderr(&o)
+    );
 
     // Repair: built (and downloaded) again from the store's own records, same content hashes.
     let (ok, repaired) = verify_json(&store, &["--repair", "--mirror", &a.mirror_url()]);
@@ -219,6 +253,21 @@ fn verify_names_damaged_outputs_and_paths_and_repair_restores_them() {
     assert_eq!(content_hashes(&store), before);
     assert_eq!(hash_of(&image), before[&drv_of(&image)]);
     assert!(image.join("oci-layout").exists());
+}
+
+/// The (device, inode) of every file at or below `p` (symlinks not followed).
+fn inodes_below(p: &Path) -> Vec<(u64, u64)> {
+    let m = fs::symlink_metadata(p).unwrap();
+    if m.is_dir() {
+        fs::read_dir(p)
+            .unwrap()
+            .flat_map(|e| inodes_below(&e.unwrap().path()))
+            .collect()
+    } else if m.is_file() {
+        vec![(m.dev(), m.ino())]
+    } else {
+        vec![]
+    }
 }
 
 /// A realised test archive whose store has one downloaded `.deb` changed by one byte:

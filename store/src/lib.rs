@@ -2,8 +2,9 @@
 //!
 //! A store is a directory holding immutable build outputs (`o/<derivation-hash>-<name>`, each a file
 //! or a tree with an optional ownership sidecar, see [`meta`]), scratch space for builds in progress
-//! (`tmp/`), per-derivation build locks (`locks/`) and an SQLite database that is the single source
-//! of truth for which outputs are *valid*. An output exists for readers only once its row is
+//! (`tmp/`), per-derivation build locks (`locks/`), one name per shared file (`links/`: the files of
+//! equal content and disk mode in different outputs are one inode, as Nix's optimised store
+//! does) and an SQLite database that is the single source of truth for which outputs are *valid*. An output exists for readers only once its row is
 //! committed; anything on disk without a row is garbage from an interrupted build and is removed.
 //!
 //! The store knows nothing about recipes, Debian or sandboxes: it stores, hashes, locks and
@@ -123,6 +124,39 @@ pub struct Store {
     users: Mutex<Option<Flock<fs::File>>>,
 }
 
+/// The directory of shared files' names ([`Store::share_files`]).
+const LINKS: &str = "links";
+
+/// Whether two files hold the same bytes.
+fn same_bytes(a: &Path, b: &Path) -> std::io::Result<bool> {
+    let (mut fa, mut fb) = (fs::File::open(a)?, fs::File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = read_full(&mut fa, &mut ba)?;
+        let m = read_full(&mut fb, &mut bb)?;
+        if n != m || ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Read until `buf` is full or the file ends.
+fn read_full(f: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS derivations (
     hash TEXT PRIMARY KEY, name TEXT NOT NULL, stage TEXT NOT NULL, json TEXT NOT NULL);
@@ -140,7 +174,7 @@ CREATE TABLE IF NOT EXISTS listings (
 impl Store {
     /// Open (creating if needed) the store at `root`, and clean up after killed builds.
     pub fn open(root: &Path) -> Result<Store> {
-        for sub in ["o", "tmp", "locks"] {
+        for sub in ["o", "tmp", "locks", LINKS] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(|e| StoreError::io(&p, e))?;
         }
@@ -340,15 +374,33 @@ impl Store {
         } else {
             None
         };
+        let mut files = Vec::new();
         let hash::Hashed {
             content_hash,
             listing,
-        } = hash::hash_and_list(built, tree_meta.as_ref())?;
+        } = hash::walk(
+            built,
+            tree_meta.as_ref(),
+            &hash::Options {
+                list: true,
+                sha256: false,
+            },
+            &mut |v| {
+                if let hash::VisitNode::File { blake3, size, .. } = v.node {
+                    files.push((v.path.to_owned(), blake3, size, v.mode));
+                }
+                Ok(())
+            },
+        )?;
         if let Some(expected) = expected.filter(|e| *e != content_hash) {
             return Err(StoreError::Corrupt {
                 path: built.to_owned(),
                 what: format!("content hash check failed: the signed cache entry says {expected}, the downloaded output hashes to {content_hash}"),
             });
+        }
+        // Hashed first, shared second: sharing changes no content and no mode.
+        if built.is_dir() {
+            self.share_files(files);
         }
         let dest = self.output_path(&drv.hash, &drv.name);
         let dest_meta = meta::sidecar(&dest);
@@ -541,6 +593,95 @@ impl Store {
         )
         .optional()
         .map_err(|e| self.db_err(e))
+    }
+
+    /// Make each of `files` (path, blake3, size, disk mode — of one output being registered) one
+    /// inode with the files of equal content and mode already in the store, through
+    /// `links/BLAKE3-MODE`; the first of its kind becomes that name. Left as they are: empty
+    /// files, files with several names in the output (the content hash records that), a second
+    /// file of the same kind in the output (it would become a hardlink of the first), and any
+    /// file the sharing fails for (it is only an optimisation). A shared name whose bytes or
+    /// mode are not its name's (damaged) is replaced, never linked to.
+    fn share_files(&self, files: Vec<(PathBuf, blake3::Hash, u64, u32)>) {
+        use std::os::unix::fs::MetadataExt;
+        let links = self.root.join(LINKS);
+        let mut kinds = std::collections::HashSet::new();
+        let mut shared = (0usize, 0u64);
+        let started = std::time::Instant::now();
+        for (path, blake3, size, mode) in files {
+            let key = format!("{}-{mode:o}", blake3.to_hex());
+            if size == 0 || !kinds.insert(key.clone()) {
+                continue;
+            }
+            let single = fs::symlink_metadata(&path).is_ok_and(|m| m.nlink() == 1);
+            if !single {
+                continue;
+            }
+            let name = links.join(&key);
+            let r = (|| -> std::io::Result<bool> {
+                match fs::symlink_metadata(&name) {
+                    Ok(m)
+                        if m.is_file()
+                            && m.len() == size
+                            && m.mode() & 0o7777 == mode
+                            && same_bytes(&name, &path)? =>
+                    {
+                        let tmp = path.with_file_name(format!(
+                            ".{}.rbuild-link",
+                            path.file_name().unwrap_or_default().to_string_lossy()
+                        ));
+                        fs::hard_link(&name, &tmp)?;
+                        if let Err(e) = fs::rename(&tmp, &path) {
+                            let _ = fs::remove_file(&tmp);
+                            return Err(e);
+                        }
+                        Ok(true)
+                    }
+                    Ok(_) => {
+                        // Damaged: this file takes the name.
+                        let tmp = links.join(format!(".{key}.{}", std::process::id()));
+                        fs::hard_link(&path, &tmp)?;
+                        fs::rename(&tmp, &name)?;
+                        Ok(false)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        match fs::hard_link(&path, &name) {
+                            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+                            _ => Ok(false),
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
+            })();
+            match r {
+                Ok(true) => {
+                    shared.0 += 1;
+                    shared.1 += size;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(path = %path.display(), error = %e, "not shared"),
+            }
+        }
+        tracing::debug!(
+            files = shared.0,
+            bytes = shared.1,
+            secs = started.elapsed().as_secs_f64(),
+            "shared with the store"
+        );
+    }
+
+    /// Remove the names in `links/` no output shares any more (an inode with one name).
+    fn collect_links(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let links = self.root.join(LINKS);
+        let Ok(rd) = fs::read_dir(&links) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if e.metadata().is_ok_and(|m| m.nlink() == 1) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 
     pub fn add_root(&self, link: &Path, hash: &str) -> Result<PathBuf> {
@@ -762,6 +903,9 @@ impl Store {
                     report.unremovable_bytes += bytes;
                 }
             }
+        }
+        if !dry_run {
+            self.collect_links();
         }
         Ok(report)
     }
@@ -1006,7 +1150,10 @@ mod tests {
             let b = store.new_build_dir("t").unwrap();
             let out = b.path().join("out");
             fs::create_dir(&out).unwrap();
-            fs::write(out.join("f"), noise(size)).unwrap();
+            // Each output its own bytes (equal ones would share an inode).
+            let mut bytes = noise(size);
+            bytes[..h.len()].copy_from_slice(h.as_bytes());
+            fs::write(out.join("f"), bytes).unwrap();
             let rec = DrvRecord {
                 stage: stage.into(),
                 inputs: inputs.into_iter().map(String::from).collect(),
@@ -1016,6 +1163,89 @@ mod tests {
         }
         store.add_root(&dir.join("result"), "image").unwrap();
         (store, paths)
+    }
+
+    /// Files of equal content and mode in two outputs become one inode (with one name in
+    /// `links/`); both outputs stay intact by `store verify`'s check. Left alone: two equal
+    /// files of one output (else the second would hash as a hardlink), empty files, a file
+    /// another mode. A damaged shared name is replaced, not linked to; gc removes names no
+    /// output shares.
+    #[test]
+    fn equal_files_of_different_outputs_share_an_inode() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        let big = noise(50_000);
+        let register = |h: &str, exec: bool| {
+            let b = store.new_build_dir("t").unwrap();
+            let out = b.path().join("out");
+            fs::create_dir(&out).unwrap();
+            fs::write(out.join("a"), &big).unwrap();
+            fs::write(out.join("twin"), &big).unwrap();
+            fs::write(out.join("empty"), b"").unwrap();
+            if exec {
+                fs::set_permissions(out.join("a"), fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            store.register(&record(h), &out).unwrap().path
+        };
+        let (p1, p2, p3) = (
+            register("one", false),
+            register("two", false),
+            register("three", true),
+        );
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        assert_eq!(
+            ino(&p1.join("a")),
+            ino(&p2.join("a")),
+            "shared across outputs"
+        );
+        assert_ne!(
+            ino(&p1.join("a")),
+            ino(&p1.join("twin")),
+            "not within one output"
+        );
+        assert_ne!(ino(&p1.join("empty")), ino(&p2.join("empty")));
+        assert_ne!(
+            ino(&p3.join("a")),
+            ino(&p1.join("a")),
+            "another mode, another inode"
+        );
+        // p1/a, p2/a, p3/twin (0644 in that output) and its name in links/: four names.
+        assert_eq!(ino(&p3.join("twin")), ino(&p1.join("a")));
+        assert_eq!(fs::metadata(p1.join("a")).unwrap().nlink(), 4);
+        for o in store.outputs().unwrap() {
+            let c = verify::check(&store, &o).unwrap();
+            assert!(c.damage.is_none(), "{:?}: {:?}", o.drv_hash, c.damage);
+        }
+
+        // A shared name whose bytes are not its name's is replaced by the next equal file.
+        let links = dir.path().join("s").join(LINKS);
+        let name = fs::read_dir(&links)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| fs::metadata(p).unwrap().ino() == ino(&p1.join("a")))
+            .unwrap();
+        let mut wrong = big.clone();
+        wrong[0] ^= 1;
+        fs::remove_file(&name).unwrap();
+        fs::write(&name, &wrong).unwrap();
+        let p4 = register("four", false);
+        assert_eq!(fs::read(p4.join("a")).unwrap(), big);
+        assert_eq!(
+            ino(&name),
+            ino(&p4.join("a")),
+            "the name is the good file now"
+        );
+        // The same for a mode that is not the name's.
+        fs::set_permissions(&name, fs::Permissions::from_mode(0o600)).unwrap();
+        let p5 = register("five", false);
+        assert_eq!(fs::metadata(p5.join("a")).unwrap().mode() & 0o7777, 0o644);
+        assert_eq!(ino(&name), ino(&p5.join("a")));
+
+        // gc: the names of what is gone go too.
+        let r = store.gc(Keep::Roots, || ()).unwrap();
+        assert_eq!(r.deleted, 5);
+        assert_eq!(fs::read_dir(&links).unwrap().count(), 0);
     }
 
     fn valid(store: &Store) -> Vec<String> {

@@ -759,6 +759,17 @@ fn killed_build_leaves_no_registered_output_and_is_cleaned_up() {
 
 /// `recipes/app/` beside the throwaway archive's recipe, with the files its layers copy:
 /// `files/motd` and an executable-looking `files/tool`.
+/// `app/app.toml`: one layer on the test base that copies `files/motd` to `/etc/motd`.
+fn motd_layer(a: &Archive) -> std::path::PathBuf {
+    let recipe = app_with_files(a).join("app.toml");
+    fs::write(
+        &recipe,
+        "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{ from = \"files/motd\", to = \"/etc/motd\", mode = \"0644\" }]\n",
+    )
+    .unwrap();
+    recipe
+}
+
 fn app_with_files(a: &Archive) -> std::path::PathBuf {
     let app_dir = a.recipe.parent().unwrap().join("app");
     fs::create_dir_all(app_dir.join("files")).unwrap();
@@ -2754,13 +2765,7 @@ fn layered_sboms_attribute_packages_and_files_to_layers() {
     let t = tempfile::tempdir().unwrap();
     let a = make_archive(t.path());
     lock(&a);
-    let app_dir = app_with_files(&a);
-    fs::write(
-        app_dir.join("app.toml"),
-        "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{ from = \"files/motd\", to = \"/etc/motd\", mode = \"0644\" }]\n",
-    )
-    .unwrap();
-    let recipe = app_dir.join("app.toml");
+    let recipe = motd_layer(&a);
     let store = t.path().join("store");
     let realise = |output: &str, link: &Path| {
         json(&rbuild(&[
@@ -2925,15 +2930,9 @@ fn zstd_layers_on_request() {
     );
 
     // A layered recipe on it: its own layer is zstd too.
-    let app_dir = app_with_files(&a);
-    fs::write(
-        app_dir.join("app.toml"),
-        "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{ from = \"files/motd\", to = \"/etc/motd\", mode = \"0644\" }]\n",
-    )
-    .unwrap();
     let app = json(&rbuild(&[
         "realise",
-        app_dir.join("app.toml").to_str().unwrap(),
+        motd_layer(&a).to_str().unwrap(),
         "--store",
         t.path().join("s1").to_str().unwrap(),
         "--mirror",
@@ -3091,13 +3090,8 @@ fn explain_and_diff_say_why_a_layer_rebuilt() {
     let a = make_archive(t.path());
     lock(&a);
     let store = t.path().join("store");
-    let app_dir = app_with_files(&a);
-    let recipe = app_dir.join("app.toml");
-    fs::write(
-        &recipe,
-        "base = \"../testos.toml\"\n\n[[layers]]\ncopy = [{ from = \"files/motd\", to = \"/etc/motd\", mode = \"0644\" }]\n",
-    )
-    .unwrap();
+    let recipe = motd_layer(&a);
+    let app_dir = recipe.parent().unwrap().to_owned();
     let realise = |link: &str| {
         json(&rbuild(&[
             "realise",

@@ -48,19 +48,6 @@ pub fn explain(
     key: &str,
 ) -> anyhow::Result<Vec<Explanation>> {
     let previous = store.last_realised(key)?;
-    // The last realise's derivations by name, from the store's records.
-    let mut before: HashMap<String, String> = HashMap::new();
-    if let Some(p) = &previous {
-        let mut stack = vec![p.clone()];
-        while let Some(h) = stack.pop() {
-            let Some(d) = recorded(store, &h) else {
-                continue;
-            };
-            if before.insert(d.name.clone(), h).is_none() {
-                stack.extend(d.inputs.into_iter().map(|i| i.0));
-            }
-        }
-    }
     let now = |h: &str| {
         graph
             .get(&DrvHash(h.to_owned()))
@@ -68,6 +55,11 @@ pub fn explain(
             .or_else(|| recorded(store, h))
     };
     let then = |h: &str| recorded(store, h);
+    // Where each derivation stands in the last realise: the two graphs walked in step.
+    let before = match &previous {
+        Some(p) => counterparts(p, &target.0, &then, &now),
+        None => HashMap::new(),
+    };
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut stack = vec![target.clone()];
@@ -79,12 +71,11 @@ pub fn explain(
             .get(&h)
             .with_context(|| format!("derivation {} is not in the graph", h.0))?;
         stack.extend(graph.needs(drv));
-        let reason = match (&previous, before.get(&drv.name)) {
+        let reason = match (&previous, before.get(&h.0)) {
             (None, _) => format!("never built: {key} was never realised in this store"),
-            (Some(_), None) => format!(
-                "never built: the last realise of {key} had no derivation named {}",
-                drv.name
-            ),
+            (Some(_), None) => {
+                format!("never built: nothing stood in its place in the last realise of {key}")
+            }
             (Some(_), Some(old)) if *old == h.0 => {
                 "the same derivation as last time, but its output is no longer in the store \
                  (collected by gc?)"
@@ -104,6 +95,44 @@ pub fn explain(
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// For each derivation below `new` (hash → hash), the one that stood in its place below `old`:
+/// from the roots down, inputs paired by name and, among equal names (one recipe's
+/// architectures), by position — as `diff` pairs them.
+fn counterparts(
+    old: &str,
+    new: &str,
+    then: &dyn Fn(&str) -> Option<Derivation>,
+    now: &dyn Fn(&str) -> Option<Derivation>,
+) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    let mut queue = vec![(old.to_owned(), new.to_owned())];
+    while let Some((o, n)) = queue.pop() {
+        if map.contains_key(&n) {
+            continue;
+        }
+        map.insert(n.clone(), o.clone());
+        let (Some(od), Some(nd)) = (then(&o), now(&n)) else {
+            continue;
+        };
+        let by_name = |d: &Derivation, look: &dyn Fn(&str) -> Option<Derivation>| {
+            let mut m: HashMap<String, Vec<String>> = HashMap::new();
+            for i in &d.inputs {
+                if let Some(x) = look(&i.0) {
+                    m.entry(x.name).or_default().push(i.0.clone());
+                }
+            }
+            m
+        };
+        let (oi, ni) = (by_name(&od, then), by_name(&nd, now));
+        for (name, news) in ni {
+            for (x, y) in oi.get(&name).into_iter().flatten().zip(&news) {
+                queue.push((x.clone(), y.clone()));
+            }
+        }
+    }
+    map
 }
 
 /// One difference as a line: the field and its change, or the inputs it follows from.

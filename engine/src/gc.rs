@@ -50,8 +50,12 @@ pub(crate) fn gc_cmd(store: Option<PathBuf>, keep: GcKeep, dry_run: bool) -> any
         eprint!("\r\x1b[K");
     }
     if dry_run {
+        let stale = match r.roots_dropped {
+            0 => String::new(),
+            n => format!("; would drop {}", count(n, "stale root")),
+        };
         eprintln!(
-            "gc --dry-run: would keep {} ({}) for {}; would delete {}, freeing {}",
+            "gc --dry-run: would keep {} ({}) for {}; would delete {}, freeing {}{stale}",
             count(r.kept, "output"),
             human(r.kept_bytes),
             count(r.roots_kept, "root"),

@@ -27,7 +27,7 @@ pub(crate) struct RealiseArgs {
     /// Sandboxed builds to run at once [default: number of cores]
     #[arg(short = 'j', long)]
     pub(crate) jobs: Option<usize>,
-    /// Print one JSON object {output, built, substituted, reused, fetched_bytes, substituted_bytes, seconds} instead of the path
+    /// Print one JSON object {output, built, substituted, reused, fetched_bytes, substituted_bytes, seconds} instead of the path (with --explain, also explain)
     #[arg(long)]
     pub(crate) json: bool,
     /// Write what each derivation took to DIR [default: rbuild-timings]: index.html (a time line,
@@ -125,15 +125,15 @@ pub(crate) fn realise(args: RealiseArgs) -> anyhow::Result<()> {
         eprintln!("timings: {}", dir.join("index.html").display());
     }
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
+        let mut out = serde_json::json!({
                 "output": report.output, "built": report.built, "substituted": report.substituted, "reused": report.reused,
                 "fetched_bytes": report.fetched_bytes, "substituted_bytes": report.substituted_bytes,
                 "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
-                "explain": explained,
-            })
-        );
+        });
+        if let Some(e) = explained {
+            out["explain"] = serde_json::to_value(e)?;
+        }
+        println!("{out}");
     } else {
         println!("{}", report.output.display());
     }

@@ -88,11 +88,11 @@ impl Compression {
     }
 
     /// The layer builders' extra argument: none for gzip, so that gzip layers keep the
-    /// derivation hashes they had before zstd existed.
+    /// derivation hashes they had before zstd existed; zstd with its library's version.
     pub fn layer_args(&self) -> Option<String> {
         match self {
             Compression::Gzip => None,
-            Compression::Zstd => Some("zstd".to_owned()),
+            Compression::Zstd => Some(rbuild_engine::archive::tar_out::zstd_layer_arg()),
         }
     }
 }

@@ -117,10 +117,11 @@ impl Timeline {
 
     /// The HTML page: the data inline as JSON, drawn by an inline script as SVG.
     pub fn html(&self) -> String {
-        // Names come from recipes: in a script element, `</` could end it; `<\/` is the same JSON.
+        // Names come from recipes: in a script element, `</` could end it and `<!--` change how
+        // it is parsed; `<` only stands in JSON strings, where `\u003c` is the same text.
         let data = serde_json::to_string(self)
             .expect("timings serialize")
-            .replace("</", "<\\/");
+            .replace('<', "\\u003c");
         let mut per_stage = String::new();
         for stage in Stage::ALL {
             let bars: Vec<&Bar> = self
@@ -299,9 +300,19 @@ mod tests {
     #[test]
     fn names_stay_data() {
         let mut evil = t("e", Stage::Pack, 0.0, 1.0, &[]);
-        evil.name = "</script><script>alert(1)</script>".into();
+        evil.name = "<!--<script></script><script>alert(1)</script>".into();
         let page = Timeline::new("<b>", &[evil], 0, 1.0).html();
-        assert!(!page.contains("</script><script>alert"));
+        let data = page
+            .split("<script type=\"application/json\" id=\"timings\">")
+            .nth(1)
+            .and_then(|rest| rest.split("</script>").next())
+            .unwrap();
+        assert!(!data.contains('<'), "{data}");
+        let parsed: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(
+            parsed["bars"][0]["name"],
+            "<!--<script></script><script>alert(1)</script>"
+        );
         assert!(page.contains("<title>rbuild timings: &lt;b&gt;</title>"));
         // Self-contained: nothing to fetch.
         for fetching in ["src=", "href=", "url(", "@import"] {

@@ -383,9 +383,15 @@ fn check_level(level: u32) -> Result<Compression, ArchiveError> {
 /// faster.
 pub const ZSTD_LEVEL: i32 = 3;
 
+/// How a layer builder's argument names zstd: `zstd@VERSION` of the library this binary links,
+/// so that a derivation's hash changes with the library that makes its bytes.
+pub fn zstd_layer_arg() -> String {
+    format!("zstd@{}", zstd::zstd_safe::version_string())
+}
+
 /// Compress `r` into `w` as one zstd frame at [`ZSTD_LEVEL`], single-threaded and with a content
-/// checksum: the output depends only on the input (and the zstd library the binary links,
-/// which its builder epoch pins).
+/// checksum: the output depends only on the input and on the zstd library's version, which
+/// [`zstd_layer_arg`] puts into the derivation.
 pub fn zstd_reproducible<R: Read, W: Write>(mut r: R, w: W) -> Result<(), ArchiveError> {
     let err = |e: io::Error| ArchiveError::Codec {
         what: "zstd".into(),

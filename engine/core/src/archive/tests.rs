@@ -943,10 +943,20 @@ fn multi_platform_layout_keeps_each_images_referrers() {
         .map(|d| d["digest"].as_str().unwrap())
         .collect();
     assert_eq!(got, artifacts);
-    for d in got {
+    // Each image's two, in order, name that image's manifest, which the inner index lists.
+    let inner = json(&blob(&out, &top));
+    let manifests: Vec<&str> = inner["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(manifests.len(), 2);
+    for (i, d) in got.iter().enumerate() {
         // Every artifact manifest and the document it carries were copied in.
         let m = json(&blob(&out, d));
         blob(&out, m["layers"][0]["digest"].as_str().unwrap());
+        assert_eq!(m["subject"]["digest"], manifests[i / 2], "{m}");
     }
 }
 
@@ -1216,5 +1226,33 @@ fn write_tar_carries_posix_acls() {
     assert!(
         err.contains("unknown ACL") && err.contains("user.other"),
         "{err}"
+    );
+}
+
+/// zstd layers are the same bytes from every rbuild linking the same zstd: a fixed input's
+/// frame has a pinned digest. A new zstd library may change it — then the layer argument
+/// (`zstd@VERSION`, part of the derivation hash) changes with it, and this digest is re-pinned.
+#[test]
+fn zstd_layers_are_pinned_bytes() {
+    let mut input = Vec::new();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..200_000u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Half text, half noise: both of zstd's paths.
+        if i % 2 == 0 {
+            input.extend_from_slice(format!("line {i}\n").as_bytes());
+        } else {
+            input.push(x as u8);
+        }
+    }
+    let mut out = Vec::new();
+    super::tar_out::zstd_reproducible(input.as_slice(), &mut out).unwrap();
+    assert_eq!(zstd::decode_all(out.as_slice()).unwrap(), input);
+    assert_eq!(super::tar_out::zstd_layer_arg(), "zstd@1.5.7");
+    assert_eq!(
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&out)),
+        "e16649bd3a536ad28d8dc44309dc1d8e6e9057fed5a2644f93475d61527cfd12"
     );
 }

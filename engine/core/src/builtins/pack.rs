@@ -52,10 +52,14 @@ pub enum LayerCompression {
 impl LayerCompression {
     /// From a layer builder's optional compression argument (none: gzip).
     fn from_arg(arg: Option<&String>) -> anyhow::Result<LayerCompression> {
+        let linked = archive::tar_out::zstd_layer_arg();
         match arg.map(String::as_str) {
             None | Some("gzip") => Ok(LayerCompression::Gzip),
-            Some("zstd") => Ok(LayerCompression::Zstd),
-            Some(other) => anyhow::bail!("unknown layer compression {other:?} (gzip or zstd)"),
+            Some(a) if a == linked => Ok(LayerCompression::Zstd),
+            Some(a) if a.starts_with("zstd@") => anyhow::bail!(
+                "the derivation asks for {a}, but this rbuild links {linked}: its bytes could differ; build it with an rbuild linking the same zstd"
+            ),
+            Some(other) => anyhow::bail!("unknown layer compression {other:?} (gzip or {linked})"),
         }
     }
 

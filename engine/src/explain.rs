@@ -39,8 +39,8 @@ pub struct Explanation {
 }
 
 /// For each derivation of `graph` below `target` that the store has no valid output of (what a
-/// realise builds or substitutes), why: compared with the derivation of the same name below
-/// what `key` was last realised as.
+/// realise builds or substitutes), why: compared with the derivation that stood in its place
+/// below what `key` was last realised as.
 pub fn explain(
     store: &Store,
     graph: &Graph,
@@ -81,9 +81,8 @@ pub fn explain(
                  (collected by gc?)"
                     .to_owned()
             }
-            (Some(_), Some(old)) => match diff::diff(old, &h.0, &then, &now) {
-                Ok(d) if !d.is_empty() => describe(&d[0]),
-                Ok(_) => "differs from last time".to_owned(),
+            (Some(_), Some(old)) => match diff::compare(old, &h.0, &then, &now) {
+                Ok((d, _)) => describe(&d),
                 Err(e) => format!("differs from last time ({e})"),
             },
         };

@@ -52,89 +52,106 @@ pub fn diff(a: &str, b: &str, la: Lookup, lb: Lookup) -> Result<Vec<Difference>,
         if ha == hb || !seen.insert((ha.clone(), hb.clone())) {
             continue;
         }
-        let da = la(&ha).ok_or_else(|| DiffError::Unknown {
-            side: "A",
-            hash: ha.clone(),
-        })?;
-        let db = lb(&hb).ok_or_else(|| DiffError::Unknown {
-            side: "B",
-            hash: hb.clone(),
-        })?;
-        let named = |d: &Derivation, look: Lookup| -> BTreeMap<String, Vec<String>> {
-            let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for i in &d.inputs {
-                let name = look(&i.0).map(|d| d.name).unwrap_or_else(|| i.0.clone());
-                m.entry(name).or_default().push(i.0.clone());
-            }
-            m
-        };
-        let (ia, ib) = (named(&da, la), named(&db, lb));
-        let mut d = Difference {
-            name: db.name.clone(),
-            a: ha.clone(),
-            b: hb.clone(),
-            field: String::new(),
-            from: None,
-            to: None,
-            removed_inputs: ia
-                .keys()
-                .filter(|k| !ib.contains_key(*k))
-                .cloned()
-                .collect(),
-            added_inputs: ib
-                .keys()
-                .filter(|k| !ia.contains_key(*k))
-                .cloned()
-                .collect(),
-            changed_inputs: Vec::new(),
-            follows: false,
-        };
-        for (name, hashes_a) in &ia {
-            let Some(hashes_b) = ib.get(name) else {
-                continue;
-            };
-            let mut changed = false;
-            for (x, y) in hashes_a.iter().zip(hashes_b) {
-                if x != y {
-                    changed = true;
-                    queue.push_back((x.clone(), y.clone()));
-                }
-            }
-            if changed || hashes_a.len() != hashes_b.len() {
-                d.changed_inputs.push(name.clone());
-            }
-        }
-        match first_field_difference(&da, &db) {
-            Some((field, from, to)) => {
-                d.field = field;
-                d.from = Some(from);
-                d.to = Some(to);
-            }
-            None if !d.removed_inputs.is_empty()
-                || !d.added_inputs.is_empty()
-                || da.inputs.len() != db.inputs.len() =>
-            {
-                d.field = "inputs".into();
-            }
-            None if !d.changed_inputs.is_empty() => {
-                d.field = "inputs".into();
-                d.follows = true;
-            }
-            None => {
-                // Every field and input the same, and yet another hash: the hash's prefix, the
-                // builders' epoch, changed with rbuild's builder code.
-                d.field = "builders epoch".into();
-                d.from = Some("an older rbuild's builders".into());
-                d.to = Some(
-                    crate::derivation::BUILDERS_EPOCH
-                        .trim_end_matches('\0')
-                        .into(),
-                );
-            }
-        }
+        let (d, inputs) = compare(&ha, &hb, la, lb)?;
+        queue.extend(inputs);
         out.push(d);
     }
     Ok(out)
+}
+
+/// Two derivation hashes, of A and of B, that stand in the same place.
+pub type Pair = (String, String);
+
+/// How derivation `ha` (of A) and `hb` (of B), different, differ themselves, and the pairs of
+/// their inputs that differ (to compare next).
+pub fn compare(
+    ha: &str,
+    hb: &str,
+    la: Lookup,
+    lb: Lookup,
+) -> Result<(Difference, Vec<Pair>), DiffError> {
+    let da = la(ha).ok_or_else(|| DiffError::Unknown {
+        side: "A",
+        hash: ha.to_owned(),
+    })?;
+    let db = lb(hb).ok_or_else(|| DiffError::Unknown {
+        side: "B",
+        hash: hb.to_owned(),
+    })?;
+    let named = |d: &Derivation, look: Lookup| -> BTreeMap<String, Vec<String>> {
+        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for i in &d.inputs {
+            let name = look(&i.0).map(|d| d.name).unwrap_or_else(|| i.0.clone());
+            m.entry(name).or_default().push(i.0.clone());
+        }
+        m
+    };
+    let (ia, ib) = (named(&da, la), named(&db, lb));
+    let mut next = Vec::new();
+    let mut d = Difference {
+        name: db.name.clone(),
+        a: ha.to_owned(),
+        b: hb.to_owned(),
+        field: String::new(),
+        from: None,
+        to: None,
+        removed_inputs: ia
+            .keys()
+            .filter(|k| !ib.contains_key(*k))
+            .cloned()
+            .collect(),
+        added_inputs: ib
+            .keys()
+            .filter(|k| !ia.contains_key(*k))
+            .cloned()
+            .collect(),
+        changed_inputs: Vec::new(),
+        follows: false,
+    };
+    for (name, hashes_a) in &ia {
+        let Some(hashes_b) = ib.get(name) else {
+            continue;
+        };
+        let mut changed = false;
+        for (x, y) in hashes_a.iter().zip(hashes_b) {
+            if x != y {
+                changed = true;
+                next.push((x.clone(), y.clone()));
+            }
+        }
+        if changed || hashes_a.len() != hashes_b.len() {
+            d.changed_inputs.push(name.clone());
+        }
+    }
+    match first_field_difference(&da, &db) {
+        Some((field, from, to)) => {
+            d.field = field;
+            d.from = Some(from);
+            d.to = Some(to);
+        }
+        None if !d.removed_inputs.is_empty()
+            || !d.added_inputs.is_empty()
+            || da.inputs.len() != db.inputs.len() =>
+        {
+            d.field = "inputs".into();
+        }
+        None if !d.changed_inputs.is_empty() => {
+            d.field = "inputs".into();
+            d.follows = true;
+        }
+        None => {
+            // Every field and input the same, and yet another hash: the hash's prefix, the
+            // builders' epoch, changed with rbuild's builder code.
+            d.field = "builders epoch".into();
+            d.from = Some("an older rbuild's builders".into());
+            d.to = Some(
+                crate::derivation::BUILDERS_EPOCH
+                    .trim_end_matches('\0')
+                    .into(),
+            );
+        }
+    }
+    Ok((d, next))
 }
 
 /// The first field of the derivation itself (inputs aside) that differs, with both values.

@@ -61,16 +61,10 @@ pub fn explain(
         None => HashMap::new(),
     };
     let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut stack = vec![target.clone()];
-    while let Some(h) = stack.pop() {
-        if !seen.insert(h.clone()) || store.valid_output(&h.0)?.is_some() {
-            continue;
-        }
+    for h in rbuild_engine::scheduler::unbuilt(store, graph, target)? {
         let drv = graph
             .get(&h)
             .with_context(|| format!("derivation {} is not in the graph", h.0))?;
-        stack.extend(graph.needs(drv));
         let reason = match (&previous, before.get(&h.0)) {
             (None, _) => format!("never built: {key} was never realised in this store"),
             (Some(_), None) => {
@@ -115,21 +109,7 @@ fn counterparts(
         let (Some(od), Some(nd)) = (then(&o), now(&n)) else {
             continue;
         };
-        let by_name = |d: &Derivation, look: &dyn Fn(&str) -> Option<Derivation>| {
-            let mut m: HashMap<String, Vec<String>> = HashMap::new();
-            for i in &d.inputs {
-                if let Some(x) = look(&i.0) {
-                    m.entry(x.name).or_default().push(i.0.clone());
-                }
-            }
-            m
-        };
-        let (oi, ni) = (by_name(&od, then), by_name(&nd, now));
-        for (name, news) in ni {
-            for (x, y) in oi.get(&name).into_iter().flatten().zip(&news) {
-                queue.push((x.clone(), y.clone()));
-            }
-        }
+        queue.extend(diff::input_pairs(&od, &nd, then, now));
     }
     map
 }

@@ -78,15 +78,7 @@ pub fn compare(
         side: "B",
         hash: hb.to_owned(),
     })?;
-    let named = |d: &Derivation, look: Lookup| -> BTreeMap<String, Vec<String>> {
-        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for i in &d.inputs {
-            let name = look(&i.0).map(|d| d.name).unwrap_or_else(|| i.0.clone());
-            m.entry(name).or_default().push(i.0.clone());
-        }
-        m
-    };
-    let (ia, ib) = (named(&da, la), named(&db, lb));
+    let (ia, ib) = (inputs_by_name(&da, la), inputs_by_name(&db, lb));
     let mut next = Vec::new();
     let mut d = Difference {
         name: db.name.clone(),
@@ -112,14 +104,10 @@ pub fn compare(
         let Some(hashes_b) = ib.get(name) else {
             continue;
         };
-        let mut changed = false;
-        for (x, y) in hashes_a.iter().zip(hashes_b) {
-            if x != y {
-                changed = true;
-                next.push((x.clone(), y.clone()));
-            }
-        }
-        if changed || hashes_a.len() != hashes_b.len() {
+        let pairs = paired(hashes_a, hashes_b);
+        let before = next.len();
+        next.extend(pairs.into_iter().filter(|(x, y)| x != y));
+        if next.len() > before || hashes_a.len() != hashes_b.len() {
             d.changed_inputs.push(name.clone());
         }
     }
@@ -152,6 +140,32 @@ pub fn compare(
         }
     }
     Ok((d, next))
+}
+
+/// `d`'s inputs by name (an input `look` does not know goes by its hash), each name's in
+/// input order.
+fn inputs_by_name(d: &Derivation, look: Lookup) -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for i in &d.inputs {
+        let name = look(&i.0).map(|d| d.name).unwrap_or_else(|| i.0.clone());
+        m.entry(name).or_default().push(i.0.clone());
+    }
+    m
+}
+
+/// Inputs of one name on each side paired by position (one recipe's architectures).
+fn paired(a: &[String], b: &[String]) -> Vec<Pair> {
+    a.iter().cloned().zip(b.iter().cloned()).collect()
+}
+
+/// The inputs of `a` (of A) and `b` (of B) that stand in the same place, equal or not: paired
+/// by name and, among equal names, by position.
+pub fn input_pairs(a: &Derivation, b: &Derivation, la: Lookup, lb: Lookup) -> Vec<Pair> {
+    let (ia, ib) = (inputs_by_name(a, la), inputs_by_name(b, lb));
+    ia.iter()
+        .filter_map(|(name, xs)| ib.get(name).map(|ys| paired(xs, ys)))
+        .flatten()
+        .collect()
 }
 
 /// The first field of the derivation itself (inputs aside) that differs, with both values.

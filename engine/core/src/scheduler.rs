@@ -93,6 +93,28 @@ pub struct Report {
     pub timings: Vec<crate::timings::Timing>,
 }
 
+/// `target` and what it needs, down to (not including) what `store` has a valid output of: what
+/// a realise builds or substitutes.
+pub fn unbuilt(
+    store: &Store,
+    graph: &Graph,
+    target: &DrvHash,
+) -> Result<Vec<DrvHash>, EngineError> {
+    let mut unbuilt = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![target.clone()];
+    while let Some(h) = stack.pop() {
+        if !seen.insert(h.clone()) || store.valid_output(&h.0)?.is_some() {
+            continue;
+        }
+        if let Some(drv) = graph.get(&h) {
+            stack.extend(graph.needs(drv));
+        }
+        unbuilt.push(h);
+    }
+    Ok(unbuilt)
+}
+
 pub struct Engine {
     store: Arc<Store>,
     exe: PathBuf,
@@ -276,18 +298,7 @@ impl Engine {
         if self.caches.substituters.is_empty() {
             return Ok(());
         }
-        let mut unbuilt = Vec::new();
-        let mut seen = HashSet::new();
-        let mut stack = vec![target.clone()];
-        while let Some(h) = stack.pop() {
-            if !seen.insert(h.clone()) || self.store.valid_output(&h.0)?.is_some() {
-                continue;
-            }
-            if let Some(drv) = graph.get(&h) {
-                stack.extend(graph.needs(drv));
-            }
-            unbuilt.push(h);
-        }
+        let unbuilt = unbuilt(&self.store, graph, target)?;
         let trusted = &self.caches.trusted;
         for (i, cache) in self.caches.substituters.iter().enumerate() {
             let Ok(top) = rbuild_store::cache::query(cache.as_ref(), &target.0, trusted) else {

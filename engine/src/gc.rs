@@ -49,33 +49,25 @@ pub(crate) fn gc_cmd(store: Option<PathBuf>, keep: GcKeep, dry_run: bool) -> any
     if terminal {
         eprint!("\r\x1b[K");
     }
-    if dry_run {
-        let stale = match r.roots_dropped {
-            0 => String::new(),
-            n => format!("; would drop {}", count(n, "stale root")),
-        };
-        eprintln!(
-            "gc --dry-run: would keep {} ({}) for {}; would delete {}, freeing {}{stale}",
-            count(r.kept, "output"),
-            human(r.kept_bytes),
-            count(r.roots_kept, "root"),
-            count(r.deleted, "output"),
-            human(r.freed_bytes),
-        );
-        return Ok(());
-    }
     if !r.unremovable.is_empty() {
         let map = rbuild_engine::sandbox::check_support()?;
         for p in &r.unremovable {
             rbuild_engine::sandbox::remove_as_mapped_root(Path::new(SELF_EXE), p, &map)?;
         }
     }
+    // One line: what was (or, with --dry-run, would be) kept, deleted and freed.
+    let (head, kept, deleted, freed) = if dry_run {
+        ("gc --dry-run", "would keep", "would delete", "freeing")
+    } else {
+        ("gc", "kept", "deleted", "freed")
+    };
     let stale = match r.roots_dropped {
         0 => String::new(),
+        n if dry_run => format!("; would drop {}", count(n, "stale root")),
         n => format!("; {} dropped", count(n, "stale root")),
     };
     eprintln!(
-        "gc: kept {} ({}) for {}; deleted {}, freed {}{stale}",
+        "{head}: {kept} {} ({}) for {}; {deleted} {}, {freed} {}{stale}",
         count(r.kept, "output"),
         human(r.kept_bytes),
         count(r.roots_kept, "root"),

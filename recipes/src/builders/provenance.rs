@@ -4,9 +4,8 @@
 //! in it varies between runs: it is a reproducible output like any other.
 
 use std::fs;
-use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use rbuild_engine::builtins::BuildContext;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -35,7 +34,7 @@ pub struct Dependency {
 /// `$out` is the statement (JSON).
 pub(super) fn provenance(ctx: &BuildContext) -> anyhow::Result<()> {
     let plan: ProvenancePlan = serde_json::from_str(ctx.arg(0)?).context("provenance plan")?;
-    let manifest = image_manifest_digest(&ctx.inputs[0])?;
+    let manifest = rbuild_engine::archive::oci::image_digest(&ctx.inputs[0])?;
     let (rootfs, _) = super::index::sha256_of(&ctx.inputs[1])?;
     let release: serde_json::Value = serde_json::from_slice(
         &fs::read(ctx.inputs[2].join("release.json")).context("reading the verified Release")?,
@@ -74,34 +73,4 @@ pub(super) fn provenance(ctx: &BuildContext) -> anyhow::Result<()> {
     text.push(b'\n');
     fs::write(&ctx.out, text)?;
     Ok(())
-}
-
-/// The sha256 (hex) of the one image manifest an OCI layout's `index.json` lists.
-pub(super) fn image_manifest_digest(layout: &Path) -> anyhow::Result<String> {
-    let path = layout.join("index.json");
-    let index: serde_json::Value = serde_json::from_slice(
-        &fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-    )
-    .with_context(|| format!("{}: not JSON", path.display()))?;
-    let manifests = index["manifests"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
-    let [one] = manifests else {
-        bail!(
-            "{}: expected one image manifest, found {}",
-            path.display(),
-            manifests.len()
-        );
-    };
-    let digest = one["digest"].as_str().unwrap_or_default();
-    digest
-        .strip_prefix("sha256:")
-        .map(str::to_owned)
-        .with_context(|| {
-            format!(
-                "{}: manifest digest {digest:?} is not sha256",
-                path.display()
-            )
-        })
 }

@@ -48,7 +48,7 @@ pub struct SbomFile {
 /// an [`SbomPlan`]. `$out` is the document.
 pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
     let plan: SbomPlan = serde_json::from_str(ctx.arg(0)?).context("sbom plan")?;
-    let digest = super::provenance::image_manifest_digest(&ctx.inputs[0])?;
+    let digest = rbuild_engine::archive::oci::image_digest(&ctx.inputs[0])?;
     let layer_digests = layer_digests(&ctx.inputs[0], &digest)?;
     if layer_digests.len() != plan.layers.len() {
         bail!(

@@ -338,6 +338,15 @@ fn write_referrers_layout(
     write_file(&dir.join("index.json"), &to_json(&index)?)
 }
 
+/// The sha256 (hex) of the one image (manifest or index) `layout`'s `index.json` lists.
+pub fn image_digest(layout: &Path) -> Result<String, ArchiveError> {
+    let (_, bare) = single_top_descriptor(layout)?;
+    let digest = bare["digest"].as_str().unwrap_or_default();
+    check_digest(digest)
+        .map(str::to_owned)
+        .map_err(malformed(&layout.join("index.json")))
+}
+
 /// `layout`'s one `index.json` entry, whole, and as a bare descriptor (media type, digest, size).
 fn single_top_descriptor(
     layout: &Path,

@@ -265,7 +265,8 @@ pub fn pack_oci(ctx: &BuildContext) -> anyhow::Result<()> {
         );
     }
     let (layer_inputs, referrer_inputs) = ctx.inputs.split_at(ctx.inputs.len() - kinds.len());
-    let digest = write_image(ctx, layer_inputs, oci::LayerBlobs::Copy)?;
+    let config = image_config(ctx)?;
+    let digest = write_image(ctx, &config, layer_inputs, oci::LayerBlobs::Copy)?;
     if !kinds.is_empty() {
         let referrers: Vec<oci::Referrer> = kinds
             .into_iter()
@@ -275,7 +276,6 @@ pub fn pack_oci(ctx: &BuildContext) -> anyhow::Result<()> {
                 path: path.clone(),
             })
             .collect();
-        let config: oci::ImageConfig = serde_json::from_str(ctx.arg(0)?)?;
         oci::attach_referrers(&ctx.out, &referrers, &config.created)
             .with_context(|| format!("pack-oci: attaching referrers to {digest}"))?;
     }
@@ -286,19 +286,23 @@ pub fn pack_oci(ctx: &BuildContext) -> anyhow::Result<()> {
 /// manifest and `index.json`, all the image's digest depends on — for derivations that describe the
 /// image (its SBOMs) and are themselves attached to it.
 pub fn pack_oci_manifest(ctx: &BuildContext) -> anyhow::Result<()> {
-    write_image(ctx, &ctx.inputs, oci::LayerBlobs::Omit)?;
+    write_image(ctx, &image_config(ctx)?, &ctx.inputs, oci::LayerBlobs::Omit)?;
     Ok(())
 }
 
-/// The image layout of the layer outputs `inputs` with `ctx`'s config (argument 0) and reference
+/// The image config of a `pack-oci` or `pack-oci-manifest` derivation (argument 0).
+fn image_config(ctx: &BuildContext) -> anyhow::Result<oci::ImageConfig> {
+    serde_json::from_str(ctx.arg(0)?).context("pack-oci: image config argument")
+}
+
+/// The image layout of the layer outputs `inputs` with `config` and `ctx`'s reference
 /// name (argument 1) into `$out`; returns the manifest digest.
 fn write_image(
     ctx: &BuildContext,
+    config: &oci::ImageConfig,
     inputs: &[PathBuf],
     blobs: oci::LayerBlobs,
 ) -> anyhow::Result<String> {
-    let config: oci::ImageConfig =
-        serde_json::from_str(ctx.arg(0)?).context("pack-oci: image config argument")?;
     let mut layers = Vec::new();
     for input in inputs {
         let info_path = input.join("layer.json");
@@ -317,7 +321,7 @@ fn write_image(
     }
     let ref_name = ctx.args.get(1).map(String::as_str);
     Ok(oci::write_layout(
-        &ctx.out, &layers, &config, ref_name, blobs,
+        &ctx.out, &layers, config, ref_name, blobs,
     )?)
 }
 

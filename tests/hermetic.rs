@@ -2860,11 +2860,7 @@ fn layered_sboms_attribute_packages_and_files_to_layers() {
     let Some(python) = pytools("layered SBOMs: the reference validators") else {
         return;
     };
-    let check = SbomValidators::new(&python);
-    let (valid, said) = check.spdx(&spdx_path);
-    assert!(valid, "pyspdxtools: {said}");
-    let (valid, said) = check.cyclonedx(&cdx_path);
-    assert!(valid, "CycloneDX: {said}");
+    SbomValidators::new(&python).assert_both_valid(&spdx_path, &cdx_path);
 }
 
 /// `[image] compression = "zstd"`: the image's layers become zstd blobs (OCI's `tar+zstd`

@@ -611,6 +611,14 @@ impl SbomValidators {
         (ok && said.contains("Conformant: True"), said)
     }
 
+    /// An image's two SBOMs pass pyspdxtools and CycloneDX's strict validator.
+    pub fn assert_both_valid(&self, spdx: &Path, cyclonedx: &Path) {
+        let (valid, said) = self.spdx(spdx);
+        assert!(valid, "pyspdxtools: {said}");
+        let (valid, said) = self.cyclonedx(cyclonedx);
+        assert!(valid, "CycloneDX strict validation: {said}");
+    }
+
     /// cyclonedx-python-lib's strict JSON validator, CycloneDX 1.6.
     pub fn cyclonedx(&self, file: &Path) -> (bool, String) {
         const CHECK: &str = r#"

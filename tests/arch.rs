@@ -116,6 +116,59 @@ fn trixie_amd64_and_arm64_with_no_host_setup() {
         .collect();
     assert_eq!(platforms, [("amd64", None), ("arm64", Some("v8"))]);
 
+    // One SPDX and one CycloneDX document per architecture's image, each its referrer.
+    let refs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(result.join("referrers/index.json")).unwrap())
+            .unwrap();
+    let artifacts = &refs["manifests"].as_array().unwrap()[1..];
+    let mut described = Vec::new();
+    for (a, arch) in artifacts.iter().zip(["amd64", "amd64", "arm64", "arm64"]) {
+        let m: serde_json::Value =
+            serde_json::from_slice(&layout_blob(&result, a["digest"].as_str().unwrap())).unwrap();
+        let doc = layout_blob(&result, m["layers"][0]["digest"].as_str().unwrap());
+        let i = usize::from(arch == "arm64");
+        assert_eq!(m["subject"]["digest"], manifests[i]["digest"], "{m}");
+        let output = format!(
+            "{}-{arch}",
+            if a["artifactType"] == "application/spdx+json" {
+                "spdx"
+            } else {
+                "cyclonedx"
+            }
+        );
+        let realised = ok(&rbuild_as(
+            Some(&user),
+            &[
+                "realise",
+                &format!("debian-trixie^{output}"),
+                "--arch",
+                "amd64,arm64",
+                "--lock",
+                lock_s,
+                "--store",
+                store.to_str().unwrap(),
+                "--offline",
+            ],
+            &env,
+        ));
+        assert_eq!(std::fs::read(realised.trim()).unwrap(), doc, "{output}");
+        let text = String::from_utf8(doc).unwrap();
+        assert!(
+            text.contains(&format!("arch={arch}")),
+            "{output} names {arch} packages"
+        );
+        described.push(output);
+    }
+    assert_eq!(
+        described,
+        [
+            "spdx-amd64",
+            "cyclonedx-amd64",
+            "spdx-arm64",
+            "cyclonedx-arm64"
+        ]
+    );
+
     // The amd64 half is the single-architecture image: the same derivations, nothing built.
     let single = json(&rbuild_as(
         Some(&user),

@@ -778,6 +778,161 @@ fn app_with_files(a: &Archive) -> std::path::PathBuf {
     app_dir
 }
 
+/// The entries of layer `i` (0 is the base's) of the image layout `layout`.
+fn layer_entries(layout: &Path, i: usize) -> BTreeMap<String, TarEntry> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&layout_blob(
+        layout,
+        index["manifests"][0]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
+    let mut tar = vec![];
+    flate2::read::GzDecoder::new(
+        &layout_blob(layout, manifest["layers"][i]["digest"].as_str().unwrap())[..],
+    )
+    .read_to_end(&mut tar)
+    .unwrap();
+    read_tar(&tar)
+}
+
+/// A layer's steps run on an overlay of the base tree and the lower layers' change sets, and the
+/// layer is exactly what they changed: a deleted file is a `.wh.` entry, a directory removed
+/// and made again hides what it held, a directory replaced by a file is that file alone, a
+/// touched or rewritten-but-equal file is absent, and a mode change is present. The steps see
+/// the image's real owners and special modes (which store files lack), the next layer sees the
+/// lower layer's changes and can delete what it added, `^tree` is the whole result, and an
+/// unprivileged user gets the same image.
+#[test]
+fn a_layer_is_what_its_steps_changed_on_an_overlay_of_the_layers_below() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(a) = common::busybox::busybox_archive(t.path()) else {
+        return;
+    };
+    let dir = a.recipe.parent().unwrap().join("overlay");
+    fs::create_dir_all(&dir).unwrap();
+    let recipe = dir.join("app.toml");
+    let one = [
+        "stat -c '%u:%g %a' /usr/bin/chage /usr/bin/su /var/mail /tmp > /seen",
+        "rm /etc/os-release",
+        "rm -r /usr/sbin && mkdir /usr/sbin && echo new > /usr/sbin/new",
+        "rm -r /var/mail && echo file > /var/mail",
+        "touch /usr/bin/su",
+        "cat /bin/systemctl > /tmp/copy && cat /tmp/copy > /bin/systemctl && rm /tmp/copy",
+        "chmod 2750 /usr/bin/chage",
+    ];
+    let two = [
+        "test ! -e /etc/os-release && test ! -e /usr/sbin/telinit && test -f /var/mail \
+        && cat /usr/sbin/new > /seen2 && stat -c '%a %g' /usr/bin/chage >> /seen2",
+        "rm /usr/sbin/new",
+    ];
+    let list = |cmds: &[&str]| {
+        cmds.iter()
+            .map(|c| toml::Value::String(c.to_string()).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    fs::write(
+        &recipe,
+        format!(
+            "base = \"../testos.toml\"\n\n[[layers]]\nrun = [{}]\n\n[[layers]]\nrun = [{}]\n",
+            list(&one),
+            list(&two)
+        ),
+    )
+    .unwrap();
+    let store = t.path().join("store");
+    let realise = |user: Option<&str>, store: &Path, target: &str| {
+        let target = format!("{}{target}", recipe.display());
+        json(&rbuild_as(
+            user,
+            &[
+                "realise",
+                &target,
+                "--store",
+                store.to_str().unwrap(),
+                "--json",
+                "--mirror",
+                &a.mirror_url(),
+            ],
+            &[],
+        ))
+    };
+    let image = realise(None, &store, "");
+    let layout = Path::new(image["output"].as_str().unwrap());
+
+    let first = layer_entries(layout, 1);
+    assert_eq!(
+        first.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "etc",
+            "etc/.wh.os-release",
+            "seen",
+            "usr",
+            "usr/bin",
+            "usr/bin/chage",
+            "usr/sbin",
+            "usr/sbin/.wh.telinit",
+            "usr/sbin/new",
+            "var",
+            "var/mail",
+        ],
+        "{first:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&first["seen"].5),
+        "0:42 2755\n0:0 4755\n0:0 2775\n0:0 1777\n",
+        "the step sees the image's owners and special modes"
+    );
+    let chage = &first["usr/bin/chage"];
+    assert_eq!((chage.1 & 0o7777, chage.2, chage.3), (0o2750, 0, 42));
+    assert_eq!(
+        (first["var/mail"].0, &first["var/mail"].5[..]),
+        ('f', &b"file\n"[..])
+    );
+    assert_eq!(first["usr/sbin/new"].5, b"new\n");
+
+    let second = layer_entries(layout, 2);
+    // A file of the layer below, deleted: the base never had it, so the overlay left no
+    // whiteout of its own.
+    assert_eq!(
+        second.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["seen2", "usr", "usr/sbin", "usr/sbin/.wh.new"],
+        "{second:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&second["seen2"].5),
+        "new\n2750 42\n"
+    );
+
+    // The whole root filesystem, for `^tree` and `^rootfs` only.
+    let tree = realise(None, &store, "^tree");
+    let tree = Path::new(tree["output"].as_str().unwrap());
+    for gone in ["etc/os-release", "usr/sbin/telinit"] {
+        assert!(fs::symlink_metadata(tree.join(gone)).is_err(), "{gone}");
+    }
+    assert_eq!(fs::read(tree.join("var/mail")).unwrap(), b"file\n");
+    assert!(tree.join("usr/sbin").is_dir() && !tree.join("usr/sbin/new").exists());
+    assert!(tree.join("seen").is_file() && tree.join("seen2").is_file());
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(format!("{}.meta", tree.display())).unwrap()).unwrap();
+    assert_eq!(meta["entries"]["usr/bin/chage"]["mode"], 0o2750);
+    assert_eq!(meta["entries"]["usr/bin/chage"]["gid"], 42);
+    assert_eq!(meta["entries"]["usr/bin/su"]["mode"], 0o4755);
+
+    if let Some(user) = require_test_user(
+        "a_layer_is_what_its_steps_changed_on_an_overlay_of_the_layers_below: the unprivileged part",
+    ) {
+        let ustore = user_dir(t.path(), "user-store", Some(&user));
+        let theirs = realise(Some(&user), &ustore, "");
+        assert_eq!(
+            output_digest(&theirs),
+            output_digest(&image),
+            "the same image for every user"
+        );
+    }
+}
+
 /// A layered recipe on the throwaway base: the base's layer is reused byte for byte, each
 /// `[[layers]]` entry adds one layer, config and history follow the recipe, and editing the last
 /// layer rebuilds only that layer's tree, its diff and the image.

@@ -119,13 +119,15 @@ pub const SBOM_FORMATS: [(&str, &str); 2] = [
 ];
 
 /// The `spdx` and `cyclonedx` derivations of `ev`'s image, from `manifest` (the image's
-/// [`crate::expand::image_manifest`]), in [`SBOM_FORMATS`]' order.
+/// [`crate::expand::image_manifest`]), in [`SBOM_FORMATS`]' order. `trees` is the image's root
+/// filesystem: its base tree, then each layer's change set.
 pub fn sboms(
     g: &mut Graph,
     ev: &Evidence,
     manifest: &DrvHash,
-    tree: &DrvHash,
+    trees: &[DrvHash],
 ) -> Result<Vec<(String, DrvHash)>, ExpandError> {
+    let (tree, change_sets) = trees.split_first().expect("an image has a base tree");
     let stanzas = ev.stanzas(g)?;
     let sde: BTreeMap<String, String> = [(
         "SOURCE_DATE_EPOCH".to_owned(),
@@ -162,12 +164,11 @@ pub fn sboms(
                 builder: "builtin:debian-sbom".into(),
                 args: vec![serde_json::to_string(&plan).expect("plan serializes")],
                 env: sde.clone(),
-                inputs: vec![
-                    manifest.clone(),
-                    tree.clone(),
-                    stanzas.clone(),
-                    ev.verify.clone(),
-                ],
+                inputs: [manifest, tree, &stanzas, &ev.verify]
+                    .into_iter()
+                    .chain(change_sets)
+                    .cloned()
+                    .collect(),
                 system: None,
                 fixed_output: None,
             })?,

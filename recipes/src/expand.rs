@@ -22,6 +22,9 @@ pub struct Expanded {
     pub arches: Vec<String>,
     /// The image's layer derivations, bottom first.
     pub layers: Vec<DrvHash>,
+    /// The image's root filesystem as the first architecture's base tree, then each layered
+    /// recipe's change sets (bottom first): what a layer on top is built from.
+    pub stack: Vec<DrvHash>,
     pub config: ImageConfig,
     pub source_date_epoch: i64,
     /// The recipe's `[limits]` (a layered recipe's over its base's).
@@ -302,6 +305,7 @@ pub fn expand(recipe: &Recipe, keyring: &[u8], lock: &Lock) -> Result<Expanded, 
         outputs,
         arches,
         layers: first.layers,
+        stack: vec![first.outputs["tree"].clone()],
         config: first.config,
         source_date_epoch: lock.source_date_epoch,
         limits: recipe.limits,
@@ -437,7 +441,7 @@ fn expand_arch(
         lock.source_date_epoch,
         &evidence,
         &rootfs,
-        &tree,
+        std::slice::from_ref(&tree),
     )?;
     let outputs = [
         ("image", image),
@@ -493,7 +497,7 @@ pub fn image_with_evidence(
     sde: i64,
     ev: &crate::evidence::Evidence,
     rootfs: &DrvHash,
-    tree: &DrvHash,
+    trees: &[DrvHash],
 ) -> Result<(DrvHash, Vec<(String, DrvHash)>), ExpandError> {
     let args = vec![
         serde_json::to_string(config).expect("config serializes"),
@@ -510,7 +514,7 @@ pub fn image_with_evidence(
         system: None,
         fixed_output: None,
     })?;
-    let mut outputs = crate::evidence::sboms(g, ev, &manifest, tree)?;
+    let mut outputs = crate::evidence::sboms(g, ev, &manifest, trees)?;
     let kinds: Vec<&str> = crate::evidence::SBOM_FORMATS
         .iter()
         .map(|(_, kind)| *kind)

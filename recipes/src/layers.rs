@@ -11,9 +11,11 @@
 //! user = "app"
 //! ```
 //!
-//! Each layer is a `debian-layer` derivation (lower tree + the layer's contents → upper tree)
-//! and a `layer-diff` derivation (the OCI change set between them); the image lists the base's
-//! layers, byte for byte, followed by one layer per `[[layers]]` entry.
+//! Each layer is a `debian-layer` derivation (the base tree, the lower layers' change sets and the
+//! layer's contents → this layer's change set, built on an overlay) and a `pack-change-set`
+//! derivation (its OCI layer); the image lists the base's layers, byte for byte, followed by one
+//! layer per `[[layers]]` entry. The whole root filesystem (`^tree`) is a derivation of its
+//! own, which the image does not need.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -427,7 +429,14 @@ fn expand_layered(
         .take()
         .context("the base has no evidence of one architecture")?;
     let mut installed = base.installed()?;
-    let mut tree = ex.outputs["tree"].clone();
+    // The base's tree, then the change sets of every layer below this recipe's, bottom first
+    // (a layered base's own).
+    let (base_tree, lower) = ex
+        .stack
+        .split_first()
+        .context("the base has no root filesystem")?;
+    let base_tree = base_tree.clone();
+    let mut change_sets: Vec<rbuild_engine::DrvHash> = lower.to_vec();
     for (i, (spec, locked)) in recipe.layers.iter().zip(&lock.layer).enumerate() {
         installed.extend(locked.package.iter().map(|p| p.name.clone()));
         if let Some(missing) = spec.packages.iter().find(|p| !installed.contains(*p)) {
@@ -438,7 +447,8 @@ fn expand_layered(
                 path.display()
             );
         }
-        let mut inputs = vec![tree.clone(), index.clone()];
+        let mut inputs = vec![base_tree.clone(), index.clone()];
+        inputs.extend(change_sets.iter().cloned());
         for p in &locked.package {
             inputs.push(ex.graph.add(expand::fetch_package(p))?);
         }
@@ -481,6 +491,7 @@ fn expand_layered(
                 .collect(),
             copy,
             run: spec.run.clone(),
+            lower_layers: change_sets.len(),
         };
         let upper = ex.graph.add(Derivation {
             name: format!("{name}-layer{}-tree", i + 1),
@@ -496,12 +507,12 @@ fn expand_layered(
         let layer = ex.graph.add(Derivation {
             name: format!("{name}-layer{}", i + 1),
             stage: Stage::Pack,
-            builder: "builtin:layer-diff".into(),
+            builder: "builtin:pack-change-set".into(),
             args: std::iter::once(history_line(spec))
                 .chain(base.debian().recipe.image.compression.layer_args())
                 .collect(),
             env: env.clone(),
-            inputs: vec![tree.clone(), upper.clone()],
+            inputs: vec![upper.clone()],
             system: None,
             fixed_output: None,
         })?;
@@ -511,8 +522,28 @@ fn expand_layered(
             .map(|(to, b)| (to.clone(), b.as_slice()))
             .collect();
         evidence.add_layer(&history_line(spec), &locked.package, &files);
-        tree = upper;
+        change_sets.push(upper);
     }
+    // The whole root filesystem is made only for `^tree` and `^rootfs`: the image needs the
+    // change sets alone, and its SBOMs read the stack.
+    let trees: Vec<_> = std::iter::once(base_tree.clone())
+        .chain(change_sets.iter().cloned())
+        .collect();
+    ex.stack = trees.clone();
+    let tree = if change_sets.is_empty() {
+        base_tree
+    } else {
+        ex.graph.add(Derivation {
+            name: format!("{name}-rootfs"),
+            stage: Stage::Configure,
+            builder: "builtin:debian-layered-tree".into(),
+            args: vec![],
+            env: env.clone(),
+            inputs: trees.clone(),
+            system: None,
+            fixed_output: None,
+        })?
+    };
     ex.config = merge_config(ex.config, &recipe.config);
     ex.limits = recipe.limits.over(ex.limits);
     let rootfs = expand::rootfs_tar(&mut ex.graph, &name, &tree, sde)?;
@@ -525,7 +556,7 @@ fn expand_layered(
         sde,
         &evidence,
         &rootfs,
-        &tree,
+        &trees,
     )?;
     ex.outputs.extend(extra);
     ex.evidence = Some(evidence);

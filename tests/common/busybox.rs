@@ -28,7 +28,7 @@ pub fn busybox_archive(dir: &Path) -> Option<Archive> {
     ];
     for applet in [
         "sh", "mount", "umount", "unshare", "chroot", "touch", "mkdir", "ls", "cat", "echo",
-        "sleep", "true", "find", "grep", "head",
+        "sleep", "true", "find", "grep", "head", "rm", "chmod", "stat", "test",
     ] {
         let path: &'static str = Box::leak(format!("usr/bin/{applet}").into_boxed_str());
         entries.push(Entry::Symlink(path, "busybox"));

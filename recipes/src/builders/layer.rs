@@ -1,4 +1,4 @@
-//! `debian-layer`: a layer's packages, files and commands on top of the lower layers' tree.
+//! `debian-layer`: a layer's packages, files and commands on top of the lower layers, as a change set.
 
 use std::fs;
 use std::path::Path;
@@ -8,7 +8,8 @@ use rbuild_engine::builtins::BuildContext;
 use rbuild_engine::sandbox::{self, ChrootMounts};
 
 use super::index::verify_deb;
-use super::{chroot_env, finish_tree, materialize, Chroot, NoServices, DEB_STAGING};
+use super::stack::{self, Stack};
+use super::{chroot_env, record_tree, scrub, Chroot, NoServices, DEB_STAGING};
 
 /// Copy a `.deb` into the tree for dpkg; returns its path inside the chroot.
 fn stage_deb(root: &Path, i: usize, name: &str, deb: &Path) -> anyhow::Result<String> {
@@ -51,6 +52,8 @@ pub struct LayerPlan {
     pub packages: Vec<LayerPackage>,
     pub copy: Vec<CopyFile>,
     pub run: Vec<String>,
+    /// How many lower layers' change sets are inputs, after the base tree and the index.
+    pub lower_layers: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -69,27 +72,54 @@ pub struct CopyFile {
     pub content: String,
 }
 
-/// `debian-layer`: inputs `[lower tree, verified index, .deb…]`; argument 0 is a [`LayerPlan`].
-/// `$out` is the lower tree with the new packages installed by the image's own dpkg, the files
-/// copied in and the commands run, all chrooted in the sandbox (no network).
+/// `debian-layer`: inputs `[base tree, verified index, lower change set…, .deb…]`; argument 0 is
+/// a [`LayerPlan`] (`lower_layers` says how many change sets there are). The new packages are
+/// installed by the image's own dpkg, the files copied in and the commands run, all chrooted in
+/// the sandbox (no network), on an overlay of the base tree with the lower layers' change sets
+/// laid onto it. `$out` is this layer's change set ([`stack::change_set`]): what it costs grows
+/// with what the layer changes, never with the base.
 pub(super) fn layer(ctx: &BuildContext) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let plan: LayerPlan = serde_json::from_str(ctx.arg(0)?).context("layer plan")?;
-    let root = ctx.out.clone();
-    fs::create_dir_all(&root)?;
-    materialize(&ctx.inputs[0], "", &root).context("copying the lower layers' tree")?;
+    let sde = ctx.source_date_epoch();
+    let lower_sets = ctx
+        .inputs
+        .get(2..2 + plan.lower_layers)
+        .context("a lower layer's change set input is missing")?;
+    let lower = Stack::compose(&ctx.inputs[0], lower_sets)?;
+    let scratch = ctx.out.with_extension("overlay");
+    let (upper, work, merged) = (
+        scratch.join("upper"),
+        scratch.join("work"),
+        scratch.join("merged"),
+    );
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d)?;
+    }
+    let overlay = sandbox::Overlay::mount(&[&ctx.inputs[0]], &upper, &work, &merged)?;
+    let root = overlay.merged().to_owned();
+    let restored = stack::restore_metadata(&lower, &root)?;
+    for cs in lower_sets {
+        stack::apply_change_set(cs, &root)
+            .with_context(|| format!("laying out the lower layer {}", cs.display()))?;
+    }
+    eprintln!(
+        "layer: base overlaid ({restored} entries' metadata restored, {} lower layers laid out) in {:.1?}",
+        lower_sets.len(),
+        started.elapsed()
+    );
     if !plan.packages.is_empty() {
         let mut staged = Vec::new();
         for (i, p) in plan.packages.iter().enumerate() {
             let deb = ctx
                 .inputs
-                .get(2 + i)
+                .get(2 + plan.lower_layers + i)
                 .context("a package's .deb input is missing")?;
             verify_deb(&ctx.inputs[1], &p.name, &p.version, &p.architecture, deb)?;
             staged.push(stage_deb(&root, i, &p.name, deb)?);
         }
         dpkg_install(ctx, &root, &staged)?;
     }
-    let sde = ctx.source_date_epoch();
     for c in &plan.copy {
         let rel = c.to.trim_start_matches('/');
         if rel.is_empty() || rel.split('/').any(|p| p == ".." || p == ".") {
@@ -134,5 +164,27 @@ pub(super) fn layer(ctx: &BuildContext) -> anyhow::Result<()> {
         drop(mounts);
         let _ = fs::remove_file(&log);
     }
-    finish_tree(ctx, &root)
+    scrub(&root)?;
+    drop(overlay);
+    stack::change_set(&upper, &lower, &ctx.out, sde)?;
+    fs::remove_dir_all(&scratch).context("removing the overlay's directories")?;
+    record_tree(ctx, &ctx.out)?;
+    eprintln!("layer: change set recorded at {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// `debian-layered-tree`: inputs `[base tree, change set…]` (bottom first); `$out` is the root
+/// filesystem they make together (a layered recipe's `^tree`).
+pub(super) fn layered_tree(ctx: &BuildContext) -> anyhow::Result<()> {
+    let (base, sets) = ctx
+        .inputs
+        .split_first()
+        .context("debian-layered-tree needs a base tree")?;
+    fs::create_dir_all(&ctx.out)?;
+    super::materialize(base, "", &ctx.out).context("copying the base tree")?;
+    for cs in sets {
+        stack::apply_change_set(cs, &ctx.out)
+            .with_context(|| format!("laying out the layer {}", cs.display()))?;
+    }
+    record_tree(ctx, &ctx.out)
 }

@@ -17,6 +17,7 @@ mod index;
 mod layer;
 mod provenance;
 mod sbom;
+mod stack;
 
 pub use layer::{CopyFile, LayerPackage, LayerPlan};
 pub use provenance::{Dependency, ProvenancePlan};
@@ -28,6 +29,7 @@ pub fn register(b: &mut Builtins) {
     b.register("debian-unpack", index::unpack);
     b.register_chrooting("debian-configure", configure::configure);
     b.register_chrooting("debian-layer", layer::layer);
+    b.register("debian-layered-tree", layer::layered_tree);
     b.register("debian-provenance", provenance::provenance);
     b.register("debian-sbom", sbom::sbom);
 }
@@ -37,7 +39,17 @@ pub fn register(b: &mut Builtins) {
 /// records. Paths resolve through `root`'s own merged-/usr symlinks (`bin` → `usr/bin`), as
 /// dpkg's would.
 fn materialize(src: &Path, prefix: &str, root: &Path) -> anyhow::Result<()> {
-    let meta = TreeMeta::read(&sidecar(src))?;
+    materialize_entries(src, &TreeMeta::read(&sidecar(src))?, prefix, root)
+}
+
+/// [`materialize`] of the entries `meta` lists. An entry replaces what `root` holds at its path,
+/// a directory included.
+fn materialize_entries(
+    src: &Path,
+    meta: &TreeMeta,
+    prefix: &str,
+    root: &Path,
+) -> anyhow::Result<()> {
     let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
     for (rel, e) in &meta.entries {
         let Some(sub) = rel.strip_prefix(prefix) else {
@@ -55,12 +67,22 @@ fn materialize(src: &Path, prefix: &str, root: &Path) -> anyhow::Result<()> {
                     }
                     continue;
                 }
-                _ => fs::create_dir(&dst).with_context(|| format!("mkdir {}", dst.display()))?,
+                Ok(_) => {
+                    fs::remove_file(&dst)
+                        .with_context(|| format!("replacing {}", dst.display()))?;
+                    fs::create_dir(&dst).with_context(|| format!("mkdir {}", dst.display()))?
+                }
+                Err(_) => {
+                    fs::create_dir(&dst).with_context(|| format!("mkdir {}", dst.display()))?
+                }
             }
         } else {
-            if fs::symlink_metadata(&dst).is_ok() {
-                fs::remove_file(&dst).with_context(|| format!("replacing {}", dst.display()))?;
+            match fs::symlink_metadata(&dst) {
+                Ok(m) if m.is_dir() => fs::remove_dir_all(&dst),
+                Ok(_) => fs::remove_file(&dst),
+                Err(_) => Ok(()),
             }
+            .with_context(|| format!("replacing {}", dst.display()))?;
             if ft.is_symlink() {
                 std::os::unix::fs::symlink(fs::read_link(&from)?, &dst)
                     .with_context(|| format!("symlink {}", dst.display()))?;
@@ -124,6 +146,12 @@ const VOLATILE: &[&str] = &[
 
 /// Drop what records when or where the tree was built, then record its ownership in `$out.meta`.
 fn finish_tree(ctx: &BuildContext, root: &Path) -> anyhow::Result<()> {
+    scrub(root)?;
+    record_tree(ctx, root)
+}
+
+/// Drop what records when or where the tree at `root` was built.
+fn scrub(root: &Path) -> anyhow::Result<()> {
     for v in VOLATILE {
         let _ = fs::remove_file(root.join(v));
     }
@@ -133,6 +161,11 @@ fn finish_tree(ctx: &BuildContext, root: &Path) -> anyhow::Result<()> {
             fs::write(root.join("etc/machine-id"), b"")?;
         }
     }
+    Ok(())
+}
+
+/// Record the ownership of the tree at `root` (`$out`) in `$out.meta`, leaving it plain.
+fn record_tree(ctx: &BuildContext, root: &Path) -> anyhow::Result<()> {
     let meta = sandbox::normalize_tree(root, ctx.source_date_epoch())?;
     meta.write(&ctx.meta_out())?;
     Ok(())

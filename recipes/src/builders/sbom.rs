@@ -44,8 +44,9 @@ pub struct SbomFile {
     pub layer: usize,
 }
 
-/// inputs `[image layout, configured tree, available stanzas, verified index]`; argument 0 is
-/// an [`SbomPlan`]. `$out` is the document.
+/// inputs `[image layout, configured tree, available stanzas, verified index, change set…]`
+/// (the change sets of a layered image's layers, bottom first); argument 0 is an [`SbomPlan`].
+/// `$out` is the document.
 pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
     let plan: SbomPlan = serde_json::from_str(ctx.arg(0)?).context("sbom plan")?;
     let digest = rbuild_engine::archive::oci::image_digest(&ctx.inputs[0])?;
@@ -57,7 +58,7 @@ pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
             plan.layers.len()
         );
     }
-    let tree = &ctx.inputs[1];
+    let tree = super::stack::Stack::compose(&ctx.inputs[1], ctx.inputs.get(4..).unwrap_or(&[]))?;
     let available = fs::read_to_string(ctx.inputs[2].join("available"))
         .context("reading the packages' stanzas")?;
     let release: serde_json::Value = serde_json::from_slice(
@@ -89,7 +90,7 @@ pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
         })?;
         installed.push(Installed {
             stanza,
-            copyright: copyright(tree, &p.name),
+            copyright: copyright(&tree, &p.name),
             layer: p.layer,
         });
     }
@@ -164,7 +165,8 @@ fn split_stanzas(text: &str) -> Vec<&str> {
 
 /// `usr/share/doc/NAME/copyright` of the tree, following the tree's own symlinks (a package's
 /// doc directory may link to another's) without leaving it.
-fn copyright(tree: &Path, name: &str) -> Option<String> {
+fn copyright(tree: &super::stack::Stack, name: &str) -> Option<String> {
+    let file = |rel: &Path| tree.get(&rel.to_string_lossy()).map(|(_, src)| src.clone());
     let mut rel = PathBuf::from(format!("usr/share/doc/{name}/copyright"));
     for _ in 0..16 {
         let mut resolved = PathBuf::new();
@@ -172,8 +174,8 @@ fn copyright(tree: &Path, name: &str) -> Option<String> {
         let parts: Vec<_> = rel.components().collect();
         for (i, c) in parts.iter().enumerate() {
             let next = resolved.join(c);
-            match fs::read_link(tree.join(&next)) {
-                Ok(target) => {
+            match file(&next).map(fs::read_link) {
+                Some(Ok(target)) => {
                     let mut base = if target.is_absolute() {
                         PathBuf::new()
                     } else {
@@ -195,11 +197,11 @@ fn copyright(tree: &Path, name: &str) -> Option<String> {
                     changed = true;
                     break;
                 }
-                Err(_) => resolved = next,
+                _ => resolved = next,
             }
         }
         if !changed {
-            return fs::read_to_string(tree.join(&rel)).ok();
+            return file(&rel).and_then(|f| fs::read_to_string(f).ok());
         }
     }
     None

@@ -66,7 +66,7 @@ impl Builtins {
         b.register("pack-oci", pack::pack_oci);
         b.register("pack-oci-manifest", pack::pack_oci_manifest);
         b.register("pack-oci-index", pack::pack_oci_index);
-        b.register("layer-diff", pack::layer_diff);
+        b.register("pack-change-set", pack::pack_change_set);
         b
     }
 

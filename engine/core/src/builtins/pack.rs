@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::BuildContext;
 use crate::archive::{self, oci};
-use rbuild_store::meta::{EntryMeta, TreeMeta};
+use rbuild_store::meta::TreeMeta;
 
 /// `pack-tar`: input 0 is a tree (with its ownership sidecar); `$out` is its deterministic tar.
 pub fn pack_tar(ctx: &BuildContext) -> anyhow::Result<()> {
@@ -124,123 +124,25 @@ fn write_layer_blob(
     Ok(())
 }
 
-/// Whether a path differs between the lower and the upper tree, ignoring mtimes: a file that was
-/// only touched, or rewritten with the same bytes, is unchanged.
-fn differs(lower: &Path, upper: &Path, lm: &EntryMeta, um: &EntryMeta) -> anyhow::Result<bool> {
-    if (lm.uid, lm.gid, lm.mode, &lm.caps) != (um.uid, um.gid, um.mode, &um.caps) {
-        return Ok(true);
-    }
-    let (l, u) = (fs::symlink_metadata(lower)?, fs::symlink_metadata(upper)?);
-    let (lt, ut) = (l.file_type(), u.file_type());
-    if lt.is_dir() != ut.is_dir()
-        || lt.is_symlink() != ut.is_symlink()
-        || lt.is_file() != ut.is_file()
-    {
-        return Ok(true);
-    }
-    if lt.is_symlink() {
-        return Ok(fs::read_link(lower)? != fs::read_link(upper)?);
-    }
-    if lt.is_file() {
-        return Ok(l.len() != u.len()
-            || rbuild_store::hash::file_blake3(lower)? != rbuild_store::hash::file_blake3(upper)?);
-    }
-    Ok(false)
-}
-
-/// `layer-diff`: inputs `[lower tree, upper tree]` (each with its ownership sidecar); argument 0
-/// is the history line. `$out` is an OCI layer (as `pack-layer` makes) holding the change set:
-/// added and changed entries with their parent directories, and a `.wh.NAME` whiteout for each
-/// deleted path (only the topmost one of a deleted subtree; explicit whiteouts, as the OCI
-/// layer specification recommends, never opaque ones). A path whose type changed is written
-/// whole: applying it removes the old path first.
-pub fn layer_diff(ctx: &BuildContext) -> anyhow::Result<()> {
-    let (lower, upper) = match ctx.inputs.as_slice() {
-        [l, u] => (l, u),
-        _ => anyhow::bail!("layer-diff needs exactly two inputs (lower and upper tree)"),
-    };
-    let lmeta = TreeMeta::read(&rbuild_store::meta::sidecar(lower))?;
-    let umeta = TreeMeta::read(&rbuild_store::meta::sidecar(upper))?;
-    let sde = ctx.source_date_epoch();
+/// `pack-change-set`: input 0 is a layer's change set (a tree with its ownership sidecar, whose
+/// `.wh.NAME` entries delete a lower path); argument 0 is the history line, argument 1
+/// (optional) the compression. `$out` is the OCI layer, as `pack-layer` makes it.
+pub fn pack_change_set(ctx: &BuildContext) -> anyhow::Result<()> {
+    let tree = ctx
+        .inputs
+        .first()
+        .context("pack-change-set needs a change set input")?;
+    let meta = TreeMeta::read(&rbuild_store::meta::sidecar(tree))?;
     let work = ctx.out.with_extension("work");
-    let tree = work.join("tree");
-    fs::create_dir_all(&tree)?;
-    let mut meta = TreeMeta::default();
-    let root_meta = umeta
-        .get("")
-        .cloned()
-        .unwrap_or(EntryMeta::root(0o755, sde));
-    meta.entries.insert(String::new(), root_meta);
-
-    // Make `rel`'s parent directories exist in the change set, with the upper tree's metadata.
-    let ensure_parents = |rel: &str, meta: &mut TreeMeta| -> anyhow::Result<()> {
-        let mut prefix = String::new();
-        let parts: Vec<&str> = rel.split('/').collect();
-        for part in &parts[..parts.len() - 1] {
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(part);
-            if !meta.entries.contains_key(&prefix) {
-                fs::create_dir_all(tree.join(&prefix))?;
-                let m = umeta
-                    .get(&prefix)
-                    .cloned()
-                    .context("upper tree metadata lacks a parent")?;
-                meta.entries.insert(prefix.clone(), m);
-            }
-        }
-        Ok(())
-    };
-
-    for (rel, um) in umeta.entries.iter().filter(|(r, _)| !r.is_empty()) {
-        let changed = match lmeta.get(rel) {
-            None => true,
-            Some(lm) => differs(&lower.join(rel), &upper.join(rel), lm, um)?,
-        };
-        if !changed {
-            continue;
-        }
-        ensure_parents(rel, &mut meta)?;
-        let src = upper.join(rel);
-        let dst = tree.join(rel);
-        let ft = fs::symlink_metadata(&src)?.file_type();
-        if ft.is_dir() {
-            fs::create_dir_all(&dst)?;
-        } else if ft.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
-        } else {
-            fs::copy(&src, &dst).with_context(|| format!("copying {rel}"))?;
-        }
-        meta.entries.insert(rel.clone(), um.clone());
-    }
-    for rel in lmeta
-        .entries
-        .keys()
-        .filter(|r| !r.is_empty() && !umeta.entries.contains_key(*r))
-    {
-        // Below a directory that is gone or is now a file or symlink: the parent's own entry
-        // (its whiteout, or its replacement, which removes the old path) covers it.
-        let parent_gone = rel.rsplit_once('/').is_some_and(|(p, _)| {
-            !umeta.entries.contains_key(p)
-                || !fs::symlink_metadata(upper.join(p)).is_ok_and(|m| m.is_dir())
-        });
-        if parent_gone {
-            continue;
-        }
-        ensure_parents(rel, &mut meta)?;
-        let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel.as_str()));
-        let wh = if dir.is_empty() {
-            format!(".wh.{name}")
-        } else {
-            format!("{dir}/.wh.{name}")
-        };
-        fs::write(tree.join(&wh), b"")?;
-        meta.entries.insert(wh, EntryMeta::root(0o644, sde));
-    }
+    fs::create_dir_all(&work)?;
     let tar_path = work.join("layer.tar");
     let f = fs::File::create(&tar_path)?;
-    let w = archive::tar_out::write_tar(&tree, &meta, sde, BufWriter::with_capacity(1 << 20, f))?;
+    let w = archive::tar_out::write_tar(
+        tree,
+        &meta,
+        ctx.source_date_epoch(),
+        BufWriter::with_capacity(1 << 20, f),
+    )?;
     w.into_inner().map_err(|e| e.into_error())?;
     let compression = LayerCompression::from_arg(ctx.args.get(1))?;
     write_layer_blob(&tar_path, &ctx.out, ctx.arg(0)?, compression)?;
@@ -333,83 +235,4 @@ pub fn pack_oci_index(ctx: &BuildContext) -> anyhow::Result<()> {
     let ref_name = ctx.args.first().map(String::as_str);
     oci::write_multi_platform_layout(&ctx.out, &images, ref_name)?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rbuild_store::meta::sidecar;
-    use std::collections::BTreeMap;
-
-    fn tree(root: &Path, entries: &[(&str, Option<&str>)]) {
-        let mut meta = TreeMeta::default();
-        fs::create_dir_all(root).unwrap();
-        for (rel, content) in entries {
-            let p = root.join(rel);
-            match content {
-                Some(c) => fs::write(&p, c).unwrap(),
-                None if !rel.is_empty() => fs::create_dir(&p).unwrap(),
-                None => {}
-            }
-            let mode = if content.is_some() { 0o644 } else { 0o755 };
-            meta.entries
-                .insert(rel.to_string(), EntryMeta::root(mode, 0));
-        }
-        meta.write(&sidecar(root)).unwrap();
-    }
-
-    fn layer_entries(out: &Path) -> Vec<String> {
-        let gz = fs::File::open(out.join("layer.tar.gz")).unwrap();
-        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(gz));
-        ar.entries()
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                let kind = if e.header().entry_type().is_dir() {
-                    "/"
-                } else {
-                    ""
-                };
-                let path = e.path().unwrap().display().to_string();
-                format!("{}{kind}", path.trim_end_matches('/'))
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_directory_replaced_by_a_file_is_written_whole_without_whiteouts_below_it() {
-        let t = tempfile::tempdir().unwrap();
-        let (lower, upper) = (t.path().join("lower"), t.path().join("upper"));
-        tree(
-            &lower,
-            &[
-                ("", None),
-                ("opt", None),
-                ("opt/x", None),
-                ("opt/x/a", Some("old")),
-                ("opt/gone", Some("bye")),
-                ("keep", Some("same")),
-            ],
-        );
-        tree(
-            &upper,
-            &[
-                ("", None),
-                ("opt", None),
-                ("opt/x", Some("now a file")),
-                ("keep", Some("same")),
-            ],
-        );
-        let out = t.path().join("out");
-        layer_diff(&BuildContext {
-            args: vec!["test".into()],
-            env: BTreeMap::new(),
-            inputs: vec![lower, upper],
-            out: out.clone(),
-        })
-        .unwrap();
-        let mut got = layer_entries(&out);
-        got.sort();
-        assert_eq!(got, vec!["opt/", "opt/.wh.gone", "opt/x"], "{got:?}");
-    }
 }

@@ -24,7 +24,7 @@ mod tree;
 
 pub use confine::{cap_names, landlock_abi, Walls, PACKAGE_CAPS, TEST_ONLY_WALLS_VAR};
 pub use ids::{check_support, IdMap, MapError};
-pub use tree::{apply_meta, normalize_tree, read_caps};
+pub use tree::{apply_meta, entry_meta, is_opaque, is_whiteout, normalize_tree, read_caps};
 
 use std::ffi::CString;
 use std::fs;
@@ -861,12 +861,19 @@ impl ChrootMounts {
             mounted: vec![],
             created: vec![],
         };
+        // Mount points the tree lacks are made for the command and removed again.
         let proc_ = root.join("proc");
-        fs::create_dir_all(&proc_).map_err(setup_io("mkdir proc in chroot"))?;
+        if fs::symlink_metadata(&proc_).is_err() {
+            fs::create_dir_all(&proc_).map_err(setup_io("mkdir proc in chroot"))?;
+            g.created.push(proc_.clone());
+        }
         mount_proc(&proc_)?;
         g.mounted.push(proc_);
         let dev = root.join("dev");
-        fs::create_dir_all(&dev).map_err(setup_io("mkdir dev in chroot"))?;
+        if fs::symlink_metadata(&dev).is_err() {
+            fs::create_dir_all(&dev).map_err(setup_io("mkdir dev in chroot"))?;
+            g.created.push(dev.clone());
+        }
         for d in DEVICES {
             let p = dev.join(d);
             if fs::symlink_metadata(&p).is_err() {
@@ -909,6 +916,69 @@ impl Drop for ChrootMounts {
                 fs::remove_file(c)
             };
         }
+    }
+}
+
+/// Inside a sandbox: an overlay of `upper` on the read-only `lower` directories (topmost first)
+/// at `merged`, so that what is written there lands in `upper` alone: new and changed entries,
+/// a whiteout (a character device 0/0, [`is_whiteout`]) for each deleted one, an opaque
+/// directory ([`is_opaque`]) for one that replaced a lower directory. `work` is overlayfs's
+/// scratch directory, on `upper`'s filesystem. The guard unmounts it.
+pub struct Overlay {
+    merged: PathBuf,
+}
+
+impl Overlay {
+    pub fn mount(
+        lower: &[&Path],
+        upper: &Path,
+        work: &Path,
+        merged: &Path,
+    ) -> Result<Overlay, SandboxError> {
+        // overlayfs splits its options at `,` and lower directories at `:`; `\` escapes both.
+        let escape = |p: &Path| {
+            let mut s = String::new();
+            for c in p.to_string_lossy().chars() {
+                if matches!(c, ',' | ':' | '\\') {
+                    s.push('\\');
+                }
+                s.push(c);
+            }
+            s
+        };
+        let lowers: Vec<String> = lower.iter().map(|p| escape(p)).collect();
+        // `userxattr`: the overlay's own marks are `user.overlay.*` xattrs, which the root of a
+        // user namespace may set (the `trusted.` ones need the host's root).
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={},userxattr",
+            lowers.join(":"),
+            escape(upper),
+            escape(work)
+        );
+        mount(
+            Some("overlay"),
+            merged,
+            Some("overlay"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(options.as_str()),
+        )
+        .map_err(setup(format!(
+            "mounting an overlay at {} (overlayfs in a user namespace needs Linux 5.11)",
+            merged.display()
+        )))?;
+        Ok(Overlay {
+            merged: merged.to_owned(),
+        })
+    }
+
+    pub fn merged(&self) -> &Path {
+        &self.merged
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = umount2(self.merged.as_path(), MntFlags::MNT_DETACH);
     }
 }
 

@@ -188,6 +188,60 @@ pub fn normalize_tree(root: &Path, clamp: i64) -> Result<TreeMeta, SandboxError>
     Ok(meta)
 }
 
+/// The metadata of `p` as [`normalize_tree`] records it (mtime clamped to `clamp`), leaving `p`
+/// as it is.
+pub fn entry_meta(p: &Path, clamp: i64) -> Result<EntryMeta, SandboxError> {
+    let md = fs::symlink_metadata(p).map_err(|source| SandboxError::Setup {
+        what: format!("stat {}", p.display()),
+        source,
+    })?;
+    Ok(read_entry(p, &md, clamp)?.0)
+}
+
+/// Raw capabilities and ACLs of an entry.
+type RawXattrs = (Option<Vec<u8>>, Vec<(&'static str, Vec<u8>)>);
+
+/// `p`'s [`EntryMeta`] from its `md`, with the raw capabilities and ACLs it was made from.
+fn read_entry(
+    p: &Path,
+    md: &fs::Metadata,
+    clamp: i64,
+) -> Result<(EntryMeta, RawXattrs), SandboxError> {
+    let ft = md.file_type();
+    let (caps, acls): RawXattrs = (
+        if ft.is_file() { read_caps(p)? } else { None },
+        if ft.is_symlink() {
+            vec![]
+        } else {
+            read_acls(p)?
+        },
+    );
+    let entry = EntryMeta {
+        uid: md.uid(),
+        gid: md.gid(),
+        mode: md.mode() & 0o7777,
+        mtime: md.mtime().min(clamp),
+        caps: caps.as_ref().map(hex::encode),
+        acls: acls
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), hex::encode(v)))
+            .collect(),
+    };
+    Ok((entry, (caps, acls)))
+}
+
+/// Whether `md` is an overlay whiteout (a character device 0/0): the path is deleted.
+pub fn is_whiteout(md: &fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    md.file_type().is_char_device() && md.rdev() == 0
+}
+
+/// Whether the upper directory `dir` is opaque (`user.overlay.opaque`, as an overlay mounted
+/// with `userxattr` marks a directory that replaced a lower one): nothing below it shows through.
+pub fn is_opaque(dir: &Path) -> Result<bool, SandboxError> {
+    Ok(read_xattr(dir, c"user.overlay.opaque", 8)?.as_deref() == Some(b"y"))
+}
+
 /// Hardlinked files: the metadata read at the first name (later names see it already normalized).
 type Links = HashMap<(u64, u64), EntryMeta>;
 
@@ -216,23 +270,7 @@ fn walk(
             return Ok(());
         }
     }
-    let caps = if ft.is_file() { read_caps(p)? } else { None };
-    let acls = if ft.is_symlink() {
-        vec![]
-    } else {
-        read_acls(p)?
-    };
-    let entry = EntryMeta {
-        uid: md.uid(),
-        gid: md.gid(),
-        mode: md.mode() & 0o7777,
-        mtime: md.mtime().min(clamp),
-        caps: caps.as_ref().map(hex::encode),
-        acls: acls
-            .iter()
-            .map(|(n, v)| ((*n).to_owned(), hex::encode(v)))
-            .collect(),
-    };
+    let (entry, (caps, acls)) = read_entry(p, &md, clamp)?;
     if ft.is_file() && md.nlink() > 1 {
         links.insert((md.dev(), md.ino()), entry.clone());
     }

@@ -605,6 +605,7 @@ fn sandbox_is_isolated_and_maps_a_full_id_range() {
             "Landlock",
             "seccomp and no_new_privs",
             "capabilities",
+            "overlayfs in a user namespace",
         ] {
             assert!(
                 checklist

@@ -166,6 +166,19 @@ pub fn doctor(connect: Vec<String>, json: bool) -> anyhow::Result<()> {
         ));
     }
     let (major, minor) = kernel();
+    let overlay = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| {
+        f.lines()
+            .any(|l| l.split_whitespace().last() == Some("overlay"))
+    });
+    lines.push(line(
+        (major, minor) >= (5, 11) && overlay,
+        "overlayfs in a user namespace",
+        match ((major, minor) >= (5, 11), overlay) {
+            (true, true) => format!("kernel {major}.{minor}: layers are built on an overlay of their base"),
+            (false, _) => format!("kernel {major}.{minor} < 5.11: layered recipes cannot be built (their layers need overlayfs in a user namespace)"),
+            (true, false) => "the kernel lists no overlay filesystem (modprobe overlay): layered recipes cannot be built".to_owned(),
+        },
+    ));
     lines.push(line(
         (major, minor) >= (6, 7),
         "binfmt_misc in a user namespace",

@@ -166,6 +166,7 @@ pub(super) fn layer(ctx: &BuildContext) -> anyhow::Result<()> {
     }
     scrub(&root)?;
     drop(overlay);
+    eprintln!("layer: steps done at {:.1?}", started.elapsed());
     stack::change_set(&upper, &lower, &ctx.out, sde)?;
     fs::remove_dir_all(&scratch).context("removing the overlay's directories")?;
     record_tree(ctx, &ctx.out)?;

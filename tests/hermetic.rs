@@ -1766,8 +1766,10 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         calls <= 17 && asked > 2 * calls,
         "one FindMissingBlobs per output, many digests each: {calls} calls, {asked} digests"
     );
-    // `cache push` of the whole closure to an empty server asks about all its blobs at once.
+    // `cache push` of the whole closure to an empty server asks about all its blobs at once,
+    // and asks again while the server says it is busy.
     let (url2, state2) = reapi_server::start();
+    state2.busy.store(3, Ordering::Relaxed);
     let o = rbuild(&[
         "cache",
         "push",
@@ -1781,6 +1783,11 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
     ]);
     ok(&o);
     assert!(stderr(&o).contains("pushed 17 outputs"), "{}", stderr(&o));
+    assert_eq!(
+        state2.busy.load(Ordering::Relaxed),
+        0,
+        "the busy answers were met"
+    );
     assert_eq!(state2.find_missing_calls.load(Ordering::Relaxed), 1);
     assert_eq!(state2.actions.lock().unwrap().len(), 17);
     let digest = output_digest(&r);

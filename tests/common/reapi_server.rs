@@ -27,6 +27,21 @@ pub struct State {
     pub stream_reads: AtomicUsize,
     pub stream_writes: AtomicUsize,
     pub early_writes: AtomicUsize,
+    /// While above 0, ActionCache and FindMissingBlobs calls are refused as BuildGrid refuses
+    /// them past its limit of concurrent calls (`RESOURCE_EXHAUSTED`), one per call.
+    pub busy: AtomicUsize,
+}
+
+impl State {
+    fn busy(&self) -> Result<(), Status> {
+        match self
+            .busy
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        {
+            Ok(_) => Err(Status::resource_exhausted("Concurrent RPC limit exceeded!")),
+            Err(_) => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -96,6 +111,7 @@ impl re::action_cache_server::ActionCache for Server {
         &self,
         r: Request<re::GetActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
+        self.0.busy()?;
         let r = r.into_inner();
         need_blake3(r.digest_function)?;
         let key = r.action_digest.unwrap_or_default().hash;
@@ -109,6 +125,7 @@ impl re::action_cache_server::ActionCache for Server {
         &self,
         r: Request<re::UpdateActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
+        self.0.busy()?;
         let r = r.into_inner();
         need_blake3(r.digest_function)?;
         let action = r.action_digest.unwrap_or_default();
@@ -131,6 +148,7 @@ impl re::content_addressable_storage_server::ContentAddressableStorage for Serve
         &self,
         r: Request<re::FindMissingBlobsRequest>,
     ) -> Result<Response<re::FindMissingBlobsResponse>, Status> {
+        self.0.busy()?;
         let r = r.into_inner();
         need_blake3(r.digest_function)?;
         self.0.find_missing_calls.fetch_add(1, Ordering::Relaxed);

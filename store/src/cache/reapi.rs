@@ -322,14 +322,19 @@ impl GrpcCache {
         let caps = *self
             .caps
             .get_or_init(|| {
-                let mut client = CapabilitiesClient::new(self.channel.clone())
+                let client = CapabilitiesClient::new(self.channel.clone())
                     .max_decoding_message_size(MAX_MESSAGE);
                 let instance = self.instance.clone();
                 self.run_raw(async move {
                     let req = re::GetCapabilitiesRequest {
                         instance_name: instance,
                     };
-                    let caps = match timed("GetCapabilities", client.get_capabilities(req)).await {
+                    let caps = match timed("GetCapabilities", || {
+                        let (mut client, req) = (client.clone(), req.clone());
+                        async move { client.get_capabilities(req).await }
+                    })
+                    .await
+                    {
                         Ok(r) => r.into_inner().cache_capabilities,
                         Err(e) => return Err(e),
                     };
@@ -387,18 +392,50 @@ impl GrpcCache {
     }
 }
 
-/// `fut`, failing after [`super::timeout`].
-async fn timed<T>(
+/// How many times a call that a busy server refused (`RESOURCE_EXHAUSTED`, as BuildGrid answers
+/// past its limit of concurrent calls, or `UNAVAILABLE`) is made again, after pauses doubling
+/// from [`FIRST_PAUSE`] (6.3 s in all): the remote APIs ask clients to retry those.
+const RETRIES: u32 = 6;
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+
+/// `call()`'s answer, asked again while the server is busy ([`RETRIES`]); an error after
+/// [`super::timeout`] of one call.
+async fn retried<T, Fut>(
     what: &str,
-    fut: impl Future<Output = Result<T, tonic::Status>>,
-) -> Result<T, GrpcError> {
-    match tokio::time::timeout(super::timeout(), fut).await {
-        Ok(r) => r.map_err(|s| status(what, s)),
-        Err(_) => Err(GrpcError::Timeout {
-            what: what.to_owned(),
-            secs: super::timeout().as_secs(),
-        }),
+    mut call: impl FnMut() -> Fut,
+) -> Result<Result<T, tonic::Status>, GrpcError>
+where
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let mut pause = FIRST_PAUSE;
+    for attempt in 0.. {
+        match tokio::time::timeout(super::timeout(), call()).await {
+            Ok(Err(s))
+                if attempt < RETRIES
+                    && matches!(
+                        s.code(),
+                        tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+                    ) =>
+            {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Ok(r) => return Ok(r),
+            Err(_) => break,
+        }
     }
+    Err(GrpcError::Timeout {
+        what: what.to_owned(),
+        secs: super::timeout().as_secs(),
+    })
+}
+
+/// [`retried`], with the server's error as a [`GrpcError`].
+async fn timed<T, Fut>(what: &str, call: impl FnMut() -> Fut) -> Result<T, GrpcError>
+where
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    retried(what, call).await?.map_err(|s| status(what, s))
 }
 
 /// Split `(size, item)`s into batch requests of at most `batch` bytes (counting [`PER_BLOB`]
@@ -523,7 +560,11 @@ impl Ctx {
                 blob_digests: chunk.to_vec(),
                 digest_function: self.digest_function(),
             };
-            let resp = timed("FindMissingBlobs", self.cas.find_missing_blobs(req)).await?;
+            let resp = timed("FindMissingBlobs", || {
+                let (mut cas, req) = (self.cas.clone(), req.clone());
+                async move { cas.find_missing_blobs(req).await }
+            })
+            .await?;
             missing.extend(resp.into_inner().missing_blob_digests);
         }
         Ok(missing)
@@ -542,7 +583,11 @@ impl Ctx {
                 .collect(),
             digest_function: self.digest_function(),
         };
-        let resp = timed("BatchUpdateBlobs", self.cas.batch_update_blobs(req)).await?;
+        let resp = timed("BatchUpdateBlobs", || {
+            let (mut cas, req) = (self.cas.clone(), req.clone());
+            async move { cas.batch_update_blobs(req).await }
+        })
+        .await?;
         for r in resp.into_inner().responses {
             if let Some(s) = r.status.filter(|s| s.code != 0) {
                 let d = r.digest.unwrap_or_default();
@@ -567,7 +612,11 @@ impl Ctx {
             digest_function: self.digest_function(),
             ..Default::default()
         };
-        let resp = timed("BatchReadBlobs", self.cas.batch_read_blobs(req)).await?;
+        let resp = timed("BatchReadBlobs", || {
+            let (mut cas, req) = (self.cas.clone(), req.clone());
+            async move { cas.batch_read_blobs(req).await }
+        })
+        .await?;
         let mut out = Vec::new();
         for r in resp.into_inner().responses {
             let d = r.digest.unwrap_or_default();
@@ -597,7 +646,12 @@ impl Ctx {
             read_limit: 0,
         };
         let what = format!("ByteStream.Read {name}");
-        let mut stream = timed(&what, self.bytestream.read(req)).await?.into_inner();
+        let mut stream = timed(&what, || {
+            let (mut bytestream, req) = (self.bytestream.clone(), req.clone());
+            async move { bytestream.read(req).await }
+        })
+        .await?
+        .into_inner();
         let mut n = 0u64;
         loop {
             let msg = match tokio::time::timeout(super::timeout(), stream.message()).await {
@@ -827,18 +881,16 @@ impl Ctx {
             digest_function: self.digest_function(),
             ..Default::default()
         };
-        let result =
-            match tokio::time::timeout(super::timeout(), self.ac.get_action_result(req)).await {
-                Ok(Ok(r)) => r.into_inner(),
-                Ok(Err(s)) if s.code() == tonic::Code::NotFound => return Ok(Ok(None)),
-                Ok(Err(s)) => return Err(status("GetActionResult", s)),
-                Err(_) => {
-                    return Err(GrpcError::Timeout {
-                        what: "GetActionResult".into(),
-                        secs: super::timeout().as_secs(),
-                    })
-                }
-            };
+        let answer = retried("GetActionResult", || {
+            let (mut ac, req) = (self.ac.clone(), req.clone());
+            async move { ac.get_action_result(req).await }
+        })
+        .await?;
+        let result = match answer {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(Ok(None)),
+            Err(s) => return Err(status("GetActionResult", s)),
+        };
         let bad = |source: EntryError| {
             Ok(Err(CacheError::BadEntry {
                 drv: drv_hash.clone(),
@@ -945,7 +997,11 @@ impl BinaryCache for GrpcCache {
                 digest_function: ctx.digest_function(),
                 ..Default::default()
             };
-            timed("UpdateActionResult", ctx.ac.update_action_result(req)).await?;
+            timed("UpdateActionResult", || {
+                let (mut ac, req) = (ctx.ac.clone(), req.clone());
+                async move { ac.update_action_result(req).await }
+            })
+            .await?;
             Ok(())
         })
     }

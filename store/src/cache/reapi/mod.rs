@@ -14,6 +14,10 @@
 //!
 //! The trait is blocking; this backend runs its own small tokio runtime, so it can be called from
 //! any thread, including from inside another runtime's tasks.
+//!
+//! This file holds the client, its runtime, the retrying of calls and the [`BinaryCache`]
+//! methods; `cas.rs` the CAS and ByteStream calls, `action_cache.rs` the ActionCache's entries,
+//! `error.rs` what can fail.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,25 +38,23 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+mod action_cache;
+mod cas;
+mod error;
+
+use action_cache::Entry;
+pub(crate) use action_cache::ENTRY_FILE;
+use cas::{plan_batches, Source, PER_BLOB};
+use error::{status, task};
+pub use error::{GrpcError, RpcStatus};
+
 use super::{BinaryCache, BlobRef, BlobSink, CacheError, EntryError, RawEntry};
 
-/// The output file of an entry's ActionResult.
-pub(super) const ENTRY_FILE: &str = "rbuild-entry.json";
 /// Largest gRPC message this client accepts.
 const MAX_MESSAGE: usize = 64 << 20;
-/// ByteStream chunk size.
-const CHUNK: usize = 1 << 20;
-/// Digests per FindMissingBlobs request.
-const FIND_BATCH: usize = 4096;
-/// What a blob costs in a batch request besides its bytes (digest, framing, status), counted
-/// so that many tiny blobs never push a request over the server's message limit.
-const PER_BLOB: u64 = 256;
-/// Blobs per batch request at most.
-const BATCH_BLOBS: usize = 4096;
+
 /// Requests in flight at a time.
 const PARALLEL: usize = 8;
-/// Entries larger than this are refused (a tree listing of a whole system is a few MiB).
-const MAX_ENTRY: u64 = 256 << 20;
 
 /// What the server said in `GetCapabilities`.
 #[derive(Debug, Clone, Copy)]
@@ -73,150 +75,11 @@ pub struct GrpcCache {
     caps: OnceLock<Result<Caps, Arc<GrpcError>>>,
 }
 
-/// Why a REAPI cache failed: the message after "binary cache URL: ".
-#[derive(Debug, thiserror::Error)]
-pub enum GrpcError {
-    #[error("expected grpc://HOST:PORT or grpcs://HOST:PORT, optionally followed by /INSTANCE")]
-    BadUrl,
-    #[error("starting the gRPC client: {0}")]
-    Runtime(#[source] std::io::Error),
-    #[error("{0}")]
-    Endpoint(#[source] tonic::transport::Error),
-    #[error("TLS: {0}")]
-    Tls(#[source] tonic::transport::Error),
-    #[error("the gRPC client stopped")]
-    ClientStopped,
-    /// The first `GetCapabilities` failed: remembered, and not asked again in this run.
-    #[error(transparent)]
-    Capabilities(Arc<GrpcError>),
-    #[error("GetCapabilities: the server has no CAS")]
-    NoCas,
-    #[error("the server supports neither SHA-256 nor BLAKE3 digests (it lists {0:?})")]
-    NoDigestFunction(Vec<String>),
-    #[error("the server does not allow ActionCache updates (BuildGrid: allow-updates: true on its action cache)")]
-    NoActionCacheUpdates,
-    #[error(transparent)]
-    Status(#[from] RpcStatus),
-    #[error("{what}: no answer within {secs} s")]
-    Timeout { what: String, secs: u64 },
-    #[error("{what}: stalled for {secs} s")]
-    Stalled { what: String, secs: u64 },
-    #[error("{what}: more than the {size} bytes asked for")]
-    TooLong { what: String, size: i64 },
-    #[error("{what}: the server committed {committed} of {size} bytes")]
-    Committed {
-        what: String,
-        committed: i64,
-        size: i64,
-    },
-    /// A batch request's status for one blob.
-    #[error("{what}: blob {hash}/{size}: {}", rpc_status(.status))]
-    Blob {
-        what: &'static str,
-        hash: String,
-        size: i64,
-        status: bazel_remote_apis::google::rpc::Status,
-    },
-    #[error("BatchReadBlobs: no answer for {0}")]
-    NoAnswer(String),
-    #[error("the server sent blob {0} not asked for")]
-    UnaskedBlob(String),
-    #[error("blob {0} has no BLAKE3 digest (its entry predates them), and the server uses BLAKE3")]
-    NoBlake3(String),
-    /// A file (or the entry) being uploaded could not be read.
-    #[error("{label}: {source}")]
-    Read {
-        label: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{label}: {got} bytes, expected {expected} (changed while uploading?)")]
-    Changed {
-        label: String,
-        got: i64,
-        expected: i64,
-    },
-    #[error("{what}: {source}")]
-    Task {
-        what: String,
-        #[source]
-        source: tokio::task::JoinError,
-    },
-    #[error("the reader went away")]
-    ReaderGone,
-    #[error("writing blob {sha256}: {source}")]
-    Write {
-        sha256: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// A request's error status. The message names the request, the status code and the server's
-/// message, and keeps the useful part of the status's source chain ("Connection refused"),
-/// which stays reachable as [`std::error::Error::source`].
-#[derive(Debug)]
-pub struct RpcStatus {
-    what: String,
-    status: tonic::Status,
-}
-
-impl std::fmt::Display for RpcStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = &self.status;
-        let mut msg = format!("{}: {:?}", self.what, s.code());
-        if !s.message().is_empty() {
-            msg += &format!(": {}", s.message());
-        }
-        // Transport failures keep the useful part ("Connection refused") in the source chain.
-        let mut source = std::error::Error::source(s);
-        while let Some(e) = source {
-            let text = e.to_string();
-            if !msg.contains(&text) {
-                msg += &format!(": {text}");
-            }
-            source = e.source();
-        }
-        f.write_str(&msg)
-    }
-}
-
-impl std::error::Error for RpcStatus {
-    /// The status's own source: its text is in the message already, unlike the status's
-    /// `Display` (code, message, details and metadata).
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&self.status)
-    }
-}
-
-/// For a task of the client's runtime that panicked or was cancelled.
-fn task(what: impl Into<String>) -> impl FnOnce(tokio::task::JoinError) -> GrpcError {
-    let what = what.into();
-    move |source| GrpcError::Task { what, source }
-}
-
 impl Drop for GrpcCache {
     fn drop(&mut self) {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
-    }
-}
-
-fn status(what: &str, status: tonic::Status) -> GrpcError {
-    GrpcError::Status(RpcStatus {
-        what: what.to_owned(),
-        status,
-    })
-}
-
-/// A per-blob status of a batch answer: its code's name, and the server's message if any.
-fn rpc_status(s: &bazel_remote_apis::google::rpc::Status) -> String {
-    let code = format!("{:?}", tonic::Code::from_i32(s.code));
-    if s.message.is_empty() {
-        code
-    } else {
-        format!("{code}: {}", s.message)
     }
 }
 
@@ -396,6 +259,7 @@ impl GrpcCache {
 /// past its limit of concurrent calls, or `UNAVAILABLE`) is made again, after pauses doubling
 /// from [`FIRST_PAUSE`] (6.3 s in all): the remote APIs ask clients to retry those.
 const RETRIES: u32 = 6;
+
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 
 /// `call()`'s answer, asked again while the server is busy ([`RETRIES`]); an error after
@@ -438,38 +302,6 @@ where
     retried(what, call).await?.map_err(|s| status(what, s))
 }
 
-/// Split `(size, item)`s into batch requests of at most `batch` bytes (counting [`PER_BLOB`]
-/// each) and [`BATCH_BLOBS`] items, and the items to stream one by one (costing more than
-/// `stream_over`).
-fn plan_batches<T>(items: Vec<(u64, T)>, batch: u64, stream_over: u64) -> (Vec<Vec<T>>, Vec<T>) {
-    let mut batches: Vec<Vec<T>> = vec![];
-    let mut streamed = vec![];
-    let mut total = 0u64;
-    for (size, item) in items {
-        let cost = size + PER_BLOB;
-        if cost > stream_over {
-            streamed.push(item);
-            continue;
-        }
-        if batches
-            .last()
-            .is_none_or(|l| total + cost > batch || l.len() >= BATCH_BLOBS)
-        {
-            batches.push(vec![]);
-            total = 0;
-        }
-        total += cost;
-        batches.last_mut().expect("a batch").push(item);
-    }
-    (batches, streamed)
-}
-
-/// What a ByteStream upload sends.
-enum Source {
-    File(PathBuf),
-    Bytes(Vec<u8>),
-}
-
 /// Everything a request needs; cheap to clone into tasks.
 #[derive(Clone)]
 struct Ctx {
@@ -481,7 +313,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn digest_function(&self) -> i32 {
+    pub(super) fn digest_function(&self) -> i32 {
         if self.caps.blake3 {
             DigestFunction::Blake3 as i32
         } else {
@@ -490,7 +322,7 @@ impl Ctx {
     }
 
     /// The digest of bytes made here.
-    fn digest_of(&self, bytes: &[u8]) -> re::Digest {
+    pub(super) fn digest_of(&self, bytes: &[u8]) -> re::Digest {
         re::Digest {
             hash: if self.caps.blake3 {
                 blake3::hash(bytes).to_hex().to_string()
@@ -502,7 +334,7 @@ impl Ctx {
     }
 
     /// The server's address of a blob.
-    fn digest(&self, b: &BlobRef) -> Result<re::Digest, GrpcError> {
+    pub(super) fn digest(&self, b: &BlobRef) -> Result<re::Digest, GrpcError> {
         let hash = if self.caps.blake3 {
             b.blake3
                 .clone()
@@ -518,418 +350,14 @@ impl Ctx {
 
     /// `blobs/HASH/SIZE`, with the digest function's name for BLAKE3 (as REAPI asks for
     /// functions other than the classic ones).
-    fn blob_path(&self, d: &re::Digest) -> String {
+    pub(super) fn blob_path(&self, d: &re::Digest) -> String {
         if self.caps.blake3 {
             format!("blobs/blake3/{}/{}", d.hash, d.size_bytes)
         } else {
             format!("blobs/{}/{}", d.hash, d.size_bytes)
         }
     }
-
-    /// The Action whose ActionCache entry holds `drv_hash`'s signed entry, and its digest.
-    /// The Command is not meant to be run: it names the derivation.
-    fn action(&self, drv_hash: &str) -> (Vec<(re::Digest, Vec<u8>)>, re::Digest) {
-        let command = re::Command {
-            arguments: vec!["rbuild-substitute".into(), drv_hash.into()],
-            output_paths: vec![ENTRY_FILE.into()],
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let command_digest = self.digest_of(&command);
-        let action = re::Action {
-            command_digest: Some(command_digest.clone()),
-            input_root_digest: Some(self.digest_of(&[])),
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let action_digest = self.digest_of(&action);
-        (
-            vec![(command_digest, command), (action_digest.clone(), action)],
-            action_digest,
-        )
-    }
-
-    async fn find_missing(
-        &mut self,
-        digests: Vec<re::Digest>,
-    ) -> Result<Vec<re::Digest>, GrpcError> {
-        let mut missing = Vec::new();
-        for chunk in digests.chunks(FIND_BATCH) {
-            let req = re::FindMissingBlobsRequest {
-                instance_name: self.instance.clone(),
-                blob_digests: chunk.to_vec(),
-                digest_function: self.digest_function(),
-            };
-            let resp = timed("FindMissingBlobs", || {
-                let (mut cas, req) = (self.cas.clone(), req.clone());
-                async move { cas.find_missing_blobs(req).await }
-            })
-            .await?;
-            missing.extend(resp.into_inner().missing_blob_digests);
-        }
-        Ok(missing)
-    }
-
-    async fn batch_update(&mut self, blobs: Vec<(re::Digest, Vec<u8>)>) -> Result<(), GrpcError> {
-        let req = re::BatchUpdateBlobsRequest {
-            instance_name: self.instance.clone(),
-            requests: blobs
-                .into_iter()
-                .map(|(digest, data)| re::batch_update_blobs_request::Request {
-                    digest: Some(digest),
-                    data,
-                    ..Default::default()
-                })
-                .collect(),
-            digest_function: self.digest_function(),
-        };
-        let resp = timed("BatchUpdateBlobs", || {
-            let (mut cas, req) = (self.cas.clone(), req.clone());
-            async move { cas.batch_update_blobs(req).await }
-        })
-        .await?;
-        for r in resp.into_inner().responses {
-            if let Some(s) = r.status.filter(|s| s.code != 0) {
-                let d = r.digest.unwrap_or_default();
-                return Err(GrpcError::Blob {
-                    what: "BatchUpdateBlobs",
-                    hash: d.hash,
-                    size: d.size_bytes,
-                    status: s,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    async fn batch_read(
-        &mut self,
-        digests: Vec<re::Digest>,
-    ) -> Result<Vec<(re::Digest, Vec<u8>)>, GrpcError> {
-        let req = re::BatchReadBlobsRequest {
-            instance_name: self.instance.clone(),
-            digests,
-            digest_function: self.digest_function(),
-            ..Default::default()
-        };
-        let resp = timed("BatchReadBlobs", || {
-            let (mut cas, req) = (self.cas.clone(), req.clone());
-            async move { cas.batch_read_blobs(req).await }
-        })
-        .await?;
-        let mut out = Vec::new();
-        for r in resp.into_inner().responses {
-            let d = r.digest.unwrap_or_default();
-            if let Some(s) = r.status.filter(|s| s.code != 0) {
-                return Err(GrpcError::Blob {
-                    what: "BatchReadBlobs",
-                    hash: d.hash,
-                    size: d.size_bytes,
-                    status: s,
-                });
-            }
-            out.push((d, r.data));
-        }
-        Ok(out)
-    }
-
-    /// Stream a blob from the server, each chunk to `sink`; fails past the digest's size.
-    async fn read_stream(
-        &mut self,
-        d: &re::Digest,
-        mut sink: impl FnMut(Vec<u8>) -> Result<(), GrpcError>,
-    ) -> Result<(), GrpcError> {
-        let name = format!("{}{}", prefix(&self.instance), self.blob_path(d));
-        let req = bs::ReadRequest {
-            resource_name: name.clone(),
-            read_offset: 0,
-            read_limit: 0,
-        };
-        let what = format!("ByteStream.Read {name}");
-        let mut stream = timed(&what, || {
-            let (mut bytestream, req) = (self.bytestream.clone(), req.clone());
-            async move { bytestream.read(req).await }
-        })
-        .await?
-        .into_inner();
-        let mut n = 0u64;
-        loop {
-            let msg = match tokio::time::timeout(super::timeout(), stream.message()).await {
-                Ok(Ok(Some(m))) => m,
-                Ok(Ok(None)) => break,
-                Ok(Err(s)) => return Err(status(&what, s)),
-                Err(_) => {
-                    return Err(GrpcError::Stalled {
-                        what,
-                        secs: super::timeout().as_secs(),
-                    })
-                }
-            };
-            n += msg.data.len() as u64;
-            if n > d.size_bytes as u64 {
-                return Err(GrpcError::TooLong {
-                    what,
-                    size: d.size_bytes,
-                });
-            }
-            sink(msg.data)?;
-        }
-        Ok(())
-    }
-
-    /// Upload a blob through ByteStream, in [`CHUNK`]s.
-    async fn write_stream(&mut self, d: re::Digest, src: Source) -> Result<(), GrpcError> {
-        static UPLOADS: AtomicU64 = AtomicU64::new(0);
-        let id = blake3::hash(
-            format!(
-                "{}-{}-{:?}",
-                std::process::id(),
-                UPLOADS.fetch_add(1, Ordering::Relaxed),
-                std::time::SystemTime::now()
-            )
-            .as_bytes(),
-        )
-        .to_hex();
-        let uuid = format!(
-            "{}-{}-4{}-8{}-{}",
-            &id[0..8],
-            &id[8..12],
-            &id[13..16],
-            &id[17..20],
-            &id[20..32]
-        );
-        let name = format!(
-            "{}uploads/{uuid}/{}",
-            prefix(&self.instance),
-            self.blob_path(&d)
-        );
-        let what = format!("ByteStream.Write {name}");
-        let size = d.size_bytes;
-        let (tx, rx) = tokio::sync::mpsc::channel::<bs::WriteRequest>(4);
-        let reader = {
-            let name = name.clone();
-            tokio::spawn(async move {
-                let (mut file, label, bytes) = match src {
-                    Source::File(path) => (
-                        Some(tokio::fs::File::open(&path).await.map_err(|source| {
-                            GrpcError::Read {
-                                label: path.display().to_string(),
-                                source,
-                            }
-                        })?),
-                        path.display().to_string(),
-                        Vec::new(),
-                    ),
-                    Source::Bytes(b) => (None, "entry".to_owned(), b),
-                };
-                let mut offset = 0i64;
-                loop {
-                    let buf = match &mut file {
-                        Some(f) => {
-                            let mut buf = vec![0u8; CHUNK];
-                            let mut filled = 0;
-                            while filled < CHUNK {
-                                let n = f.read(&mut buf[filled..]).await.map_err(|source| {
-                                    GrpcError::Read {
-                                        label: label.clone(),
-                                        source,
-                                    }
-                                })?;
-                                if n == 0 {
-                                    break;
-                                }
-                                filled += n;
-                            }
-                            buf.truncate(filled);
-                            buf
-                        }
-                        None => {
-                            let at = (offset as usize).min(bytes.len());
-                            bytes[at..(at + CHUNK).min(bytes.len())].to_vec()
-                        }
-                    };
-                    let filled = buf.len();
-                    let last = offset + filled as i64 >= size || filled == 0;
-                    let req = bs::WriteRequest {
-                        resource_name: if offset == 0 {
-                            name.clone()
-                        } else {
-                            String::new()
-                        },
-                        write_offset: offset,
-                        finish_write: last,
-                        data: buf,
-                    };
-                    offset += filled as i64;
-                    if tx.send(req).await.is_err() {
-                        // The server ended the write early: it has the blob already (its
-                        // committed size says so) or it failed (its status says so).
-                        return Ok(());
-                    }
-                    if last {
-                        break;
-                    }
-                }
-                if offset != size {
-                    return Err(GrpcError::Changed {
-                        label,
-                        got: offset,
-                        expected: size,
-                    });
-                }
-                Ok(())
-            })
-        };
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        // The cache timeout, plus a second for every MiB: a server that takes the bytes and
-        // never answers does not hang the push.
-        let limit = super::timeout() + Duration::from_secs(size as u64 >> 20);
-        let resp = match tokio::time::timeout(limit, self.bytestream.write(stream)).await {
-            Ok(r) => r.map_err(|s| status(&what, s))?,
-            Err(_) => {
-                reader.abort();
-                return Err(GrpcError::Timeout {
-                    what,
-                    secs: limit.as_secs(),
-                });
-            }
-        };
-        reader.await.map_err(task(format!("{what}: reader")))??;
-        let committed = resp.into_inner().committed_size;
-        // A server that already had the blob may stop early and report its full size.
-        if committed != size {
-            return Err(GrpcError::Committed {
-                what,
-                committed,
-                size,
-            });
-        }
-        Ok(())
-    }
-
-    /// Read a whole blob (batch if it fits, stream otherwise).
-    async fn read_whole(&mut self, d: re::Digest) -> Result<Vec<u8>, GrpcError> {
-        if (d.size_bytes as u64) + PER_BLOB <= self.caps.batch {
-            let mut got = self.batch_read(vec![d.clone()]).await?;
-            match got.pop() {
-                Some((_, data)) => Ok(data),
-                None => Err(GrpcError::NoAnswer(d.hash)),
-            }
-        } else {
-            // Grown as bytes arrive, not reserved on the server's word.
-            let mut v = Vec::with_capacity((d.size_bytes as u64).min(super::SMALL_BLOB) as usize);
-            self.read_stream(&d, |chunk| {
-                v.extend(chunk);
-                Ok(())
-            })
-            .await?;
-            Ok(v)
-        }
-    }
-
-    /// Entries whose blobs are not all in the CAS any more become misses: servers evict CAS
-    /// blobs independently of ActionCache results (BuildGrid only checks the blobs a result
-    /// names, here the entry itself), and a half-evicted output is a miss, not a failure.
-    /// Entries that do not parse are left for the caller to report.
-    async fn complete_only(&mut self, mut entries: Vec<Entry>) -> Result<Vec<Entry>, GrpcError> {
-        let mut wanted: Vec<Vec<String>> = vec![Vec::new(); entries.len()];
-        let mut digests = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for (i, bytes) in entries.iter().enumerate() {
-            let Some(entry) = bytes
-                .as_ref()
-                .ok()
-                .and_then(|b| b.as_deref())
-                .and_then(|b| serde_json::from_slice::<super::CacheEntry>(b).ok())
-            else {
-                continue;
-            };
-            for blob in entry.body.blobs() {
-                let Ok(d) = self.digest(&blob) else { continue };
-                wanted[i].push(d.hash.clone());
-                if d.size_bytes > 0 && seen.insert(d.hash.clone()) {
-                    digests.push(d);
-                }
-            }
-        }
-        if digests.is_empty() {
-            return Ok(entries);
-        }
-        let missing: std::collections::HashSet<String> = self
-            .find_missing(digests)
-            .await?
-            .into_iter()
-            .map(|d| d.hash)
-            .collect();
-        for (entry, hashes) in entries.iter_mut().zip(wanted) {
-            if hashes.iter().any(|h| missing.contains(h)) {
-                tracing::debug!("an entry's blobs were evicted from the CAS: treated as a miss");
-                *entry = Ok(None);
-            }
-        }
-        Ok(entries)
-    }
-
-    /// The signed entry of `drv_hash`, if the ActionCache has one. The outer error is the
-    /// server's (unreachable, failing); the inner one is about this entry alone.
-    async fn get_entry(mut self, drv_hash: String) -> Result<Entry, GrpcError> {
-        let (_, action_digest) = self.action(&drv_hash);
-        let req = re::GetActionResultRequest {
-            instance_name: self.instance.clone(),
-            action_digest: Some(action_digest),
-            inline_output_files: vec![ENTRY_FILE.into()],
-            digest_function: self.digest_function(),
-            ..Default::default()
-        };
-        let answer = retried("GetActionResult", || {
-            let (mut ac, req) = (self.ac.clone(), req.clone());
-            async move { ac.get_action_result(req).await }
-        })
-        .await?;
-        let result = match answer {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => return Ok(Ok(None)),
-            Err(s) => return Err(status("GetActionResult", s)),
-        };
-        let bad = |source: EntryError| {
-            Ok(Err(CacheError::BadEntry {
-                drv: drv_hash.clone(),
-                source: Box::new(source),
-            }))
-        };
-        let Some(file) = result
-            .output_files
-            .into_iter()
-            .find(|f| f.path == ENTRY_FILE)
-        else {
-            return bad(EntryError::NoEntryFile);
-        };
-        let d = file.digest.unwrap_or_default();
-        if d.size_bytes < 0 || d.size_bytes as u64 > MAX_ENTRY {
-            return bad(EntryError::Size(d.size_bytes));
-        }
-        let bytes = if !file.contents.is_empty() || d.size_bytes == 0 {
-            file.contents
-        } else {
-            // The entry blob itself may have been evicted while the result stayed: a miss.
-            if !self.find_missing(vec![d.clone()]).await?.is_empty() {
-                return Ok(Ok(None));
-            }
-            match self.read_whole(d.clone()).await {
-                Ok(b) => b,
-                Err(e) => return bad(EntryError::Read(e)),
-            }
-        };
-        // Entries are checked against their signature later; this catches transport damage.
-        if self.digest_of(&bytes) != d {
-            return bad(EntryError::EntryDigest(d.hash));
-        }
-        Ok(Ok(Some(bytes)))
-    }
 }
-
-/// One entry lookup: its bytes, none, or why this entry cannot be used.
-type Entry = Result<Option<Vec<u8>>, CacheError>;
 
 impl BinaryCache for GrpcCache {
     fn url(&self) -> &str {

@@ -42,7 +42,19 @@ const CORE: &[&str] = &[
 pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let plan: ConfigurePlan = serde_json::from_str(ctx.arg(0)?).context("configure plan")?;
-    let root = ctx.out.clone();
+    // The tree is made in memory, where dpkg's many small writes, renames and deletions cost
+    // far less than on the store's file system, and written to `$out` once, at the end — if
+    // files there keep ACLs, as the tree's must.
+    let memory = Path::new(sandbox::MEMORY_DIR);
+    let root = if sandbox::keeps_acls(memory) {
+        memory.join("rootfs")
+    } else {
+        eprintln!(
+            "configure: {} keeps no ACLs; building in $out",
+            memory.display()
+        );
+        ctx.out.clone()
+    };
     fs::create_dir_all(&root)?;
     if plan.merged_usr {
         let dirs = if plan.architecture == "amd64" {
@@ -85,7 +97,14 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         fs::create_dir_all(path.parent().expect("a file below etc/apt"))?;
         fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
-    finish_tree(ctx, &root)
+    finish_tree(ctx, &root)?;
+    eprintln!("configure: recorded at {:.1?}", started.elapsed());
+    if root != ctx.out {
+        sandbox::copy_tree(&root, &ctx.out).context("writing the tree to $out")?;
+        fs::remove_dir_all(&root)?;
+        eprintln!("configure: written to $out at {:.1?}", started.elapsed());
+    }
+    Ok(())
 }
 
 /// debootstrap's second stage (and the end of its first) on the extracted required set.

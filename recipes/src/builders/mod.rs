@@ -164,7 +164,8 @@ fn scrub(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Record the ownership of the tree at `root` (`$out`) in `$out.meta`, leaving it plain.
+/// Record the ownership of the tree at `root` (`$out`, or what becomes it) in `$out.meta`,
+/// leaving it plain.
 fn record_tree(ctx: &BuildContext, root: &Path) -> anyhow::Result<()> {
     let meta = sandbox::normalize_tree(root, ctx.source_date_epoch())?;
     meta.write(&ctx.meta_out())?;

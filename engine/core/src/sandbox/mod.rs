@@ -24,7 +24,10 @@ mod tree;
 
 pub use confine::{cap_names, landlock_abi, Walls, PACKAGE_CAPS, TEST_ONLY_WALLS_VAR};
 pub use ids::{check_support, IdMap, MapError};
-pub use tree::{apply_meta, entry_meta, is_opaque, is_whiteout, normalize_tree, read_caps};
+pub use tree::{
+    apply_meta, copy_tree, entry_meta, is_opaque, is_whiteout, keeps_acls, normalize_tree,
+    read_caps,
+};
 
 use std::ffi::CString;
 use std::fs;
@@ -693,6 +696,25 @@ fn mount_tmpfs(dir: &Path, flags: MsFlags, options: &str, what: &str) -> Result<
     mount(Some("tmpfs"), dir, Some("tmpfs"), flags, Some(options)).map_err(setup(what))
 }
 
+/// The size of each of the sandbox's memory file systems (`/tmp`, `/dev/shm`): what the build
+/// may write (its bytes-written limit, which the host's watchdog cannot see there), and at most
+/// half the machine's memory (the kernel's default for tmpfs).
+fn memory_bound(bytes: u64) -> u64 {
+    let half_memory = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kib| kib * 1024 / 2);
+    bytes.min(half_memory).max(1 << 20)
+}
+
+/// Where a builder may build in memory: the sandbox's private tmpfs, bounded by
+/// [`memory_bound`] and gone with the sandbox.
+pub const MEMORY_DIR: &str = "/tmp";
+
 /// A fresh procfs (of the sandbox's own pid namespace) at `dir`.
 fn mount_proc(dir: &Path) -> Result<(), SandboxError> {
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -704,7 +726,7 @@ fn mount_proc(dir: &Path) -> Result<(), SandboxError> {
 /// terminal: a build has no controlling terminal and cannot reach the user's.
 pub const DEVICES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
 
-fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
+fn populate_dev(dev: &Path, shm_size: u64) -> Result<(), SandboxError> {
     mount_tmpfs(
         dev,
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
@@ -730,7 +752,7 @@ fn populate_dev(dev: &Path) -> Result<(), SandboxError> {
     mount_tmpfs(
         &shm,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=1777",
+        &format!("mode=1777,size={shm_size}"),
         "mounting /dev/shm",
     )?;
     Ok(())
@@ -777,13 +799,13 @@ fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
     }
     let dev = inside("/dev");
     fs::create_dir_all(&dev).map_err(setup_io("mkdir /dev"))?;
-    populate_dev(&dev)?;
+    populate_dev(&dev, memory_bound(spec.limits.bytes))?;
     let tmp = inside("/tmp");
     fs::create_dir_all(&tmp).map_err(setup_io("mkdir /tmp"))?;
     mount_tmpfs(
         &tmp,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=1777",
+        &format!("mode=1777,size={}", memory_bound(spec.limits.bytes)),
         "mounting /tmp",
     )?;
     let proc_ = inside("/proc");

@@ -242,6 +242,84 @@ pub fn is_opaque(dir: &Path) -> Result<bool, SandboxError> {
     Ok(read_xattr(dir, c"user.overlay.opaque", 8)?.as_deref() == Some(b"y"))
 }
 
+/// Whether files made in `dir` keep POSIX ACLs (a tmpfs without `CONFIG_TMPFS_POSIX_ACL` does
+/// not, and a tree made there would record none).
+pub fn keeps_acls(dir: &Path) -> bool {
+    let probe = dir.join(".rbuild-acl-probe");
+    if fs::write(&probe, b"").is_err() {
+        return false;
+    }
+    // The access ACL equal to mode 0644: user::rw-, group::r--, other::r--.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x20, 4)] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    let ok = set_xattr(&probe, "system.posix_acl_access", &acl).is_ok();
+    let _ = fs::remove_file(&probe);
+    ok
+}
+
+/// Copy the tree at `src`, made plain by [`normalize_tree`] (owned by the namespace's root, no
+/// xattrs), to the new directory `dst` on another file system: types, contents, modes,
+/// mtimes and hard links (files with several names stay one file) as they are.
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
+    let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
+    copy_entry(src, dst, &mut links)
+}
+
+fn copy_entry(
+    src: &Path,
+    dst: &Path,
+    links: &mut HashMap<(u64, u64), std::path::PathBuf>,
+) -> Result<(), SandboxError> {
+    let io = |what: &str, p: &Path| {
+        let what = format!("{what} {}", p.display());
+        move |source| SandboxError::Setup { what, source }
+    };
+    let md = fs::symlink_metadata(src).map_err(io("stat", src))?;
+    let ft = md.file_type();
+    if ft.is_dir() {
+        fs::create_dir(dst).map_err(io("mkdir", dst))?;
+        let mut names: Vec<_> = fs::read_dir(src)
+            .map_err(io("reading", src))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(io("reading", src))?;
+        names.sort();
+        for name in names {
+            copy_entry(&src.join(&name), &dst.join(&name), links)?;
+        }
+        fs::set_permissions(dst, fs::Permissions::from_mode(md.mode() & 0o7777))
+            .map_err(io("chmod", dst))?;
+    } else if ft.is_symlink() {
+        let target = fs::read_link(src).map_err(io("readlink", src))?;
+        std::os::unix::fs::symlink(target, dst).map_err(io("symlink", dst))?;
+    } else if let Some(first) = links.get(&(md.dev(), md.ino())) {
+        fs::hard_link(first, dst).map_err(io("linking", dst))?;
+        return Ok(());
+    } else {
+        // `fs::copy` gives the copy the source's permission bits.
+        fs::copy(src, dst).map_err(io("copying", src))?;
+        if md.nlink() > 1 {
+            links.insert((md.dev(), md.ino()), dst.to_owned());
+        }
+    }
+    let t = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        dst,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| SandboxError::Setup {
+        what: format!("setting mtime of {}", dst.display()),
+        source: e.into(),
+    })
+}
+
 /// Hardlinked files: the metadata read at the first name (later names see it already normalized).
 type Links = HashMap<(u64, u64), EntryMeta>;
 

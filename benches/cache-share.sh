@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # How long sharing debian-bullseye through each kind of binary cache takes: build once into a
-# store, push the closure to a directory and to a BuildGrid (REAPI) on loopback, push again
-# (nothing new), then substitute into empty stores with a dead mirror. Prints one line per step.
+# store, push the closure to a directory, to a BuildGrid (REAPI) and to an OCI registry (Debian's
+# docker-registry, plain HTTP) on loopback, push again (nothing new), then substitute into empty
+# stores with a dead mirror. Prints one line per step.
 #
-#   benches/cache-share.sh            (needs BuildGrid: RBUILD_BGD or tests/buildgrid/setup.sh)
+#   benches/cache-share.sh            (needs BuildGrid: RBUILD_BGD or tests/buildgrid/setup.sh;
+#                                      and docker-registry)
 #
 # The mirror is RBUILD_MIRROR, else the host's apt configuration (as rbuild itself chooses).
 set -euo pipefail
@@ -14,10 +16,17 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 sed "s/127.0.0.1:50051/127.0.0.1:$port/" "$here/tests/buildgrid/buildgrid.yml" >"$work/bg.yml"
 (cd "$work" && exec "$bgd" server start "$work/bg.yml" >"$work/bgd.log" 2>&1) &
 bg_pid=$!
-trap 'kill $bg_pid 2>/dev/null || true; rm -rf "$work" 2>/dev/null || true' EXIT
-for _ in $(seq 1 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
+reg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+    "$work/registry" "$reg_port" >"$work/registry.yml"
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+reg_pid=$!
+trap 'kill $bg_pid $reg_pid 2>/dev/null || true; rm -rf "$work" 2>/dev/null || true' EXIT
+for p in $port $reg_port; do
+    for _ in $(seq 1 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && break
+        sleep 0.1
+    done
 done
 
 now() { date +%s.%N; }
@@ -32,7 +41,7 @@ step() { # LABEL COMMAND...
 }
 "$rbuild" key generate bench "$work/k.sec" "$work/k.pub" 2>/dev/null
 step "build (cold)" "$rbuild" realise debian-bullseye --store "$work/a" --json
-for cache in "file://$work/shared" "grpc://127.0.0.1:$port"; do
+for cache in "file://$work/shared" "grpc://127.0.0.1:$port" "docker://127.0.0.1:$reg_port/rbuild/cache"; do
     kind=${cache%%:*}
     step "push closure to $kind" "$rbuild" cache push debian-bullseye --store "$work/a" --to "$cache" --secret-key "$work/k.sec"
     step "push again to $kind" "$rbuild" cache push debian-bullseye --store "$work/a" --to "$cache" --secret-key "$work/k.sec"

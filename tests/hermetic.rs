@@ -1934,75 +1934,7 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
 fn grpcs_cache_checks_the_server_certificate() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    let openssl = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(d)
-            .output()
-            .expect("openssl");
-        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509"],
-            &ec[..],
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=rbuild test CA",
-            ],
-        ]
-        .concat(),
-    );
-    openssl(
-        &[
-            &["req"],
-            &ec[..],
-            &[
-                "-keyout",
-                "key.pem",
-                "-out",
-                "leaf.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        ]
-        .concat(),
-    );
-    fs::write(
-        d.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "cert.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
+    common::registry::test_ca(d);
     let bg = buildgrid_with_tls(Some((&d.join("key.pem"), &d.join("cert.pem"))));
     assert!(bg.url.starts_with("grpcs://"));
 
@@ -2040,6 +1972,149 @@ fn grpcs_cache_checks_the_server_certificate() {
     let o = push(&[]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("certificate"), "{}", stderr(&o));
+}
+
+/// An OCI registry as a binary cache (`docker://HOST:PORT/REPOSITORY`), on Debian's
+/// distribution registry with htpasswd auth and TLS from a test CA: `--push-to` publishes the
+/// closure, pushing again uploads nothing, a second store substitutes everything from it; no
+/// credentials, or no trust in the CA, is a clear failure; and through a proxy that rewrites a
+/// file's bytes, the blob is refused and the output built instead.
+#[test]
+fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
+    use common::registry;
+    const TEST: &str = "oci_registry_cache_with_auth_tls_and_a_tampering_proxy";
+    if !registry::available(TEST) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    registry::test_ca(&d.join("reg"));
+    let reg = registry::start(&d.join("reg"), Some(("alice", "s3cret")));
+    let auth = registry::auth_file(d, &reg.addr, "alice", "s3cret");
+    let url = format!("docker://{}/team/rbuild-cache", reg.addr);
+    let ca = d.join("reg/ca.pem");
+    let env = [
+        ("SSL_CERT_FILE", ca.to_str().unwrap()),
+        ("REGISTRY_AUTH_FILE", auth.to_str().unwrap()),
+    ];
+    let a = make_archive(&d.join("archive"));
+    lock(&a);
+    let (sec, public) = keypair(d, "alice-2026");
+    let store = d.join("a");
+    let built = json(&rbuild_as(
+        None,
+        &[
+            "realise",
+            a.recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+            "--mirror",
+            &a.mirror_url(),
+            "--push-to",
+            &url,
+            "--secret-key",
+            &sec,
+        ],
+        &env,
+    ));
+    let push = |env: &[(&str, &str)]| {
+        rbuild_as(
+            None,
+            &[
+                "cache",
+                "push",
+                a.recipe.to_str().unwrap(),
+                "--store",
+                store.to_str().unwrap(),
+                "--to",
+                &url,
+                "--secret-key",
+                &sec,
+            ],
+            env,
+        )
+    };
+    let again = push(&env);
+    ok(&again);
+    assert!(
+        stderr(&again).contains("(0 new blobs)"),
+        "pushing again uploads nothing: {}",
+        stderr(&again)
+    );
+    let b = json(&realise_from(
+        &a,
+        &d.join("b"),
+        "http://127.0.0.1:9/debian",
+        &[&url],
+        &public,
+        &env,
+    ));
+    assert_eq!(b["built"], 0, "{b}");
+    assert_eq!(output_digest(&b), output_digest(&built));
+
+    // No credentials; no trust in the test CA.
+    let o = push(&[
+        ("SSL_CERT_FILE", ca.to_str().unwrap()),
+        ("REGISTRY_AUTH_FILE", "/nonexistent"),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(&reg.addr), "{}", stderr(&o));
+    let o = push(&[("REGISTRY_AUTH_FILE", auth.to_str().unwrap())]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).to_lowercase().contains("certificate"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A registry in plain HTTP (allowed on loopback), behind a proxy that rewrites a file of the
+    // base (its /etc/os-release) on the way back: the blob is refused, the tree built instead.
+    let plain = registry::start(&d.join("plain"), None);
+    let plain_url = format!("docker://{}/rbuild", plain.addr);
+    ok(&rbuild_as(
+        None,
+        &[
+            "cache",
+            "push",
+            a.recipe.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--to",
+            &plain_url,
+            "--secret-key",
+            &sec,
+        ],
+        &[],
+    ));
+    let proxy = registry::tampering_proxy(
+        plain.addr.clone(),
+        b"PRETTY_NAME=\"Test\"",
+        b"PRETTY_NAME=\"Evil\"",
+    );
+    let tree = format!("{}^tree", a.recipe.display());
+    let o = rbuild(&[
+        "realise",
+        &tree,
+        "--store",
+        d.join("c").to_str().unwrap(),
+        "--json",
+        "--mirror",
+        &a.mirror_url(),
+        "--trusted-key",
+        &public,
+        "--substituter",
+        &format!("docker://{proxy}/rbuild"),
+    ]);
+    let c = json(&o);
+    assert!(c["built"].as_u64().unwrap() >= 1, "{c}");
+    assert!(stderr(&o).contains("blob sha256:"), "{}", stderr(&o));
+    let out = Path::new(c["output"].as_str().unwrap());
+    assert_eq!(
+        fs::read(out.join("etc/os-release")).unwrap(),
+        b"PRETTY_NAME=\"Test\"\n",
+        "the rewritten bytes never land"
+    );
 }
 
 /// A recipe file's lock follows the recipe, as cargo's does: `realise` locks what a change needs

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use rbuild_engine::scheduler::Caches;
 use rbuild_store::cache::{PublicKey, SecretKey};
 
-use crate::setup::{config, load_locked, open_store, split_output, StoreArgs};
+use crate::setup::{config, load_locked, open_cache, open_store, split_output, StoreArgs};
 
 #[derive(clap::Args, Default)]
 pub(crate) struct CacheArgs {
@@ -47,7 +47,8 @@ pub(crate) enum CacheCommand {
         recipe: String,
         #[command(flatten)]
         store: StoreArgs,
-        /// The binary cache: file:///DIR, http(s)://URL or grpc(s)://HOST:PORT[/INSTANCE]
+        /// The binary cache: file:///DIR, http(s)://URL, grpc(s)://HOST:PORT[/INSTANCE] or
+        /// docker://HOST[:PORT]/REPOSITORY
         #[arg(long)]
         to: String,
         #[arg(long)]
@@ -60,8 +61,7 @@ pub(crate) fn caches(args: CacheArgs) -> anyhow::Result<Caches> {
     let cfg = config()?;
     let mut c = Caches::default();
     for url in args.substituters.iter().chain(&cfg.substituters) {
-        c.substituters
-            .push(Arc::from(rbuild_store::cache::open(url)?));
+        c.substituters.push(Arc::from(open_cache(url)?));
     }
     for k in args.trusted_keys.iter().chain(&cfg.trusted_keys) {
         c.trusted.push(PublicKey::load(k)?);
@@ -75,7 +75,7 @@ pub(crate) fn caches(args: CacheArgs) -> anyhow::Result<Caches> {
             .or(cfg.secret_key)
             .context("--push-to needs --secret-key")?;
         c.push = Some((
-            Arc::from(rbuild_store::cache::open(&url)?),
+            Arc::from(open_cache(&url)?),
             Arc::new(SecretKey::read(&key)?),
         ));
     }
@@ -124,7 +124,7 @@ pub(crate) fn cache_cmd(cmd: CacheCommand) -> anyhow::Result<()> {
     )?;
     let target = expanded.output(output)?.clone();
     let store = open_store(store.store)?;
-    let cache = rbuild_store::cache::open(&to)?;
+    let cache = open_cache(&to)?;
     let key = SecretKey::read(&secret_key)?;
     push_closure(&store, &expanded.graph, &target, cache.as_ref(), &key)
 }
@@ -193,7 +193,7 @@ pub(crate) fn cache_check(mut urls: Vec<String>) -> anyhow::Result<()> {
     }
     let mut failed = 0;
     for url in &urls {
-        match rbuild_store::cache::open(url).and_then(|c| c.check()) {
+        match open_cache(url).and_then(|c| Ok(c.check()?)) {
             Ok(what) => println!("{url}: ok, {what}"),
             Err(e) => {
                 failed += 1;

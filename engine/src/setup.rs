@@ -126,6 +126,16 @@ pub(crate) struct Config {
     pub(crate) push_to: Option<String>,
     #[serde(default)]
     pub(crate) secret_key: Option<PathBuf>,
+    /// Registries (`HOST[:PORT]`) that `docker://` caches may reach in plain HTTP, besides
+    /// loopback ones.
+    #[serde(default)]
+    pub(crate) insecure_registries: Vec<String>,
+}
+
+/// Open the binary cache `url`, with config.toml's `insecure-registries`.
+pub(crate) fn open_cache(url: &str) -> anyhow::Result<Box<dyn rbuild_store::cache::BinaryCache>> {
+    rbuild_store::cache::registry::allow_plain_http(&config()?.insecure_registries);
+    Ok(rbuild_store::cache::open(url)?)
 }
 
 pub(crate) fn config() -> anyhow::Result<Config> {

@@ -8,6 +8,7 @@ pub mod busybox;
 pub mod readme;
 pub mod real;
 pub mod reapi_server;
+pub mod registry;
 /// The one way a test that cannot run here skips (and fails under `CI=true`).
 #[path = "../skip.rs"]
 pub mod skip;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::{http, reapi};
+use super::{http, reapi, registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -61,6 +61,8 @@ pub enum BackendError {
     Http(#[from] http::HttpError),
     #[error(transparent)]
     Grpc(#[from] reapi::GrpcError),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
 }
 
 /// A blob digest that is not one: nothing else becomes a file name or URL.

@@ -11,7 +11,8 @@
 //! - [`file`]: `file:///DIR`, a directory, possibly on a shared filesystem;
 //! - [`http`]: `http(s)://URL`, plain GET/PUT/HEAD of content-addressed objects;
 //! - [`reapi`]: `grpc(s)://HOST:PORT[/INSTANCE]`, the Bazel Remote Execution API v2 (CAS,
-//!   ByteStream and ActionCache), as served by BuildGrid, Buildbarn, bazel-remote or NativeLink.
+//!   ByteStream and ActionCache), as served by BuildGrid, Buildbarn, bazel-remote or NativeLink;
+//! - [`registry`]: `docker://HOST[:PORT]/REPOSITORY`, an OCI registry (entries are OCI artifacts).
 //!
 //! Every file blob is known by its SHA-256 and its BLAKE3 digest (both are in the signed entry):
 //! REAPI servers that list BLAKE3 in their capabilities get BLAKE3 addresses, everything else
@@ -20,12 +21,14 @@
 pub mod file;
 pub mod http;
 pub mod reapi;
+pub mod registry;
 
 mod entry;
 mod error;
 mod fetch;
 mod keys;
 mod push;
+mod runtime;
 
 pub use entry::*;
 pub use error::*;
@@ -114,6 +117,9 @@ pub fn open(url: &str) -> Result<Box<dyn BinaryCache>, CacheError> {
     }
     if url.starts_with("grpc://") || url.starts_with("grpcs://") {
         return Ok(Box::new(reapi::GrpcCache::new(url)?));
+    }
+    if url.starts_with("docker://") {
+        return Ok(Box::new(registry::RegistryCache::new(url)?));
     }
     Err(CacheError::UnsupportedUrl(url.to_owned()))
 }

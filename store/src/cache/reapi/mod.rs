@@ -48,6 +48,7 @@ use cas::{plan_batches, Source, PER_BLOB};
 use error::{status, task};
 pub use error::{GrpcError, RpcStatus};
 
+use super::runtime::ClientRuntime;
 use super::{BinaryCache, BlobRef, BlobSink, CacheError, EntryError, RawEntry};
 
 /// Largest gRPC message this client accepts.
@@ -68,19 +69,9 @@ struct Caps {
 pub struct GrpcCache {
     url: String,
     instance: String,
-    /// Always `Some` until drop (dropped in the background: this may be dropped inside another
-    /// runtime).
-    rt: Option<tokio::runtime::Runtime>,
+    rt: ClientRuntime,
     channel: Channel,
     caps: OnceLock<Result<Caps, Arc<GrpcError>>>,
-}
-
-impl Drop for GrpcCache {
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
 }
 
 /// `"".to_string()` or `"INSTANCE/"`: the prefix of ByteStream resource names.
@@ -110,12 +101,7 @@ impl GrpcCache {
         if authority.is_empty() || !authority.contains(':') {
             return Err(bad(GrpcError::BadUrl));
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("rbuild-reapi")
-            .enable_all()
-            .build()
-            .map_err(|e| bad(GrpcError::Runtime(e)))?;
+        let rt = ClientRuntime::new("rbuild-reapi").map_err(|e| bad(GrpcError::Runtime(e)))?;
         let scheme = if tls { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{authority}"))
             .map_err(|e| bad(GrpcError::Endpoint(e)))?
@@ -129,13 +115,13 @@ impl GrpcCache {
                 .map_err(|e| bad(GrpcError::Tls(e)))?;
         }
         let channel = {
-            let _guard = rt.enter();
+            let _guard = rt.handle().enter();
             endpoint.connect_lazy()
         };
         Ok(GrpcCache {
             url: url.to_owned(),
             instance: instance.trim_end_matches('/').to_owned(),
-            rt: Some(rt),
+            rt,
             channel,
             caps: OnceLock::new(),
         })
@@ -156,10 +142,6 @@ impl GrpcCache {
         }
     }
 
-    fn rt(&self) -> &tokio::runtime::Runtime {
-        self.rt.as_ref().expect("runtime lives until drop")
-    }
-
     /// Run `fut` on this cache's runtime and wait for it from this (any) thread.
     fn run<T: Send + 'static>(
         &self,
@@ -172,11 +154,7 @@ impl GrpcCache {
         &self,
         fut: impl Future<Output = Result<T, GrpcError>> + Send + 'static,
     ) -> Result<T, GrpcError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.rt().spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv().map_err(|_| GrpcError::ClientStopped)?
+        self.rt.run(fut).ok_or(GrpcError::ClientStopped)?
     }
 
     fn ctx(&self) -> Result<Ctx, CacheError> {
@@ -477,7 +455,7 @@ impl BinaryCache for GrpcCache {
         // disk holds the download back instead of filling memory.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-        let task = self.rt().spawn(async move {
+        let task = self.rt.handle().spawn(async move {
             let r = ctx
                 .read_stream(&d, |chunk| {
                     // Waiting for the writer must not hold up this runtime's other work.
@@ -516,7 +494,7 @@ impl BinaryCache for GrpcCache {
         let (tx, rx) =
             std::sync::mpsc::sync_channel::<Result<(re::Digest, Vec<u8>), GrpcError>>(64);
         // Aborting this task drops its JoinSet, which aborts every read still running.
-        let coordinator = self.rt().spawn(async move {
+        let coordinator = self.rt.handle().spawn(async move {
             let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL / 2));
             let mut tasks = tokio::task::JoinSet::new();
             let jobs = batches

@@ -1,0 +1,757 @@
+//! `docker://HOST[:PORT]/REPOSITORY`: a binary cache in an OCI registry, the name skopeo and
+//! podman give registry references (their `oci:` is a local layout). Spoken to with the
+//! `oci-client` crate (the distribution API).
+//!
+//! - File blobs are the repository's blobs, by SHA-256. Registries have no batch call: which are
+//!   missing is asked with a `HEAD` each, [`PARALLEL`] at a time; uploads are the API's upload
+//!   sessions.
+//! - A derivation's signed entry is an OCI artifact, tagged with the derivation hash: a manifest
+//!   whose `artifactType` is [`ENTRY_ARTIFACT`], with the empty config, the entry as its first
+//!   layer and every file blob the entry names as the next ones, so that the registry's garbage
+//!   collector keeps them (an output with more than [`LAYERS_PER_MANIFEST`] blobs also gets
+//!   manifests tagged `DRV.N` holding the rest).
+//! - Credentials as podman, skopeo and Docker keep them ([`auth`]); basic and bearer-token
+//!   challenges. TLS with the system's roots (which honour `SSL_CERT_FILE` and `SSL_CERT_DIR`);
+//!   plain HTTP only for a loopback host or one listed in `config.toml`'s `insecure-registries`.
+//! - Nothing the registry sends is trusted: blobs are checked against their SHA-256 and size, the
+//!   entry against its signature and derivation hash, as in every backend.
+
+mod auth;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use sha2::{Digest as _, Sha256};
+use tokio_stream::StreamExt as _;
+
+pub use auth::allow_plain_http;
+
+use super::runtime::ClientRuntime;
+use super::{BinaryCache, BlobRef, CacheEntry, CacheError};
+
+/// The `artifactType` of an entry's manifest, and the media type of the entry itself.
+pub const ENTRY_ARTIFACT: &str = "application/vnd.rbuild.entry.v1+json";
+/// The `artifactType` of the manifests that hold the rest of a large output's blobs.
+pub const BLOBS_ARTIFACT: &str = "application/vnd.rbuild.blobs.v1+json";
+/// The media type of a file blob in a manifest.
+const BLOB_MEDIA: &str = "application/vnd.rbuild.blob.v1";
+const MANIFEST_MEDIA: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The OCI empty descriptor: `{}`.
+const EMPTY_MEDIA: &str = "application/vnd.oci.empty.v1+json";
+const EMPTY: &[u8] = b"{}";
+/// Requests in flight at a time.
+const PARALLEL: usize = 16;
+/// Entries larger than this are refused (a tree listing of a whole system is a few MiB).
+const MAX_ENTRY: u64 = 256 << 20;
+/// Layers per manifest: about 150 bytes each, well below the 4 MiB that the distribution
+/// registry accepts.
+const LAYERS_PER_MANIFEST: usize = 16_000;
+/// Blobs larger than this are uploaded one at a time (each is held in memory while it goes).
+const LARGE_BLOB: u64 = 64 << 20;
+
+/// Why a registry cache failed: the message after "binary cache URL: ".
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("expected docker://HOST[:PORT]/REPOSITORY")]
+    BadUrl,
+    #[error("{}: {what}", path.display())]
+    AuthFile { path: PathBuf, what: String },
+    #[error("starting the registry client: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("the registry client stopped")]
+    ClientStopped,
+    #[error("{what}: {source}")]
+    Request {
+        what: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    #[error("{what}: no answer within {secs} s")]
+    Timeout { what: String, secs: u64 },
+    #[error("manifest {tag}: {detail}")]
+    BadManifest { tag: String, detail: String },
+    #[error("blob {digest}: more than the {size} bytes it has")]
+    TooLong { digest: String, size: u64 },
+    #[error("blob {digest}: {got} bytes, expected {size}")]
+    Short { digest: String, got: u64, size: u64 },
+    #[error("blob {digest}: the registry sent bytes whose SHA-256 is {got}")]
+    WrongBytes { digest: String, got: String },
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing blob {digest}: {source}")]
+    Write {
+        digest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("entry {0}: not an rbuild entry: {1}")]
+    NotAnEntry(String, String),
+}
+
+/// Whether a registry's error means "no such manifest or repository".
+fn not_found(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => true,
+        OciDistributionError::ServerError { code, .. } => *code == 404,
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
+            matches!(
+                e.code,
+                OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown
+            )
+        }),
+        _ => false,
+    }
+}
+
+pub struct RegistryCache {
+    url: String,
+    /// `HOST[:PORT]`.
+    host: String,
+    repository: String,
+    /// The client for HTTPS, or for plain HTTP where the host allows it and speaks no TLS:
+    /// chosen at the first contact, and a failure then is kept for the run.
+    client: OnceLock<Result<Arc<Client>, String>>,
+    auth: RegistryAuth,
+    /// Whether the client has asked for a token for pulling, and for pushing.
+    authed: [OnceLock<Result<(), String>>; 2],
+    rt: ClientRuntime,
+}
+
+/// The parts of one request that its task needs.
+#[derive(Clone)]
+struct Ctx {
+    client: Arc<Client>,
+    host: String,
+    repository: String,
+}
+
+impl Ctx {
+    fn reference(&self, tag: &str) -> Reference {
+        Reference::with_tag(self.host.clone(), self.repository.clone(), tag.to_owned())
+    }
+
+    /// A reference to the repository itself, for blob requests.
+    fn repo(&self) -> Reference {
+        self.reference("latest")
+    }
+}
+
+/// `fut`, failing after the cache timeout.
+async fn timed<T>(
+    what: impl Into<String>,
+    fut: impl std::future::Future<Output = Result<T, OciDistributionError>>,
+) -> Result<T, RegistryError> {
+    let what = what.into();
+    match tokio::time::timeout(super::timeout(), fut).await {
+        Ok(r) => r.map_err(|source| RegistryError::Request { what, source }),
+        Err(_) => Err(RegistryError::Timeout {
+            what,
+            secs: super::timeout().as_secs(),
+        }),
+    }
+}
+
+fn sha256_digest(hex: &str) -> String {
+    format!("sha256:{hex}")
+}
+
+impl RegistryCache {
+    /// A client for `url`. Nothing is contacted until the first request.
+    pub fn new(url: &str) -> Result<RegistryCache, CacheError> {
+        let bad = |e: RegistryError| CacheError::Backend {
+            url: url.to_owned(),
+            source: Box::new(e.into()),
+        };
+        let rest = url
+            .strip_prefix("docker://")
+            .ok_or_else(|| CacheError::UnsupportedUrl(url.to_owned()))?;
+        let (host, repository) = rest
+            .trim_end_matches('/')
+            .split_once('/')
+            .filter(|(h, r)| !h.is_empty() && !r.is_empty())
+            .ok_or_else(|| bad(RegistryError::BadUrl))?;
+        let auth = auth::credentials(host, &auth::auth_files()).map_err(bad)?;
+        let rt =
+            ClientRuntime::new("rbuild-registry").map_err(|e| bad(RegistryError::Runtime(e)))?;
+        Ok(RegistryCache {
+            url: url.to_owned(),
+            host: host.to_owned(),
+            repository: repository.to_owned(),
+            client: OnceLock::new(),
+            auth,
+            authed: [OnceLock::new(), OnceLock::new()],
+            rt,
+        })
+    }
+
+    fn err(&self, e: RegistryError) -> CacheError {
+        CacheError::Backend {
+            url: self.url.clone(),
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn new_client(&self, plain: bool) -> Arc<Client> {
+        let config = ClientConfig {
+            protocol: if plain {
+                ClientProtocol::HttpsExcept(vec![self.host.clone()])
+            } else {
+                ClientProtocol::Https
+            },
+            connect_timeout: Some(super::timeout()),
+            read_timeout: Some(super::timeout()),
+            max_concurrent_upload: PARALLEL,
+            max_concurrent_download: PARALLEL,
+            // One upload session, one PUT with the bytes (the chunked way takes three requests).
+            use_monolithic_push: true,
+            ..Default::default()
+        };
+        let _guard = self.rt.handle().enter();
+        Arc::new(Client::new(config))
+    }
+
+    /// Ask for `/v2/` (and a token for `op`) with `client`.
+    fn contact(&self, client: &Arc<Client>, op: RegistryOperation) -> Result<(), RegistryError> {
+        let ctx = Ctx {
+            client: client.clone(),
+            host: self.host.clone(),
+            repository: self.repository.clone(),
+        };
+        let auth = self.auth.clone();
+        self.rt
+            .run(async move {
+                timed("authenticating", ctx.client.auth(&ctx.repo(), &auth, op))
+                    .await
+                    .map(|_| ())
+            })
+            .unwrap_or(Err(RegistryError::ClientStopped))
+    }
+
+    /// The client, chosen at the first contact: HTTPS, or plain HTTP for a loopback or listed
+    /// host that answers HTTPS with something other than TLS (never after a certificate error).
+    fn client(&self) -> Result<Arc<Client>, CacheError> {
+        let chosen = self.client.get_or_init(|| {
+            let https = self.new_client(false);
+            match self.contact(&https, RegistryOperation::Pull) {
+                Ok(()) => Ok(https),
+                Err(e) if auth::plain_http(&self.host) && !about_certificates(&e) => {
+                    let plain = self.new_client(true);
+                    self.contact(&plain, RegistryOperation::Pull)
+                        .map(|()| plain)
+                        .map_err(|plain_err| format!("{e}; in plain HTTP: {plain_err}"))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        chosen.clone().map_err(|e| {
+            self.err(RegistryError::Request {
+                what: "contacting the registry".into(),
+                source: OciDistributionError::GenericError(Some(e)),
+            })
+        })
+    }
+
+    fn ctx(&self) -> Result<Ctx, CacheError> {
+        Ok(Ctx {
+            client: self.client()?,
+            host: self.host.clone(),
+            repository: self.repository.clone(),
+        })
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, RegistryError>> + Send + 'static,
+    ) -> Result<T, CacheError> {
+        self.rt
+            .run(fut)
+            .unwrap_or(Err(RegistryError::ClientStopped))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Authenticate for `op` once per run (a token, or the credentials for basic auth).
+    fn authenticate(&self, op: RegistryOperation) -> Result<(), CacheError> {
+        let client = self.client()?;
+        let slot = &self.authed[matches!(op, RegistryOperation::Push) as usize];
+        let result = slot.get_or_init(|| self.contact(&client, op).map_err(|e| e.to_string()));
+        result.clone().map_err(|e| {
+            self.err(RegistryError::Request {
+                what: "authenticating".into(),
+                source: OciDistributionError::AuthenticationFailure(e),
+            })
+        })
+    }
+}
+
+/// Whether `e` is about a certificate (the server's was not trusted): never a reason to try
+/// plain HTTP.
+fn about_certificates(e: &RegistryError) -> bool {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text += &s.to_string();
+        source = s.source();
+    }
+    text.to_lowercase().contains("certificate")
+}
+
+/// Read blob `digest` (`size` bytes) into `out`, refusing more than `size` bytes and bytes of
+/// another SHA-256.
+async fn pull_into(
+    ctx: &Ctx,
+    digest: &str,
+    size: u64,
+    mut out: impl FnMut(&[u8]) -> Result<(), RegistryError>,
+) -> Result<(), RegistryError> {
+    let desc = OciDescriptor {
+        media_type: BLOB_MEDIA.into(),
+        digest: digest.to_owned(),
+        size: size as i64,
+        ..Default::default()
+    };
+    let what = format!("GET blob {digest}");
+    let mut stream = timed(&what, ctx.client.pull_blob_stream(&ctx.repo(), &desc)).await?;
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    loop {
+        let chunk = match tokio::time::timeout(super::timeout(), stream.next()).await {
+            Ok(Some(c)) => c.map_err(|e| RegistryError::Request {
+                what: what.clone(),
+                source: OciDistributionError::IoError(e),
+            })?,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(RegistryError::Timeout {
+                    what,
+                    secs: super::timeout().as_secs(),
+                })
+            }
+        };
+        got += chunk.len() as u64;
+        if got > size {
+            return Err(RegistryError::TooLong {
+                digest: digest.to_owned(),
+                size,
+            });
+        }
+        hasher.update(&chunk);
+        out(&chunk)?;
+    }
+    if got != size {
+        return Err(RegistryError::Short {
+            digest: digest.to_owned(),
+            got,
+            size,
+        });
+    }
+    let actual = sha256_digest(&hex::encode(hasher.finalize()));
+    if actual != digest {
+        return Err(RegistryError::WrongBytes {
+            digest: digest.to_owned(),
+            got: actual,
+        });
+    }
+    Ok(())
+}
+
+/// Upload `bytes` as blob `digest` unless the registry has it.
+async fn push_if_missing(ctx: &Ctx, digest: &str, bytes: &[u8]) -> Result<(), RegistryError> {
+    let repo = ctx.repo();
+    if timed(
+        format!("HEAD blob {digest}"),
+        ctx.client.blob_exists(&repo, digest),
+    )
+    .await?
+    {
+        return Ok(());
+    }
+    upload(ctx, digest, bytes.to_vec()).await
+}
+
+/// Upload `bytes` as blob `digest`: one session and one PUT.
+async fn upload(ctx: &Ctx, digest: &str, bytes: Vec<u8>) -> Result<(), RegistryError> {
+    let what = format!("uploading blob {digest}");
+    let repo = ctx.repo();
+    if bytes.is_empty() {
+        // The client's one-PUT upload refuses an empty body; a session closed with no chunk
+        // is the same upload.
+        let none = tokio_stream::empty::<oci_client::errors::Result<bytes::Bytes>>();
+        timed(what, ctx.client.push_blob_stream(&repo, none, digest)).await?;
+    } else {
+        timed(what, ctx.client.push_blob(&repo, bytes, digest)).await?;
+    }
+    Ok(())
+}
+
+/// An OCI image manifest (as JSON) of `artifact_type` over `layers`, with the empty config.
+fn manifest(artifact_type: &str, layers: &[(String, u64, &str)]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(digest, size, media)| {
+            serde_json::json!({"mediaType": media, "digest": digest, "size": size})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA,
+        "artifactType": artifact_type,
+        "config": {
+            "mediaType": EMPTY_MEDIA,
+            "digest": sha256_digest(&hex::encode(Sha256::digest(EMPTY))),
+            "size": EMPTY.len(),
+        },
+        "layers": layers,
+    }))
+    .expect("JSON values serialize")
+}
+
+async fn push_manifest(ctx: &Ctx, tag: &str, body: Vec<u8>) -> Result<(), RegistryError> {
+    timed(
+        format!("PUT manifest {tag}"),
+        ctx.client.push_manifest_raw(
+            &ctx.reference(tag),
+            body,
+            http::HeaderValue::from_static(MANIFEST_MEDIA),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Run `f` on every item, [`PARALLEL`] at a time; the results in the items' order.
+async fn each<T, R, F, Fut>(items: Vec<T>, parallel: usize, f: F) -> Result<Vec<R>, RegistryError>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<R, RegistryError>> + Send + 'static,
+{
+    let limit = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let permit = limit.clone().acquire_owned().await.expect("never closed");
+        let fut = f(item);
+        tasks.spawn(async move {
+            let r = fut.await;
+            drop(permit);
+            (i, r)
+        });
+    }
+    let mut out: Vec<Option<R>> = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (i, r) = done.map_err(|_| RegistryError::ClientStopped)?;
+        if out.len() <= i {
+            out.resize_with(i + 1, || None);
+        }
+        out[i] = Some(r?);
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every task answered"))
+        .collect())
+}
+
+impl BinaryCache for RegistryCache {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        self.authenticate(RegistryOperation::Pull)?;
+        let (ctx, auth, tag) = (self.ctx()?, self.auth.clone(), drv_hash.to_owned());
+        self.run(async move {
+            let reference = ctx.reference(&tag);
+            let pulled = ctx
+                .client
+                .pull_manifest_raw(&reference, &auth, &[MANIFEST_MEDIA]);
+            let body = match tokio::time::timeout(super::timeout(), pulled).await {
+                Ok(Ok((body, _))) => body,
+                Ok(Err(e)) if not_found(&e) => return Ok(None),
+                Ok(Err(source)) => {
+                    return Err(RegistryError::Request {
+                        what: format!("GET manifest {tag}"),
+                        source,
+                    })
+                }
+                Err(_) => {
+                    return Err(RegistryError::Timeout {
+                        what: format!("GET manifest {tag}"),
+                        secs: super::timeout().as_secs(),
+                    })
+                }
+            };
+            let bad = |detail: &str| RegistryError::BadManifest {
+                tag: tag.clone(),
+                detail: detail.to_owned(),
+            };
+            let m: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| bad(&format!("not JSON: {e}")))?;
+            if m["artifactType"] != ENTRY_ARTIFACT {
+                return Err(bad(&format!(
+                    "its artifactType is {}, not {ENTRY_ARTIFACT}",
+                    m["artifactType"]
+                )));
+            }
+            let layer = &m["layers"][0];
+            let (Some(digest), Some(size)) = (layer["digest"].as_str(), layer["size"].as_u64())
+            else {
+                return Err(bad("its first layer has no digest and size"));
+            };
+            if layer["mediaType"] != ENTRY_ARTIFACT || !digest.starts_with("sha256:") {
+                return Err(bad("its first layer is not a sha256-addressed entry"));
+            }
+            if size > MAX_ENTRY {
+                return Err(bad(&format!("its entry is {size} bytes")));
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            pull_into(&ctx, digest, size, |c| {
+                bytes.extend_from_slice(c);
+                Ok(())
+            })
+            .await?;
+            Ok(Some(bytes))
+        })
+    }
+
+    fn get_entries(&self, drv_hashes: &[String]) -> Result<Vec<super::RawEntry>, CacheError> {
+        // Each lookup is its own request: several at a time, one failing alone.
+        std::thread::scope(|sc| {
+            let chunks: Vec<_> = drv_hashes
+                .chunks(drv_hashes.len().div_ceil(PARALLEL).max(1))
+                .map(|chunk| {
+                    sc.spawn(move || chunk.iter().map(|h| self.get_entry(h)).collect::<Vec<_>>())
+                })
+                .collect();
+            let mut out = Vec::with_capacity(drv_hashes.len());
+            for c in chunks {
+                for r in c
+                    .join()
+                    .map_err(|_| self.err(RegistryError::ClientStopped))?
+                {
+                    match r {
+                        Ok(e) => out.push(Ok(e)),
+                        // The registry itself failing fails the lookup; a bad manifest is the
+                        // entry's own fault.
+                        Err(CacheError::Backend { url, source })
+                            if matches!(
+                                *source,
+                                super::BackendError::Registry(
+                                    RegistryError::BadManifest { .. }
+                                        | RegistryError::WrongBytes { .. }
+                                        | RegistryError::TooLong { .. }
+                                        | RegistryError::Short { .. }
+                                )
+                            ) =>
+                        {
+                            out.push(Err(CacheError::Backend { url, source }))
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        self.authenticate(RegistryOperation::Push)?;
+        let entry: CacheEntry = serde_json::from_slice(bytes).map_err(|e| {
+            self.err(RegistryError::NotAnEntry(
+                drv_hash.to_owned(),
+                e.to_string(),
+            ))
+        })?;
+        let mut seen = std::collections::HashSet::new();
+        let blobs: Vec<(String, u64, &str)> = entry
+            .body
+            .blobs()
+            .into_iter()
+            .filter(|b| seen.insert(b.sha256.clone()))
+            .map(|b| (sha256_digest(&b.sha256), b.size, BLOB_MEDIA))
+            .collect();
+        let entry_digest = sha256_digest(&hex::encode(Sha256::digest(bytes)));
+        let (ctx, auth, tag, bytes) = (
+            self.ctx()?,
+            self.auth.clone(),
+            drv_hash.to_owned(),
+            bytes.to_vec(),
+        );
+        self.run(async move {
+            let mut chunks = blobs.chunks(LAYERS_PER_MANIFEST);
+            let first = chunks.next().unwrap_or(&[]);
+            let mut layers = vec![(entry_digest.clone(), bytes.len() as u64, ENTRY_ARTIFACT)];
+            layers.extend_from_slice(first);
+            let body = manifest(ENTRY_ARTIFACT, &layers);
+            // The same entry published before: nothing to send (a registry checks every blob a
+            // manifest names when it is put).
+            let digest = sha256_digest(&hex::encode(Sha256::digest(&body)));
+            let reference = ctx.reference(&tag);
+            let there = ctx.client.fetch_manifest_digest(&reference, &auth);
+            if let Ok(Ok(d)) = tokio::time::timeout(super::timeout(), there).await {
+                if d == digest {
+                    return Ok(());
+                }
+            }
+            push_if_missing(
+                &ctx,
+                &sha256_digest(&hex::encode(Sha256::digest(EMPTY))),
+                EMPTY,
+            )
+            .await?;
+            push_if_missing(&ctx, &entry_digest, &bytes).await?;
+            for (n, rest) in chunks.enumerate() {
+                push_manifest(
+                    &ctx,
+                    &format!("{tag}.{}", n + 1),
+                    manifest(BLOBS_ARTIFACT, rest),
+                )
+                .await?;
+            }
+            push_manifest(&ctx, &tag, body).await
+        })
+    }
+
+    fn missing_blobs(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>, CacheError> {
+        self.authenticate(RegistryOperation::Pull)?;
+        let ctx = self.ctx()?;
+        let items = blobs.to_vec();
+        self.run(async move {
+            let found = each(items, PARALLEL, |b: BlobRef| {
+                let ctx = ctx.clone();
+                async move {
+                    let digest = sha256_digest(&b.sha256);
+                    let there = timed(
+                        format!("HEAD blob {digest}"),
+                        ctx.client.blob_exists(&ctx.repo(), &digest),
+                    )
+                    .await?;
+                    Ok((!there).then_some(b))
+                }
+            })
+            .await?;
+            Ok(found.into_iter().flatten().collect())
+        })
+    }
+
+    fn get_blob(&self, blob: &BlobRef, dest: &mut dyn Write) -> Result<(), CacheError> {
+        self.authenticate(RegistryOperation::Pull)?;
+        let (ctx, digest, size) = (self.ctx()?, sha256_digest(&blob.sha256), blob.size);
+        // The download runs on the runtime; its pieces come here, where `dest` is.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<bytes::Bytes, RegistryError>>(16);
+        self.rt.handle().spawn(async move {
+            let sender = tx.clone();
+            let r = pull_into(&ctx, &digest, size, |c| {
+                let chunk = bytes::Bytes::copy_from_slice(c);
+                tokio::task::block_in_place(|| sender.send(Ok(chunk)))
+                    .map_err(|_| RegistryError::ClientStopped)
+            })
+            .await;
+            if let Err(e) = r {
+                let _ = tx.send(Err(e));
+            }
+        });
+        for piece in rx {
+            let chunk = piece.map_err(|e| self.err(e))?;
+            dest.write_all(&chunk).map_err(|source| {
+                self.err(RegistryError::Write {
+                    digest: sha256_digest(&blob.sha256),
+                    source,
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), CacheError> {
+        self.put_blobs(&[(blob.clone(), src.to_owned())])
+    }
+
+    fn put_blobs(&self, blobs: &[(BlobRef, PathBuf)]) -> Result<(), CacheError> {
+        self.authenticate(RegistryOperation::Push)?;
+        let (large, small): (Vec<_>, Vec<_>) = blobs
+            .iter()
+            .cloned()
+            .partition(|(b, _)| b.size > LARGE_BLOB);
+        let ctx = self.ctx()?;
+        for (items, parallel) in [(small, PARALLEL), (large, 1)] {
+            let ctx = ctx.clone();
+            self.run(async move {
+                each(items, parallel, |(b, path): (BlobRef, PathBuf)| {
+                    let ctx = ctx.clone();
+                    async move {
+                        let bytes = tokio::fs::read(&path)
+                            .await
+                            .map_err(|source| RegistryError::Read { path, source })?;
+                        upload(&ctx, &sha256_digest(&b.sha256), bytes).await
+                    }
+                })
+                .await
+                .map(|_| ())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<String, CacheError> {
+        self.get_entry(&"0".repeat(64))?;
+        Ok(format!(
+            "an OCI registry: repository {} answers entry lookups",
+            self.repository
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_a_host_and_a_repository() {
+        let c = RegistryCache::new("docker://127.0.0.1:5000/team/rbuild-cache").unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.repository.as_str()),
+            ("127.0.0.1:5000", "team/rbuild-cache")
+        );
+        for bad in [
+            "docker://127.0.0.1:5000",
+            "docker:///repo",
+            "docker://host/",
+        ] {
+            let err = RegistryCache::new(bad).err().unwrap().to_string();
+            assert!(
+                err.contains("expected docker://HOST[:PORT]/REPOSITORY"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn entry_manifests_keep_every_blob_they_name() {
+        let m: serde_json::Value = serde_json::from_slice(&manifest(
+            ENTRY_ARTIFACT,
+            &[
+                ("sha256:aa".into(), 3, ENTRY_ARTIFACT),
+                ("sha256:bb".into(), 5, BLOB_MEDIA),
+            ],
+        ))
+        .unwrap();
+        assert_eq!(m["artifactType"], ENTRY_ARTIFACT);
+        assert_eq!(m["config"]["mediaType"], EMPTY_MEDIA);
+        assert_eq!(
+            m["config"]["digest"],
+            "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+        assert_eq!(m["layers"][1]["digest"], "sha256:bb");
+        assert_eq!(m["layers"].as_array().unwrap().len(), 2);
+    }
+}

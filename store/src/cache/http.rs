@@ -2,11 +2,11 @@
 //! `blobs/sha256/<digest>` below the URL, so any WebDAV-enabled server or object-store gateway
 //! serves it. Plain HTTP has no batch requests: lookups and transfers run several at a time.
 
-use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::{io, BackendError, BinaryCache, BlobRef, BlobSink, CacheError, RawEntry};
+use super::runtime::ClientRuntime;
+use super::{BackendError, BinaryCache, BlobRef, BlobSink, CacheError, RawEntry};
 
 /// Requests in flight at a time.
 const PARALLEL: usize = 8;
@@ -15,12 +15,12 @@ const PARALLEL: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     /// No answer: the connection, TLS or a timeout failed.
-    #[error("{method} {url}: {source}")]
+    #[error("{method} {url}: {}", chain(.source))]
     Request {
         method: &'static str,
         url: String,
         #[source]
-        source: ureq::Error,
+        source: reqwest::Error,
     },
     /// The body of an answer could not be read (or written where it goes).
     #[error("{method} {url}: {source}")]
@@ -39,25 +39,106 @@ pub enum HttpError {
     },
     #[error("request thread panicked")]
     ThreadPanicked,
+    #[error("starting the HTTP client: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("the HTTP client stopped")]
+    ClientStopped,
+}
+
+/// A request error with its causes ("Connection refused", the certificate's fault), which
+/// reqwest's own message leaves out.
+fn chain(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text += &format!(": {part}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 pub struct HttpCache {
     url: String,
-    agent: ureq::Agent,
+    client: reqwest::Client,
+    rt: ClientRuntime,
 }
 
 impl HttpCache {
-    pub fn new(url: &str) -> HttpCache {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(super::timeout()))
-            .timeout_recv_response(Some(super::timeout()))
-            .timeout_per_read(Some(super::timeout()))
-            .build()
-            .into();
-        HttpCache {
+    pub fn new(url: &str) -> Result<HttpCache, CacheError> {
+        let bad = |e: HttpError| CacheError::Backend {
+            url: url.to_owned(),
+            source: Box::new(e.into()),
+        };
+        let rt = ClientRuntime::new("rbuild-http").map_err(|e| bad(HttpError::Runtime(e)))?;
+        let client = {
+            let _guard = rt.handle().enter();
+            reqwest::Client::builder()
+                .connect_timeout(super::timeout())
+                .read_timeout(super::timeout())
+                .build()
+                .map_err(|source| {
+                    bad(HttpError::Request {
+                        method: "starting",
+                        url: url.to_owned(),
+                        source,
+                    })
+                })?
+        };
+        Ok(HttpCache {
             url: url.trim_end_matches('/').to_owned(),
-            agent,
+            client,
+            rt,
+        })
+    }
+
+    /// Send `req` on this cache's runtime and wait for its answer (status and head only).
+    fn send(
+        &self,
+        method: &'static str,
+        url: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CacheError> {
+        self.rt
+            .run(async move { req.send().await })
+            .ok_or_else(|| self.err(HttpError::ClientStopped))?
+            .map_err(self.no_answer(method, url))
+    }
+
+    /// The body of `resp`, piece by piece into `out`, up to `max` bytes (what follows is not
+    /// read: the caller's checks tell a body that was longer).
+    fn read_body(
+        &self,
+        url: &str,
+        resp: reqwest::Response,
+        max: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), CacheError> {
+        let mut resp = Some(resp);
+        let mut got = 0u64;
+        loop {
+            let r = resp.take().expect("the response is put back");
+            let (r, piece) = self
+                .rt
+                .run(async move {
+                    let mut r = r;
+                    let piece = r.chunk().await;
+                    (r, piece)
+                })
+                .ok_or_else(|| self.err(HttpError::ClientStopped))?;
+            resp = Some(r);
+            let Some(bytes) = piece.map_err(self.no_answer("GET", url))? else {
+                return Ok(());
+            };
+            let take = bytes.len().min((max - got) as usize);
+            out.write_all(&bytes[..take])
+                .map_err(self.body("GET", url))?;
+            got += take as u64;
+            if got == max {
+                return Ok(());
+            }
         }
     }
 
@@ -97,7 +178,7 @@ impl HttpCache {
         &'a self,
         method: &'static str,
         url: &'a str,
-    ) -> impl FnOnce(ureq::Error) -> CacheError + 'a {
+    ) -> impl FnOnce(reqwest::Error) -> CacheError + 'a {
         move |source| {
             self.err(HttpError::Request {
                 method,
@@ -155,20 +236,12 @@ impl BinaryCache for HttpCache {
 
     fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
         let url = self.entry_url(drv_hash);
-        let resp = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(self.no_answer("GET", &url))?;
+        let resp = self.send("GET", &url, self.client.get(&url))?;
         match resp.status().as_u16() {
             404 => Ok(None),
             200 => {
                 let mut body = Vec::new();
-                resp.into_body()
-                    .into_reader()
-                    .take(64 << 20)
-                    .read_to_end(&mut body)
-                    .map_err(self.body("GET", &url))?;
+                self.read_body(&url, resp, 64 << 20, &mut body)?;
                 Ok(Some(body))
             }
             s => Err(self.status("GET", &url, s)),
@@ -185,22 +258,14 @@ impl BinaryCache for HttpCache {
 
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
         let url = self.entry_url(drv_hash);
-        let resp = self
-            .agent
-            .put(&url)
-            .send(bytes)
-            .map_err(self.no_answer("PUT", &url))?;
+        let resp = self.send("PUT", &url, self.client.put(&url).body(bytes.to_vec()))?;
         self.check_put(&url, resp.status().as_u16())
     }
 
     fn missing_blobs(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>, CacheError> {
         let found = self.parallel(blobs, |b| {
             let url = self.blob_url(b)?;
-            let resp = self
-                .agent
-                .head(&url)
-                .call()
-                .map_err(self.no_answer("HEAD", &url))?;
+            let resp = self.send("HEAD", &url, self.client.head(&url))?;
             match resp.status().as_u16() {
                 200 => Ok(true),
                 404 => Ok(false),
@@ -217,21 +282,12 @@ impl BinaryCache for HttpCache {
 
     fn get_blob(&self, blob: &BlobRef, dest: &mut dyn Write) -> Result<(), CacheError> {
         let url = self.blob_url(blob)?;
-        let resp = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(self.no_answer("GET", &url))?;
+        let resp = self.send("GET", &url, self.client.get(&url))?;
         if resp.status().as_u16() != 200 {
             return Err(self.status("GET", &url, resp.status().as_u16()));
         }
         // One byte more than the listing says is enough to tell it is wrong.
-        std::io::copy(
-            &mut resp.into_body().into_reader().take(blob.size + 1),
-            dest,
-        )
-        .map_err(self.body("GET", &url))?;
-        Ok(())
+        self.read_body(&url, resp, blob.size + 1, dest)
     }
 
     fn get_small_blobs(&self, blobs: &[BlobRef], sink: &mut BlobSink) -> Result<(), CacheError> {
@@ -255,12 +311,11 @@ impl BinaryCache for HttpCache {
 
     fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), CacheError> {
         let url = self.blob_url(blob)?;
-        let f = fs::File::open(src).map_err(io(src.display()))?;
-        let resp = self
-            .agent
-            .put(&url)
-            .send(f)
-            .map_err(self.no_answer("PUT", &url))?;
+        let f = std::fs::File::open(src).map_err(super::io(src.display()))?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
+            tokio::fs::File::from_std(f),
+        ));
+        let resp = self.send("PUT", &url, self.client.put(&url).body(body))?;
         self.check_put(&url, resp.status().as_u16())
     }
 }

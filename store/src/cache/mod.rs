@@ -113,7 +113,7 @@ pub fn open(url: &str) -> Result<Box<dyn BinaryCache>, CacheError> {
         return Ok(Box::new(file::FileCache::new(url, dir)));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        return Ok(Box::new(http::HttpCache::new(url)));
+        return Ok(Box::new(http::HttpCache::new(url)?));
     }
     if url.starts_with("grpc://") || url.starts_with("grpcs://") {
         return Ok(Box::new(reapi::GrpcCache::new(url)?));

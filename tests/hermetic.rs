@@ -2018,7 +2018,7 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
         ],
         &env,
     ));
-    let push = |env: &[(&str, &str)]| {
+    let push = |to: &str, env: &[(&str, &str)]| {
         rbuild_as(
             None,
             &[
@@ -2028,14 +2028,14 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
                 "--store",
                 store.to_str().unwrap(),
                 "--to",
-                &url,
+                to,
                 "--secret-key",
                 &sec,
             ],
             env,
         )
     };
-    let again = push(&env);
+    let again = push(&url, &env);
     ok(&again);
     assert!(
         stderr(&again).contains("(0 new blobs)"),
@@ -2054,13 +2054,16 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
     assert_eq!(output_digest(&b), output_digest(&built));
 
     // No credentials; no trust in the test CA.
-    let o = push(&[
-        ("SSL_CERT_FILE", ca.to_str().unwrap()),
-        ("REGISTRY_AUTH_FILE", "/nonexistent"),
-    ]);
+    let o = push(
+        &url,
+        &[
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+            ("REGISTRY_AUTH_FILE", "/nonexistent"),
+        ],
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains(&reg.addr), "{}", stderr(&o));
-    let o = push(&[("REGISTRY_AUTH_FILE", auth.to_str().unwrap())]);
+    let o = push(&url, &[("REGISTRY_AUTH_FILE", auth.to_str().unwrap())]);
     assert!(!o.status.success());
     assert!(
         stderr(&o).to_lowercase().contains("certificate"),
@@ -2071,22 +2074,7 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
     // A registry in plain HTTP (allowed on loopback), behind a proxy that rewrites a file of the
     // base (its /etc/os-release) on the way back: the blob is refused, the tree built instead.
     let plain = registry::start(&d.join("plain"), None);
-    let plain_url = format!("docker://{}/rbuild", plain.addr);
-    ok(&rbuild_as(
-        None,
-        &[
-            "cache",
-            "push",
-            a.recipe.to_str().unwrap(),
-            "--store",
-            store.to_str().unwrap(),
-            "--to",
-            &plain_url,
-            "--secret-key",
-            &sec,
-        ],
-        &[],
-    ));
+    ok(&push(&format!("docker://{}/rbuild", plain.addr), &[]));
     let proxy = registry::tampering_proxy(
         plain.addr.clone(),
         b"PRETTY_NAME=\"Test\"",

@@ -15,14 +15,17 @@ use rbuild_store::meta::TreeMeta;
 /// `pack-tar`: input 0 is a tree (with its ownership sidecar); `$out` is its deterministic tar.
 pub fn pack_tar(ctx: &BuildContext) -> anyhow::Result<()> {
     let tree = ctx.inputs.first().context("pack-tar needs a tree input")?;
-    let meta_path = rbuild_store::meta::sidecar(tree);
-    let meta = rbuild_store::meta::TreeMeta::read(&meta_path)?;
-    let f =
-        fs::File::create(&ctx.out).with_context(|| format!("creating {}", ctx.out.display()))?;
+    tar_tree(tree, &ctx.out, ctx.source_date_epoch())
+}
+
+/// The deterministic tar of `tree` (with its ownership sidecar) into the file `out`.
+fn tar_tree(tree: &Path, out: &Path, source_date_epoch: i64) -> anyhow::Result<()> {
+    let meta = TreeMeta::read(&rbuild_store::meta::sidecar(tree))?;
+    let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let w = archive::tar_out::write_tar(
         tree,
         &meta,
-        ctx.source_date_epoch(),
+        source_date_epoch,
         BufWriter::with_capacity(1 << 20, f),
     )?;
     w.into_inner().map_err(|e| e.into_error())?;
@@ -132,18 +135,10 @@ pub fn pack_change_set(ctx: &BuildContext) -> anyhow::Result<()> {
         .inputs
         .first()
         .context("pack-change-set needs a change set input")?;
-    let meta = TreeMeta::read(&rbuild_store::meta::sidecar(tree))?;
     let work = ctx.out.with_extension("work");
     fs::create_dir_all(&work)?;
     let tar_path = work.join("layer.tar");
-    let f = fs::File::create(&tar_path)?;
-    let w = archive::tar_out::write_tar(
-        tree,
-        &meta,
-        ctx.source_date_epoch(),
-        BufWriter::with_capacity(1 << 20, f),
-    )?;
-    w.into_inner().map_err(|e| e.into_error())?;
+    tar_tree(tree, &tar_path, ctx.source_date_epoch())?;
     let compression = LayerCompression::from_arg(ctx.args.get(1))?;
     write_layer_blob(&tar_path, &ctx.out, ctx.arg(0)?, compression)?;
     fs::remove_dir_all(&work)?;

@@ -1974,6 +1974,123 @@ fn grpcs_cache_checks_the_server_certificate() {
     assert!(stderr(&o).contains("certificate"), "{}", stderr(&o));
 }
 
+/// What every binary cache backend promises, asked of each in the same words (as tvix runs one
+/// suite over all its blob services): a directory, an HTTP server, BuildGrid, an in-memory REAPI
+/// server that speaks BLAKE3, and an OCI registry. Blobs (empty, small, larger than a batch and
+/// than a stream's piece) are missing until put (the empty one may be there from the start), then
+/// present and read back byte for byte, whole
+/// and through the small-blob path; a pushed output's entry is found and verified, and fetched
+/// into the same tree; pushing it again uploads nothing; an unknown derivation has no entry.
+#[test]
+fn every_cache_backend_keeps_the_same_contract() {
+    use rbuild_store::cache::{self, BinaryCache, BlobRef};
+    const TEST: &str = "every_cache_backend_keeps_the_same_contract";
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let files = d.join("files");
+    fs::create_dir_all(&files).unwrap();
+    let contents: [(&str, Vec<u8>); 3] = [
+        ("empty", vec![]),
+        ("small", b"small blob\n".to_vec()),
+        (
+            "large",
+            (0..(2u32 << 20) + 3)
+                .map(|i| (i * 31 % 251) as u8)
+                .collect(),
+        ),
+    ];
+    let mut blobs = Vec::new();
+    for (name, bytes) in &contents {
+        let p = files.join(name);
+        fs::write(&p, bytes).unwrap();
+        blobs.push((BlobRef::of_file(&p).unwrap(), p));
+    }
+    let out = d.join("out");
+    fs::create_dir_all(out.join("etc")).unwrap();
+    fs::write(out.join("etc/motd"), "hello\n").unwrap();
+    fs::write(out.join("data"), &contents[2].1).unwrap();
+    std::os::unix::fs::symlink("etc/motd", out.join("link")).unwrap();
+    let content_hash = rbuild_store::hash::content_hash(&out, None).unwrap();
+    let key = cache::SecretKey::generate("contract").unwrap();
+
+    let contract = |url: &str| {
+        let c = cache::open(url).unwrap();
+        let c: &dyn BinaryCache = c.as_ref();
+        let refs: Vec<BlobRef> = blobs.iter().map(|(b, _)| b.clone()).collect();
+        // The empty blob may be there from the start (REAPI servers always have it).
+        let missing = c.missing_blobs(&refs).unwrap();
+        assert!(
+            refs[1..].iter().all(|b| missing.contains(b)) && missing.len() <= 3,
+            "{url}: a new cache lacks them: {missing:?}"
+        );
+        c.put_blobs(&blobs).unwrap();
+        assert!(
+            c.missing_blobs(&refs).unwrap().is_empty(),
+            "{url}: put, then present"
+        );
+        for ((_, bytes), b) in contents.iter().zip(&refs) {
+            let mut got = Vec::new();
+            c.get_blob(b, &mut got).unwrap();
+            assert!(&got == bytes, "{url}: blob {} read back", b.sha256);
+        }
+        let small = &refs[..2];
+        let mut seen = vec![None; 2];
+        c.get_small_blobs(small, &mut |i, bytes| {
+            seen[i] = Some(bytes);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen[1].as_deref(),
+            Some(&contents[1].1[..]),
+            "{url}: small blobs"
+        );
+        assert_eq!(seen[0].as_deref(), Some(&[][..]), "{url}: the empty blob");
+
+        let unknown = "1".repeat(64);
+        assert!(
+            c.get_entry(&unknown).unwrap().is_none(),
+            "{url}: no such entry"
+        );
+        cache::push(c, &key, "contract-drv", "contract-out", &content_hash, &out).unwrap();
+        assert_eq!(
+            cache::push(c, &key, "contract-drv", "contract-out", &content_hash, &out).unwrap(),
+            0,
+            "{url}: pushing again uploads nothing"
+        );
+        let entries = c
+            .get_entries(&["contract-drv".to_owned(), unknown.clone()])
+            .unwrap();
+        assert!(
+            matches!(&entries[..], [Ok(Some(_)), Ok(None)]),
+            "{url}: {entries:?}"
+        );
+        let entry = cache::query(c, "contract-drv", &[key.public()])
+            .unwrap()
+            .expect("the pushed entry");
+        let dest = d.join(format!("dest-{}", url.replace(['/', ':'], "_")));
+        cache::fetch(c, &entry, &dest).unwrap();
+        assert_eq!(
+            rbuild_store::hash::content_hash(&dest, None).unwrap(),
+            content_hash,
+            "{url}: the same tree"
+        );
+        c.check().unwrap();
+    };
+
+    contract(&format!("file://{}", d.join("dir-cache").display()));
+    fs::create_dir_all(d.join("http-cache")).unwrap();
+    contract(&format!("{}/", serve_http(&d.join("http-cache"))));
+    let (reapi, _state) = reapi_server::start();
+    contract(&reapi);
+    let bg = buildgrid();
+    contract(&bg.url);
+    if common::registry::available(TEST) {
+        let reg = common::registry::start(&d.join("registry"), None);
+        contract(&format!("docker://{}/contract", reg.addr));
+    }
+}
+
 /// An OCI registry as a binary cache (`docker://HOST:PORT/REPOSITORY`), on Debian's
 /// distribution registry with htpasswd auth and TLS from a test CA: `--push-to` publishes the
 /// closure, pushing again uploads nothing, a second store substitutes everything from it; no

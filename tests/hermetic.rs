@@ -799,7 +799,8 @@ fn layer_entries(layout: &Path, i: usize) -> BTreeMap<String, TarEntry> {
 
 /// A layer's steps run on an overlay of the base tree and the lower layers' change sets, and the
 /// layer is exactly what they changed: a deleted file is a `.wh.` entry, a directory removed
-/// and made again hides what it held, a directory replaced by a file is that file alone, a
+/// and made again hides what it held (below directories made inside it too), a directory
+/// replaced by a file is that file alone, a symlink replaced by a directory is that directory, a
 /// touched or rewritten-but-equal file is absent, and a mode change is present. The steps see
 /// the image's real owners and special modes (which store files lack), the next layer sees the
 /// lower layer's changes and can delete what it added, `^tree` is the whole result, and an
@@ -821,11 +822,14 @@ fn a_layer_is_what_its_steps_changed_on_an_overlay_of_the_layers_below() {
         "touch /usr/bin/su",
         "cat /bin/systemctl > /tmp/copy && cat /tmp/copy > /bin/systemctl && rm /tmp/copy",
         "chmod 2750 /usr/bin/chage",
+        "rm -r /usr/share/doc && mkdir -p /usr/share/doc/busybox && echo again > /usr/share/doc/busybox/NEW",
+        "rm /usr/lib/linkdir && mkdir /usr/lib/linkdir && echo d > /usr/lib/linkdir/f",
     ];
     let two = [
         "test ! -e /etc/os-release && test ! -e /usr/sbin/telinit && test -f /var/mail \
         && cat /usr/sbin/new > /seen2 && stat -c '%a %g' /usr/bin/chage >> /seen2",
         "rm /usr/sbin/new",
+        "test -d /usr/lib/linkdir && test -f /usr/lib/linkdir/f && test ! -e /usr/share/doc/busybox/README",
     ];
     let list = |cmds: &[&str]| {
         cmds.iter()
@@ -872,9 +876,17 @@ fn a_layer_is_what_its_steps_changed_on_an_overlay_of_the_layers_below() {
             "usr",
             "usr/bin",
             "usr/bin/chage",
+            "usr/lib",
+            "usr/lib/linkdir",
+            "usr/lib/linkdir/f",
             "usr/sbin",
             "usr/sbin/.wh.telinit",
             "usr/sbin/new",
+            "usr/share",
+            "usr/share/doc",
+            "usr/share/doc/busybox",
+            "usr/share/doc/busybox/.wh.README",
+            "usr/share/doc/busybox/NEW",
             "var",
             "var/mail",
         ],
@@ -914,6 +926,17 @@ fn a_layer_is_what_its_steps_changed_on_an_overlay_of_the_layers_below() {
     }
     assert_eq!(fs::read(tree.join("var/mail")).unwrap(), b"file\n");
     assert!(tree.join("usr/sbin").is_dir() && !tree.join("usr/sbin/new").exists());
+    // A directory made inside a re-created one hides what the base had there; a symlink to a
+    // directory, replaced by a directory, is one.
+    assert!(!tree.join("usr/share/doc/busybox/README").exists());
+    assert_eq!(
+        fs::read(tree.join("usr/share/doc/busybox/NEW")).unwrap(),
+        b"again\n"
+    );
+    assert!(fs::symlink_metadata(tree.join("usr/lib/linkdir"))
+        .unwrap()
+        .is_dir());
+    assert_eq!(fs::read(tree.join("usr/lib/linkdir/f")).unwrap(), b"d\n");
     assert!(tree.join("seen").is_file() && tree.join("seen2").is_file());
     let meta: serde_json::Value =
         serde_json::from_slice(&fs::read(format!("{}.meta", tree.display())).unwrap()).unwrap();

@@ -25,6 +25,13 @@ pub fn busybox_archive(dir: &Path) -> Option<Archive> {
         Entry::Dir("usr", 0o755),
         Entry::Dir("usr/bin", 0o755),
         Entry::File("usr/bin/busybox", bytes, 0o755, 0, 0),
+        // A nested directory and a symlink to a directory, for the layer tests.
+        Entry::Dir("usr/share", 0o755),
+        Entry::Dir("usr/share/doc", 0o755),
+        Entry::Dir("usr/share/doc/busybox", 0o755),
+        Entry::File("usr/share/doc/busybox/README", b"busybox\n", 0o644, 0, 0),
+        Entry::Dir("usr/lib", 0o755),
+        Entry::Symlink("usr/lib/linkdir", "../share"),
     ];
     for applet in [
         "sh", "mount", "umount", "unshare", "chroot", "touch", "mkdir", "ls", "cat", "echo",

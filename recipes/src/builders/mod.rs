@@ -39,16 +39,19 @@ pub fn register(b: &mut Builtins) {
 /// records. Paths resolve through `root`'s own merged-/usr symlinks (`bin` → `usr/bin`), as
 /// dpkg's would.
 fn materialize(src: &Path, prefix: &str, root: &Path) -> anyhow::Result<()> {
-    materialize_entries(src, &TreeMeta::read(&sidecar(src))?, prefix, root)
+    materialize_entries(src, &TreeMeta::read(&sidecar(src))?, prefix, root, true)
 }
 
 /// [`materialize`] of the entries `meta` lists. An entry replaces what `root` holds at its path,
-/// a directory included.
+/// a directory included. With `through_symlinks` (a package's tree), a directory entry where
+/// `root` has a symlink to a directory goes through it, as dpkg's would; without (a layer's
+/// change set), the directory replaces the symlink.
 fn materialize_entries(
     src: &Path,
     meta: &TreeMeta,
     prefix: &str,
     root: &Path,
+    through_symlinks: bool,
 ) -> anyhow::Result<()> {
     let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
     for (rel, e) in &meta.entries {
@@ -60,7 +63,12 @@ fn materialize_entries(
         let md = fs::symlink_metadata(&from).with_context(|| format!("stat {}", from.display()))?;
         let ft = md.file_type();
         if ft.is_dir() {
-            match fs::metadata(&dst) {
+            let existing = if through_symlinks {
+                fs::metadata(&dst)
+            } else {
+                fs::symlink_metadata(&dst)
+            };
+            match existing {
                 Ok(m) if m.is_dir() => {
                     if fs::symlink_metadata(&dst)?.is_dir() {
                         sandbox::apply_meta(&dst, e)?;

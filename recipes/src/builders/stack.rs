@@ -205,7 +205,7 @@ pub(super) fn apply_change_set(cs: &Path, root: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    super::materialize_entries(cs, &entries, "", root)
+    super::materialize_entries(cs, &entries, "", root, false)
 }
 
 /// After a layer's steps: move what the overlay's `upper` directory holds and differs from
@@ -229,12 +229,7 @@ pub(super) fn change_set(
     fs::create_dir_all(out)?;
     cs.dirs
         .insert(String::new(), sandbox::entry_meta(upper, clamp)?);
-    // Before the walk moves what changed out of the upper directory.
-    let deleted = cs.deleted_from_lower_layers();
-    cs.walk("")?;
-    for rel in deleted {
-        cs.whiteout(&rel)?;
-    }
+    cs.walk("", false)?;
     // Directories last, deepest first: making entries below them moved their mtimes.
     for (rel, m) in cs.dirs.iter().rev() {
         sandbox::apply_meta(&out.join(rel), m)?;
@@ -252,27 +247,44 @@ struct ChangeSet<'a> {
 }
 
 impl ChangeSet<'_> {
-    fn walk(&mut self, dir: &str) -> anyhow::Result<()> {
+    /// The change set below the upper directory `dir`. `hidden`: an opaque directory above it
+    /// hides everything the lower layers had below it (a directory made inside an opaque one is
+    /// not marked opaque itself).
+    fn walk(&mut self, dir: &str, hidden: bool) -> anyhow::Result<()> {
         let at = self.upper.join(dir);
-        if !dir.is_empty() && sandbox::is_opaque(&at)? {
-            // The directory replaced the lower one: what it no longer holds is deleted.
-            let gone: Vec<String> = self
-                .lower
-                .children(dir)
-                .filter(|c| fs::symlink_metadata(self.upper.join(c)).is_err())
-                .map(str::to_owned)
-                .collect();
-            for rel in gone {
-                self.whiteout(&rel)?;
-            }
-        }
+        let hidden = hidden || (!dir.is_empty() && sandbox::is_opaque(&at)?);
         let mut names: Vec<_> = fs::read_dir(&at)
             .with_context(|| format!("reading {}", at.display()))?
-            .map(|e| e.map(|e| e.file_name()))
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<Result<_, _>>()?;
         names.sort();
+        // What the lower layers had here and the directory no longer holds: everything, below
+        // an opaque directory; else what lower layers' change sets had laid out in the upper
+        // directory (deleting those leaves no whiteout, as the base never had them). Asked
+        // before anything here is moved out.
+        let base = &self.lower.base;
+        let gone: Vec<String> = self
+            .lower
+            .children(dir)
+            .filter(|c| {
+                names
+                    .binary_search_by(|n| n.as_str().cmp(split(c).1))
+                    .is_err()
+            })
+            .filter(|c| {
+                hidden
+                    || self
+                        .lower
+                        .get(c)
+                        .is_some_and(|(_, src)| !src.starts_with(base))
+            })
+            .map(str::to_owned)
+            .collect();
+        for rel in gone {
+            self.whiteout(&rel)?;
+        }
         for name in names {
-            let rel = join(dir, &name.to_string_lossy());
+            let rel = join(dir, &name);
             let path = self.upper.join(&rel);
             let md = fs::symlink_metadata(&path)?;
             if sandbox::is_whiteout(&md) {
@@ -281,13 +293,21 @@ impl ChangeSet<'_> {
                 }
                 continue;
             }
-            if split(&rel).1.starts_with(WHITEOUT) {
+            if name.starts_with(WHITEOUT) {
                 bail!("/{rel}: a name beginning with {WHITEOUT} cannot be shipped in an OCI layer");
             }
-            let um = sandbox::entry_meta(&path, self.clamp)?;
+            let mut um = sandbox::entry_meta(&path, self.clamp)?;
             let changed = match self.lower.get(&rel) {
                 None => true,
-                Some((lm, src)) => differs(src, &path, lm, &um)?,
+                Some((lm, src)) => {
+                    // Overlay keeps a copied-up entry's mtime (and its parent's): the store
+                    // file's, which depends on how the store got it (built or substituted).
+                    // Such an mtime stands for the recorded one.
+                    if fs::symlink_metadata(src).is_ok_and(|s| s.mtime() == md.mtime()) {
+                        um.mtime = lm.mtime;
+                    }
+                    differs(src, &path, lm, &um)?
+                }
             };
             if md.is_dir() {
                 if changed {
@@ -295,30 +315,16 @@ impl ChangeSet<'_> {
                     fs::create_dir(self.out.join(&rel))?;
                     self.dirs.insert(rel.clone(), um);
                 }
-                self.walk(&rel)?;
+                self.walk(&rel, hidden)?;
             } else if changed {
                 self.parents(&rel)?;
-                fs::rename(&path, self.out.join(&rel))
+                let to = self.out.join(&rel);
+                fs::rename(&path, &to)
                     .with_context(|| format!("moving /{rel} into the change set"))?;
+                sandbox::apply_meta(&to, &um)?;
             }
         }
         Ok(())
-    }
-
-    /// The lower layers' entries were laid out in the upper directory, so deleting one that the
-    /// base lacks leaves no whiteout there: those gone from a directory that is still there.
-    fn deleted_from_lower_layers(&self) -> Vec<String> {
-        let lower = self.lower;
-        lower
-            .entries()
-            .filter(|(rel, (_, src))| !rel.is_empty() && !src.starts_with(&lower.base))
-            .map(|(rel, _)| rel.clone())
-            .filter(|rel| {
-                let (dir, _) = split(rel);
-                fs::symlink_metadata(self.upper.join(dir)).is_ok_and(|m| m.is_dir())
-                    && fs::symlink_metadata(self.upper.join(rel)).is_err()
-            })
-            .collect()
     }
 
     /// Make `rel`'s parent directories in `out`, each with the upper directory's metadata.
@@ -329,7 +335,14 @@ impl ChangeSet<'_> {
         }
         self.parents(dir)?;
         fs::create_dir(self.out.join(dir))?;
-        let m = sandbox::entry_meta(&self.upper.join(dir), self.clamp)?;
+        let at = self.upper.join(dir);
+        let mut m = sandbox::entry_meta(&at, self.clamp)?;
+        if let Some((lm, src)) = self.lower.get(dir) {
+            let mtime = |p: &Path| fs::symlink_metadata(p).map(|m| m.mtime()).ok();
+            if mtime(src).is_some() && mtime(src) == mtime(&at) {
+                m.mtime = lm.mtime;
+            }
+        }
         self.dirs.insert(dir.to_owned(), m);
         Ok(())
     }

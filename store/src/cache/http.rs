@@ -315,7 +315,13 @@ impl BinaryCache for HttpCache {
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
             tokio::fs::File::from_std(f),
         ));
-        let resp = self.send("PUT", &url, self.client.put(&url).body(body))?;
+        // With its length: a streamed body would go chunked, which object-store gateways refuse.
+        let put = self
+            .client
+            .put(&url)
+            .header(reqwest::header::CONTENT_LENGTH, blob.size)
+            .body(body);
+        let resp = self.send("PUT", &url, put)?;
         self.check_put(&url, resp.status().as_u16())
     }
 }

@@ -238,13 +238,14 @@ impl RegistryCache {
     }
 
     /// The client, chosen at the first contact: HTTPS, or plain HTTP for a loopback or listed
-    /// host that answers HTTPS with something other than TLS (never after a certificate error).
+    /// host whose answer to HTTPS is not TLS at all (never after any other failure: a
+    /// certificate that is not trusted, a timeout, refused credentials).
     fn client(&self) -> Result<Arc<Client>, CacheError> {
         let chosen = self.client.get_or_init(|| {
             let https = self.new_client(false);
             match self.contact(&https, RegistryOperation::Pull) {
                 Ok(()) => Ok(https),
-                Err(e) if auth::plain_http(&self.host) && !about_certificates(&e) => {
+                Err(e) if auth::plain_http(&self.host) && speaks_no_tls(&e) => {
                     let plain = self.new_client(true);
                     self.contact(&plain, RegistryOperation::Pull)
                         .map(|()| plain)
@@ -293,16 +294,16 @@ impl RegistryCache {
     }
 }
 
-/// Whether `e` is about a certificate (the server's was not trusted): never a reason to try
-/// plain HTTP.
-fn about_certificates(e: &RegistryError) -> bool {
+/// Whether `e` says the server answered a TLS handshake with something that is not TLS
+/// (rustls: "received corrupt message of type InvalidContentType"): a plain HTTP server.
+fn speaks_no_tls(e: &RegistryError) -> bool {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         text += &s.to_string();
         source = s.source();
     }
-    text.to_lowercase().contains("certificate")
+    text.contains("InvalidContentType") && !text.to_lowercase().contains("certificate")
 }
 
 /// Read blob `digest` (`size` bytes) into `out`, refusing more than `size` bytes and bytes of
@@ -378,19 +379,29 @@ async fn push_if_missing(ctx: &Ctx, digest: &str, bytes: &[u8]) -> Result<(), Re
     upload(ctx, digest, bytes.to_vec()).await
 }
 
-/// Upload `bytes` as blob `digest`: one session and one PUT.
+/// Upload `bytes` as blob `digest`: one session and one PUT, given the cache timeout and a
+/// second more per MiB.
 async fn upload(ctx: &Ctx, digest: &str, bytes: Vec<u8>) -> Result<(), RegistryError> {
     let what = format!("uploading blob {digest}");
     let repo = ctx.repo();
-    if bytes.is_empty() {
+    let limit = super::timeout() + std::time::Duration::from_secs(bytes.len() as u64 >> 20);
+    let sent = if bytes.is_empty() {
         // The client's one-PUT upload refuses an empty body; a session closed with no chunk
         // is the same upload.
         let none = tokio_stream::empty::<oci_client::errors::Result<bytes::Bytes>>();
-        timed(what, ctx.client.push_blob_stream(&repo, none, digest)).await?;
+        tokio::time::timeout(limit, ctx.client.push_blob_stream(&repo, none, digest)).await
     } else {
-        timed(what, ctx.client.push_blob(&repo, bytes, digest)).await?;
+        tokio::time::timeout(limit, ctx.client.push_blob(&repo, bytes, digest)).await
+    };
+    match sent {
+        Ok(r) => r
+            .map(|_| ())
+            .map_err(|source| RegistryError::Request { what, source }),
+        Err(_) => Err(RegistryError::Timeout {
+            what,
+            secs: limit.as_secs(),
+        }),
     }
-    Ok(())
 }
 
 /// An OCI image manifest (as JSON) of `artifact_type` over `layers`, with the empty config.
@@ -513,7 +524,8 @@ impl BinaryCache for RegistryCache {
             if size > MAX_ENTRY {
                 return Err(bad(&format!("its entry is {size} bytes")));
             }
-            let mut bytes = Vec::with_capacity(size as usize);
+            // The manifest's word for the size is not trusted with memory up front.
+            let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
             pull_into(&ctx, digest, size, |c| {
                 bytes.extend_from_slice(c);
                 Ok(())

@@ -161,3 +161,19 @@ pub(crate) fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) ->
     let what = what.to_string();
     move |e| CacheError::Io(what, e)
 }
+
+/// `text`, followed by each cause in the chain from `source` that it does not already say
+/// ("Connection refused", a certificate's fault), which many errors' own messages leave out.
+pub(crate) fn and_causes(
+    mut text: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text += &format!(": {part}");
+        }
+        source = e.source();
+    }
+    text
+}

@@ -48,16 +48,7 @@ pub enum HttpError {
 /// A request error with its causes ("Connection refused", the certificate's fault), which
 /// reqwest's own message leaves out.
 fn chain(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text += &format!(": {part}");
-        }
-        source = s.source();
-    }
-    text
+    super::error::and_causes(e.to_string(), std::error::Error::source(e))
 }
 
 pub struct HttpCache {

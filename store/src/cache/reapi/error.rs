@@ -98,15 +98,10 @@ impl std::fmt::Display for RpcStatus {
             msg += &format!(": {}", s.message());
         }
         // Transport failures keep the useful part ("Connection refused") in the source chain.
-        let mut source = std::error::Error::source(s);
-        while let Some(e) = source {
-            let text = e.to_string();
-            if !msg.contains(&text) {
-                msg += &format!(": {text}");
-            }
-            source = e.source();
-        }
-        f.write_str(&msg)
+        f.write_str(&crate::cache::error::and_causes(
+            msg,
+            std::error::Error::source(s),
+        ))
     }
 }
 

@@ -297,12 +297,7 @@ impl RegistryCache {
 /// Whether `e` says the server answered a TLS handshake with something that is not TLS
 /// (rustls: "received corrupt message of type InvalidContentType"): a plain HTTP server.
 fn speaks_no_tls(e: &RegistryError) -> bool {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text += &s.to_string();
-        source = s.source();
-    }
+    let text = super::error::and_causes(e.to_string(), std::error::Error::source(e));
     text.contains("InvalidContentType") && !text.to_lowercase().contains("certificate")
 }
 

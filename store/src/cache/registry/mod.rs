@@ -146,19 +146,38 @@ impl Ctx {
     }
 }
 
+/// The registry's answer to `fut`, or an error once `limit` has passed without one.
+async fn answer<T>(
+    what: &str,
+    limit: std::time::Duration,
+    fut: impl std::future::Future<Output = Result<T, OciDistributionError>>,
+) -> Result<Result<T, OciDistributionError>, RegistryError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| RegistryError::Timeout {
+            what: what.to_owned(),
+            secs: limit.as_secs(),
+        })
+}
+
+/// `fut` within `limit`, with the registry's error as a [`RegistryError`].
+async fn timed_within<T>(
+    what: impl Into<String>,
+    limit: std::time::Duration,
+    fut: impl std::future::Future<Output = Result<T, OciDistributionError>>,
+) -> Result<T, RegistryError> {
+    let what = what.into();
+    answer(&what, limit, fut)
+        .await?
+        .map_err(|source| RegistryError::Request { what, source })
+}
+
 /// `fut`, failing after the cache timeout.
 async fn timed<T>(
     what: impl Into<String>,
     fut: impl std::future::Future<Output = Result<T, OciDistributionError>>,
 ) -> Result<T, RegistryError> {
-    let what = what.into();
-    match tokio::time::timeout(super::timeout(), fut).await {
-        Ok(r) => r.map_err(|source| RegistryError::Request { what, source }),
-        Err(_) => Err(RegistryError::Timeout {
-            what,
-            secs: super::timeout().as_secs(),
-        }),
-    }
+    timed_within(what, super::timeout(), fut).await
 }
 
 fn sha256_digest(hex: &str) -> String {
@@ -380,23 +399,20 @@ async fn upload(ctx: &Ctx, digest: &str, bytes: Vec<u8>) -> Result<(), RegistryE
     let what = format!("uploading blob {digest}");
     let repo = ctx.repo();
     let limit = super::timeout() + std::time::Duration::from_secs(bytes.len() as u64 >> 20);
-    let sent = if bytes.is_empty() {
+    if bytes.is_empty() {
         // The client's one-PUT upload refuses an empty body; a session closed with no chunk
         // is the same upload.
         let none = tokio_stream::empty::<oci_client::errors::Result<bytes::Bytes>>();
-        tokio::time::timeout(limit, ctx.client.push_blob_stream(&repo, none, digest)).await
-    } else {
-        tokio::time::timeout(limit, ctx.client.push_blob(&repo, bytes, digest)).await
-    };
-    match sent {
-        Ok(r) => r
-            .map(|_| ())
-            .map_err(|source| RegistryError::Request { what, source }),
-        Err(_) => Err(RegistryError::Timeout {
+        timed_within(
             what,
-            secs: limit.as_secs(),
-        }),
+            limit,
+            ctx.client.push_blob_stream(&repo, none, digest),
+        )
+        .await?;
+    } else {
+        timed_within(what, limit, ctx.client.push_blob(&repo, bytes, digest)).await?;
     }
+    Ok(())
 }
 
 /// An OCI image manifest (as JSON) of `artifact_type` over `layers`, with the empty config.
@@ -480,21 +496,11 @@ impl BinaryCache for RegistryCache {
             let pulled = ctx
                 .client
                 .pull_manifest_raw(&reference, &auth, &[MANIFEST_MEDIA]);
-            let body = match tokio::time::timeout(super::timeout(), pulled).await {
-                Ok(Ok((body, _))) => body,
-                Ok(Err(e)) if not_found(&e) => return Ok(None),
-                Ok(Err(source)) => {
-                    return Err(RegistryError::Request {
-                        what: format!("GET manifest {tag}"),
-                        source,
-                    })
-                }
-                Err(_) => {
-                    return Err(RegistryError::Timeout {
-                        what: format!("GET manifest {tag}"),
-                        secs: super::timeout().as_secs(),
-                    })
-                }
+            let what = format!("GET manifest {tag}");
+            let body = match answer(&what, super::timeout(), pulled).await? {
+                Ok((body, _)) => body,
+                Err(e) if not_found(&e) => return Ok(None),
+                Err(source) => return Err(RegistryError::Request { what, source }),
             };
             let bad = |detail: &str| RegistryError::BadManifest {
                 tag: tag.clone(),
@@ -604,7 +610,7 @@ impl BinaryCache for RegistryCache {
             let digest = sha256_digest(&hex::encode(Sha256::digest(&body)));
             let reference = ctx.reference(&tag);
             let there = ctx.client.fetch_manifest_digest(&reference, &auth);
-            if let Ok(Ok(d)) = tokio::time::timeout(super::timeout(), there).await {
+            if let Ok(Ok(d)) = answer("HEAD manifest", super::timeout(), there).await {
                 if d == digest {
                     return Ok(());
                 }

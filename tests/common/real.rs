@@ -211,7 +211,12 @@ pub fn read_dir_tree(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Tree {
         .stderr(errors.reopen().unwrap())
         .spawn()
         .unwrap();
-    let tree = read_tar(child.stdout.take().unwrap(), keep);
+    let mut stdout = child.stdout.take().unwrap();
+    let tree = read_tar(&mut stdout, keep);
+    // The tar crate stops at the end-of-archive blocks; GNU tar pads its last record past them.
+    // Read that padding too, or tar may die of SIGPIPE writing it.
+    std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    drop(stdout);
     let status = child.wait().unwrap();
     let warned = std::fs::read_to_string(errors.path()).unwrap();
     assert!(

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rbuild_store::meta::{EntryMeta, TreeMeta, ACL_XATTRS};
 
@@ -264,48 +264,125 @@ pub fn keeps_acls(dir: &Path) -> bool {
 /// Copy the tree at `src`, made plain by [`normalize_tree`] (owned by the namespace's root, no
 /// xattrs), to the new directory `dst` on another file system: types, contents, modes,
 /// mtimes and hard links (files with several names stay one file) as they are.
+///
+/// Creating thousands of files costs the target file system far more than their bytes, so the
+/// files are written on as many threads as there are cores: directories first, then files and
+/// symlinks in parallel, then the further names of hard-linked files, and last each
+/// directory's mode and mtime, deepest first (a directory's mtime moves with every entry made
+/// in it).
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
-    let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
-    copy_entry(src, dst, &mut links)
-}
-
-fn copy_entry(
-    src: &Path,
-    dst: &Path,
-    links: &mut HashMap<(u64, u64), std::path::PathBuf>,
-) -> Result<(), SandboxError> {
+    let mut plan = CopyPlan::default();
+    plan.walk(src, PathBuf::new())?;
     let io = |what: &str, p: &Path| {
         let what = format!("{what} {}", p.display());
         move |source| SandboxError::Setup { what, source }
     };
-    let md = fs::symlink_metadata(src).map_err(io("stat", src))?;
-    let ft = md.file_type();
-    if ft.is_dir() {
-        fs::create_dir(dst).map_err(io("mkdir", dst))?;
-        let mut names: Vec<_> = fs::read_dir(src)
-            .map_err(io("reading", src))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(io("reading", src))?;
-        names.sort();
-        for name in names {
-            copy_entry(&src.join(&name), &dst.join(&name), links)?;
+    for (rel, _) in &plan.dirs {
+        let d = dst.join(rel);
+        fs::create_dir(&d).map_err(io("mkdir", &d))?;
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed: std::sync::Mutex<Option<SandboxError>> = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((rel, md)) = plan.leaves.get(i) else {
+                    return;
+                };
+                if let Err(e) = copy_leaf(&src.join(rel), &dst.join(rel), md) {
+                    let mut failed = failed.lock().unwrap_or_else(|p| p.into_inner());
+                    failed.get_or_insert(e);
+                    // Let every thread stop at its next entry.
+                    next.store(plan.leaves.len(), std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            });
         }
-        fs::set_permissions(dst, fs::Permissions::from_mode(md.mode() & 0o7777))
-            .map_err(io("chmod", dst))?;
-    } else if ft.is_symlink() {
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    for (rel, first) in &plan.links {
+        let d = dst.join(rel);
+        fs::hard_link(dst.join(first), &d).map_err(io("linking", &d))?;
+    }
+    for (rel, md) in plan.dirs.iter().rev() {
+        let d = dst.join(rel);
+        fs::set_permissions(&d, fs::Permissions::from_mode(md.mode() & 0o7777))
+            .map_err(io("chmod", &d))?;
+        set_mtime(&d, md)?;
+    }
+    Ok(())
+}
+
+/// What [`copy_tree`] makes, by path below the tree's root.
+#[derive(Default)]
+struct CopyPlan {
+    /// Directories, each before what it holds (the root, `""`, first).
+    dirs: Vec<(PathBuf, fs::Metadata)>,
+    /// Files and symlinks; of a hard-linked file, its first name in path order.
+    leaves: Vec<(PathBuf, fs::Metadata)>,
+    /// The further names of hard-linked files, each with the first.
+    links: Vec<(PathBuf, PathBuf)>,
+    first_names: HashMap<(u64, u64), PathBuf>,
+}
+
+impl CopyPlan {
+    fn walk(&mut self, src: &Path, rel: PathBuf) -> Result<(), SandboxError> {
+        let p = src.join(&rel);
+        let io = |what: &str| {
+            let what = format!("{what} {}", p.display());
+            move |source| SandboxError::Setup { what, source }
+        };
+        let md = fs::symlink_metadata(&p).map_err(io("stat"))?;
+        if md.is_dir() {
+            let mut names: Vec<_> = fs::read_dir(&p)
+                .map_err(io("reading"))?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()
+                .map_err(io("reading"))?;
+            names.sort();
+            self.dirs.push((rel.clone(), md));
+            for name in names {
+                self.walk(src, rel.join(name))?;
+            }
+        } else if md.is_file() && md.nlink() > 1 {
+            match self.first_names.get(&(md.dev(), md.ino())) {
+                Some(first) => self.links.push((rel, first.clone())),
+                None => {
+                    self.first_names.insert((md.dev(), md.ino()), rel.clone());
+                    self.leaves.push((rel, md));
+                }
+            }
+        } else {
+            self.leaves.push((rel, md));
+        }
+        Ok(())
+    }
+}
+
+/// Copy one file or symlink and give it its mtime.
+fn copy_leaf(src: &Path, dst: &Path, md: &fs::Metadata) -> Result<(), SandboxError> {
+    let io = |what: &str, p: &Path| {
+        let what = format!("{what} {}", p.display());
+        move |source| SandboxError::Setup { what, source }
+    };
+    if md.file_type().is_symlink() {
         let target = fs::read_link(src).map_err(io("readlink", src))?;
         std::os::unix::fs::symlink(target, dst).map_err(io("symlink", dst))?;
-    } else if let Some(first) = links.get(&(md.dev(), md.ino())) {
-        fs::hard_link(first, dst).map_err(io("linking", dst))?;
-        return Ok(());
     } else {
         // `fs::copy` gives the copy the source's permission bits.
         fs::copy(src, dst).map_err(io("copying", src))?;
-        if md.nlink() > 1 {
-            links.insert((md.dev(), md.ino()), dst.to_owned());
-        }
     }
+    set_mtime(dst, md)
+}
+
+fn set_mtime(dst: &Path, md: &fs::Metadata) -> Result<(), SandboxError> {
     let t = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
     nix::sys::stat::utimensat(
         nix::fcntl::AT_FDCWD,
@@ -393,4 +470,118 @@ fn walk(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// Everything `copy_tree` keeps, by path: type, mode, mtime, size or target, and which
+    /// paths share an inode.
+    fn describe(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut inodes: HashMap<u64, String> = HashMap::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let p = root.join(&rel);
+            let md = fs::symlink_metadata(&p).unwrap();
+            let what = if md.is_dir() {
+                let mut names: Vec<_> = fs::read_dir(&p)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                names.sort();
+                stack.extend(names.into_iter().map(|n| rel.join(n)));
+                "dir".to_owned()
+            } else if md.file_type().is_symlink() {
+                format!("-> {}", fs::read_link(&p).unwrap().display())
+            } else {
+                let first = inodes
+                    .entry(md.ino())
+                    .or_insert_with(|| rel.display().to_string());
+                format!(
+                    "file {:?} (inode of {first})",
+                    fs::read_to_string(&p).unwrap()
+                )
+            };
+            out.push(format!(
+                "{} {what} {:o} {}.{}",
+                rel.display(),
+                md.mode() & 0o7777,
+                md.mtime(),
+                md.mtime_nsec()
+            ));
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn copy_tree_keeps_types_modes_mtimes_and_hard_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(src.join("a/b")).unwrap();
+        fs::create_dir_all(src.join("ro")).unwrap();
+        for i in 0..200 {
+            fs::write(src.join(format!("a/f{i}")), format!("{i}")).unwrap();
+        }
+        fs::write(src.join("a/b/setuid"), "s").unwrap();
+        fs::set_permissions(src.join("a/b/setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+        fs::write(src.join("ro/linked"), "one file").unwrap();
+        fs::hard_link(src.join("ro/linked"), src.join("a/linked-too")).unwrap();
+        fs::hard_link(src.join("ro/linked"), src.join("a/b/linked-three")).unwrap();
+        symlink("../ro/linked", src.join("a/to-linked")).unwrap();
+        symlink("nowhere", src.join("dangling")).unwrap();
+        let mut n = 0;
+        for entry in [
+            "a/f7",
+            "a/b/setuid",
+            "ro/linked",
+            "a/to-linked",
+            "dangling",
+            "a/b",
+            "a",
+            "",
+        ] {
+            n += 1;
+            let t = nix::sys::time::TimeSpec::new(1_000_000 + n, 17);
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                &src.join(entry),
+                &t,
+                &t,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+        fs::set_permissions(src.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
+        let dst = tmp.path().join("dst");
+        copy_tree(&src, &dst).unwrap();
+        let (want, got) = (describe(&src), describe(&dst));
+        let shared = |lines: &[String]| {
+            lines
+                .iter()
+                .filter(|l| l.contains("\"one file\" (inode of"))
+                .map(|l| l.split("(inode of ").nth(1).unwrap().to_owned())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        };
+        assert_eq!(shared(&want), 1, "{want:#?}");
+        assert_eq!(want, got);
+        fs::set_permissions(dst.join("ro"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(src.join("ro"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn copy_tree_names_what_it_could_not_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("f"), "x").unwrap();
+        let dst = tmp.path().join("dst");
+        fs::create_dir_all(&dst).unwrap();
+        let e = copy_tree(&src, &dst).unwrap_err().to_string();
+        assert!(e.contains("mkdir") && e.contains("dst"), "{e}");
+    }
 }

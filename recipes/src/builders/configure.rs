@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use rbuild_engine::builtins::BuildContext;
 use rbuild_engine::sandbox;
 
+use super::plain_debs::PlainDebs;
 use super::{finish_tree, materialize, Chroot, NoServices, INPUTS_IN_CHROOT};
 use crate::debian::{packages, resolve};
 use crate::expand::{ConfigurePackage, ConfigurePlan};
@@ -109,6 +110,7 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
 
 /// debootstrap's second stage (and the end of its first) on the extracted required set.
 fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     // The first stage's empty database, and the files it writes that no package installs.
     for d in [
         "var/lib/dpkg/info",
@@ -143,12 +145,6 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
         let name = input.file_name().context("input path")?.to_string_lossy();
         deb_of.insert(p.name.as_str(), format!("/{INPUTS_IN_CHROOT}/{name}"));
     }
-    let debs = |names: &[&str]| -> Vec<String> {
-        names
-            .iter()
-            .filter_map(|n| deb_of.get(n).cloned())
-            .collect()
-    };
     let mut required: Vec<&str> = plan
         .packages
         .iter()
@@ -163,6 +159,25 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
         .collect();
     required.sort();
     base.sort();
+    // Meanwhile, the packages are rewritten with their data uncompressed, in the order dpkg
+    // will unpack them, on the cores it leaves idle.
+    let input_of: std::collections::HashMap<&str, &Path> = plan
+        .packages
+        .iter()
+        .map(|p| (p.name.as_str(), ctx.inputs[p.deb].as_path()))
+        .collect();
+    let plain_dir = format!("{}/plain", super::DEB_STAGING);
+    fs::create_dir_all(root.join(&plain_dir))?;
+    let plain = PlainDebs::start(
+        required
+            .iter()
+            .chain(&base)
+            .map(|n| (n.to_string(), input_of[n].to_owned()))
+            .collect(),
+        root.join(&plain_dir),
+        format!("/{plain_dir}"),
+    );
+    let debs = |names: &[&str]| plain.batch(names, |n| deb_of.get(n).cloned());
 
     // x_feign_install dpkg: the status claims dpkg, so that dpkg can install the first packages.
     let dpkg = plan
@@ -179,6 +194,7 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
     )?;
     fs::write(root.join("var/lib/dpkg/info/dpkg.list"), b"")?;
 
+    eprintln!("configure: packages checked at {:.1?}", started.elapsed());
     let mut chroot = Chroot::enter(ctx, root)?;
     chroot
         .mounts
@@ -213,7 +229,7 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
     chroot.dpkg(
         "dpkg --unpack of the required packages",
         &["--force-depends", "--unpack"],
-        &debs(&required),
+        &debs(&required).args,
     )?;
     let no_services = NoServices::install(ctx, root)?;
     chroot.sh(
@@ -295,7 +311,7 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
                 "--skip-same-version",
                 "--install",
             ],
-            &debs(&batch),
+            &debs(&batch).args,
         )?;
         base.retain(|n| !batch.contains(n));
         done.extend(batch.iter().map(|n| n.to_string()));
@@ -311,7 +327,7 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
                 "--skip-same-version",
                 "--unpack",
             ],
-            &debs(&base),
+            &debs(&base).args,
         )?;
         chroot.dpkg(
             "dpkg --configure of the base packages",
@@ -329,6 +345,7 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
         "mv /sbin/start-stop-daemon.REAL /sbin/start-stop-daemon",
     )?;
     chroot.audit()?;
+    drop(plain);
     chroot.leave()?;
     no_services.remove()?;
     // dpkg knows its native architecture; debootstrap leaves no arch file either.

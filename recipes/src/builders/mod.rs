@@ -15,6 +15,7 @@ use rbuild_store::meta::{sidecar, TreeMeta};
 mod configure;
 mod index;
 mod layer;
+mod plain_debs;
 mod provenance;
 mod sbom;
 mod stack;

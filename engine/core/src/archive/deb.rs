@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -121,6 +121,102 @@ pub fn unpack_deb(deb: &Path, out: &Path) -> Result<TreeMeta, ArchiveError> {
         2 => Err(member_err("", "no data.tar member".into())),
         _ => Ok(meta),
     }
+}
+
+/// Write the `.deb` at `deb` to `out` with its data member decompressed (`data.tar`), every
+/// other member as it is. dpkg reads the same tar from it, without its single-threaded
+/// decompressor; nothing dpkg records depends on how the member was compressed. `deb` must be
+/// trusted already (checked against a signed index): this only copies bytes.
+pub fn decompress_data(deb: &Path, out: &Path) -> Result<(), ArchiveError> {
+    let archive = deb
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| deb.display().to_string());
+    let member_err = |member: &str, problem: String| ArchiveError::Member {
+        archive: archive.clone(),
+        member: member.to_owned(),
+        problem,
+    };
+    let write_err = |e: io::Error| ArchiveError::io(out, e);
+    let file = File::open(deb).map_err(|e| ArchiveError::io(deb, e))?;
+    let mut ar = ar::Archive::new(BufReader::with_capacity(1 << 16, file));
+    let mut w = io::BufWriter::with_capacity(1 << 20, File::create(out).map_err(write_err)?);
+    w.write_all(b"!<arch>\n").map_err(write_err)?;
+    let mut offset: u64 = 8;
+    let mut seen_data = false;
+    while let Some(member) = ar.next_entry() {
+        let mut member =
+            member.map_err(|e| member_err("", format!("not a valid ar archive: {e}")))?;
+        let header = member.header().clone();
+        let ident = String::from_utf8_lossy(header.identifier()).into_owned();
+        let suffix = ident.strip_prefix("data.tar").filter(|_| !seen_data);
+        let size = match suffix {
+            Some(suffix) => {
+                seen_data = true;
+                let mut reader =
+                    decoder(&mut member, suffix).map_err(|source| ArchiveError::Decoder {
+                        archive: archive.clone(),
+                        member: ident.clone(),
+                        source,
+                    })?;
+                // The size goes into the header once it is known.
+                let start = offset;
+                ar_header(b"data.tar", &header, 0)
+                    .and_then(|h| w.write_all(&h))
+                    .map_err(write_err)?;
+                let n = io::copy(&mut reader, &mut w)
+                    .map_err(|e| member_err(&ident, format!("cannot decompress: {e}")))?;
+                let mut f = w.into_inner().map_err(|e| write_err(e.into_error()))?;
+                f.seek(io::SeekFrom::Start(start))
+                    .and_then(|_| f.write_all(&ar_header(b"data.tar", &header, n)?))
+                    .and_then(|_| f.seek(io::SeekFrom::End(0)))
+                    .map_err(write_err)?;
+                w = io::BufWriter::with_capacity(1 << 20, f);
+                n
+            }
+            None => {
+                ar_header(header.identifier(), &header, header.size())
+                    .and_then(|h| w.write_all(&h))
+                    .map_err(write_err)?;
+                io::copy(&mut member, &mut w)
+                    .map_err(|e| member_err(&ident, format!("unreadable: {e}")))?
+            }
+        };
+        if size % 2 == 1 {
+            w.write_all(b"\n").map_err(write_err)?;
+        }
+        offset += 60 + size + size % 2;
+    }
+    if !seen_data {
+        return Err(member_err("", "no data.tar member".into()));
+    }
+    w.into_inner()
+        .map(drop)
+        .map_err(|e| write_err(e.into_error()))
+}
+
+/// A common-format `ar` member header: `name` (at most 16 bytes), the rest from `like`.
+fn ar_header(name: &[u8], like: &ar::Header, size: u64) -> Result<Vec<u8>, io::Error> {
+    if name.len() > 16 || name.contains(&b' ') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "ar member name {:?} does not fit",
+                String::from_utf8_lossy(name)
+            ),
+        ));
+    }
+    let h = format!(
+        "{:<16}{:<12}{:<6}{:<6}{:<8o}{:<10}`\n",
+        String::from_utf8_lossy(name),
+        like.mtime(),
+        like.uid(),
+        like.gid(),
+        like.mode(),
+        size
+    );
+    debug_assert_eq!(h.len(), 60);
+    Ok(h.into_bytes())
 }
 
 /// The `control` file of a package unpacked by [`unpack_deb`].

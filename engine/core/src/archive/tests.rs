@@ -12,7 +12,7 @@ use std::process::Command;
 use rbuild_store::meta::{EntryMeta, TreeMeta};
 use tar::{EntryType, Header};
 
-use super::deb::{read_control, unpack_deb};
+use super::deb::{decompress_data, read_control, unpack_deb};
 use super::oci::{self, ImageConfig, Layer};
 use super::tar_out::{gzip_parallel, write_tar};
 use super::ArchiveError;
@@ -1255,4 +1255,75 @@ fn zstd_layers_are_pinned_bytes() {
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&out)),
         "e16649bd3a536ad28d8dc44309dc1d8e6e9057fed5a2644f93475d61527cfd12"
     );
+}
+
+/// The members of an ar archive: name and bytes.
+fn ar_members(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut ar = ar::Archive::new(fs::File::open(path).unwrap());
+    let mut out = Vec::new();
+    while let Some(m) = ar.next_entry() {
+        let mut m = m.unwrap();
+        let name = String::from_utf8_lossy(m.header().identifier()).into_owned();
+        let mut bytes = Vec::new();
+        m.read_to_end(&mut bytes).unwrap();
+        out.push((name, bytes));
+    }
+    out
+}
+
+#[test]
+fn decompress_data_keeps_the_package_and_its_tar() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dsuf in ["", ".gz", ".xz", ".zst"] {
+        // With a member dpkg ignores, of odd size: the next header must follow its padding.
+        let deb = tmp.path().join(format!("test{dsuf}.deb"));
+        let mut ar = ar::Builder::new(fs::File::create(&deb).unwrap());
+        for (name, bytes) in [
+            ("debian-binary".to_owned(), b"2.0\n".to_vec()),
+            ("_odd".to_owned(), b"abc".to_vec()),
+            ("control.tar.xz".to_owned(), compress(".xz", &control_tar())),
+            (format!("data.tar{dsuf}"), compress(dsuf, &data_tar())),
+        ] {
+            let h = ar::Header::new(name.into_bytes(), bytes.len() as u64);
+            ar.append(&h, bytes.as_slice()).unwrap();
+        }
+        ar.into_inner().unwrap().flush().unwrap();
+        let out = tmp.path().join(format!("plain{dsuf}.deb"));
+        decompress_data(&deb, &out).unwrap();
+        let (before, after) = (ar_members(&deb), ar_members(&out));
+        let names: Vec<&str> = after.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["debian-binary", "_odd", "control.tar.xz", "data.tar"],
+            "{dsuf}"
+        );
+        assert_eq!(before[..3], after[..3], "{dsuf}");
+        assert_eq!(after[3].1, data_tar(), "{dsuf}");
+        let a = unpack_deb(&deb, &tmp.path().join(format!("a{dsuf}"))).unwrap();
+        let b = unpack_deb(&out, &tmp.path().join(format!("b{dsuf}"))).unwrap();
+        assert_eq!(a.entries, b.entries, "{dsuf}");
+        // dpkg reads it as the same package with the same files.
+        let Some(o) = run(
+            "decompress_data_keeps_the_package_and_its_tar",
+            "dpkg",
+            Command::new("dpkg-deb").arg("--fsys-tarfile").arg(&out),
+        ) else {
+            return;
+        };
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.stdout, data_tar(), "{dsuf}");
+        let o = Command::new("dpkg-deb")
+            .args(["--field"])
+            .arg(&out)
+            .arg("Package")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "test", "{dsuf}");
+    }
+    let broken = tmp.path().join("broken.deb");
+    fs::write(&broken, b"!<arch>\n").unwrap();
+    let e = decompress_data(&broken, &tmp.path().join("x.deb"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("broken.deb") && e.contains("no data.tar"), "{e}");
 }

@@ -414,9 +414,11 @@ impl Engine {
                 *counts.entry(stage).or_insert(0) += 1;
             }
             self.progress.plan(&counts);
-            // Sandboxed builds share the -j budget; downloads are I/O bound and get their own.
-            let build_slots = Arc::new(Semaphore::new(self.jobs));
+            // Downloads are I/O bound and get their own slots. Sandboxed builds share the -j
+            // budget, taken by the ready build that matters most (see `BuildOrder`).
             let fetch_slots = Arc::new(Semaphore::new(24));
+            let mut free_builds = self.jobs.max(1);
+            let mut order = BuildOrder::new(&graph, &needed)?;
             let mut pending: HashMap<DrvHash, usize> = HashMap::new();
             let mut ready = Vec::new();
             for h in &needed {
@@ -437,17 +439,33 @@ impl Engine {
             let mut first_error = None;
             loop {
                 if first_error.is_none() {
+                    let mut start = Vec::new();
                     for h in ready.drain(..) {
+                        if graph.get(&h).expect("planned").uses_network() {
+                            start.push(h);
+                        } else {
+                            let bytes = order.input_bytes(&h, &self.store);
+                            order.push(h, bytes);
+                        }
+                    }
+                    while free_builds > 0 {
+                        let Some(h) = order.pop() else {
+                            break;
+                        };
+                        free_builds -= 1;
+                        start.push(h);
+                    }
+                    for h in start {
                         let drv = graph.get(&h).expect("planned").clone();
                         let emulator = graph.emulator_for(&drv).cloned();
                         let this = Arc::clone(self);
-                        let slots = if drv.uses_network() {
-                            fetch_slots.clone()
-                        } else {
-                            build_slots.clone()
-                        };
+                        let fetch_slots = fetch_slots.clone();
                         tasks.spawn(async move {
-                            let _slot = slots.acquire_owned().await.expect("semaphore open");
+                            let _slot = if drv.uses_network() {
+                                Some(fetch_slots.acquire_owned().await.expect("semaphore open"))
+                            } else {
+                                None
+                            };
                             this.progress.started(drv.stage, &drv.name);
                             let started = std::time::Instant::now();
                             let r = this.build_one(&h, &drv, emulator.as_ref()).await;
@@ -464,6 +482,9 @@ impl Engine {
                     break;
                 };
                 let (h, drv, r, (start, end)) = joined.expect("build task does not panic");
+                if !drv.uses_network() {
+                    free_builds += 1;
+                }
                 match r {
                     Ok((outcome, bytes)) => {
                         let outcome_name = match outcome {
@@ -733,4 +754,124 @@ fn size_of(p: &Path) -> u64 {
     std::fs::metadata(p)
         .map(|m| if m.is_file() { m.len() } else { 0 })
         .unwrap_or(0)
+}
+
+/// The order in which ready builds take the build slots: first the one with the longest chain
+/// of builds still to come above it (the critical path: with two slots and a hundred unpacks
+/// ready, the index that configure also waits for must not queue behind them all), then the one
+/// with the most input bytes (the longest first, as list scheduling does), then the order in
+/// which they became ready.
+struct BuildOrder {
+    /// How many derivations still to build lie on the longest path from each to the target.
+    height: HashMap<DrvHash, usize>,
+    queue: std::collections::BinaryHeap<(usize, u64, std::cmp::Reverse<u64>, DrvHash)>,
+    seq: u64,
+    graph: Arc<Graph>,
+}
+
+impl BuildOrder {
+    fn new(graph: &Arc<Graph>, needed: &HashSet<DrvHash>) -> Result<BuildOrder, EngineError> {
+        let mut height: HashMap<DrvHash, usize> = HashMap::new();
+        for h in graph.topo_order()?.into_iter().rev() {
+            if !needed.contains(&h) {
+                continue;
+            }
+            let above = graph
+                .dependents(&h)
+                .iter()
+                .filter_map(|d| height.get(d))
+                .max()
+                .map_or(0, |n| n + 1);
+            height.insert(h, above);
+        }
+        Ok(BuildOrder {
+            height,
+            queue: Default::default(),
+            seq: 0,
+            graph: graph.clone(),
+        })
+    }
+
+    /// The bytes of `h`'s inputs that are files (a tree counts nothing: sizing it means
+    /// walking it).
+    fn input_bytes(&self, h: &DrvHash, store: &Store) -> u64 {
+        self.graph.get(h).map_or(0, |drv| {
+            drv.inputs
+                .iter()
+                .filter_map(|i| store.valid_output(&i.0).ok().flatten())
+                .filter_map(|o| std::fs::symlink_metadata(&o.path).ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+    }
+
+    fn push(&mut self, h: DrvHash, bytes: u64) {
+        let height = self.height.get(&h).copied().unwrap_or(0);
+        self.seq += 1;
+        self.queue
+            .push((height, bytes, std::cmp::Reverse(self.seq), h));
+    }
+
+    fn pop(&mut self) -> Option<DrvHash> {
+        self.queue.pop().map(|(.., h)| h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(name: &str, inputs: &[&DrvHash]) -> Derivation {
+        Derivation {
+            name: name.into(),
+            stage: Stage::Unpack,
+            builder: "builtin:x".into(),
+            args: vec![],
+            env: Default::default(),
+            inputs: inputs.iter().map(|h| (*h).clone()).collect(),
+            system: None,
+            fixed_output: None,
+        }
+    }
+
+    #[test]
+    fn builds_start_by_critical_path_then_input_bytes_then_readiness() {
+        let mut g = Graph::new();
+        let index = g.add(d("index", &[])).unwrap();
+        let unpacks: Vec<DrvHash> = (0..4)
+            .map(|i| g.add(d(&format!("unpack{i}"), &[&index])).unwrap())
+            .collect();
+        let available = g.add(d("available", &[&index])).unwrap();
+        let mut inputs: Vec<&DrvHash> = unpacks.iter().collect();
+        inputs.push(&available);
+        let configure = g.add(d("configure", &inputs)).unwrap();
+        let pack = g.add(d("pack", &[&configure])).unwrap();
+        // Beside them, a chain's end: as close to its target as configure is.
+        let side = g.add(d("side", &[&index])).unwrap();
+        let g = Arc::new(g);
+        let mut needed: HashSet<DrvHash> = g.topo_order().unwrap().into_iter().collect();
+        needed.remove(&index);
+        let mut order = BuildOrder::new(&g, &needed).unwrap();
+        assert_eq!(order.height[&pack], 0);
+        assert_eq!(order.height[&configure], 1);
+        assert_eq!(order.height[&available], 2);
+        assert_eq!(order.height[&side], 0);
+        // Ready in this order: the side build, the unpacks (two the same size), available.
+        order.push(side.clone(), 1 << 30);
+        for (u, bytes) in unpacks.iter().zip([10, 30, 20, 30]) {
+            order.push(u.clone(), bytes);
+        }
+        order.push(available.clone(), 5);
+        let popped: Vec<DrvHash> = std::iter::from_fn(|| order.pop()).collect();
+        let want = [
+            &unpacks[1],
+            &unpacks[3],
+            &unpacks[2],
+            &unpacks[0],
+            &available,
+            &side,
+        ];
+        assert_eq!(popped, want.map(Clone::clone));
+    }
 }

@@ -52,8 +52,11 @@ const MAX_ENTRY: u64 = 256 << 20;
 /// Layers per manifest: about 150 bytes each, well below the 4 MiB that the distribution
 /// registry accepts.
 const LAYERS_PER_MANIFEST: usize = 16_000;
-/// Blobs larger than this are uploaded one at a time (each is held in memory while it goes).
-const LARGE_BLOB: u64 = 64 << 20;
+/// Blobs larger than this are streamed from their files in chunks of this size (one PATCH
+/// each, oci-client's chunk), never held whole in memory; smaller ones go in one PUT each.
+/// So a push holds at most `PARALLEL` small blobs and `PARALLEL_STREAMS` chunks at a time.
+const STREAM_ABOVE: u64 = 4 << 20;
+const PARALLEL_STREAMS: usize = 4;
 
 /// Why a registry cache failed: the message after "binary cache URL: ".
 #[derive(Debug, thiserror::Error)]
@@ -415,6 +418,32 @@ async fn upload(ctx: &Ctx, digest: &str, bytes: Vec<u8>) -> Result<(), RegistryE
     Ok(())
 }
 
+/// Upload the file at `path` (`size` bytes) as blob `digest`, streamed in chunks: one session,
+/// a PATCH per chunk, then the PUT that closes it (the registry checks the digest), given the
+/// cache timeout and a second more per MiB.
+async fn upload_file(
+    ctx: &Ctx,
+    digest: &str,
+    path: PathBuf,
+    size: u64,
+) -> Result<(), RegistryError> {
+    use tokio_stream::StreamExt;
+    let what = format!("uploading blob {digest} from {}", path.display());
+    let limit = super::timeout() + std::time::Duration::from_secs(size >> 20);
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|source| RegistryError::Read { path, source })?;
+    let chunks = tokio_util::io::ReaderStream::with_capacity(file, STREAM_ABOVE as usize)
+        .map(|r| r.map_err(oci_client::errors::OciDistributionError::from));
+    timed_within(
+        what,
+        limit,
+        ctx.client.push_blob_stream(&ctx.repo(), chunks, digest),
+    )
+    .await?;
+    Ok(())
+}
+
 /// An OCI image manifest (as JSON) of `artifact_type` over `layers`, with the empty config.
 fn manifest(artifact_type: &str, layers: &[(String, u64, &str)]) -> Vec<u8> {
     let layers: Vec<serde_json::Value> = layers
@@ -694,18 +723,22 @@ impl BinaryCache for RegistryCache {
         let (large, small): (Vec<_>, Vec<_>) = blobs
             .iter()
             .cloned()
-            .partition(|(b, _)| b.size > LARGE_BLOB);
+            .partition(|(b, _)| b.size > STREAM_ABOVE);
         let ctx = self.ctx()?;
-        for (items, parallel) in [(small, PARALLEL), (large, 1)] {
+        for (items, parallel) in [(small, PARALLEL), (large, PARALLEL_STREAMS)] {
             let ctx = ctx.clone();
             self.run(async move {
                 each(items, parallel, |(b, path): (BlobRef, PathBuf)| {
                     let ctx = ctx.clone();
                     async move {
+                        let digest = sha256_digest(&b.sha256);
+                        if b.size > STREAM_ABOVE {
+                            return upload_file(&ctx, &digest, path, b.size).await;
+                        }
                         let bytes = tokio::fs::read(&path)
                             .await
                             .map_err(|source| RegistryError::Read { path, source })?;
-                        upload(&ctx, &sha256_digest(&b.sha256), bytes).await
+                        upload(&ctx, &digest, bytes).await
                     }
                 })
                 .await

@@ -39,7 +39,8 @@ fn debian_bullseye_as_root_and_unprivileged() {
         &env,
     ));
     let cold = started.elapsed();
-    assert!(r["built"].as_u64().unwrap() > 200, "{r}");
+    // Everything: 166 fetches, the two verifications, configure and the packing.
+    assert!(r["built"].as_u64().unwrap() > 170, "{r}");
     let digest = manifest_digest(&result);
 
     // Warm, offline, without a network: nothing built, and far faster.

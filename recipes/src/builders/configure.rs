@@ -1,14 +1,17 @@
 //! `debian-configure`: the root filesystem `debootstrap` makes, step by step as it makes it.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context};
+use rbuild_engine::archive;
 use rbuild_engine::builtins::BuildContext;
 use rbuild_engine::sandbox;
+use rbuild_store::meta::TreeMeta;
 
 use super::plain_debs::PlainDebs;
-use super::{finish_tree, materialize, Chroot, NoServices, INPUTS_IN_CHROOT};
+use super::{finish_tree, materialize, materialize_entries, Chroot, NoServices, INPUTS_IN_CHROOT};
 use crate::debian::{packages, resolve};
 use crate::expand::{ConfigurePackage, ConfigurePlan};
 use crate::recipe::Variant;
@@ -77,20 +80,14 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         // debootstrap extracts `$required`, which is in byte order.
         seed.sort_by(|a, b| a.name.cmp(&b.name));
     }
-    for p in &seed {
-        let unpacked = p
-            .unpacked
-            .with_context(|| format!("configure: {} was not unpacked", p.name))?;
-        materialize(&ctx.inputs[unpacked], "data/", &root)
-            .with_context(|| format!("extracting {}", p.name))?;
-    }
+    let plain = extract(ctx, &seed, &root)?;
     eprintln!(
         "configure: {} packages extracted in {:.1?}",
         seed.len(),
         started.elapsed()
     );
     if plan.variant == Variant::Debootstrap {
-        second_stage(ctx, &plan, &root)?;
+        second_stage(ctx, &plan, &root, plain)?;
         eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
     }
     if let Some(text) = &plan.apt_sources {
@@ -108,8 +105,106 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// debootstrap's second stage (and the end of its first) on the extracted required set.
-fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow::Result<()> {
+/// Lay out `seed` in `root`, in that order (a later package's file replaces an earlier one's, as
+/// in debootstrap's extraction): a package with an unpack derivation from its output; any other
+/// is checked against the signed index, rewritten with its data uncompressed (dpkg reads that
+/// later) and unpacked from it into memory, on every core, each laid out as soon as those
+/// before it are. Returns the rewritten `.deb`s, by package, on the host.
+fn extract(
+    ctx: &BuildContext,
+    seed: &[&ConfigurePackage],
+    root: &Path,
+) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let staging = root.join(super::DEB_STAGING);
+    let (plain_dir, trees) = (staging.join("plain"), staging.join("unpacked"));
+    fs::create_dir_all(&plain_dir)?;
+    fs::create_dir_all(&trees)?;
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(seed.len().max(1));
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<Option<TreeMeta>>)>();
+    let mut plain = Vec::new();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        for _ in 0..threads {
+            let (tx, next) = (tx.clone(), &next);
+            let (plain_dir, trees) = (&plain_dir, &trees);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(p) = seed.get(i) else {
+                    return;
+                };
+                let prepared = (|| -> anyhow::Result<Option<TreeMeta>> {
+                    if p.unpacked.is_some() {
+                        return Ok(None);
+                    }
+                    let deb = &ctx.inputs[p.deb];
+                    super::index::verify_deb(
+                        &ctx.inputs[0],
+                        &p.name,
+                        &p.version,
+                        &p.architecture,
+                        deb,
+                    )?;
+                    let plain = plain_dir.join(deb.file_name().context("input path")?);
+                    archive::deb::decompress_data(deb, &plain)?;
+                    Ok(Some(archive::deb::unpack_deb(
+                        &plain,
+                        &trees.join(&p.name),
+                    )?))
+                })();
+                let failed = prepared.is_err();
+                if tx.send((i, prepared)).is_err() || failed {
+                    // Nobody waits for more, or the extraction stops here.
+                    next.store(seed.len(), Ordering::Relaxed);
+                    return;
+                }
+            });
+        }
+        drop(tx);
+        let mut done: std::collections::BTreeMap<usize, Option<TreeMeta>> = Default::default();
+        for i in 0..seed.len() {
+            while !done.contains_key(&i) {
+                let (j, prepared) = rx
+                    .recv()
+                    .with_context(|| format!("configure: {} was never extracted", seed[i].name))?;
+                let prepared = prepared.with_context(|| format!("extracting {}", seed[j].name))?;
+                done.insert(j, prepared);
+            }
+            let p = seed[i];
+            match done.remove(&i).flatten() {
+                Some(meta) => {
+                    let tree = trees.join(&p.name);
+                    materialize_entries(&tree, &meta, "data/", root, true)
+                        .with_context(|| format!("extracting {}", p.name))?;
+                    fs::remove_dir_all(&tree)?;
+                    let file = ctx.inputs[p.deb].file_name().context("input path")?;
+                    plain.push((p.name.clone(), plain_dir.join(file)));
+                }
+                None => {
+                    let unpacked = p
+                        .unpacked
+                        .with_context(|| format!("configure: {} was not unpacked", p.name))?;
+                    materialize(&ctx.inputs[unpacked], "data/", root)
+                        .with_context(|| format!("extracting {}", p.name))?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    fs::remove_dir(&trees)?;
+    Ok(plain)
+}
+
+/// debootstrap's second stage (and the end of its first) on the extracted required set, whose
+/// `.deb`s `plain` holds rewritten.
+fn second_stage(
+    ctx: &BuildContext,
+    plan: &ConfigurePlan,
+    root: &Path,
+    plain: Vec<(String, PathBuf)>,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // The first stage's empty database, and the files it writes that no package installs.
     for d in [
@@ -135,11 +230,12 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
     )?;
 
     // dpkg reads each `.deb` straight from the sandbox's read-only inputs, bind-mounted into
-    // the chroot; those no unpack derivation checked are checked against the signed index here.
+    // the chroot; those neither an unpack derivation nor the extraction checked are checked
+    // against the signed index here.
     let mut deb_of = std::collections::HashMap::new();
     for p in &plan.packages {
         let input = &ctx.inputs[p.deb];
-        if p.unpacked.is_none() {
+        if p.unpacked.is_none() && !plain.iter().any(|(n, _)| *n == p.name) {
             super::index::verify_deb(&ctx.inputs[0], &p.name, &p.version, &p.architecture, input)?;
         }
         let name = input.file_name().context("input path")?.to_string_lossy();
@@ -168,10 +264,13 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
         .collect();
     let plain_dir = format!("{}/plain", super::DEB_STAGING);
     fs::create_dir_all(root.join(&plain_dir))?;
+    let ready: std::collections::HashSet<String> = plain.iter().map(|(n, _)| n.clone()).collect();
     let plain = PlainDebs::start(
+        plain,
         required
             .iter()
             .chain(&base)
+            .filter(|n| !ready.contains(**n))
             .map(|n| (n.to_string(), input_of[n].to_owned()))
             .collect(),
         root.join(&plain_dir),
@@ -203,13 +302,14 @@ fn second_stage(ctx: &BuildContext, plan: &ConfigurePlan, root: &Path) -> anyhow
 
     // The core packages, one `dpkg --install` each.
     let install_core = |chroot: &Chroot, name: &str| -> anyhow::Result<()> {
-        let deb = deb_of.get(name).with_context(|| {
+        let deb = plain.peek(name).or_else(|| deb_of.get(name).cloned());
+        let deb = deb.with_context(|| {
             format!("configure: debootstrap's core package {name} is not in the lock")
         })?;
         chroot.dpkg(
             &format!("dpkg --install of {name}"),
             &["--force-depends", "--install"],
-            std::slice::from_ref(deb),
+            &[deb],
         )
     };
     chroot.sh("linking awk", "ln -sf mawk /usr/bin/awk")?;

@@ -1,5 +1,6 @@
 //! The `.deb`s configure hands to dpkg, rewritten with their data uncompressed
-//! ([`archive::deb::decompress_data`]) on the cores dpkg leaves idle, ahead of the dpkg call
+//! ([`archive::deb::decompress_data`]): the required set's before dpkg first runs (configure
+//! extracts them from these), the rest on the cores dpkg leaves idle, ahead of the dpkg call
 //! that reads them. dpkg's own decompressor is single-threaded and was a third of the time it
 //! took to unpack the required set; a package not rewritten yet when dpkg needs it is given to
 //! dpkg as it is, so nothing waits for a package the workers have not started.
@@ -20,6 +21,11 @@ enum State {
     /// Given to dpkg, or no longer wanted.
     Taken,
 }
+
+/// How much larger than its `.deb` a rewritten package may be, at most (xz rarely does better
+/// than 6:1 on a package's data), and what is left free for dpkg in any case.
+const EXPANSION: u64 = 8;
+const RESERVE: u64 = 512 << 20;
 
 type Shared = Arc<(Mutex<HashMap<String, State>>, Condvar)>;
 
@@ -52,20 +58,20 @@ fn lock(shared: &Shared) -> MutexGuard<'_, HashMap<String, State>> {
 
 impl PlainDebs {
     /// Start rewriting `work` (package name, `.deb` on the host), in that order, into `dir`
-    /// (which the chroot sees as `/dir_in_chroot`), on one thread per core but one.
+    /// (which the chroot sees as `/dir_in_chroot`), on one thread per core but one; `ready`
+    /// are packages rewritten there already.
     pub(super) fn start(
+        ready: Vec<(String, PathBuf)>,
         work: Vec<(String, PathBuf)>,
         dir: PathBuf,
         dir_in_chroot: String,
     ) -> PlainDebs {
-        let shared: Shared = Arc::new((
-            Mutex::new(
-                work.iter()
-                    .map(|(name, _)| (name.clone(), State::Queued))
-                    .collect(),
-            ),
-            Condvar::new(),
-        ));
+        let states = ready
+            .into_iter()
+            .map(|(name, p)| (name, State::Ready(p)))
+            .chain(work.iter().map(|(name, _)| (name.clone(), State::Queued)))
+            .collect();
+        let shared: Shared = Arc::new((Mutex::new(states), Condvar::new()));
         let work = Arc::new(work);
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -114,12 +120,7 @@ impl PlainDebs {
             states.insert((*name).to_owned(), State::Taken);
             match made {
                 Some(p) => {
-                    let file = p
-                        .strip_prefix(&self.dir)
-                        .unwrap_or(&p)
-                        .display()
-                        .to_string();
-                    batch.args.push(format!("{}/{file}", self.dir_in_chroot));
+                    batch.args.push(self.in_chroot(&p));
                     batch.made.push(p);
                 }
                 None => batch.args.push(orig),
@@ -131,6 +132,20 @@ impl PlainDebs {
             batch.args.len()
         );
         batch
+    }
+
+    /// The path in the chroot of `name`'s rewritten `.deb` if it is ready, leaving it for a
+    /// later batch.
+    pub(super) fn peek(&self, name: &str) -> Option<String> {
+        match lock(&self.shared).get(name) {
+            Some(State::Ready(p)) => Some(self.in_chroot(p)),
+            _ => None,
+        }
+    }
+
+    fn in_chroot(&self, p: &Path) -> String {
+        let file = p.strip_prefix(&self.dir).unwrap_or(p).display().to_string();
+        format!("{}/{file}", self.dir_in_chroot)
     }
 
     /// Stop rewriting: the workers finish the package they are on, and what they made is
@@ -174,6 +189,19 @@ fn rewrite_queued(shared: &Shared, work: &[(String, PathBuf)], dir: &Path) {
         let Some((name, deb)) = next else {
             return;
         };
+        // The rewritten files share the tree's memory: leave dpkg room, whatever the bound.
+        let size = std::fs::metadata(deb).map_or(0, |m| m.len());
+        let free = rbuild_engine::nospace::free_bytes(dir).unwrap_or(0);
+        if free < size.saturating_mul(EXPANSION) + RESERVE {
+            eprintln!(
+                "configure: {} bytes free in {}: {name} and the packages after it are given to dpkg compressed",
+                free,
+                dir.display()
+            );
+            lock(shared).insert(name.clone(), State::Failed);
+            shared.1.notify_all();
+            return;
+        }
         let out = dir.join(deb.file_name().unwrap_or(name.as_ref()));
         let state = match archive::deb::decompress_data(deb, &out) {
             Ok(()) => State::Ready(out),
@@ -196,5 +224,97 @@ fn rewrite_queued(shared: &Shared, work: &[(String, PathBuf)], dir: &Path) {
             }
         }
         shared.1.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A `.deb` of one (empty) tar per member, the data xz-compressed.
+    fn deb(path: &Path) {
+        let tar = vec![0u8; 1024];
+        let mut xz = xz2::write::XzEncoder::new(Vec::new(), 1);
+        xz.write_all(&tar).unwrap();
+        let data = xz.finish().unwrap();
+        let mut out = b"!<arch>\n".to_vec();
+        for (name, bytes) in [
+            ("debian-binary", b"2.0\n".to_vec()),
+            ("control.tar", tar.clone()),
+            ("data.tar.xz", data),
+        ] {
+            let header = format!(
+                "{name:<16}{:<12}{:<6}{:<6}{:<8}{:<10}`\n",
+                0,
+                0,
+                0,
+                100644,
+                bytes.len()
+            );
+            out.extend_from_slice(header.as_bytes());
+            out.extend_from_slice(&bytes);
+            if bytes.len() % 2 == 1 {
+                out.push(b'\n');
+            }
+        }
+        std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn packages_are_given_rewritten_when_ready_and_as_they_are_otherwise() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work: Vec<(String, PathBuf)> = ["a", "b", "c"]
+            .iter()
+            .map(|n| {
+                let p = tmp.path().join(format!("{n}_1_all.deb"));
+                deb(&p);
+                (n.to_string(), p)
+            })
+            .collect();
+        let dir = tmp.path().join("plain");
+        std::fs::create_dir(&dir).unwrap();
+        let ready = dir.join("r_1_all.deb");
+        std::fs::write(&ready, b"made before").unwrap();
+        let plain = PlainDebs::start(
+            vec![("r".into(), ready.clone())],
+            work,
+            dir.clone(),
+            "/staging/plain".into(),
+        );
+        assert_eq!(
+            plain.peek("r").as_deref(),
+            Some("/staging/plain/r_1_all.deb")
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while lock(&plain.shared)
+            .values()
+            .any(|s| matches!(s, State::Queued | State::Working))
+        {
+            assert!(std::time::Instant::now() < deadline, "never rewritten");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let original = |n: &str| (n != "gone").then(|| format!("/inputs/{n}.deb"));
+        let batch = plain.batch(&["b", "gone", "other", "a", "r"], original);
+        assert_eq!(
+            batch.args,
+            [
+                "/staging/plain/b_1_all.deb",
+                "/inputs/other.deb",
+                "/staging/plain/a_1_all.deb",
+                "/staging/plain/r_1_all.deb"
+            ]
+        );
+        assert_eq!(plain.peek("r"), None, "taken");
+        let data = std::fs::read(dir.join("a_1_all.deb")).unwrap();
+        assert!(data.windows(16).any(|w| w == b"data.tar        "));
+        // Taken once: asked again, it is the original.
+        assert_eq!(plain.batch(&["a"], original).args, ["/inputs/a.deb"]);
+        drop(batch);
+        assert!(!dir.join("a_1_all.deb").exists() && !dir.join("b_1_all.deb").exists());
+        assert!(!ready.exists());
+        assert!(dir.join("c_1_all.deb").exists());
+        drop(plain);
+        assert!(!dir.join("c_1_all.deb").exists(), "left behind");
     }
 }

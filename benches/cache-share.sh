@@ -2,14 +2,16 @@
 # How long sharing debian-bullseye through each kind of binary cache takes: build once into a
 # store, push the closure to a directory, to a BuildGrid (REAPI) and to an OCI registry (Debian's
 # docker-registry, plain HTTP) on loopback, push again (nothing new), then substitute into empty
-# stores with a dead mirror. Prints one line per step.
+# stores with a dead mirror. Prints one line per step: its time, and rbuild's peak RSS (GNU
+# time's: the largest of rbuild and the processes it waits for).
 #
 #   benches/cache-share.sh            (needs BuildGrid: RBUILD_BGD or tests/buildgrid/setup.sh;
-#                                      and docker-registry)
+#                                      docker-registry and GNU time)
 #
 # The mirror is RBUILD_MIRROR, else the host's apt configuration (as rbuild itself chooses).
 set -euo pipefail
 . "$(dirname "$0")/rbuild.sh"
+[ -x /usr/bin/time ] || { echo "GNU time is not installed (apt install time)" >&2; exit 1; }
 bgd=${RBUILD_BGD:-$("$here/tests/buildgrid/setup.sh")}
 work=$(mktemp -d "${TMPDIR:-/tmp}/rbuild-cache-bench.XXXXXX")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -35,12 +37,14 @@ step() { # LABEL COMMAND...
     local t0 t1
     t0=$(now)
     local out
-    out=$("$@" 2>&1 | tail -n 1)
+    out=$(/usr/bin/time -o "$work/rss" -f '%M' "$@" 2>&1 | tail -n 1)
     t1=$(now)
-    printf '%-44s %6.2f s   %s\n' "$label" "$(echo "$t1 - $t0" | bc)" "$out"
+    printf '%-44s %6.2f s %5d MiB   %s\n' "$label" "$(echo "$t1 - $t0" | bc)" \
+        "$(($(tail -n 1 "$work/rss") / 1024))" "$out"
 }
 "$rbuild" key generate bench "$work/k.sec" "$work/k.pub" 2>/dev/null
 step "build (cold)" "$rbuild" realise debian-bullseye --store "$work/a" --json
+printf '%-44s %s\n' "store after the cold build" "$(du -sh "$work/a" | cut -f1)"
 for cache in "file://$work/shared" "grpc://127.0.0.1:$port" "docker://127.0.0.1:$reg_port/rbuild/cache"; do
     kind=${cache%%:*}
     step "push closure to $kind" "$rbuild" cache push debian-bullseye --store "$work/a" --to "$cache" --secret-key "$work/k.sec"

@@ -216,6 +216,14 @@ fn realise_and_check(user: Option<&str>) {
     assert_eq!(entries["tmp"].1 & 0o7777, 0o1777);
     assert_eq!(entries["var/mail"].1 & 0o7777, 0o2775);
     assert!(!entries.contains_key("opt/unused"));
+    let staging: Vec<&String> = entries
+        .keys()
+        .filter(|k| k.starts_with("var/cache/rbuild"))
+        .collect();
+    assert!(
+        staging.is_empty(),
+        "the builder's staging is left: {staging:?}"
+    );
     let hl = &entries["usr/bin/systemctl-again"];
     assert_eq!((hl.0, hl.4.as_str()), ('h', "usr/bin/systemctl"));
     let mut h = tar::Archive::new(&tar_bytes[..]);

@@ -115,6 +115,17 @@ fn extract(
     seed: &[&ConfigurePackage],
     root: &Path,
 ) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    if seed.iter().all(|p| p.unpacked.is_some()) {
+        // The extract variant: every package has its unpack derivation, and the tree gets no
+        // staging directory.
+        for p in seed {
+            let unpacked = p.unpacked.expect("checked above");
+            materialize(&ctx.inputs[unpacked], "data/", root)
+                .with_context(|| format!("extracting {}", p.name))?;
+        }
+        return Ok(Vec::new());
+    }
+    // In the staging directory, which leaving the chroot removes.
     let staging = root.join(super::DEB_STAGING);
     let (plain_dir, trees) = (staging.join("plain"), staging.join("unpacked"));
     fs::create_dir_all(&plain_dir)?;

@@ -771,18 +771,22 @@ struct BuildOrder {
 
 impl BuildOrder {
     fn new(graph: &Arc<Graph>, needed: &HashSet<DrvHash>) -> Result<BuildOrder, EngineError> {
+        // Users before their inputs; an emulator counts as an input of what runs under it.
         let mut height: HashMap<DrvHash, usize> = HashMap::new();
         for h in graph.topo_order()?.into_iter().rev() {
             if !needed.contains(&h) {
                 continue;
             }
-            let above = graph
-                .dependents(&h)
-                .iter()
-                .filter_map(|d| height.get(d))
-                .max()
-                .map_or(0, |n| n + 1);
-            height.insert(h, above);
+            let here = *height.entry(h.clone()).or_insert(0);
+            let Some(drv) = graph.get(&h) else {
+                continue;
+            };
+            for i in graph.needs(drv) {
+                if needed.contains(&i) {
+                    let h = height.entry(i).or_insert(0);
+                    *h = (*h).max(here + 1);
+                }
+            }
         }
         Ok(BuildOrder {
             height,

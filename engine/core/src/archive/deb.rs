@@ -197,6 +197,12 @@ pub fn decompress_data(deb: &Path, out: &Path) -> Result<(), ArchiveError> {
 
 /// A common-format `ar` member header: `name` (at most 16 bytes), the rest from `like`.
 fn ar_header(name: &[u8], like: &ar::Header, size: u64) -> Result<Vec<u8>, io::Error> {
+    if size > 9_999_999_999 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("an ar member of {size} bytes does not fit its header"),
+        ));
+    }
     if name.len() > 16 || name.contains(&b' ') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -76,7 +76,8 @@ pub struct ConfigurePackage {
     /// In debootstrap's required set: extracted before dpkg first runs, and configured before
     /// the base set is unpacked.
     pub required: bool,
-    /// The input holding the unpacked package, for the packages configure lays out itself.
+    /// The input holding the package unpacked by its own derivation (the extract variant);
+    /// configure unpacks the debootstrap variant's required set itself, from the `.deb`.
     pub unpacked: Option<usize>,
     /// The input holding the `.deb`.
     pub deb: usize,

@@ -105,19 +105,27 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where configure keeps the `.deb`s it rewrote with their data uncompressed: in the sandbox's
+/// memory, outside the tree, and bind-mounted read-only at [`PLAIN_IN_CHROOT`] while dpkg runs,
+/// so no maintainer script can change what dpkg unpacks next.
+fn plain_dir() -> PathBuf {
+    Path::new(sandbox::MEMORY_DIR).join("rbuild-plain")
+}
+const PLAIN_IN_CHROOT: &str = "var/cache/rbuild-debs/plain";
+
 /// Lay out `seed` in `root`, in that order (a later package's file replaces an earlier one's, as
 /// in debootstrap's extraction): a package with an unpack derivation from its output; any other
-/// is checked against the signed index, rewritten with its data uncompressed (dpkg reads that
-/// later) and unpacked from it into memory, on every core, each laid out as soon as those
-/// before it are. Returns the rewritten `.deb`s, by package, on the host.
+/// is checked against the signed index, rewritten with its data uncompressed into
+/// [`plain_dir`] (dpkg reads that later; if it cannot be, from the `.deb` as it is) and
+/// unpacked in memory, on every core, each laid out as soon as those before it are. Returns the
+/// rewritten `.deb`s, by package, on the host.
 fn extract(
     ctx: &BuildContext,
     seed: &[&ConfigurePackage],
     root: &Path,
 ) -> anyhow::Result<Vec<(String, PathBuf)>> {
     if seed.iter().all(|p| p.unpacked.is_some()) {
-        // The extract variant: every package has its unpack derivation, and the tree gets no
-        // staging directory.
+        // The extract variant: every package has its unpack derivation.
         for p in seed {
             let unpacked = p.unpacked.expect("checked above");
             materialize(&ctx.inputs[unpacked], "data/", root)
@@ -125,84 +133,103 @@ fn extract(
         }
         return Ok(Vec::new());
     }
-    // In the staging directory, which leaving the chroot removes.
-    let staging = root.join(super::DEB_STAGING);
-    let (plain_dir, trees) = (staging.join("plain"), staging.join("unpacked"));
+    let plain_dir = plain_dir();
+    let trees = Path::new(sandbox::MEMORY_DIR).join("rbuild-unpacked");
     fs::create_dir_all(&plain_dir)?;
     fs::create_dir_all(&trees)?;
+    /// What a worker made of one package: its tree's metadata, and its rewritten `.deb`.
+    type Prepared = Option<(TreeMeta, Option<PathBuf>)>;
+    let prepare = |p: &ConfigurePackage| -> anyhow::Result<Prepared> {
+        if p.unpacked.is_some() {
+            return Ok(None);
+        }
+        let deb = &ctx.inputs[p.deb];
+        super::index::verify_deb(&ctx.inputs[0], &p.name, &p.version, &p.architecture, deb)?;
+        let plain = plain_dir.join(deb.file_name().context("input path")?);
+        let (from, plain) = match archive::deb::decompress_data(deb, &plain) {
+            Ok(()) => (plain.clone(), Some(plain)),
+            Err(e) => {
+                eprintln!(
+                    "configure: {} is unpacked from the .deb as it is: {e}",
+                    p.name
+                );
+                let _ = fs::remove_file(&plain);
+                (deb.clone(), None)
+            }
+        };
+        let meta = archive::deb::unpack_deb(&from, &trees.join(&p.name))?;
+        Ok(Some((meta, plain)))
+    };
     let next = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<Prepared>)>();
+    let work = |tx: std::sync::mpsc::Sender<(usize, anyhow::Result<Prepared>)>| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(p) = seed.get(i) else {
+            return;
+        };
+        let prepared = prepare(p);
+        let failed = prepared.is_err();
+        if tx.send((i, prepared)).is_err() || failed {
+            // Nobody waits for more, or the extraction stops here.
+            next.store(seed.len(), Ordering::Relaxed);
+            return;
+        }
+    };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(seed.len().max(1));
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<Option<TreeMeta>>)>();
     let mut plain = Vec::new();
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        for _ in 0..threads {
-            let (tx, next) = (tx.clone(), &next);
-            let (plain_dir, trees) = (&plain_dir, &trees);
-            scope.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(p) = seed.get(i) else {
-                    return;
-                };
-                let prepared = (|| -> anyhow::Result<Option<TreeMeta>> {
-                    if p.unpacked.is_some() {
-                        return Ok(None);
-                    }
-                    let deb = &ctx.inputs[p.deb];
-                    super::index::verify_deb(
-                        &ctx.inputs[0],
-                        &p.name,
-                        &p.version,
-                        &p.architecture,
-                        deb,
-                    )?;
-                    let plain = plain_dir.join(deb.file_name().context("input path")?);
-                    archive::deb::decompress_data(deb, &plain)?;
-                    Ok(Some(archive::deb::unpack_deb(
-                        &plain,
-                        &trees.join(&p.name),
-                    )?))
-                })();
-                let failed = prepared.is_err();
-                if tx.send((i, prepared)).is_err() || failed {
-                    // Nobody waits for more, or the extraction stops here.
-                    next.store(seed.len(), Ordering::Relaxed);
-                    return;
-                }
-            });
+        let started = (0..threads)
+            .filter(|_| {
+                let tx = tx.clone();
+                std::thread::Builder::new()
+                    .name("extract".into())
+                    .spawn_scoped(scope, || work(tx))
+                    .is_ok()
+            })
+            .count();
+        if started == 0 {
+            // No thread could be started (a process limit): the work is done here.
+            work(tx.clone());
         }
         drop(tx);
-        let mut done: std::collections::BTreeMap<usize, Option<TreeMeta>> = Default::default();
-        for i in 0..seed.len() {
-            while !done.contains_key(&i) {
-                let (j, prepared) = rx
-                    .recv()
-                    .with_context(|| format!("configure: {} was never extracted", seed[i].name))?;
-                let prepared = prepared.with_context(|| format!("extracting {}", seed[j].name))?;
-                done.insert(j, prepared);
-            }
-            let p = seed[i];
-            match done.remove(&i).flatten() {
-                Some(meta) => {
-                    let tree = trees.join(&p.name);
-                    materialize_entries(&tree, &meta, "data/", root, true)
-                        .with_context(|| format!("extracting {}", p.name))?;
-                    fs::remove_dir_all(&tree)?;
-                    let file = ctx.inputs[p.deb].file_name().context("input path")?;
-                    plain.push((p.name.clone(), plain_dir.join(file)));
+        let laid_out = (|| -> anyhow::Result<()> {
+            let mut done: std::collections::BTreeMap<usize, Prepared> = Default::default();
+            for (i, p) in seed.iter().enumerate() {
+                while !done.contains_key(&i) {
+                    let (j, prepared) = rx
+                        .recv()
+                        .with_context(|| format!("configure: {} was never extracted", p.name))?;
+                    let prepared =
+                        prepared.with_context(|| format!("extracting {}", seed[j].name))?;
+                    done.insert(j, prepared);
                 }
-                None => {
-                    let unpacked = p
-                        .unpacked
-                        .with_context(|| format!("configure: {} was not unpacked", p.name))?;
-                    materialize(&ctx.inputs[unpacked], "data/", root)
-                        .with_context(|| format!("extracting {}", p.name))?;
+                match done.remove(&i).flatten() {
+                    Some((meta, rewritten)) => {
+                        let tree = trees.join(&p.name);
+                        materialize_entries(&tree, &meta, "data/", root, true)
+                            .with_context(|| format!("extracting {}", p.name))?;
+                        fs::remove_dir_all(&tree)?;
+                        plain.extend(rewritten.map(|r| (p.name.clone(), r)));
+                    }
+                    None => {
+                        let unpacked = p
+                            .unpacked
+                            .with_context(|| format!("configure: {} was not unpacked", p.name))?;
+                        materialize(&ctx.inputs[unpacked], "data/", root)
+                            .with_context(|| format!("extracting {}", p.name))?;
+                    }
                 }
             }
+            Ok(())
+        })();
+        if laid_out.is_err() {
+            // The workers stop at their next package.
+            next.store(seed.len(), Ordering::Relaxed);
         }
-        Ok(())
+        laid_out
     })?;
     fs::remove_dir(&trees)?;
     Ok(plain)
@@ -273,8 +300,7 @@ fn second_stage(
         .iter()
         .map(|p| (p.name.as_str(), ctx.inputs[p.deb].as_path()))
         .collect();
-    let plain_dir = format!("{}/plain", super::DEB_STAGING);
-    fs::create_dir_all(root.join(&plain_dir))?;
+    fs::create_dir_all(plain_dir())?;
     let ready: std::collections::HashSet<String> = plain.iter().map(|(n, _)| n.clone()).collect();
     let plain = PlainDebs::start(
         plain,
@@ -284,8 +310,8 @@ fn second_stage(
             .filter(|n| !ready.contains(**n))
             .map(|n| (n.to_string(), input_of[n].to_owned()))
             .collect(),
-        root.join(&plain_dir),
-        format!("/{plain_dir}"),
+        plain_dir(),
+        format!("/{PLAIN_IN_CHROOT}"),
     );
     let debs = |names: &[&str]| plain.batch(names, |n| deb_of.get(n).cloned());
 
@@ -309,6 +335,7 @@ fn second_stage(
     chroot
         .mounts
         .bind_readonly(Path::new(sandbox::INPUTS_DIR), INPUTS_IN_CHROOT)?;
+    chroot.mounts.bind_readonly(&plain_dir(), PLAIN_IN_CHROOT)?;
     chroot.run("ldconfig", &["/sbin/ldconfig"])?;
 
     // The core packages, one `dpkg --install` each.

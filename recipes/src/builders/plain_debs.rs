@@ -29,6 +29,10 @@ const RESERVE: u64 = 512 << 20;
 
 type Shared = Arc<(Mutex<HashMap<String, State>>, Condvar)>;
 
+/// Bytes the workers' rewrites in progress may still take, so that two of them do not both
+/// count the same free memory.
+type Reserved = Arc<std::sync::atomic::AtomicU64>;
+
 pub(super) struct PlainDebs {
     shared: Shared,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -58,8 +62,9 @@ fn lock(shared: &Shared) -> MutexGuard<'_, HashMap<String, State>> {
 
 impl PlainDebs {
     /// Start rewriting `work` (package name, `.deb` on the host), in that order, into `dir`
-    /// (which the chroot sees as `/dir_in_chroot`), on one thread per core but one; `ready`
-    /// are packages rewritten there already.
+    /// (which the chroot sees as `/dir_in_chroot`), on one thread per core but one (at least
+    /// one, at most four); `ready` are packages rewritten there already. Without threads (none
+    /// could be started), every package not ready goes to dpkg as it is.
     pub(super) fn start(
         ready: Vec<(String, PathBuf)>,
         work: Vec<(String, PathBuf)>,
@@ -78,10 +83,15 @@ impl PlainDebs {
             .unwrap_or(1)
             .saturating_sub(1)
             .clamp(1, 4);
+        let reserved = Reserved::default();
         let workers = (0..threads)
-            .map(|_| {
+            .filter_map(|_| {
                 let (shared, work, dir) = (shared.clone(), work.clone(), dir.clone());
-                std::thread::spawn(move || rewrite_queued(&shared, &work, &dir))
+                let reserved = reserved.clone();
+                std::thread::Builder::new()
+                    .name("rewrite-debs".into())
+                    .spawn(move || rewrite_queued(&shared, &work, &dir, &reserved))
+                    .ok()
             })
             .collect();
         PlainDebs {
@@ -173,8 +183,26 @@ impl Drop for PlainDebs {
     }
 }
 
+/// Marks the package a worker is on as failed if the worker unwinds, so that nobody waits for
+/// it for ever.
+struct OnPanic<'a> {
+    shared: &'a Shared,
+    name: Option<String>,
+}
+
+impl Drop for OnPanic<'_> {
+    fn drop(&mut self) {
+        if let (true, Some(name)) = (std::thread::panicking(), self.name.take()) {
+            lock(self.shared).insert(name, State::Failed);
+            self.shared.1.notify_all();
+        }
+    }
+}
+
 /// One worker: take the first queued package, rewrite it, repeat.
-fn rewrite_queued(shared: &Shared, work: &[(String, PathBuf)], dir: &Path) {
+fn rewrite_queued(shared: &Shared, work: &[(String, PathBuf)], dir: &Path, reserved: &Reserved) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut guard = OnPanic { shared, name: None };
     loop {
         let next = {
             let mut states = lock(shared);
@@ -189,10 +217,15 @@ fn rewrite_queued(shared: &Shared, work: &[(String, PathBuf)], dir: &Path) {
         let Some((name, deb)) = next else {
             return;
         };
+        guard.name = Some(name.clone());
         // The rewritten files share the tree's memory: leave dpkg room, whatever the bound.
         let size = std::fs::metadata(deb).map_or(0, |m| m.len());
-        let free = rbuild_engine::nospace::free_bytes(dir).unwrap_or(0);
-        if free < size.saturating_mul(EXPANSION) + RESERVE {
+        let most = size.saturating_mul(EXPANSION);
+        let free = rbuild_engine::nospace::free_bytes(dir)
+            .unwrap_or(0)
+            .saturating_sub(reserved.fetch_add(most, SeqCst));
+        if free < most + RESERVE {
+            reserved.fetch_sub(most, SeqCst);
             eprintln!(
                 "configure: {} bytes free in {}: {name} and the packages after it are given to dpkg compressed",
                 free,
@@ -211,6 +244,8 @@ fn rewrite_queued(shared: &Shared, work: &[(String, PathBuf)], dir: &Path) {
                 State::Failed
             }
         };
+        reserved.fetch_sub(most, SeqCst);
+        guard.name = None;
         let mut states = lock(shared);
         match states.get(name) {
             Some(State::Working) => {

@@ -178,8 +178,15 @@ pub fn decompress_data(deb: &Path, out: &Path) -> Result<(), ArchiveError> {
                 ar_header(header.identifier(), &header, header.size())
                     .and_then(|h| w.write_all(&h))
                     .map_err(write_err)?;
-                io::copy(&mut member, &mut w)
-                    .map_err(|e| member_err(&ident, format!("unreadable: {e}")))?
+                let n = io::copy(&mut member, &mut w)
+                    .map_err(|e| member_err(&ident, format!("unreadable: {e}")))?;
+                if n != header.size() {
+                    return Err(member_err(
+                        &ident,
+                        format!("truncated: {n} of {} bytes", header.size()),
+                    ));
+                }
+                n
             }
         };
         if size % 2 == 1 {
@@ -195,34 +202,37 @@ pub fn decompress_data(deb: &Path, out: &Path) -> Result<(), ArchiveError> {
         .map_err(|e| write_err(e.into_error()))
 }
 
-/// A common-format `ar` member header: `name` (at most 16 bytes), the rest from `like`.
+/// A common-format `ar` member header (60 bytes): `name` (printable ASCII without spaces, at most
+/// 16 bytes), the rest from `like`; every field must fit its width.
 fn ar_header(name: &[u8], like: &ar::Header, size: u64) -> Result<Vec<u8>, io::Error> {
-    if size > 9_999_999_999 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("an ar member of {size} bytes does not fit its header"),
+    let refuse = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
+    if name.is_empty() || name.len() > 16 || !name.iter().all(|b| b.is_ascii_graphic()) {
+        return refuse(format!(
+            "ar member name {:?} is not one ar's common format can hold",
+            String::from_utf8_lossy(name)
         ));
     }
-    if name.len() > 16 || name.contains(&b' ') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "ar member name {:?} does not fit",
-                String::from_utf8_lossy(name)
-            ),
-        ));
+    let mut h = Vec::with_capacity(60);
+    h.extend_from_slice(name);
+    h.resize(16, b' ');
+    for (value, width) in [
+        (like.mtime().to_string(), 12),
+        (like.uid().to_string(), 6),
+        (like.gid().to_string(), 6),
+        (format!("{:o}", like.mode()), 8),
+        (size.to_string(), 10),
+    ] {
+        if value.len() > width {
+            return refuse(format!(
+                "ar header field {value} is wider than its {width} bytes"
+            ));
+        }
+        let end = h.len() + width;
+        h.extend_from_slice(value.as_bytes());
+        h.resize(end, b' ');
     }
-    let h = format!(
-        "{:<16}{:<12}{:<6}{:<6}{:<8o}{:<10}`\n",
-        String::from_utf8_lossy(name),
-        like.mtime(),
-        like.uid(),
-        like.gid(),
-        like.mode(),
-        size
-    );
-    debug_assert_eq!(h.len(), 60);
-    Ok(h.into_bytes())
+    h.extend_from_slice(b"`\n");
+    Ok(h)
 }
 
 /// The `control` file of a package unpacked by [`unpack_deb`].

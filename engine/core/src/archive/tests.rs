@@ -1320,6 +1320,14 @@ fn decompress_data_keeps_the_package_and_its_tar() {
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "test", "{dsuf}");
     }
+    // A member cut short is an error, not a header that promises more than follows.
+    let whole = fs::read(tmp.path().join("test.xz.deb")).unwrap();
+    let cut = tmp.path().join("cut.deb");
+    fs::write(&cut, &whole[..8 + 60 + 4 + 60 + 4 + 60 + 20]).unwrap();
+    let e = decompress_data(&cut, &tmp.path().join("cut-plain.deb"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cut.deb") && e.contains("control.tar.xz"), "{e}");
     let broken = tmp.path().join("broken.deb");
     fs::write(&broken, b"!<arch>\n").unwrap();
     let e = decompress_data(&broken, &tmp.path().join("x.deb"))

@@ -266,7 +266,7 @@ pub fn keeps_acls(dir: &Path) -> bool {
 /// mtimes and hard links (files with several names stay one file) as they are.
 ///
 /// Creating thousands of files costs the target file system far more than their bytes, so the
-/// files are written on as many threads as there are cores: directories first, then files and
+/// files are written on as many threads as there are cores (up to eight): directories first, then files and
 /// symlinks in parallel, then the further names of hard-linked files, and last each
 /// directory's mode and mtime, deepest first (a directory's mtime moves with every entry made
 /// in it).
@@ -287,21 +287,31 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
         .clamp(1, 8);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed: std::sync::Mutex<Option<SandboxError>> = std::sync::Mutex::new(None);
+    let work = || loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some((rel, md)) = plan.leaves.get(i) else {
+            return;
+        };
+        if let Err(e) = copy_leaf(&src.join(rel), &dst.join(rel), md) {
+            let mut failed = failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.get_or_insert(e);
+            // Let every thread stop at its next entry.
+            next.store(plan.leaves.len(), std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+    };
     std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((rel, md)) = plan.leaves.get(i) else {
-                    return;
-                };
-                if let Err(e) = copy_leaf(&src.join(rel), &dst.join(rel), md) {
-                    let mut failed = failed.lock().unwrap_or_else(|p| p.into_inner());
-                    failed.get_or_insert(e);
-                    // Let every thread stop at its next entry.
-                    next.store(plan.leaves.len(), std::sync::atomic::Ordering::Relaxed);
-                    return;
-                }
-            });
+        let started = (0..threads)
+            .filter(|_| {
+                std::thread::Builder::new()
+                    .name("copy-tree".into())
+                    .spawn_scoped(scope, work)
+                    .is_ok()
+            })
+            .count();
+        if started == 0 {
+            // No thread could be started (a process limit): the copy is done here.
+            work();
         }
     });
     if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {

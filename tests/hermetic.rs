@@ -2023,10 +2023,10 @@ fn every_cache_backend_keeps_the_same_contract() {
     let contents: [(&str, Vec<u8>); 3] = [
         ("empty", vec![]),
         ("small", b"small blob\n".to_vec()),
-        // Past the registry's 4 MiB streaming threshold, ending in a partial chunk.
+        // Past the registry's 16 MiB streaming threshold, ending in a partial chunk.
         (
             "large",
-            (0..(9u32 << 20) + 3)
+            (0..(17u32 << 20) + 3)
                 .map(|i| (i * 31 % 251) as u8)
                 .collect(),
         ),

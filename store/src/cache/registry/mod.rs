@@ -52,10 +52,12 @@ const MAX_ENTRY: u64 = 256 << 20;
 /// Layers per manifest: about 150 bytes each, well below the 4 MiB that the distribution
 /// registry accepts.
 const LAYERS_PER_MANIFEST: usize = 16_000;
-/// Blobs larger than this are streamed from their files in chunks of this size (one PATCH
-/// each, oci-client's chunk), never held whole in memory; smaller ones go in one PUT each.
-/// So a push holds at most `PARALLEL` small blobs and `PARALLEL_STREAMS` chunks at a time.
-const STREAM_ABOVE: u64 = 4 << 20;
+/// Blobs up to this size go in one PUT each, read into memory, with at most `IN_FLIGHT_MIB`
+/// MiB of them at a time; larger ones are streamed from their files in `CHUNK`-byte chunks (a
+/// PATCH each, oci-client's chunk size), `PARALLEL_STREAMS` at a time, never held whole.
+const STREAM_ABOVE: u64 = 16 << 20;
+const IN_FLIGHT_MIB: u32 = 64;
+const CHUNK: usize = 4 << 20;
 const PARALLEL_STREAMS: usize = 4;
 
 /// Why a registry cache failed: the message after "binary cache URL: ".
@@ -430,10 +432,12 @@ async fn upload_file(
     use tokio_stream::StreamExt;
     let what = format!("uploading blob {digest} from {}", path.display());
     let limit = super::timeout() + std::time::Duration::from_secs(size >> 20);
-    let file = tokio::fs::File::open(&path)
+    let mut file = tokio::fs::File::open(&path)
         .await
         .map_err(|source| RegistryError::Read { path, source })?;
-    let chunks = tokio_util::io::ReaderStream::with_capacity(file, STREAM_ABOVE as usize)
+    // Whole chunks: tokio reads a file 2 MiB at a time unless told otherwise.
+    file.set_max_buf_size(CHUNK);
+    let chunks = tokio_util::io::ReaderStream::with_capacity(file, CHUNK)
         .map(|r| r.map_err(oci_client::errors::OciDistributionError::from));
     timed_within(
         what,
@@ -725,16 +729,19 @@ impl BinaryCache for RegistryCache {
             .cloned()
             .partition(|(b, _)| b.size > STREAM_ABOVE);
         let ctx = self.ctx()?;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MIB as usize));
         for (items, parallel) in [(small, PARALLEL), (large, PARALLEL_STREAMS)] {
-            let ctx = ctx.clone();
+            let (ctx, in_flight) = (ctx.clone(), in_flight.clone());
             self.run(async move {
                 each(items, parallel, |(b, path): (BlobRef, PathBuf)| {
-                    let ctx = ctx.clone();
+                    let (ctx, in_flight) = (ctx.clone(), in_flight.clone());
                     async move {
                         let digest = sha256_digest(&b.sha256);
                         if b.size > STREAM_ABOVE {
                             return upload_file(&ctx, &digest, path, b.size).await;
                         }
+                        let mib = (b.size.div_ceil(1 << 20) as u32).clamp(1, IN_FLIGHT_MIB);
+                        let _in_flight = in_flight.acquire_many(mib).await.expect("never closed");
                         let bytes = tokio::fs::read(&path)
                             .await
                             .map_err(|source| RegistryError::Read { path, source })?;

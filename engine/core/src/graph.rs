@@ -206,11 +206,12 @@ impl Graph {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::derivation::Stage;
 
-    fn d(name: &str, inputs: Vec<DrvHash>) -> Derivation {
+    /// A derivation for tests: a builtin with no arguments and these inputs.
+    pub(crate) fn d(name: &str, inputs: Vec<DrvHash>) -> Derivation {
         Derivation {
             name: name.into(),
             stage: Stage::Unpack,

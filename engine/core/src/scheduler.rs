@@ -827,16 +827,7 @@ mod tests {
     use super::*;
 
     fn d(name: &str, inputs: &[&DrvHash]) -> Derivation {
-        Derivation {
-            name: name.into(),
-            stage: Stage::Unpack,
-            builder: "builtin:x".into(),
-            args: vec![],
-            env: Default::default(),
-            inputs: inputs.iter().map(|h| (*h).clone()).collect(),
-            system: None,
-            fixed_output: None,
-        }
+        crate::graph::tests::d(name, inputs.iter().map(|h| (*h).clone()).collect())
     }
 
     #[test]

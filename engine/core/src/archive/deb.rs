@@ -29,10 +29,7 @@ const CAPS_PAX_KEY: &[u8] = b"SCHILY.xattr.security.capability";
 /// exist yet). Returns the metadata of every path below `out`, keyed `""`, `"control"`,
 /// `"control/…"`, `"data"` and `"data/…"`.
 pub fn unpack_deb(deb: &Path, out: &Path) -> Result<TreeMeta, ArchiveError> {
-    let archive = deb
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| deb.display().to_string());
+    let archive = archive_name(deb);
     let member_err = |member: &str, problem: String| ArchiveError::Member {
         archive: archive.clone(),
         member: member.to_owned(),
@@ -128,10 +125,7 @@ pub fn unpack_deb(deb: &Path, out: &Path) -> Result<TreeMeta, ArchiveError> {
 /// decompressor; nothing dpkg records depends on how the member was compressed. `deb` must be
 /// trusted already (checked against a signed index): this only copies bytes.
 pub fn decompress_data(deb: &Path, out: &Path) -> Result<(), ArchiveError> {
-    let archive = deb
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| deb.display().to_string());
+    let archive = archive_name(deb);
     let member_err = |member: &str, problem: String| ArchiveError::Member {
         archive: archive.clone(),
         member: member.to_owned(),
@@ -233,6 +227,13 @@ fn ar_header(name: &[u8], like: &ar::Header, size: u64) -> Result<Vec<u8>, io::E
     }
     h.extend_from_slice(b"`\n");
     Ok(h)
+}
+
+/// How errors name the archive at `deb`: its file name.
+fn archive_name(deb: &Path) -> String {
+    deb.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| deb.display().to_string())
 }
 
 /// The `control` file of a package unpacked by [`unpack_deb`].

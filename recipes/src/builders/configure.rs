@@ -106,8 +106,9 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
 }
 
 /// Where configure keeps the `.deb`s it rewrote with their data uncompressed: in the sandbox's
-/// memory, outside the tree, and bind-mounted read-only at [`PLAIN_IN_CHROOT`] while dpkg runs,
-/// so no maintainer script can change what dpkg unpacks next.
+/// memory, outside the tree (so none is left in it), and bind-mounted read-only at
+/// [`PLAIN_IN_CHROOT`] while dpkg runs (so a maintainer script cannot simply write to them
+/// through the chroot).
 fn plain_dir() -> PathBuf {
     Path::new(sandbox::MEMORY_DIR).join("rbuild-plain")
 }

@@ -65,6 +65,18 @@ fn realise_json(
     store: &Path,
     extra: &[&str],
 ) -> serde_json::Value {
+    json(&realise_with(user, a, target, store, extra, &[]))
+}
+
+/// [`realise_json`]'s command, with `env`; its whole output.
+fn realise_with(
+    user: Option<&str>,
+    a: &Archive,
+    target: &str,
+    store: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let recipe = format!("{}{target}", a.recipe.display());
     let mut args = vec![
         "realise",
@@ -77,7 +89,7 @@ fn realise_json(
     let url = a.mirror_url();
     args.push(&url);
     args.extend_from_slice(extra);
-    json(&rbuild_as(user, &args, &[]))
+    rbuild_as(user, &args, env)
 }
 
 /// One tar entry: (type, mode, uid, gid, link target, content).
@@ -1296,17 +1308,7 @@ fn file_cache_substitutes_signed_outputs_only() {
     let cache = format!("file://{}", cache_dir.display());
     let recipe = a.recipe.to_str().unwrap();
     let push = |target: &str| {
-        let o = rbuild(&[
-            "cache",
-            "push",
-            target,
-            "--store",
-            store_a.to_str().unwrap(),
-            "--to",
-            &cache,
-            "--secret-key",
-            &alice_sec,
-        ]);
+        let o = cache_push(target, &store_a, &cache, &alice_sec, &[]);
         ok(&o);
         stderr(&o)
     };
@@ -1344,17 +1346,13 @@ fn file_cache_substitutes_signed_outputs_only() {
     // A partial cache (only the root filesystem tar) and a cache that does not exist.
     let partial = t.path().join("partial");
     let partial_url = format!("file://{}", partial.display());
-    ok(&rbuild(&[
-        "cache",
-        "push",
+    ok(&cache_push(
         &format!("{recipe}^rootfs"),
-        "--store",
-        store_a.to_str().unwrap(),
-        "--to",
+        &store_a,
         &partial_url,
-        "--secret-key",
         &alice_sec,
-    ]));
+        &[],
+    ));
     let nowhere = format!("file://{}", t.path().join("nowhere").display());
     let e = json(&realise_from(
         &a,
@@ -1449,17 +1447,13 @@ fn http_cache_round_trip_and_dead_cache() {
 
     // Partial: another path of the server holds only the root filesystem tar.
     let partial = format!("{url}/partial");
-    ok(&rbuild(&[
-        "cache",
-        "push",
+    ok(&cache_push(
         &format!("{recipe}^rootfs"),
-        "--store",
-        store_a.to_str().unwrap(),
-        "--to",
+        &store_a,
         &partial,
-        "--secret-key",
         &sec,
-    ]));
+        &[],
+    ));
     let e = json(&realise_from(
         &a,
         &t.path().join("e"),
@@ -1508,17 +1502,7 @@ fn grpc_cache_on_buildgrid() {
         &["--push-to", &bg.url, "--secret-key", &sec],
     );
     assert_eq!(r["built"], 17);
-    let again = rbuild(&[
-        "cache",
-        "push",
-        recipe,
-        "--store",
-        store_a.to_str().unwrap(),
-        "--to",
-        &bg.url,
-        "--secret-key",
-        &sec,
-    ]);
+    let again = cache_push(recipe, &store_a, &bg.url, &sec, &[]);
     ok(&again);
     assert!(
         stderr(&again).contains("(0 new blobs)"),
@@ -1590,17 +1574,7 @@ fn grpc_cache_on_buildgrid() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
-    let o = rbuild(&[
-        "cache",
-        "push",
-        recipe,
-        "--store",
-        store_a.to_str().unwrap(),
-        "--to",
-        &readonly,
-        "--secret-key",
-        &sec,
-    ]);
+    let o = cache_push(recipe, &store_a, &readonly, &sec, &[]);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("does not allow ActionCache updates"),
@@ -1611,17 +1585,13 @@ fn grpc_cache_on_buildgrid() {
     // Partial: instance `other` (same CAS, its own ActionCache) has only the root filesystem tar;
     // a dead cache in front of it is warned about and skipped.
     let other = format!("{}/other", bg.url);
-    ok(&rbuild(&[
-        "cache",
-        "push",
+    ok(&cache_push(
         &format!("{recipe}^rootfs"),
-        "--store",
-        store_a.to_str().unwrap(),
-        "--to",
+        &store_a,
         &other,
-        "--secret-key",
         &sec,
-    ]));
+        &[],
+    ));
     let o = from("e", dead, &["grpc://127.0.0.1:9", &other], &public);
     let e = json(&o);
     assert_eq!(
@@ -1801,17 +1771,7 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
     // and asks again while the server says it is busy.
     let (url2, state2) = reapi_server::start();
     state2.busy.store(3, Ordering::Relaxed);
-    let o = rbuild(&[
-        "cache",
-        "push",
-        recipe,
-        "--store",
-        t.path().join("a").to_str().unwrap(),
-        "--to",
-        &url2,
-        "--secret-key",
-        &sec,
-    ]);
+    let o = cache_push(recipe, &t.path().join("a"), &url2, &sec, &[]);
     ok(&o);
     assert!(stderr(&o).contains("pushed 17 outputs"), "{}", stderr(&o));
     assert_eq!(
@@ -1981,19 +1941,11 @@ fn grpcs_cache_checks_the_server_certificate() {
     let store = d.join("store");
     realise_json(None, &a, "^rootfs", &store, &[]);
     let push = |env: &[(&str, &str)]| {
-        rbuild_as(
-            None,
-            &[
-                "cache",
-                "push",
-                &format!("{}^rootfs", a.recipe.display()),
-                "--store",
-                store.to_str().unwrap(),
-                "--to",
-                &bg.url,
-                "--secret-key",
-                d.join("k.sec").to_str().unwrap(),
-            ],
+        cache_push(
+            &format!("{}^rootfs", a.recipe.display()),
+            &store,
+            &bg.url,
+            d.join("k.sec").to_str().unwrap(),
             env,
         )
     };
@@ -2150,39 +2102,16 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
     lock(&a);
     let (sec, public) = keypair(d, "alice-2026");
     let store = d.join("a");
-    let built = json(&rbuild_as(
+    let built = json(&realise_with(
         None,
-        &[
-            "realise",
-            a.recipe.to_str().unwrap(),
-            "--store",
-            store.to_str().unwrap(),
-            "--json",
-            "--mirror",
-            &a.mirror_url(),
-            "--push-to",
-            &url,
-            "--secret-key",
-            &sec,
-        ],
+        &a,
+        "",
+        &store,
+        &["--push-to", &url, "--secret-key", &sec],
         &env,
     ));
     let push = |to: &str, env: &[(&str, &str)]| {
-        rbuild_as(
-            None,
-            &[
-                "cache",
-                "push",
-                a.recipe.to_str().unwrap(),
-                "--store",
-                store.to_str().unwrap(),
-                "--to",
-                to,
-                "--secret-key",
-                &sec,
-            ],
-            env,
-        )
+        cache_push(a.recipe.to_str().unwrap(), &store, to, &sec, env)
     };
     let again = push(&url, &env);
     ok(&again);
@@ -2229,20 +2158,19 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
         b"PRETTY_NAME=\"Test\"",
         b"PRETTY_NAME=\"Evil\"",
     );
-    let tree = format!("{}^tree", a.recipe.display());
-    let o = rbuild(&[
-        "realise",
-        &tree,
-        "--store",
-        d.join("c").to_str().unwrap(),
-        "--json",
-        "--mirror",
-        &a.mirror_url(),
-        "--trusted-key",
-        &public,
-        "--substituter",
-        &format!("docker://{proxy}/rbuild"),
-    ]);
+    let o = realise_with(
+        None,
+        &a,
+        "^tree",
+        &d.join("c"),
+        &[
+            "--trusted-key",
+            &public,
+            "--substituter",
+            &format!("docker://{proxy}/rbuild"),
+        ],
+        &[],
+    );
     let c = json(&o);
     assert!(c["built"].as_u64().unwrap() >= 1, "{c}");
     assert!(stderr(&o).contains("blob sha256:"), "{}", stderr(&o));

@@ -331,17 +331,13 @@ fn cache_push_refuses_a_damaged_output_and_pushes_the_rest() {
         t.path().join("k.pub").to_str().unwrap(),
     ]));
     let cache = t.path().join("cache");
-    let o = rbuild(&[
-        "cache",
-        "push",
+    let o = cache_push(
         a.recipe.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--to",
+        &store,
         &format!("file://{}", cache.display()),
-        "--secret-key",
         sec.to_str().unwrap(),
-    ]);
+        &[],
+    );
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");
     let name = deb.file_name().unwrap().to_string_lossy();

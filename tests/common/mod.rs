@@ -403,6 +403,31 @@ pub fn rbuild(args: &[&str]) -> Output {
     rbuild_as(None, args, &[])
 }
 
+/// `rbuild cache push TARGET --store STORE --to URL --secret-key KEY`, with `env`.
+pub fn cache_push(
+    target: &str,
+    store: &Path,
+    to: &str,
+    secret_key: &str,
+    env: &[(&str, &str)],
+) -> Output {
+    rbuild_as(
+        None,
+        &[
+            "cache",
+            "push",
+            target,
+            "--store",
+            store.to_str().unwrap(),
+            "--to",
+            to,
+            "--secret-key",
+            secret_key,
+        ],
+        env,
+    )
+}
+
 /// Assert success and return stdout.
 pub fn ok(o: &Output) -> String {
     assert!(

@@ -271,10 +271,11 @@ fn second_stage(
     // dpkg reads each `.deb` straight from the sandbox's read-only inputs, bind-mounted into
     // the chroot; those neither an unpack derivation nor the extraction checked are checked
     // against the signed index here.
+    let ready: std::collections::HashSet<String> = plain.iter().map(|(n, _)| n.clone()).collect();
     let mut deb_of = std::collections::HashMap::new();
     for p in &plan.packages {
         let input = &ctx.inputs[p.deb];
-        if p.unpacked.is_none() && !plain.iter().any(|(n, _)| *n == p.name) {
+        if p.unpacked.is_none() && !ready.contains(&p.name) {
             super::index::verify_deb(&ctx.inputs[0], &p.name, &p.version, &p.architecture, input)?;
         }
         let name = input.file_name().context("input path")?.to_string_lossy();
@@ -302,7 +303,6 @@ fn second_stage(
         .map(|p| (p.name.as_str(), ctx.inputs[p.deb].as_path()))
         .collect();
     fs::create_dir_all(plain_dir())?;
-    let ready: std::collections::HashSet<String> = plain.iter().map(|(n, _)| n.clone()).collect();
     let plain = PlainDebs::start(
         plain,
         required

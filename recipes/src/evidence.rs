@@ -95,7 +95,6 @@ impl Evidence {
             format!("{}-{}-available", self.suite, self.architecture),
             &self.indices,
             &names,
-            self.verify.clone(),
         )
     }
 

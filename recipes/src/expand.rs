@@ -186,16 +186,18 @@ fn verified_index(
 }
 
 /// The `available` derivation: the stanzas `packages` have in the pinned `indices` (the same
-/// fetches `verify` checked against the signed Release), as debootstrap hands them to dpkg and
-/// the SBOMs read them.
+/// fetches `verify` checks against the signed Release), as debootstrap hands them to dpkg and
+/// the SBOMs read them. It does not wait for `verify`, which it would only wait for: it runs
+/// beside it, on bytes the lock pins, and everything that reads its output (configure, the
+/// SBOMs) also takes `verify`'s, so nothing uses stanzas of an index the signature did not
+/// cover.
 pub fn available_drv(
     g: &mut Graph,
     name: String,
     indices: &[PinnedFile],
     packages: &[String],
-    verify: DrvHash,
 ) -> Result<DrvHash, ExpandError> {
-    let mut inputs = vec![verify];
+    let mut inputs = Vec::new();
     for idx in indices {
         inputs.push(g.add(index_fetch(idx))?);
     }

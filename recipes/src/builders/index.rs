@@ -81,8 +81,8 @@ pub(super) fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `debian-available`: inputs `[verified index, Packages index…]` (the fetches `verify`
-/// checked against the signed Release); args `[index path…, "--", package…]`. `$out/available`
+/// `debian-available`: inputs `[Packages index…]` (the fetches `verify` checks against the
+/// signed Release; whoever reads `$out` also waits for that); args `[index path…, "--", package…]`. `$out/available`
 /// holds the stanzas of those packages, verbatim and in index order, each ended by an empty
 /// line: what debootstrap's `pkgdetails STANZAS` writes to dpkg's `available`.
 pub(super) fn available(ctx: &BuildContext) -> anyhow::Result<()> {
@@ -97,7 +97,7 @@ pub(super) fn available(ctx: &BuildContext) -> anyhow::Result<()> {
     for (i, path) in ctx.args[..split].iter().enumerate() {
         let input = ctx
             .inputs
-            .get(i + 1)
+            .get(i)
             .with_context(|| format!("no input for {path}"))?;
         let bytes = fs::read(input).with_context(|| format!("reading {path}"))?;
         let text = String::from_utf8(packages::decompress(path, &bytes)?)

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use rbuild_store::cache::{Answer, BinaryCache, CacheEntry, PublicKey, SecretKey};
 use rbuild_store::{DrvRecord, Store};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::builtins::fetch::{FetchError, Fetcher};
@@ -415,10 +414,13 @@ impl Engine {
             }
             self.progress.plan(&counts);
             // Downloads are I/O bound and get their own slots. Sandboxed builds share the -j
-            // budget, taken by the ready build that matters most (see `BuildOrder`).
-            let fetch_slots = Arc::new(Semaphore::new(24));
+            // budget. Each kind of slot goes to the ready derivation that matters most (see
+            // `BuildOrder`): the index that verify and configure wait for is not queued behind
+            // a hundred `.deb`s.
+            let mut free_fetches = FETCH_SLOTS;
             let mut free_builds = self.jobs.max(1);
             let mut order = BuildOrder::new(&graph, &needed)?;
+            let mut fetch_order = order.clone();
             let mut pending: HashMap<DrvHash, usize> = HashMap::new();
             let mut ready = Vec::new();
             for h in &needed {
@@ -442,11 +444,18 @@ impl Engine {
                     let mut start = Vec::new();
                     for h in ready.drain(..) {
                         if graph.get(&h).expect("planned").uses_network() {
-                            start.push(h);
+                            fetch_order.push(h, 0);
                         } else {
                             let bytes = order.input_bytes(&h, &self.store);
                             order.push(h, bytes);
                         }
+                    }
+                    while free_fetches > 0 {
+                        let Some(h) = fetch_order.pop() else {
+                            break;
+                        };
+                        free_fetches -= 1;
+                        start.push(h);
                     }
                     while free_builds > 0 {
                         let Some(h) = order.pop() else {
@@ -459,13 +468,7 @@ impl Engine {
                         let drv = graph.get(&h).expect("planned").clone();
                         let emulator = graph.emulator_for(&drv).cloned();
                         let this = Arc::clone(self);
-                        let fetch_slots = fetch_slots.clone();
                         tasks.spawn(async move {
-                            let _slot = if drv.uses_network() {
-                                Some(fetch_slots.acquire_owned().await.expect("semaphore open"))
-                            } else {
-                                None
-                            };
                             this.progress.started(drv.stage, &drv.name);
                             let started = std::time::Instant::now();
                             let r = this.build_one(&h, &drv, emulator.as_ref()).await;
@@ -482,7 +485,9 @@ impl Engine {
                     break;
                 };
                 let (h, drv, r, (start, end)) = joined.expect("build task does not panic");
-                if !drv.uses_network() {
+                if drv.uses_network() {
+                    free_fetches += 1;
+                } else {
                     free_builds += 1;
                 }
                 match r {
@@ -756,11 +761,16 @@ fn size_of(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The order in which ready builds take the build slots: first the one with the longest chain
+/// How many downloads run at once.
+const FETCH_SLOTS: usize = 24;
+
+/// The order in which ready builds take the build slots (and downloads the download slots):
+/// first the one with the longest chain
 /// of builds still to come above it (the critical path: with two slots and a hundred unpacks
 /// ready, the index that configure also waits for must not queue behind them all), then the one
 /// with the most input bytes (the longest first, as list scheduling does), then the order in
 /// which they became ready.
+#[derive(Clone)]
 struct BuildOrder {
     /// How many derivations still to build lie on the longest path from each to the target.
     height: HashMap<DrvHash, usize>,

@@ -399,6 +399,71 @@ fn start_layout(out: &Path, ref_name: Option<&str>) -> Result<std::path::PathBuf
     Ok(blobs)
 }
 
+/// A reader that takes the SHA-256 of what is read through it: a layer's diff id, in the same
+/// pass that compresses the tar.
+pub struct HashingReader<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hash: Sha256::new(),
+        }
+    }
+
+    /// The SHA-256 (lowercase hex) of everything read so far.
+    pub fn finish(self) -> String {
+        hex::encode(self.hash.finalize())
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// A writer that takes the SHA-256 and length of what is written through it: a blob's digest
+/// and size, in the same pass that writes it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    size: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hash: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// The SHA-256 (lowercase hex) and length of everything written so far.
+    pub fn finish(self) -> (String, u64) {
+        (hex::encode(self.hash.finalize()), self.size)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The sha256 (lowercase hex, no `sha256:` prefix) and size of a file.
 pub fn sha256_file(path: &Path) -> Result<(String, u64), ArchiveError> {
     let mut f = File::open(path).map_err(|e| ArchiveError::io(path, e))?;

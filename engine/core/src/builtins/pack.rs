@@ -98,24 +98,27 @@ fn write_layer_blob(
     compression: LayerCompression,
 ) -> anyhow::Result<()> {
     fs::create_dir_all(out)?;
-    let (diff_hex, _) = oci::sha256_file(tar)?;
     let blob = out.join(compression.blob_name());
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let r = BufReader::with_capacity(
+    // Both digests are taken on the way through, not in passes of their own over the tar and
+    // the blob.
+    let mut r = oci::HashingReader::new(BufReader::with_capacity(
         1 << 20,
         fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?,
-    );
-    let w = BufWriter::with_capacity(1 << 20, fs::File::create(&blob)?);
+    ));
+    let mut w =
+        oci::HashingWriter::new(BufWriter::with_capacity(1 << 20, fs::File::create(&blob)?));
     match compression {
         LayerCompression::Gzip => {
-            let mut w = archive::tar_out::gzip_parallel(r, w, 6, threads)?;
-            w.flush()?;
+            archive::tar_out::gzip_parallel(&mut r, &mut w, 6, threads)?;
         }
-        LayerCompression::Zstd => archive::tar_out::zstd_reproducible(r, w)?,
+        LayerCompression::Zstd => archive::tar_out::zstd_reproducible(&mut r, &mut w)?,
     }
-    let (digest_hex, size) = oci::sha256_file(&blob)?;
+    w.flush()?;
+    let diff_hex = r.finish();
+    let (digest_hex, size) = w.finish();
     let info = LayerInfo {
         diff_id: format!("sha256:{diff_hex}"),
         digest: format!("sha256:{digest_hex}"),

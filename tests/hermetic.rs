@@ -172,9 +172,10 @@ fn realise_and_check(user: Option<&str>) {
     }
     let store = user_dir(t.path(), "store", user);
     let r = realise_json(user, &a, "", &store, &[]);
-    // 1 InRelease + 1 index + 3 debs fetched, 1 verify, 3 unpacks, configure, tar, layer, the
-    // image's manifest, the stanzas and two SBOMs it carries as referrers, the image.
-    assert_eq!(r["built"], 17, "{r}");
+    // 1 InRelease + 1 index + 3 debs fetched, 1 verify, 3 unpacks, configure, the layer (from
+    // the tree: the image needs no `^rootfs` tar), the image's manifest, the stanzas and two
+    // SBOMs it carries as referrers, the image.
+    assert_eq!(r["built"], 16, "{r}");
     assert_eq!(r["reused"], 0);
     let layout = Path::new(r["output"].as_str().unwrap()).to_owned();
     assert!(layout.starts_with(fs::canonicalize(&store).unwrap()));
@@ -247,9 +248,10 @@ fn realise_and_check(user: Option<&str>) {
         );
     }
 
-    // ^rootfs is the same tar, and the store holds no setuid file on the host.
+    // ^rootfs is the same tar (made only now: the layer streams it from the tree), and the
+    // store holds no setuid file on the host.
     let rootfs = realise_json(user, &a, "^rootfs", &store, &[]);
-    assert_eq!(rootfs["built"], 0);
+    assert_eq!(rootfs["built"], 1, "{rootfs}");
     assert_eq!(
         fs::read(rootfs["output"].as_str().unwrap()).unwrap(),
         tar_bytes
@@ -723,7 +725,7 @@ fn concurrent_realises_share_a_store_without_building_twice() {
     assert_eq!(j1["output"], j2["output"]);
     assert_eq!(
         j1["built"].as_u64().unwrap() + j2["built"].as_u64().unwrap(),
-        17,
+        16,
         "every derivation built exactly once: {j1} {j2}"
     );
 }
@@ -1312,7 +1314,7 @@ fn file_cache_substitutes_signed_outputs_only() {
         ok(&o);
         stderr(&o)
     };
-    assert!(push(recipe).contains("pushed 17 outputs"));
+    assert!(push(recipe).contains("pushed 16 outputs"));
     assert!(
         push(recipe).contains("(0 new blobs)"),
         "pushing again uploads nothing"
@@ -1364,9 +1366,9 @@ fn file_cache_substitutes_signed_outputs_only() {
     ));
     assert_eq!(
         counts(&e),
-        (6, 4),
-        "from the ^rootfs closure, what the image needs substituted (the tar, the tree, the \
-         verified index and the Packages it is made of); the layer, the image, its manifest, \
+        (6, 3),
+        "from the ^rootfs closure, what the image needs substituted (the tree, the verified \
+         index and the Packages it is made of; not the tar, which the layer does without); the layer, the image, its manifest, \
          the stanzas and two SBOMs built: {e}"
     );
 }
@@ -1396,7 +1398,7 @@ fn http_cache_round_trip_and_dead_cache() {
         "--secret-key",
         &sec,
     ]));
-    assert_eq!(r["built"], 17);
+    assert_eq!(r["built"], 16);
     assert!(
         t.path().join("served/entries").read_dir().unwrap().count() >= 13,
         "pushed while building"
@@ -1421,7 +1423,7 @@ fn http_cache_round_trip_and_dead_cache() {
         &[],
     );
     let c = json(&o);
-    assert_eq!(c["built"], 17);
+    assert_eq!(c["built"], 16);
     assert!(
         stderr(&o).contains("127.0.0.1:9/cache"),
         "warned: {}",
@@ -1464,9 +1466,9 @@ fn http_cache_round_trip_and_dead_cache() {
     ));
     assert_eq!(
         counts(&e),
-        (6, 4),
-        "from the ^rootfs closure, what the image needs substituted (the tar, the tree, the \
-         verified index and the Packages it is made of); the layer, the image, its manifest, \
+        (6, 3),
+        "from the ^rootfs closure, what the image needs substituted (the tree, the verified \
+         index and the Packages it is made of; not the tar, which the layer does without); the layer, the image, its manifest, \
          the stanzas and two SBOMs built: {e}"
     );
 
@@ -1501,7 +1503,7 @@ fn grpc_cache_on_buildgrid() {
         &store_a,
         &["--push-to", &bg.url, "--secret-key", &sec],
     );
-    assert_eq!(r["built"], 17);
+    assert_eq!(r["built"], 16);
     let again = cache_push(recipe, &store_a, &bg.url, &sec, &[]);
     ok(&again);
     assert!(
@@ -1596,9 +1598,9 @@ fn grpc_cache_on_buildgrid() {
     let e = json(&o);
     assert_eq!(
         counts(&e),
-        (6, 4),
-        "from the ^rootfs closure, what the image needs substituted (the tar, the tree, the \
-         verified index and the Packages it is made of); the layer, the image, its manifest, \
+        (6, 3),
+        "from the ^rootfs closure, what the image needs substituted (the tree, the verified \
+         index and the Packages it is made of; not the tar, which the layer does without); the layer, the image, its manifest, \
          the stanzas and two SBOMs built: {e}"
     );
     assert!(
@@ -1633,7 +1635,7 @@ fn grpc_cache_on_buildgrid() {
         &public,
         &[("RBUILD_CACHE_TIMEOUT", "2")],
     );
-    assert_eq!(json(&o)["built"], 17);
+    assert_eq!(json(&o)["built"], 16);
     for url in [&silent_url, &garbage_url] {
         assert!(
             stderr(&o).contains(url.as_str()),
@@ -1758,13 +1760,13 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         &t.path().join("a"),
         &["--push-to", &url, "--secret-key", &sec],
     );
-    assert_eq!(r["built"], 17);
+    assert_eq!(r["built"], 16);
     let (calls, asked) = (
         state.find_missing_calls.load(Ordering::Relaxed),
         state.digests_asked.load(Ordering::Relaxed),
     );
     assert!(
-        calls <= 17 && asked > 2 * calls,
+        calls <= 16 && asked > 2 * calls,
         "one FindMissingBlobs per output, many digests each: {calls} calls, {asked} digests"
     );
     // `cache push` of the whole closure to an empty server asks about all its blobs at once,
@@ -1773,14 +1775,14 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
     state2.busy.store(3, Ordering::Relaxed);
     let o = cache_push(recipe, &t.path().join("a"), &url2, &sec, &[]);
     ok(&o);
-    assert!(stderr(&o).contains("pushed 17 outputs"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("pushed 16 outputs"), "{}", stderr(&o));
     assert_eq!(
         state2.busy.load(Ordering::Relaxed),
         0,
         "the busy answers were met"
     );
     assert_eq!(state2.find_missing_calls.load(Ordering::Relaxed), 1);
-    assert_eq!(state2.actions.lock().unwrap().len(), 17);
+    assert_eq!(state2.actions.lock().unwrap().len(), 16);
     let digest = output_digest(&r);
     let from = |store: &str, mirror: &str| {
         realise_from(&a, &t.path().join(store), mirror, &[&url], &public, &[])
@@ -2598,7 +2600,7 @@ fn several_mirrors_from_rbuild_mirror_and_config() {
         rbuild_as(None, &args, env)
     };
     let r = json(&realise(&store, &[], &[("RBUILD_MIRROR", &urls)]));
-    assert_eq!(r["built"], 17, "{r}");
+    assert_eq!(r["built"], 16, "{r}");
 
     let config = t.path().join("config");
     fs::create_dir_all(config.join("rbuild")).unwrap();

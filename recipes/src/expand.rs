@@ -419,7 +419,9 @@ fn expand_arch(
             .chain(recipe.image.compression.layer_args())
             .collect(),
         env: sde.clone(),
-        inputs: vec![rootfs.clone()],
+        // The tree, not `rootfs`: the layer streams the same tar into its compressor, and an
+        // image needs no 200 MB tar in the store (`^rootfs` and the provenance still make it).
+        inputs: vec![tree.clone()],
         system: None,
         fixed_output: None,
     })?;

@@ -81,18 +81,71 @@ impl LayerCompression {
     }
 }
 
-/// `pack-layer`: input 0 is a layer tar; `$out/layer.tar.gz` (or `.zst`) is its reproducible
-/// compression and `$out/layer.json` the digests. Argument 0 is the history line, argument 1
-/// (optional) the compression, `gzip` or `zstd`.
+/// `pack-layer`: input 0 is a tree (with its ownership sidecar) or, as before, its
+/// deterministic tar; `$out/layer.tar.gz` (or `.zst`) is the tar's reproducible compression
+/// and `$out/layer.json` the digests. Argument 0 is the history line, argument 1 (optional)
+/// the compression, `gzip` or `zstd`.
 pub fn pack_layer(ctx: &BuildContext) -> anyhow::Result<()> {
-    let tar = ctx.inputs.first().context("pack-layer needs a tar input")?;
+    let input = ctx
+        .inputs
+        .first()
+        .context("pack-layer needs a tree input")?;
     let compression = LayerCompression::from_arg(ctx.args.get(1))?;
-    write_layer_blob(tar, &ctx.out, ctx.arg(0)?, compression)
+    if input.is_dir() {
+        layer_of_tree(
+            input,
+            ctx.source_date_epoch(),
+            &ctx.out,
+            ctx.arg(0)?,
+            compression,
+        )
+    } else {
+        let r = fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+        write_layer_blob(r, &ctx.out, ctx.arg(0)?, compression)
+    }
 }
 
-/// Compress the layer tar `tar` into `out`'s blob and record its digests in `out/layer.json`.
+/// The layer of `tree`: its deterministic tar, streamed from a thread into the compressor, so
+/// that no 200 MB tar is written and read back on the way.
+fn layer_of_tree(
+    tree: &Path,
+    source_date_epoch: i64,
+    out: &Path,
+    created_by: &str,
+    compression: LayerCompression,
+) -> anyhow::Result<()> {
+    let meta = TreeMeta::read(&rbuild_store::meta::sidecar(tree))?;
+    let (r, w) = std::os::unix::net::UnixStream::pair().context("making the tar's pipe")?;
+    std::thread::scope(|s| {
+        let writer = std::thread::Builder::new()
+            .name("tar".into())
+            .spawn_scoped(s, || -> anyhow::Result<()> {
+                let w = archive::tar_out::write_tar(
+                    tree,
+                    &meta,
+                    source_date_epoch,
+                    BufWriter::with_capacity(1 << 20, w),
+                )?;
+                w.into_inner().map_err(|e| e.into_error())?;
+                Ok(())
+            })
+            .context("starting the tar thread")?;
+        // Returns once the tar ends, or at its first error, closing the pipe so that the
+        // writer stops too.
+        let compressed = write_layer_blob(r, out, created_by, compression);
+        let written = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the tar thread panicked"))?;
+        // A tar that failed half way reads as a short one: its own error comes first.
+        written.with_context(|| format!("writing the tar of {}", tree.display()))?;
+        compressed
+    })
+}
+
+/// Compress the layer tar read from `tar` into `out`'s blob and record its digests in
+/// `out/layer.json`.
 fn write_layer_blob(
-    tar: &Path,
+    tar: impl std::io::Read,
     out: &Path,
     created_by: &str,
     compression: LayerCompression,
@@ -104,10 +157,7 @@ fn write_layer_blob(
         .unwrap_or(1);
     // Both digests are taken on the way through, not in passes of their own over the tar and
     // the blob.
-    let mut r = oci::HashingReader::new(BufReader::with_capacity(
-        1 << 20,
-        fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?,
-    ));
+    let mut r = oci::HashingReader::new(BufReader::with_capacity(1 << 20, tar));
     let mut w =
         oci::HashingWriter::new(BufWriter::with_capacity(1 << 20, fs::File::create(&blob)?));
     match compression {
@@ -138,14 +188,14 @@ pub fn pack_change_set(ctx: &BuildContext) -> anyhow::Result<()> {
         .inputs
         .first()
         .context("pack-change-set needs a change set input")?;
-    let work = ctx.out.with_extension("work");
-    fs::create_dir_all(&work)?;
-    let tar_path = work.join("layer.tar");
-    tar_tree(tree, &tar_path, ctx.source_date_epoch())?;
     let compression = LayerCompression::from_arg(ctx.args.get(1))?;
-    write_layer_blob(&tar_path, &ctx.out, ctx.arg(0)?, compression)?;
-    fs::remove_dir_all(&work)?;
-    Ok(())
+    layer_of_tree(
+        tree,
+        ctx.source_date_epoch(),
+        &ctx.out,
+        ctx.arg(0)?,
+        compression,
+    )
 }
 
 /// `pack-oci`: inputs are layer outputs (bottom first), then the files to attach as referrers;

@@ -50,14 +50,26 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     // far less than on the store's file system, and written to `$out` once, at the end — if
     // files there keep ACLs, as the tree's must.
     let memory = Path::new(sandbox::MEMORY_DIR);
-    let root = if sandbox::keeps_acls(memory) {
-        memory.join("rootfs")
-    } else {
+    let estimate = estimated_tree_bytes(ctx, &plan)?;
+    let tmpfs_free = rbuild_engine::nospace::free_bytes(memory);
+    let mem_available = mem_available();
+    let root = if !sandbox::keeps_acls(memory) {
         eprintln!(
             "configure: {} keeps no ACLs; building in $out",
             memory.display()
         );
         ctx.out.clone()
+    } else if !fits_in_memory(estimate, tmpfs_free, mem_available) {
+        eprintln!(
+            "configure: the tree will take about {} MiB, more than memory holds with room to spare ({} MiB free in {}, {} MiB of memory available); building in $out",
+            estimate >> 20,
+            tmpfs_free.map_or("?".into(), |b| (b >> 20).to_string()),
+            memory.display(),
+            mem_available.map_or("?".into(), |b| (b >> 20).to_string()),
+        );
+        ctx.out.clone()
+    } else {
+        memory.join("rootfs")
     };
     fs::create_dir_all(&root)?;
     if plan.merged_usr {
@@ -103,6 +115,54 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         eprintln!("configure: written to $out at {:.1?}", started.elapsed());
     }
     Ok(())
+}
+
+/// About how many bytes the tree will take: the sum of the packages' `Installed-Size` in the
+/// index stanzas (the debootstrap variant has them), or four times the `.deb`s' bytes.
+fn estimated_tree_bytes(ctx: &BuildContext, plan: &ConfigurePlan) -> anyhow::Result<u64> {
+    if let Some(i) = plan.available {
+        let path = ctx.inputs[i].join("available");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        return Ok(installed_size_kib(&text) * 1024);
+    }
+    Ok(plan
+        .packages
+        .iter()
+        .filter_map(|p| fs::metadata(&ctx.inputs[p.deb]).ok())
+        .map(|m| m.len() * 4)
+        .sum())
+}
+
+/// The sum of the `Installed-Size` fields (KiB) of the stanzas in `text`.
+fn installed_size_kib(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("Installed-Size:"))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// The memory the kernel says can be taken without swapping (`MemAvailable`).
+fn mem_available() -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Whether a tree of about `estimate` bytes is built in memory: only when the sandbox's tmpfs
+/// and the machine's available memory both hold it, a quarter more (dpkg's `.dpkg-new` copies,
+/// estimates that fall short) and 256 MiB (dpkg, the maintainer scripts, the rest of the
+/// machine) besides. A build that runs out of memory half way fails; one on disk is slower.
+fn fits_in_memory(estimate: u64, tmpfs_free: Option<u64>, mem_available: Option<u64>) -> bool {
+    let need = estimate + estimate / 4 + (256 << 20);
+    tmpfs_free.is_none_or(|f| f >= need) && mem_available.is_none_or(|m| m >= need)
 }
 
 /// Where configure keeps the `.deb`s it rewrote with their data uncompressed: in the sandbox's
@@ -490,4 +550,46 @@ fn second_stage(
     // dpkg knows its native architecture; debootstrap leaves no arch file either.
     fs::remove_file(root.join("var/lib/dpkg/arch"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installed_sizes_are_summed_from_the_stanzas() {
+        let text = "Package: a\nInstalled-Size: 100\nDescription: x\n Installed-Size: 7\n\nPackage: b\nInstalled-Size:  23\n\nPackage: c\n\n";
+        // A description's continuation line starts with a space: not a field.
+        assert_eq!(installed_size_kib(text), 123);
+    }
+
+    #[test]
+    fn the_tree_is_built_in_memory_only_with_room_to_spare() {
+        const MIB: u64 = 1 << 20;
+        // bullseye: about 200 MiB.
+        assert!(fits_in_memory(
+            200 * MIB,
+            Some(8000 * MIB),
+            Some(16000 * MIB)
+        ));
+        assert!(fits_in_memory(200 * MIB, None, None));
+        // 200 + 50 + 256 MiB are needed.
+        assert!(fits_in_memory(200 * MIB, Some(506 * MIB), Some(506 * MIB)));
+        assert!(!fits_in_memory(
+            200 * MIB,
+            Some(505 * MIB),
+            Some(8000 * MIB)
+        ));
+        assert!(!fits_in_memory(
+            200 * MIB,
+            Some(8000 * MIB),
+            Some(505 * MIB)
+        ));
+        // A 3 GiB tree on a machine with 4 GiB: its tmpfs is 2 GiB.
+        assert!(!fits_in_memory(
+            3072 * MIB,
+            Some(2048 * MIB),
+            Some(3500 * MIB)
+        ));
+    }
 }

@@ -3508,3 +3508,45 @@ fn explain_and_diff_say_why_a_layer_rebuilt() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("are the same derivation"));
 }
+
+/// A tree that would not fit in the sandbox's memory with room to spare is built in `$out`
+/// instead, and comes out the same.
+#[test]
+fn configure_builds_on_disk_when_memory_is_short() {
+    let t = tempfile::tempdir().unwrap();
+    let a = make_archive(t.path());
+    lock(&a);
+    let configure_log = |store: &Path| -> String {
+        fs::read_dir(store.join("log"))
+            .unwrap()
+            .flatten()
+            .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+            .find(|l| l.contains("configure: "))
+            .expect("configure's log")
+    };
+    let mem_store = t.path().join("mem");
+    let mem = realise_json(None, &a, "", &mem_store, &[]);
+    assert!(
+        !configure_log(&mem_store).contains("building in $out"),
+        "{}",
+        configure_log(&mem_store)
+    );
+    // 64 MB may be written, so the sandbox's tmpfs is 64 MB: less than configure's margin.
+    let disk_store = t.path().join("disk");
+    let disk = realise_json(
+        None,
+        &a,
+        "",
+        &disk_store,
+        &["--max-build-bytes", "64000000"],
+    );
+    let log = configure_log(&disk_store);
+    assert!(
+        log.contains("MiB free in /tmp") && log.contains("building in $out"),
+        "{log}"
+    );
+    let index = |r: &serde_json::Value| {
+        fs::read(Path::new(r["output"].as_str().unwrap()).join("index.json")).unwrap()
+    };
+    assert_eq!(index(&mem), index(&disk), "the same image either way");
+}

@@ -98,6 +98,19 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         seed.len(),
         started.elapsed()
     );
+    // While dpkg works (on one core), the names the tree has so far are made in `$out` (on
+    // another): on a file system that makes new names slowly (ext4 after many deletions), the
+    // copy at the end would otherwise spend seconds making them.
+    let skeleton = if root != ctx.out && plan.variant == Variant::Debootstrap {
+        let skeleton = sandbox::Skeleton::scan(&root)?;
+        let out = ctx.out.clone();
+        std::thread::Builder::new()
+            .name("skeleton".into())
+            .spawn(move || skeleton.create_in(&out))
+            .ok()
+    } else {
+        None
+    };
     if plan.variant == Variant::Debootstrap {
         second_stage(ctx, &plan, &root, plain)?;
         eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
@@ -110,7 +123,22 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     finish_tree(ctx, &root)?;
     eprintln!("configure: recorded at {:.1?}", started.elapsed());
     if root != ctx.out {
-        sandbox::copy_tree(&root, &ctx.out).context("writing the tree to $out")?;
+        let made = skeleton.map(|t| t.join());
+        match made {
+            Some(Ok(Ok(()))) => {
+                sandbox::copy_tree_onto(&root, &ctx.out).context("writing the tree to $out")?
+            }
+            Some(Ok(Err(e))) => {
+                // The copy makes every name itself, from nothing.
+                eprintln!("configure: making the tree's names ahead failed: {e}");
+                if ctx.out.exists() {
+                    fs::remove_dir_all(&ctx.out)?;
+                }
+                sandbox::copy_tree(&root, &ctx.out).context("writing the tree to $out")?
+            }
+            Some(Err(_)) => bail!("configure: the thread making the tree's names panicked"),
+            None => sandbox::copy_tree(&root, &ctx.out).context("writing the tree to $out")?,
+        }
         fs::remove_dir_all(&root)?;
         eprintln!("configure: written to $out at {:.1?}", started.elapsed());
     }

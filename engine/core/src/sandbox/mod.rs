@@ -25,8 +25,8 @@ mod tree;
 pub use confine::{cap_names, landlock_abi, Walls, PACKAGE_CAPS, TEST_ONLY_WALLS_VAR};
 pub use ids::{check_support, IdMap, MapError};
 pub use tree::{
-    apply_meta, copy_tree, entry_meta, is_opaque, is_whiteout, keeps_acls, normalize_tree,
-    read_caps,
+    apply_meta, copy_tree, copy_tree_onto, entry_meta, is_opaque, is_whiteout, keeps_acls,
+    normalize_tree, read_caps, Skeleton,
 };
 
 use std::ffi::CString;

@@ -271,15 +271,38 @@ pub fn keeps_acls(dir: &Path) -> bool {
 /// directory's mode and mtime, deepest first (a directory's mtime moves with every entry made
 /// in it).
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
+    copy(src, dst, false)
+}
+
+/// [`copy_tree`] onto `dst` as [`Skeleton::create_in`] left it (or made anew): the names
+/// the skeleton made are reused (a file is truncated and written, not made again), any of
+/// another type is replaced, and any `src` does not have is removed, so that `dst` ends up
+/// exactly as [`copy_tree`] makes it.
+pub fn copy_tree_onto(src: &Path, dst: &Path) -> Result<(), SandboxError> {
+    copy(src, dst, true)
+}
+
+fn copy(src: &Path, dst: &Path, onto: bool) -> Result<(), SandboxError> {
     let mut plan = CopyPlan::default();
     plan.walk(src, PathBuf::new())?;
     let io = |what: &str, p: &Path| {
         let what = format!("{what} {}", p.display());
         move |source| SandboxError::Setup { what, source }
     };
+    if onto {
+        plan.prune(dst)?;
+    }
     for (rel, _) in &plan.dirs {
         let d = dst.join(rel);
-        fs::create_dir(&d).map_err(io("mkdir", &d))?;
+        match fs::create_dir(&d) {
+            Err(e) if onto && e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !fs::symlink_metadata(&d).map_err(io("stat", &d))?.is_dir() {
+                    fs::remove_file(&d).map_err(io("removing", &d))?;
+                    fs::create_dir(&d).map_err(io("mkdir", &d))?;
+                }
+            }
+            r => r.map_err(io("mkdir", &d))?,
+        }
     }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -292,7 +315,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
         let Some((rel, md)) = plan.leaves.get(i) else {
             return;
         };
-        if let Err(e) = copy_leaf(&src.join(rel), &dst.join(rel), md) {
+        if let Err(e) = copy_leaf(&src.join(rel), &dst.join(rel), md, onto) {
             let mut failed = failed.lock().unwrap_or_else(|p| p.into_inner());
             failed.get_or_insert(e);
             // Let every thread stop at its next entry.
@@ -319,6 +342,9 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
     }
     for (rel, first) in &plan.links {
         let d = dst.join(rel);
+        if onto {
+            remove_any(&d)?;
+        }
         fs::hard_link(dst.join(first), &d).map_err(io("linking", &d))?;
     }
     for (rel, md) in plan.dirs.iter().rev() {
@@ -343,6 +369,47 @@ struct CopyPlan {
 }
 
 impl CopyPlan {
+    /// Remove what `dst` holds and this plan does not make (deepest names first, a directory
+    /// with what it holds).
+    fn prune(&self, dst: &Path) -> Result<(), SandboxError> {
+        let wanted: std::collections::HashSet<&Path> = self
+            .dirs
+            .iter()
+            .map(|(rel, _)| rel)
+            .chain(self.leaves.iter().map(|(rel, _)| rel))
+            .chain(self.links.iter().map(|(rel, _)| rel))
+            .map(PathBuf::as_path)
+            .collect();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let d = dst.join(&rel);
+            let entries = match fs::read_dir(&d) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(SandboxError::Setup {
+                        what: format!("reading {}", d.display()),
+                        source,
+                    })
+                }
+            };
+            for e in entries {
+                let e = e.map_err(|source| SandboxError::Setup {
+                    what: format!("reading {}", d.display()),
+                    source,
+                })?;
+                let child = rel.join(e.file_name());
+                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                if !wanted.contains(child.as_path()) {
+                    remove_any(&dst.join(&child))?;
+                } else if is_dir {
+                    stack.push(child);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn walk(&mut self, src: &Path, rel: PathBuf) -> Result<(), SandboxError> {
         let p = src.join(&rel);
         let io = |what: &str| {
@@ -376,20 +443,96 @@ impl CopyPlan {
     }
 }
 
-/// Copy one file or symlink and give it its mtime.
-fn copy_leaf(src: &Path, dst: &Path, md: &fs::Metadata) -> Result<(), SandboxError> {
+/// Copy one file or symlink and give it its mtime. `onto`: `dst` may exist already; a plain
+/// file there (with no other name) is truncated and written, anything else replaced.
+fn copy_leaf(src: &Path, dst: &Path, md: &fs::Metadata, onto: bool) -> Result<(), SandboxError> {
     let io = |what: &str, p: &Path| {
         let what = format!("{what} {}", p.display());
         move |source| SandboxError::Setup { what, source }
     };
+    if onto {
+        match fs::symlink_metadata(dst) {
+            Ok(d) if md.is_file() && d.is_file() && d.nlink() == 1 => {}
+            Ok(_) => remove_any(dst)?,
+            Err(_) => {}
+        }
+    }
     if md.file_type().is_symlink() {
         let target = fs::read_link(src).map_err(io("readlink", src))?;
         std::os::unix::fs::symlink(target, dst).map_err(io("symlink", dst))?;
     } else {
-        // `fs::copy` gives the copy the source's permission bits.
+        // `fs::copy` gives the copy the source's permission bits (and truncates a file already
+        // there: `dst` is a plain file by now, never a symlink it would write through).
         fs::copy(src, dst).map_err(io("copying", src))?;
     }
     set_mtime(dst, md)
+}
+
+/// Remove whatever is at `p` (a directory with what it holds); nothing there is fine.
+fn remove_any(p: &Path) -> Result<(), SandboxError> {
+    let r = match fs::symlink_metadata(p) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    r.map_err(|source| SandboxError::Setup {
+        what: format!("removing {}", p.display()),
+        source,
+    })
+}
+
+/// The directories and plain files of a tree, by path below its root (directories each before
+/// what they hold; of a hard-linked file, its first name only): what [`Skeleton::create_in`]
+/// makes ahead of [`copy_tree_onto`], so that the cost of making thousands of names on the
+/// target file system is paid while the tree is still being worked on (dpkg leaves a core
+/// idle), and the copy at the end only writes contents.
+pub struct Skeleton {
+    dirs: Vec<PathBuf>,
+    files: Vec<PathBuf>,
+}
+
+impl Skeleton {
+    /// The skeleton of the tree at `src`, as it is now.
+    pub fn scan(src: &Path) -> Result<Skeleton, SandboxError> {
+        let mut plan = CopyPlan::default();
+        plan.walk(src, PathBuf::new())?;
+        Ok(Skeleton {
+            dirs: plan.dirs.into_iter().map(|(rel, _)| rel).collect(),
+            files: plan
+                .leaves
+                .into_iter()
+                .filter(|(_, md)| md.is_file())
+                .map(|(rel, _)| rel)
+                .collect(),
+        })
+    }
+
+    /// Make the skeleton's directories and (empty) files below `dst`, owned by the caller, with
+    /// default modes; [`copy_tree_onto`] gives them their contents, modes and mtimes.
+    pub fn create_in(&self, dst: &Path) -> Result<(), SandboxError> {
+        let io = |what: &str, p: &Path| {
+            let what = format!("{what} {}", p.display());
+            move |source| SandboxError::Setup { what, source }
+        };
+        for rel in &self.dirs {
+            let d = dst.join(rel);
+            match fs::create_dir(&d) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                r => r.map_err(io("mkdir", &d))?,
+            }
+        }
+        for rel in &self.files {
+            let f = dst.join(rel);
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&f)
+                .map_err(io("creating", &f))?;
+        }
+        Ok(())
+    }
 }
 
 fn set_mtime(dst: &Path, md: &fs::Metadata) -> Result<(), SandboxError> {
@@ -581,6 +724,57 @@ mod tests {
         assert_eq!(want, got);
         fs::set_permissions(dst.join("ro"), fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(src.join("ro"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// The names made ahead from an earlier state of the tree are reused, retyped or removed:
+    /// the copy comes out as a copy into nothing does.
+    #[test]
+    fn copy_tree_onto_a_skeleton_of_an_earlier_tree_is_exact() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(src.join("a")).unwrap();
+        fs::create_dir_all(src.join("x")).unwrap();
+        fs::create_dir_all(src.join("gone-dir/deep")).unwrap();
+        fs::write(src.join("gone-dir/deep/f"), "old").unwrap();
+        for name in [
+            "a/f1",
+            "a/f2",
+            "gone",
+            "y",
+            "z",
+            "a/linked-too",
+            "a/shrinks",
+        ] {
+            fs::write(src.join(name), "old contents, longer than the new").unwrap();
+        }
+        let skeleton = Skeleton::scan(&src).unwrap();
+        let dst = tmp.path().join("dst");
+        skeleton.create_in(&dst).unwrap();
+        // What the tree became meanwhile.
+        fs::remove_dir_all(src.join("gone-dir")).unwrap();
+        fs::remove_file(src.join("gone")).unwrap();
+        fs::remove_dir(src.join("x")).unwrap();
+        fs::write(src.join("x"), "a file now").unwrap();
+        fs::remove_file(src.join("y")).unwrap();
+        fs::create_dir(src.join("y")).unwrap();
+        fs::write(src.join("y/in"), "in a directory now").unwrap();
+        fs::remove_file(src.join("z")).unwrap();
+        symlink("a/f1", src.join("z")).unwrap();
+        fs::write(src.join("ro-linked"), "one file").unwrap();
+        fs::remove_file(src.join("a/linked-too")).unwrap();
+        fs::hard_link(src.join("ro-linked"), src.join("a/linked-too")).unwrap();
+        fs::write(src.join("a/shrinks"), "short").unwrap();
+        fs::write(src.join("a/new"), "new").unwrap();
+        fs::set_permissions(src.join("a/f2"), fs::Permissions::from_mode(0o4711)).unwrap();
+        copy_tree_onto(&src, &dst).unwrap();
+        assert_eq!(describe(&src), describe(&dst));
+        let fresh = tmp.path().join("fresh");
+        copy_tree(&src, &fresh).unwrap();
+        assert_eq!(describe(&fresh), describe(&dst));
+        // Into nothing, onto copies as copy_tree does.
+        let none = tmp.path().join("none");
+        copy_tree_onto(&src, &none).unwrap();
+        assert_eq!(describe(&src), describe(&none));
     }
 
     #[test]

@@ -51,6 +51,11 @@ for cache in "file://$work/shared" "grpc://127.0.0.1:$port" "docker://127.0.0.1:
     step "push again to $kind" "$rbuild" cache push debian-bullseye --store "$work/a" --to "$cache" --secret-key "$work/k.sec"
     step "substitute from $kind (empty store)" "$rbuild" realise debian-bullseye --store "$work/b-$kind" --json \
         --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
+    # The image's closure holds the tree, not the ^rootfs tar (the layer is made from the
+    # tree): the tar is made from the substituted tree, unless it was pushed too.
     step "substitute ^rootfs from $kind (empty store)" "$rbuild" realise 'debian-bullseye^rootfs' --store "$work/c-$kind" --json \
+        --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
+    step "push ^rootfs to $kind" "$rbuild" cache push 'debian-bullseye^rootfs' --store "$work/c-$kind" --to "$cache" --secret-key "$work/k.sec"
+    step "substitute ^rootfs again (empty store)" "$rbuild" realise 'debian-bullseye^rootfs' --store "$work/d-$kind" --json \
         --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
 done

@@ -765,11 +765,10 @@ fn size_of(p: &Path) -> u64 {
 const FETCH_SLOTS: usize = 24;
 
 /// The order in which ready builds take the build slots (and downloads the download slots):
-/// first the one with the longest chain
-/// of builds still to come above it (the critical path: with two slots and a hundred unpacks
-/// ready, the index that configure also waits for must not queue behind them all), then the one
-/// with the most input bytes (the longest first, as list scheduling does), then the order in
-/// which they became ready.
+/// first the one with the longest chain of builds still to come above it (the critical path:
+/// with two slots and a hundred unpacks ready, the index that configure also waits for must not
+/// queue behind them all), then the one with the most input bytes (the longest first, as list
+/// scheduling does), then the order in which they became ready.
 #[derive(Clone)]
 struct BuildOrder {
     /// How many derivations still to build lie on the longest path from each to the target.

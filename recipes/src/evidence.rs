@@ -93,7 +93,7 @@ impl Evidence {
         available_drv(
             g,
             format!("{}-{}-available", self.suite, self.architecture),
-            &self.indices,
+            &self.verify,
             &names,
         )
     }

@@ -185,23 +185,26 @@ fn verified_index(
     })?)
 }
 
-/// The `available` derivation: the stanzas `packages` have in the pinned `indices` (the same
-/// fetches `verify` checks against the signed Release), as debootstrap hands them to dpkg and
-/// the SBOMs read them. It does not wait for `verify`, which it would only wait for: it runs
-/// beside it, on bytes the lock pins, and everything that reads its output (configure, the
-/// SBOMs) also takes `verify`'s, so nothing uses stanzas of an index the signature did not
-/// cover.
+/// The `available` derivation: the stanzas `packages` have in the indices `verify` checks, as
+/// debootstrap hands them to dpkg and the SBOMs read them. It runs beside `verify`, not after
+/// it: it takes `verify`'s own inputs and arguments (the InRelease, the keys, the suite and
+/// date, the indices) and makes the same checks itself before it reads an index, so that no
+/// byte the signature does not cover is decompressed, and a bad index fails with `verify`'s
+/// message whichever of the two fails first.
 pub fn available_drv(
     g: &mut Graph,
     name: String,
-    indices: &[PinnedFile],
+    verify: &DrvHash,
     packages: &[String],
 ) -> Result<DrvHash, ExpandError> {
-    let mut inputs = Vec::new();
-    for idx in indices {
-        inputs.push(g.add(index_fetch(idx))?);
-    }
-    let mut args: Vec<String> = indices.iter().map(|i| i.path.clone()).collect();
+    let v =
+        g.get(verify)
+            .cloned()
+            .ok_or_else(|| rbuild_engine::graph::GraphError::MissingInput {
+                name: name.clone(),
+                input: verify.clone(),
+            })?;
+    let mut args = v.args;
     args.push("--".into());
     args.extend(packages.iter().cloned());
     Ok(g.add(Derivation {
@@ -210,7 +213,7 @@ pub fn available_drv(
         builder: "builtin:debian-available".into(),
         args,
         env: BTreeMap::new(),
-        inputs,
+        inputs: v.inputs,
         system: None,
         fixed_output: None,
     })?)

@@ -12,20 +12,27 @@ use sha2::{Digest, Sha256};
 
 use crate::debian::{self, packages};
 
-/// `debian-verify`: inputs `[InRelease, index…]`; args `[suite, keyring, fingerprints, sde,
-/// index-path…]`. Checks the InRelease signature against the pinned keys, the suite and date,
-/// and each index against the signed Release. `$out/index` is the compact verified index (one
-/// line per package), `$out/release.json` the signed Release fields.
-pub(super) fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
-    let suite = ctx.arg(0)?;
-    let keyring = ctx.arg(1)?.as_bytes();
-    let pinned: Vec<String> = ctx
-        .arg(2)?
+/// The checks `verify` makes, on a builder with its inputs `[InRelease, index…]` and
+/// arguments `args` (`[suite, keyring, fingerprints, sde, index-path…]`): the InRelease
+/// signature against the pinned keys, the suite and date, then each index against the signed
+/// Release, and only then decompressed. Returns the Release and each index's path and text.
+fn signed_indices(
+    ctx: &BuildContext,
+    args: &[String],
+) -> anyhow::Result<(debian::release::Release, Vec<(String, String)>)> {
+    let arg = |i: usize| -> anyhow::Result<&str> {
+        args.get(i)
+            .map(String::as_str)
+            .with_context(|| format!("missing argument {i}"))
+    };
+    let suite = arg(0)?;
+    let keyring = arg(1)?.as_bytes();
+    let pinned: Vec<String> = arg(2)?
         .split(',')
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect();
-    let sde: i64 = ctx.arg(3)?.parse().context("source date epoch argument")?;
+    let sde: i64 = arg(3)?.parse().context("source date epoch argument")?;
     let inrelease_file = format!("dists/{suite}/InRelease");
     let inrelease =
         fs::read(&ctx.inputs[0]).with_context(|| format!("reading {inrelease_file}"))?;
@@ -36,8 +43,8 @@ pub(super) fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
     if release.source_date_epoch != sde {
         bail!("{inrelease_file}: date check failed: the lock says SOURCE_DATE_EPOCH {sde}, the signed Release Date {:?} is {}", release.date, release.source_date_epoch);
     }
-    let mut lines = Vec::new();
-    for (i, path) in ctx.args[4..].iter().enumerate() {
+    let mut indices = Vec::new();
+    for (i, path) in args[4..].iter().enumerate() {
         let input = ctx
             .inputs
             .get(i + 1)
@@ -50,7 +57,20 @@ pub(super) fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
             .with_context(|| format!("verifying dists/{suite}/{rel}"))?;
         let text = packages::decompress(path, &bytes)?;
         let text = String::from_utf8(text).with_context(|| format!("{path}: not UTF-8"))?;
-        for p in packages::parse_packages(path, &text)? {
+        indices.push((path.clone(), text));
+    }
+    Ok((release, indices))
+}
+
+/// `debian-verify`: inputs `[InRelease, index…]`; args `[suite, keyring, fingerprints, sde,
+/// index-path…]`. Checks the InRelease signature against the pinned keys, the suite and date,
+/// and each index against the signed Release. `$out/index` is the compact verified index (one
+/// line per package), `$out/release.json` the signed Release fields.
+pub(super) fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
+    let mut lines = Vec::new();
+    let (release, indices) = signed_indices(ctx, &ctx.args)?;
+    for (path, text) in indices {
+        for p in packages::parse_packages(&path, &text)? {
             lines.push(packages::index_line(&p));
         }
     }
@@ -81,8 +101,8 @@ pub(super) fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `debian-available`: inputs `[Packages index…]` (the fetches `verify` checks against the
-/// signed Release; whoever reads `$out` also waits for that); args `[index path…, "--", package…]`. `$out/available`
+/// `debian-available`: `verify`'s inputs and arguments, then `"--"` and the packages; makes
+/// `verify`'s checks itself ([`signed_indices`]), beside it. `$out/available`
 /// holds the stanzas of those packages, verbatim and in index order, each ended by an empty
 /// line: what debootstrap's `pkgdetails STANZAS` writes to dpkg's `available`.
 pub(super) fn available(ctx: &BuildContext) -> anyhow::Result<()> {
@@ -90,19 +110,13 @@ pub(super) fn available(ctx: &BuildContext) -> anyhow::Result<()> {
         .args
         .iter()
         .position(|a| a == "--")
-        .context("available: no `--` between the indices and the packages")?;
+        .context("available: no `--` between verify's arguments and the packages")?;
     let wanted: std::collections::HashSet<&str> =
         ctx.args[split + 1..].iter().map(String::as_str).collect();
+    let (_, indices) = signed_indices(ctx, &ctx.args[..split])?;
     let mut out = String::new();
-    for (i, path) in ctx.args[..split].iter().enumerate() {
-        let input = ctx
-            .inputs
-            .get(i)
-            .with_context(|| format!("no input for {path}"))?;
-        let bytes = fs::read(input).with_context(|| format!("reading {path}"))?;
-        let text = String::from_utf8(packages::decompress(path, &bytes)?)
-            .with_context(|| format!("{path}: not UTF-8"))?;
-        select_stanzas(&text, &wanted, &mut out);
+    for (_, text) in &indices {
+        select_stanzas(text, &wanted, &mut out);
     }
     fs::create_dir_all(&ctx.out)?;
     fs::write(ctx.out.join("available"), out)?;

@@ -1,4 +1,4 @@
-//! The pack builders: a tree becomes a deterministic tar, a tar becomes a compressed OCI layer,
+//! The pack builders: a tree becomes a deterministic tar, a tree (or its tar) a compressed OCI layer,
 //! layers and a config become an OCI image layout.
 
 use std::fs;
@@ -136,9 +136,24 @@ fn layer_of_tree(
         let written = writer
             .join()
             .map_err(|_| anyhow::anyhow!("the tar thread panicked"))?;
-        // A tar that failed half way reads as a short one: its own error comes first.
-        written.with_context(|| format!("writing the tar of {}", tree.display()))?;
-        compressed
+        match (written, compressed) {
+            // The compressor stopped first (a full disk, say), and the writer then found the
+            // pipe closed: the compressor's error is the one to report.
+            (Err(w), Err(c)) if is_broken_pipe(&w) => Err(c),
+            // A tar that failed half way reads as a short one: its own error comes first.
+            (Err(w), _) => Err(w.context(format!("writing the tar of {}", tree.display()))),
+            (Ok(()), c) => c,
+        }
+    })
+}
+
+/// Whether `e` is, or was caused by, writing to a pipe whose reader is gone.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<archive::ArchiveError>()
+                .is_some_and(|a| a.to_string().contains("Broken pipe"))
     })
 }
 

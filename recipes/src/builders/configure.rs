@@ -92,7 +92,14 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         // debootstrap extracts `$required`, which is in byte order.
         seed.sort_by(|a, b| a.name.cmp(&b.name));
     }
-    let plain = extract(ctx, &seed, &root)?;
+    // Where the rewritten `.deb`s and the unpacked packages wait: in memory with the tree, or
+    // beside `$out` when the tree is built there.
+    let scratch = if root == ctx.out {
+        ctx.out.with_extension("staging")
+    } else {
+        memory.to_path_buf()
+    };
+    let plain = extract(ctx, &seed, &root, &scratch)?;
     eprintln!(
         "configure: {} packages extracted in {:.1?}",
         seed.len(),
@@ -101,18 +108,20 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     // While dpkg works (on one core), the names the tree has so far are made in `$out` (on
     // another): on a file system that makes new names slowly (ext4 after many deletions), the
     // copy at the end would otherwise spend seconds making them.
+    // Only a saving: where it cannot be had, the copy makes every name itself.
     let skeleton = if root != ctx.out && plan.variant == Variant::Debootstrap {
-        let skeleton = sandbox::Skeleton::scan(&root)?;
         let out = ctx.out.clone();
-        std::thread::Builder::new()
-            .name("skeleton".into())
-            .spawn(move || skeleton.create_in(&out))
-            .ok()
+        sandbox::Skeleton::scan(&root).ok().and_then(|skeleton| {
+            std::thread::Builder::new()
+                .name("skeleton".into())
+                .spawn(move || skeleton.create_in(&out))
+                .ok()
+        })
     } else {
         None
     };
     if plan.variant == Variant::Debootstrap {
-        second_stage(ctx, &plan, &root, plain)?;
+        second_stage(ctx, &plan, &root, &scratch, plain)?;
         eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
     }
     if let Some(text) = &plan.apt_sources {
@@ -141,6 +150,9 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         }
         fs::remove_dir_all(&root)?;
         eprintln!("configure: written to $out at {:.1?}", started.elapsed());
+    }
+    if scratch != memory && scratch.exists() {
+        fs::remove_dir_all(&scratch)?;
     }
     Ok(())
 }
@@ -193,12 +205,12 @@ fn fits_in_memory(estimate: u64, tmpfs_free: Option<u64>, mem_available: Option<
     tmpfs_free.is_none_or(|f| f >= need) && mem_available.is_none_or(|m| m >= need)
 }
 
-/// Where configure keeps the `.deb`s it rewrote with their data uncompressed: in the sandbox's
-/// memory, outside the tree (so none is left in it), and bind-mounted read-only at
+/// Where configure keeps the `.deb`s it rewrote with their data uncompressed: in `scratch` (the
+/// sandbox's memory, or beside `$out`), outside the tree (so none is left in it), and bind-mounted read-only at
 /// [`PLAIN_IN_CHROOT`] while dpkg runs (so a maintainer script cannot simply write to them
 /// through the chroot).
-fn plain_dir() -> PathBuf {
-    Path::new(sandbox::MEMORY_DIR).join("rbuild-plain")
+fn plain_dir(scratch: &Path) -> PathBuf {
+    scratch.join("rbuild-plain")
 }
 const PLAIN_IN_CHROOT: &str = "var/cache/rbuild-debs/plain";
 
@@ -212,6 +224,7 @@ fn extract(
     ctx: &BuildContext,
     seed: &[&ConfigurePackage],
     root: &Path,
+    scratch: &Path,
 ) -> anyhow::Result<Vec<(String, PathBuf)>> {
     if seed.iter().all(|p| p.unpacked.is_some()) {
         // The extract variant: every package has its unpack derivation.
@@ -222,8 +235,8 @@ fn extract(
         }
         return Ok(Vec::new());
     }
-    let plain_dir = plain_dir();
-    let trees = Path::new(sandbox::MEMORY_DIR).join("rbuild-unpacked");
+    let plain_dir = plain_dir(scratch);
+    let trees = scratch.join("rbuild-unpacked");
     fs::create_dir_all(&plain_dir)?;
     fs::create_dir_all(&trees)?;
     /// What a worker made of one package: its tree's metadata, and its rewritten `.deb`.
@@ -330,6 +343,7 @@ fn second_stage(
     ctx: &BuildContext,
     plan: &ConfigurePlan,
     root: &Path,
+    scratch: &Path,
     plain: Vec<(String, PathBuf)>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
@@ -390,7 +404,7 @@ fn second_stage(
         .iter()
         .map(|p| (p.name.as_str(), ctx.inputs[p.deb].as_path()))
         .collect();
-    fs::create_dir_all(plain_dir())?;
+    fs::create_dir_all(plain_dir(scratch))?;
     let plain = PlainDebs::start(
         plain,
         required
@@ -399,7 +413,7 @@ fn second_stage(
             .filter(|n| !ready.contains(**n))
             .map(|n| (n.to_string(), input_of[n].to_owned()))
             .collect(),
-        plain_dir(),
+        plain_dir(scratch),
         format!("/{PLAIN_IN_CHROOT}"),
     );
     let debs = |names: &[&str]| plain.batch(names, |n| deb_of.get(n).cloned());
@@ -424,7 +438,9 @@ fn second_stage(
     chroot
         .mounts
         .bind_readonly(Path::new(sandbox::INPUTS_DIR), INPUTS_IN_CHROOT)?;
-    chroot.mounts.bind_readonly(&plain_dir(), PLAIN_IN_CHROOT)?;
+    chroot
+        .mounts
+        .bind_readonly(&plain_dir(scratch), PLAIN_IN_CHROOT)?;
     chroot.run("ldconfig", &["/sbin/ldconfig"])?;
 
     // The core packages, one `dpkg --install` each.

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -452,6 +452,71 @@ impl Listing {
             });
         }
         out
+    }
+}
+
+/// A reader that takes the SHA-256 of what is read through it (an OCI layer's diff id, in the
+/// pass that compresses its tar).
+pub struct HashingReader<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hash: Sha256::new(),
+        }
+    }
+
+    /// The SHA-256 (lowercase hex) of everything read so far.
+    pub fn finish(self) -> String {
+        hex::encode(self.hash.finalize())
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// A writer that takes the SHA-256 and length of what is written through it (a blob's digest
+/// and size, in the pass that writes it).
+pub struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    size: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hash: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// The SHA-256 (lowercase hex) and length of everything written so far.
+    pub fn finish(self) -> (String, u64) {
+        (hex::encode(self.hash.finalize()), self.size)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

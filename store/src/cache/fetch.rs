@@ -197,13 +197,10 @@ pub fn fetch(cache: &dyn BinaryCache, entry: &CacheEntry, dest: &Path) -> Result
     }
     for (rel, mode, blob) in large {
         let p = at(rel);
-        let mut f = HashingWriter {
-            file: create_new(&p)?,
-            hash: Sha256::new(),
-            n: 0,
-        };
+        let mut f = crate::hash::HashingWriter::new(create_new(&p)?);
         cache.get_blob(blob, &mut f)?;
-        check(rel, blob, hex::encode(f.hash.finalize()), f.n)?;
+        let (sha256, n) = f.finish();
+        check(rel, blob, sha256, n)?;
         finish(rel, *mode)?;
     }
     for (rel, target) in hardlinks {
@@ -228,23 +225,4 @@ pub(crate) fn create_new(p: &Path) -> Result<fs::File, CacheError> {
         .create_new(true)
         .open(p)
         .map_err(io(p.display()))
-}
-
-/// A file being written, and the SHA-256 and length of what was written so far.
-pub(crate) struct HashingWriter {
-    file: fs::File,
-    hash: Sha256,
-    n: u64,
-}
-
-impl Write for HashingWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.n += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
 }

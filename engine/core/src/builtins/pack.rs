@@ -172,9 +172,11 @@ fn write_layer_blob(
         .unwrap_or(1);
     // Both digests are taken on the way through, not in passes of their own over the tar and
     // the blob.
-    let mut r = oci::HashingReader::new(BufReader::with_capacity(1 << 20, tar));
-    let mut w =
-        oci::HashingWriter::new(BufWriter::with_capacity(1 << 20, fs::File::create(&blob)?));
+    let mut r = rbuild_store::hash::HashingReader::new(BufReader::with_capacity(1 << 20, tar));
+    let mut w = rbuild_store::hash::HashingWriter::new(BufWriter::with_capacity(
+        1 << 20,
+        fs::File::create(&blob)?,
+    ));
     match compression {
         LayerCompression::Gzip => {
             archive::tar_out::gzip_parallel(&mut r, &mut w, 6, threads)?;

@@ -22,11 +22,21 @@ pub fn pack_tar(ctx: &BuildContext) -> anyhow::Result<()> {
 fn tar_tree(tree: &Path, out: &Path, source_date_epoch: i64) -> anyhow::Result<()> {
     let meta = TreeMeta::read(&rbuild_store::meta::sidecar(tree))?;
     let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    write_tree_tar(tree, &meta, source_date_epoch, f)
+}
+
+/// The deterministic tar of `tree` (ownership from `meta`) into `w`, buffered and flushed.
+fn write_tree_tar(
+    tree: &Path,
+    meta: &TreeMeta,
+    source_date_epoch: i64,
+    w: impl std::io::Write,
+) -> anyhow::Result<()> {
     let w = archive::tar_out::write_tar(
         tree,
-        &meta,
+        meta,
         source_date_epoch,
-        BufWriter::with_capacity(1 << 20, f),
+        BufWriter::with_capacity(1 << 20, w),
     )?;
     w.into_inner().map_err(|e| e.into_error())?;
     Ok(())
@@ -119,16 +129,7 @@ fn layer_of_tree(
     std::thread::scope(|s| {
         let writer = std::thread::Builder::new()
             .name("tar".into())
-            .spawn_scoped(s, || -> anyhow::Result<()> {
-                let w = archive::tar_out::write_tar(
-                    tree,
-                    &meta,
-                    source_date_epoch,
-                    BufWriter::with_capacity(1 << 20, w),
-                )?;
-                w.into_inner().map_err(|e| e.into_error())?;
-                Ok(())
-            })
+            .spawn_scoped(s, || write_tree_tar(tree, &meta, source_date_epoch, w))
             .context("starting the tar thread")?;
         // Returns once the tar ends, or at its first error, closing the pipe so that the
         // writer stops too.

@@ -52,7 +52,7 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     let memory = Path::new(sandbox::MEMORY_DIR);
     let estimate = estimated_tree_bytes(ctx, &plan)?;
     let tmpfs_free = rbuild_engine::nospace::free_bytes(memory);
-    let mem_available = mem_available();
+    let mem_available = sandbox::meminfo_bytes("MemAvailable");
     let root = if !sandbox::keeps_acls(memory) {
         eprintln!(
             "configure: {} keeps no ACLs; building in $out",
@@ -132,22 +132,13 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     finish_tree(ctx, &root)?;
     eprintln!("configure: recorded at {:.1?}", started.elapsed());
     if root != ctx.out {
-        let made = skeleton.map(|t| t.join());
-        match made {
-            Some(Ok(Ok(()))) => {
-                sandbox::copy_tree_onto(&root, &ctx.out).context("writing the tree to $out")?
-            }
-            Some(Ok(Err(e))) => {
-                // The copy makes every name itself, from nothing.
-                eprintln!("configure: making the tree's names ahead failed: {e}");
-                if ctx.out.exists() {
-                    fs::remove_dir_all(&ctx.out)?;
-                }
-                sandbox::copy_tree(&root, &ctx.out).context("writing the tree to $out")?
-            }
+        match skeleton.map(|t| t.join()) {
             Some(Err(_)) => bail!("configure: the thread making the tree's names panicked"),
-            None => sandbox::copy_tree(&root, &ctx.out).context("writing the tree to $out")?,
+            // The copy makes the names that are missing itself.
+            Some(Ok(Err(e))) => eprintln!("configure: making the tree's names ahead failed: {e}"),
+            _ => {}
         }
+        sandbox::copy_tree_onto(&root, &ctx.out).context("writing the tree to $out")?;
         fs::remove_dir_all(&root)?;
         eprintln!("configure: written to $out at {:.1?}", started.elapsed());
     }
@@ -180,20 +171,6 @@ fn installed_size_kib(text: &str) -> u64 {
         .filter_map(|l| l.strip_prefix("Installed-Size:"))
         .filter_map(|v| v.trim().parse::<u64>().ok())
         .sum()
-}
-
-/// The memory the kernel says can be taken without swapping (`MemAvailable`).
-fn mem_available() -> Option<u64> {
-    let info = fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
 }
 
 /// Whether a tree of about `estimate` bytes is built in memory: only when the sandbox's tmpfs

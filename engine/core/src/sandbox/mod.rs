@@ -700,15 +700,22 @@ fn mount_tmpfs(dir: &Path, flags: MsFlags, options: &str, what: &str) -> Result<
 /// may write (its bytes-written limit, which the host's watchdog cannot see there), and at most
 /// half the machine's memory (the kernel's default for tmpfs).
 fn memory_bound(bytes: u64) -> u64 {
-    let half_memory = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(u64::MAX, |kib| kib * 1024 / 2);
+    let half_memory = meminfo_bytes("MemTotal").map_or(u64::MAX, |b| b / 2);
     bytes.min(half_memory).max(1 << 20)
+}
+
+/// A field of `/proc/meminfo` (`MemTotal`, `MemAvailable`…), in bytes.
+pub fn meminfo_bytes(field: &str) -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Where a builder may build in memory: the sandbox's private tmpfs, bounded by

@@ -2187,6 +2187,96 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
     );
 }
 
+/// A registry behind token auth (the distribution registry's `auth.token`, and a token server
+/// that checks basic credentials and signs JWTs), as registries fronting an identity service
+/// do it: `--push-to` and `--substituter` go through bearer tokens, entries signed by a key not
+/// trusted are refused, no credentials is a clear failure. And a registry that answers a
+/// manifest request with endless bytes (chunked, or a declared length past the bound) is refused
+/// without them being read: `cache check` says so.
+#[test]
+fn oci_registry_cache_with_bearer_tokens_and_bounded_manifests() {
+    use common::registry;
+    const TEST: &str = "oci_registry_cache_with_bearer_tokens_and_bounded_manifests";
+    if !registry::available(TEST) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (issuer, service) = ("rbuild-test-issuer", "rbuild-test-registry");
+    fs::create_dir_all(d.join("tokens")).unwrap();
+    let (tokens, given) =
+        registry::token_server(&d.join("tokens"), "alice", "s3cret", issuer, service);
+    let reg = registry::start_with_tokens(
+        &d.join("reg"),
+        &format!("http://{tokens}/token"),
+        issuer,
+        service,
+        &d.join("tokens/token.pem"),
+    );
+    let auth = registry::auth_file(d, &reg.addr, "alice", "s3cret");
+    let url = format!("docker://{}/team/rbuild-cache", reg.addr);
+    let env = [("REGISTRY_AUTH_FILE", auth.to_str().unwrap())];
+    let a = make_archive(&d.join("archive"));
+    lock(&a);
+    let (sec, public) = keypair(d, "alice-2026");
+    let built = json(&realise_with(
+        None,
+        &a,
+        "",
+        &d.join("a"),
+        &["--push-to", &url, "--secret-key", &sec],
+        &env,
+    ));
+    let pushed_with = given.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(pushed_with >= 1, "no token was asked for");
+    let dead = "http://127.0.0.1:9/debian";
+    let b = json(&realise_from(
+        &a,
+        &d.join("b"),
+        dead,
+        &[&url],
+        &public,
+        &env,
+    ));
+    assert_eq!(b["built"], 0, "{b}");
+    assert_eq!(output_digest(&b), output_digest(&built));
+    assert!(given.load(std::sync::atomic::Ordering::SeqCst) > pushed_with);
+
+    // Entries signed by a key not trusted: refused, said so; with a dead mirror the realise fails.
+    let (_, mallory) = keypair(d, "mallory-2026");
+    let o = realise_from(&a, &d.join("c"), dead, &[&url], &mallory, &env);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no valid signature by a trusted key"),
+        "{}",
+        stderr(&o)
+    );
+
+    // No credentials: the token server refuses, and the error names the registry.
+    let o = cache_push(
+        a.recipe.to_str().unwrap(),
+        &d.join("a"),
+        &url,
+        &sec,
+        &[("REGISTRY_AUTH_FILE", "/nonexistent")],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(&reg.addr), "{}", stderr(&o));
+
+    for declared in [None, Some(1u64 << 40)] {
+        let liar = registry::endless_manifests(declared);
+        let o = rbuild(&["cache", "check", &format!("docker://{liar}/rbuild")]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(!o.status.success(), "{declared:?}: {out}");
+        assert!(
+            out.contains(&format!("docker://{liar}/rbuild: FAILED"))
+                && out.contains("longer than 4194304 bytes, refused unread"),
+            "{declared:?}: {out}{}",
+            stderr(&o)
+        );
+    }
+}
+
 /// A recipe file's lock follows the recipe, as cargo's does: `realise` locks what a change needs
 /// (only that: pinned packages stay pinned) and says so, `--locked` refuses instead, `--offline`
 /// refuses a re-lock that needs the archive, and a Debian recipe whose archive moved on since it

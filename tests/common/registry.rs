@@ -145,6 +145,31 @@ pub fn start(dir: &Path, secure: Option<(&str, &str)>) -> Registry {
             dir.join("htpasswd").display()
         );
     }
+    launch(dir, addr, config)
+}
+
+/// Start a registry in plain HTTP storing in `dir` whose clients need a bearer token from
+/// `realm` (a [`token_server`]'s `/token`), issued by `issuer` for `service` and signed by the
+/// key of the certificate in `bundle`.
+pub fn start_with_tokens(
+    dir: &Path,
+    realm: &str,
+    issuer: &str,
+    service: &str,
+    bundle: &Path,
+) -> Registry {
+    std::fs::create_dir_all(dir).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\nauth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
+        dir.join("data").display(),
+        bundle.display()
+    );
+    launch(dir, addr, config)
+}
+
+/// Run `docker-registry` with `config` (written in `dir`), listening on `addr`.
+fn launch(dir: &Path, addr: String, config: String) -> Registry {
     let conf = dir.join("config.yml");
     std::fs::write(&conf, config).unwrap();
     let child = Command::new("docker-registry")
@@ -230,4 +255,220 @@ pub fn tampering_proxy(upstream: String, from: &'static [u8], to: &'static [u8])
         }
     });
     addr
+}
+
+/// The head of one HTTP request read from `conn`: its request line and headers (lower-cased
+/// names), or None if the client sent no HTTP (a TLS handshake, which is answered with a plain
+/// 400 as a plain HTTP server does) or went away.
+fn read_head(conn: &mut TcpStream) -> Option<(String, Vec<(String, String)>)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        if head.is_empty() && byte[0] == 0x16 {
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n");
+            return None;
+        }
+        head.push(byte[0]);
+        if head.len() > 64 << 10 {
+            return None;
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let request = lines.next()?.to_owned();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some((request, headers))
+}
+
+/// A server on a loopback port answering each request (its request line and headers) with
+/// `answer`, one request per connection. Returns its `127.0.0.1:PORT`.
+fn serve(
+    answer: impl Fn(&str, &[(String, String)], &mut TcpStream) + Send + Sync + 'static,
+) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let answer = std::sync::Arc::new(answer);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                if let Some((request, headers)) = read_head(&mut conn) {
+                    answer(&request, &headers, &mut conn);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A registry that lies about size: `/v2/` answers, and every manifest is endless (64 MiB of
+/// spaces, in chunks, with no length given) or, with `declared`, declares that many bytes.
+pub fn endless_manifests(declared: Option<u64>) -> String {
+    serve(move |request, _, conn| {
+        if request.starts_with("GET /v2/ ") {
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+            return;
+        }
+        let head = match declared {
+            Some(n) => format!("Content-Length: {n}"),
+            None => "Transfer-Encoding: chunked".into(),
+        };
+        if conn
+            .write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n{head}\r\nConnection: close\r\n\r\n").as_bytes())
+            .is_err()
+        {
+            return;
+        }
+        let piece = vec![b' '; 64 << 10];
+        for _ in 0..1024 {
+            let written = if declared.is_some() {
+                conn.write_all(&piece)
+            } else {
+                conn.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                    .and_then(|()| conn.write_all(&piece))
+                    .and_then(|()| conn.write_all(b"\r\n"))
+            };
+            if written.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// A token server for the distribution registry's token auth: `GET /token?scope=…` with basic
+/// credentials `user`:`password` gets a JWT (RS256, signed with `dir/token.key`, its certificate
+/// `dir/token.pem` in the `x5c` header) granting the scopes asked for, issued by `issuer` for
+/// `service`. Anything else gets 401. Returns its `127.0.0.1:PORT` and the number of tokens
+/// it has given.
+pub fn token_server(
+    dir: &Path,
+    user: &str,
+    password: &str,
+    issuer: &'static str,
+    service: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use base64::Engine as _;
+    let o = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout"])
+        .arg(dir.join("token.key"))
+        .arg("-out")
+        .arg(dir.join("token.pem"))
+        .args(["-days", "2", "-subj", "/CN=rbuild test tokens"])
+        .output()
+        .expect("openssl");
+    assert!(o.status.success(), "openssl: {}", stderr(&o));
+    let o = Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(dir.join("token.pem"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "openssl: {}", stderr(&o));
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let url64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = url64.encode(
+        serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [b64.encode(&o.stdout)]})
+            .to_string(),
+    );
+    let expected = format!("Basic {}", b64.encode(format!("{user}:{password}")));
+    let key = dir.join("token.key");
+    let given = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = given.clone();
+    let addr = serve(move |request, headers, conn| {
+        let authorized = headers
+            .iter()
+            .any(|(k, v)| k == "authorization" && *v == expected);
+        let Some(query) = request
+            .strip_prefix("GET /token?")
+            .and_then(|r| r.split(' ').next())
+            .filter(|_| authorized)
+        else {
+            let _ = conn.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            return;
+        };
+        let access: Vec<serde_json::Value> = query
+            .split('&')
+            .filter_map(|kv| kv.strip_prefix("scope="))
+            .map(percent_decoded)
+            .filter_map(|scope| {
+                let mut parts = scope.splitn(3, ':');
+                let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+                Some(serde_json::json!({
+                    "type": kind, "name": name,
+                    "actions": actions.split(',').collect::<Vec<_>>(),
+                }))
+            })
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let claims = url64.encode(
+            serde_json::json!({
+                "iss": issuer, "sub": "alice", "aud": service, "exp": now + 600,
+                "nbf": now - 10, "iat": now, "jti": format!("token-{n}"), "access": access,
+            })
+            .to_string(),
+        );
+        let signing_input = format!("{header}.{claims}");
+        let mut openssl = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        openssl
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(signing_input.as_bytes())
+            .unwrap();
+        let signed = openssl.wait_with_output().unwrap();
+        assert!(signed.status.success());
+        let token = format!("{signing_input}.{}", url64.encode(&signed.stdout));
+        let body = serde_json::json!({"token": token, "expires_in": 600}).to_string();
+        let _ = conn.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    });
+    (addr, given)
+}
+
+/// `%XX` escapes (and `+`) of a query value, decoded.
+fn percent_decoded(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -44,7 +44,7 @@ pub enum CacheError {
         #[source]
         detail: Box<DamageDetail>,
     },
-    #[error("unsupported binary cache URL {0:?} (supported: file:///DIR, http(s)://HOST/PATH, grpc(s)://HOST:PORT[/INSTANCE])")]
+    #[error("unsupported binary cache URL {0:?} (supported: file:///DIR, http(s)://HOST/PATH, grpc(s)://HOST:PORT[/INSTANCE], docker://HOST[:PORT]/REPOSITORY)")]
     UnsupportedUrl(String),
 }
 

@@ -13,11 +13,12 @@ use super::RegistryError;
 /// `$XDG_RUNTIME_DIR/containers/auth.json` (podman's and skopeo's), `$DOCKER_CONFIG/config.json`
 /// or else `~/.docker/config.json` (Docker's).
 pub(super) fn auth_files() -> Vec<PathBuf> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    auth_files_in(|k| std::env::var_os(k))
+}
+
+/// [`auth_files`] with the environment read through `env`.
+fn auth_files_in(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Vec<PathBuf> {
+    let var = |k: &str| env(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     let mut files = Vec::new();
     files.extend(var("REGISTRY_AUTH_FILE"));
     files.extend(var("XDG_RUNTIME_DIR").map(|d| d.join("containers/auth.json")));
@@ -39,7 +40,7 @@ pub(super) fn credentials(host: &str, files: &[PathBuf]) -> Result<RegistryAuth,
             Err(source) => {
                 return Err(RegistryError::AuthFile {
                     path: file.clone(),
-                    what: source.to_string(),
+                    source: AuthFileError::Read(source),
                 })
             }
         };
@@ -51,12 +52,12 @@ pub(super) fn credentials(host: &str, files: &[PathBuf]) -> Result<RegistryAuth,
 }
 
 fn in_file(host: &str, file: &Path, text: &str) -> Result<Option<RegistryAuth>, RegistryError> {
-    let bad = |what: String| RegistryError::AuthFile {
+    let bad = |source: AuthFileError| RegistryError::AuthFile {
         path: file.to_owned(),
-        what,
+        source,
     };
     let doc: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| bad(AuthFileError::NotJson(e)))?;
     let Some(auths) = doc.get("auths").and_then(|a| a.as_object()) else {
         return Ok(None);
     };
@@ -72,12 +73,17 @@ fn in_file(host: &str, file: &Path, text: &str) -> Result<Option<RegistryAuth>, 
     };
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
-        .map_err(|e| bad(format!("auths.{host}.auth is not base64: {e}")))?;
-    let decoded =
-        String::from_utf8(decoded).map_err(|_| bad(format!("auths.{host}.auth is not UTF-8")))?;
+        .map_err(|source| {
+            bad(AuthFileError::NotBase64 {
+                host: host.to_owned(),
+                source,
+            })
+        })?;
+    let decoded = String::from_utf8(decoded)
+        .map_err(|_| bad(AuthFileError::NotUserPassword(host.to_owned())))?;
     let (user, password) = decoded
         .split_once(':')
-        .ok_or_else(|| bad(format!("auths.{host}.auth is not USER:PASSWORD")))?;
+        .ok_or_else(|| bad(AuthFileError::NotUserPassword(host.to_owned())))?;
     Ok(Some(RegistryAuth::Basic(
         user.to_owned(),
         password.to_owned(),
@@ -92,8 +98,14 @@ pub fn allow_plain_http(hosts: &[String]) {
     let _ = INSECURE.set(hosts.to_vec());
 }
 
-/// Whether `host` (`HOST[:PORT]`) is spoken to in plain HTTP: a loopback host, or one listed.
+/// Whether `host` (`HOST[:PORT]`) is spoken to in plain HTTP: a loopback host, or one listed
+/// in `insecure-registries`.
 pub(super) fn plain_http(host: &str) -> bool {
+    plain_http_in(host, INSECURE.get().map_or(&[], Vec::as_slice))
+}
+
+/// [`plain_http`] with `listed` as the `insecure-registries` (each `HOST` or `HOST:PORT`).
+fn plain_http_in(host: &str, listed: &[String]) -> bool {
     let name = match host.rsplit_once(':') {
         Some((n, port)) if port.chars().all(|c| c.is_ascii_digit()) => n,
         _ => host,
@@ -103,10 +115,24 @@ pub(super) fn plain_http(host: &str) -> bool {
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
-    loopback
-        || INSECURE
-            .get()
-            .is_some_and(|l| l.iter().any(|h| h == host || h == name))
+    loopback || listed.iter().any(|h| h == host || h == name)
+}
+
+/// What is wrong with a credentials file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFileError {
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    #[error("not JSON")]
+    NotJson(#[source] serde_json::Error),
+    #[error("auths.{host}.auth is not base64")]
+    NotBase64 {
+        host: String,
+        #[source]
+        source: base64::DecodeError,
+    },
+    #[error("auths.{0}.auth is not base64 of USER:PASSWORD")]
+    NotUserPassword(String),
 }
 
 #[cfg(test)]
@@ -160,5 +186,54 @@ mod tests {
         assert!(plain_http("[::1]:5000"));
         assert!(!plain_http("registry.test:5000"));
         assert!(!plain_http("10.0.0.1"));
+        let listed = ["registry.test".to_owned(), "cache.test:5000".to_owned()];
+        // A listed name allows every port; a listed HOST:PORT only that port.
+        assert!(plain_http_in("registry.test:5000", &listed));
+        assert!(plain_http_in("registry.test", &listed));
+        assert!(plain_http_in("cache.test:5000", &listed));
+        assert!(!plain_http_in("cache.test:5001", &listed));
+        assert!(!plain_http_in("cache.test", &listed));
+        assert!(!plain_http_in("other.test:5000", &listed));
+        assert!(plain_http_in("127.0.0.1:5000", &[]));
+    }
+
+    #[test]
+    fn auth_files_are_read_in_podmans_order_then_dockers() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        const ALL: &[(&str, &str)] = &[
+            ("REGISTRY_AUTH_FILE", "/a/auth.json"),
+            ("XDG_RUNTIME_DIR", "/run/user/7"),
+            ("DOCKER_CONFIG", "/d"),
+            ("HOME", "/home/u"),
+        ];
+        assert_eq!(
+            auth_files_in(env(ALL)),
+            [
+                "/a/auth.json",
+                "/run/user/7/containers/auth.json",
+                "/d/config.json"
+            ]
+            .map(PathBuf::from)
+        );
+        // Without DOCKER_CONFIG, Docker's file in the home directory; empty values count as unset.
+        assert_eq!(
+            auth_files_in(env(&[
+                ("REGISTRY_AUTH_FILE", ""),
+                ("XDG_RUNTIME_DIR", "/run/user/7"),
+                ("HOME", "/home/u"),
+            ])),
+            [
+                "/run/user/7/containers/auth.json",
+                "/home/u/.docker/config.json"
+            ]
+            .map(PathBuf::from)
+        );
+        assert!(auth_files_in(env(&[])).is_empty());
     }
 }

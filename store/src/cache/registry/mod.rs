@@ -23,14 +23,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use sha2::{Digest as _, Sha256};
 use tokio_stream::StreamExt as _;
 
-pub use auth::allow_plain_http;
+pub use auth::{allow_plain_http, AuthFileError};
 
 use super::runtime::ClientRuntime;
 use super::{BinaryCache, BlobRef, CacheEntry, CacheError};
@@ -47,8 +47,12 @@ const EMPTY_MEDIA: &str = "application/vnd.oci.empty.v1+json";
 const EMPTY: &[u8] = b"{}";
 /// Requests in flight at a time.
 const PARALLEL: usize = 16;
-/// Entries larger than this are refused (a tree listing of a whole system is a few MiB).
-const MAX_ENTRY: u64 = 256 << 20;
+/// Entries larger than this are refused (a tree listing of a whole system is a few MiB), as
+/// the HTTP cache refuses them.
+const MAX_ENTRY: u64 = 64 << 20;
+/// Manifests larger than this are refused unread: the distribution registry accepts none
+/// larger, and ours hold at most [`LAYERS_PER_MANIFEST`] layers.
+const MAX_MANIFEST: u64 = 4 << 20;
 /// Layers per manifest: about 150 bytes each, well below the 4 MiB that the distribution
 /// registry accepts.
 const LAYERS_PER_MANIFEST: usize = 16_000;
@@ -65,8 +69,15 @@ const PARALLEL_STREAMS: usize = 4;
 pub enum RegistryError {
     #[error("expected docker://HOST[:PORT]/REPOSITORY")]
     BadUrl,
-    #[error("{}: {what}", path.display())]
-    AuthFile { path: PathBuf, what: String },
+    #[error("{}: {source}", path.display())]
+    AuthFile {
+        path: PathBuf,
+        #[source]
+        source: AuthFileError,
+    },
+    /// What failed at the first contact (or authentication), kept for the rest of the run.
+    #[error(transparent)]
+    Earlier(Arc<RegistryError>),
     #[error("starting the registry client: {0}")]
     Runtime(#[source] std::io::Error),
     #[error("the registry client stopped")]
@@ -77,6 +88,26 @@ pub enum RegistryError {
         #[source]
         source: OciDistributionError,
     },
+    #[error("{what}: {source}")]
+    Http {
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{what}: the registry answered {status}: {detail}")]
+    Status {
+        what: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("{https}; in plain HTTP: {source}")]
+    PlainHttp {
+        https: String,
+        #[source]
+        source: Box<RegistryError>,
+    },
+    #[error("manifest {tag}: longer than {max} bytes, refused unread")]
+    ManifestTooLong { tag: String, max: u64 },
     #[error("{what}: no answer within {secs} s")]
     Timeout { what: String, secs: u64 },
     #[error("manifest {tag}: {detail}")]
@@ -103,21 +134,6 @@ pub enum RegistryError {
     NotAnEntry(String, String),
 }
 
-/// Whether a registry's error means "no such manifest or repository".
-fn not_found(e: &OciDistributionError) -> bool {
-    match e {
-        OciDistributionError::ImageManifestNotFoundError(_) => true,
-        OciDistributionError::ServerError { code, .. } => *code == 404,
-        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
-            matches!(
-                e.code,
-                OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown
-            )
-        }),
-        _ => false,
-    }
-}
-
 pub struct RegistryCache {
     url: String,
     /// `HOST[:PORT]`.
@@ -125,19 +141,34 @@ pub struct RegistryCache {
     repository: String,
     /// The client for HTTPS, or for plain HTTP where the host allows it and speaks no TLS:
     /// chosen at the first contact, and a failure then is kept for the run.
-    client: OnceLock<Result<Arc<Client>, String>>,
+    client: OnceLock<Result<Chosen, Arc<RegistryError>>>,
     auth: RegistryAuth,
-    /// Whether the client has asked for a token for pulling, and for pushing.
-    authed: [OnceLock<Result<(), String>>; 2],
+    /// The bearer token (if the registry gives tokens) for pulling, and for pushing: asked for
+    /// once per run (a failure then is kept for the run).
+    authed: [OnceLock<Result<Option<String>, Arc<RegistryError>>>; 2],
     rt: ClientRuntime,
+}
+
+/// The clients chosen at the first contact.
+#[derive(Clone)]
+struct Chosen {
+    client: Arc<Client>,
+    /// For manifests, which oci-client would read whole into memory, whatever their length.
+    http: reqwest::Client,
+    scheme: &'static str,
 }
 
 /// The parts of one request that its task needs.
 #[derive(Clone)]
 struct Ctx {
     client: Arc<Client>,
+    http: reqwest::Client,
+    scheme: &'static str,
     host: String,
     repository: String,
+    auth: RegistryAuth,
+    /// The pull token from [`RegistryCache::authenticate`], if the registry gives tokens.
+    token: Option<String>,
 }
 
 impl Ctx {
@@ -148,6 +179,95 @@ impl Ctx {
     /// A reference to the repository itself, for blob requests.
     fn repo(&self) -> Reference {
         self.reference("latest")
+    }
+
+    /// Manifest `tag`, or None if the registry has no such manifest (or repository), read
+    /// piece by piece and refused past [`MAX_MANIFEST`] bytes: what the registry sends is not
+    /// trusted with memory. An expired token is renewed once.
+    async fn get_manifest(&self, tag: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        let url = format!(
+            "{}://{}/v2/{}/manifests/{tag}",
+            self.scheme, self.host, self.repository
+        );
+        let what = format!("GET manifest {tag}");
+        let failed = |source| RegistryError::Http {
+            what: what.clone(),
+            source,
+        };
+        let mut token = self.token.clone();
+        let mut renewed = false;
+        let mut resp = loop {
+            let req = self
+                .http
+                .get(&url)
+                .header(http::header::ACCEPT, MANIFEST_MEDIA);
+            let req = match (&token, &self.auth) {
+                (Some(t), _) => req.bearer_auth(t),
+                (None, RegistryAuth::Basic(user, password)) => req.basic_auth(user, Some(password)),
+                _ => req,
+            };
+            let mut resp = tokio::time::timeout(super::timeout(), req.send())
+                .await
+                .map_err(|_| RegistryError::Timeout {
+                    what: what.clone(),
+                    secs: super::timeout().as_secs(),
+                })?
+                .map_err(failed)?;
+            match resp.status().as_u16() {
+                401 if token.is_some() && !renewed => {
+                    renewed = true;
+                    token = timed(
+                        "renewing the token",
+                        self.client
+                            .auth(&self.repo(), &self.auth, RegistryOperation::Pull),
+                    )
+                    .await?;
+                }
+                404 => return Ok(None),
+                200..=299 => break resp,
+                status => {
+                    // The first bytes of the answer, as text a terminal shows as it is.
+                    let body = tokio::time::timeout(super::timeout(), resp.chunk())
+                        .await
+                        .ok()
+                        .and_then(|c| c.ok().flatten())
+                        .unwrap_or_default();
+                    let detail: String = String::from_utf8_lossy(&body[..body.len().min(300)])
+                        .chars()
+                        .map(|c| if c.is_control() { ' ' } else { c })
+                        .collect();
+                    return Err(RegistryError::Status {
+                        what,
+                        status,
+                        detail,
+                    });
+                }
+            }
+        };
+        let too_long = || RegistryError::ManifestTooLong {
+            tag: tag.to_owned(),
+            max: MAX_MANIFEST,
+        };
+        if resp.content_length().is_some_and(|n| n > MAX_MANIFEST) {
+            return Err(too_long());
+        }
+        let mut body = Vec::new();
+        loop {
+            let piece = tokio::time::timeout(super::timeout(), resp.chunk())
+                .await
+                .map_err(|_| RegistryError::Timeout {
+                    what: what.clone(),
+                    secs: super::timeout().as_secs(),
+                })?
+                .map_err(failed)?;
+            let Some(piece) = piece else {
+                return Ok(Some(body));
+            };
+            if body.len() as u64 + piece.len() as u64 > MAX_MANIFEST {
+                return Err(too_long());
+            }
+            body.extend_from_slice(&piece);
+        }
     }
 }
 
@@ -225,7 +345,7 @@ impl RegistryCache {
         }
     }
 
-    fn new_client(&self, plain: bool) -> Arc<Client> {
+    fn new_client(&self, plain: bool) -> Result<Chosen, RegistryError> {
         let config = ClientConfig {
             protocol: if plain {
                 ClientProtocol::HttpsExcept(vec![self.host.clone()])
@@ -241,56 +361,73 @@ impl RegistryCache {
             ..Default::default()
         };
         let _guard = self.rt.handle().enter();
-        Arc::new(Client::new(config))
+        let http = reqwest::Client::builder()
+            .connect_timeout(super::timeout())
+            .read_timeout(super::timeout())
+            .build()
+            .map_err(|source| RegistryError::Http {
+                what: "starting the HTTP client".into(),
+                source,
+            })?;
+        Ok(Chosen {
+            client: Arc::new(Client::new(config)),
+            http,
+            scheme: if plain { "http" } else { "https" },
+        })
     }
 
-    /// Ask for `/v2/` (and a token for `op`) with `client`.
-    fn contact(&self, client: &Arc<Client>, op: RegistryOperation) -> Result<(), RegistryError> {
-        let ctx = Ctx {
-            client: client.clone(),
-            host: self.host.clone(),
-            repository: self.repository.clone(),
-        };
-        let auth = self.auth.clone();
+    /// Ask for `/v2/` (and a token for `op`) with `client`: the bearer token, if the registry
+    /// gives tokens.
+    fn contact(
+        &self,
+        client: &Arc<Client>,
+        op: RegistryOperation,
+    ) -> Result<Option<String>, RegistryError> {
+        let (client, auth) = (client.clone(), self.auth.clone());
+        let repo = Reference::with_tag(self.host.clone(), self.repository.clone(), "latest".into());
         self.rt
-            .run(async move {
-                timed("authenticating", ctx.client.auth(&ctx.repo(), &auth, op))
-                    .await
-                    .map(|_| ())
-            })
+            .run(async move { timed("authenticating", client.auth(&repo, &auth, op)).await })
             .unwrap_or(Err(RegistryError::ClientStopped))
     }
 
     /// The client, chosen at the first contact: HTTPS, or plain HTTP for a loopback or listed
     /// host whose answer to HTTPS is not TLS at all (never after any other failure: a
     /// certificate that is not trusted, a timeout, refused credentials).
-    fn client(&self) -> Result<Arc<Client>, CacheError> {
+    fn client(&self) -> Result<Chosen, CacheError> {
         let chosen = self.client.get_or_init(|| {
-            let https = self.new_client(false);
-            match self.contact(&https, RegistryOperation::Pull) {
-                Ok(()) => Ok(https),
+            let https = self.new_client(false)?;
+            match self.contact(&https.client, RegistryOperation::Pull) {
+                Ok(_) => Ok(https),
                 Err(e) if auth::plain_http(&self.host) && speaks_no_tls(&e) => {
-                    let plain = self.new_client(true);
-                    self.contact(&plain, RegistryOperation::Pull)
-                        .map(|()| plain)
-                        .map_err(|plain_err| format!("{e}; in plain HTTP: {plain_err}"))
+                    let plain = self.new_client(true)?;
+                    self.contact(&plain.client, RegistryOperation::Pull)
+                        .map(|_| plain)
+                        .map_err(|plain_err| RegistryError::PlainHttp {
+                            https: e.to_string(),
+                            source: Box::new(plain_err),
+                        })
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e),
             }
+            .map_err(Arc::new)
         });
-        chosen.clone().map_err(|e| {
-            self.err(RegistryError::Request {
-                what: "contacting the registry".into(),
-                source: OciDistributionError::GenericError(Some(e)),
-            })
-        })
+        chosen
+            .clone()
+            .map_err(|e| self.err(RegistryError::Earlier(e)))
     }
 
-    fn ctx(&self) -> Result<Ctx, CacheError> {
+    /// The parts a request for `op` needs, authenticated for it.
+    fn ctx(&self, op: RegistryOperation) -> Result<Ctx, CacheError> {
+        let token = self.authenticate(op)?;
+        let chosen = self.client()?;
         Ok(Ctx {
-            client: self.client()?,
+            client: chosen.client,
+            http: chosen.http,
+            scheme: chosen.scheme,
             host: self.host.clone(),
             repository: self.repository.clone(),
+            auth: self.auth.clone(),
+            token,
         })
     }
 
@@ -304,17 +441,15 @@ impl RegistryCache {
             .map_err(|e| self.err(e))
     }
 
-    /// Authenticate for `op` once per run (a token, or the credentials for basic auth).
-    fn authenticate(&self, op: RegistryOperation) -> Result<(), CacheError> {
-        let client = self.client()?;
+    /// Authenticate for `op` once per run (a token, or the credentials for basic auth): the
+    /// bearer token, if the registry gives tokens.
+    fn authenticate(&self, op: RegistryOperation) -> Result<Option<String>, CacheError> {
+        let client = self.client()?.client;
         let slot = &self.authed[matches!(op, RegistryOperation::Push) as usize];
-        let result = slot.get_or_init(|| self.contact(&client, op).map_err(|e| e.to_string()));
-        result.clone().map_err(|e| {
-            self.err(RegistryError::Request {
-                what: "authenticating".into(),
-                source: OciDistributionError::AuthenticationFailure(e),
-            })
-        })
+        let result = slot.get_or_init(|| self.contact(&client, op).map_err(Arc::new));
+        result
+            .clone()
+            .map_err(|e| self.err(RegistryError::Earlier(e)))
     }
 }
 
@@ -522,18 +657,10 @@ impl BinaryCache for RegistryCache {
     }
 
     fn get_entry(&self, drv_hash: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        self.authenticate(RegistryOperation::Pull)?;
-        let (ctx, auth, tag) = (self.ctx()?, self.auth.clone(), drv_hash.to_owned());
+        let (ctx, tag) = (self.ctx(RegistryOperation::Pull)?, drv_hash.to_owned());
         self.run(async move {
-            let reference = ctx.reference(&tag);
-            let pulled = ctx
-                .client
-                .pull_manifest_raw(&reference, &auth, &[MANIFEST_MEDIA]);
-            let what = format!("GET manifest {tag}");
-            let body = match answer(&what, super::timeout(), pulled).await? {
-                Ok((body, _)) => body,
-                Err(e) if not_found(&e) => return Ok(None),
-                Err(source) => return Err(RegistryError::Request { what, source }),
+            let Some(body) = ctx.get_manifest(&tag).await? else {
+                return Ok(None);
             };
             let bad = |detail: &str| RegistryError::BadManifest {
                 tag: tag.clone(),
@@ -610,7 +737,7 @@ impl BinaryCache for RegistryCache {
     }
 
     fn put_entry(&self, drv_hash: &str, bytes: &[u8]) -> Result<(), CacheError> {
-        self.authenticate(RegistryOperation::Push)?;
+        let ctx = self.ctx(RegistryOperation::Push)?;
         let entry: CacheEntry = serde_json::from_slice(bytes).map_err(|e| {
             self.err(RegistryError::NotAnEntry(
                 drv_hash.to_owned(),
@@ -626,12 +753,7 @@ impl BinaryCache for RegistryCache {
             .map(|b| (sha256_digest(&b.sha256), b.size, BLOB_MEDIA))
             .collect();
         let entry_digest = sha256_digest(&hex::encode(Sha256::digest(bytes)));
-        let (ctx, auth, tag, bytes) = (
-            self.ctx()?,
-            self.auth.clone(),
-            drv_hash.to_owned(),
-            bytes.to_vec(),
-        );
+        let (tag, bytes) = (drv_hash.to_owned(), bytes.to_vec());
         self.run(async move {
             let mut chunks = blobs.chunks(LAYERS_PER_MANIFEST);
             let first = chunks.next().unwrap_or(&[]);
@@ -640,11 +762,8 @@ impl BinaryCache for RegistryCache {
             let body = manifest(ENTRY_ARTIFACT, &layers);
             // The same entry published before: nothing to send (a registry checks every blob a
             // manifest names when it is put).
-            let digest = sha256_digest(&hex::encode(Sha256::digest(&body)));
-            let reference = ctx.reference(&tag);
-            let there = ctx.client.fetch_manifest_digest(&reference, &auth);
-            if let Ok(Ok(d)) = answer("HEAD manifest", super::timeout(), there).await {
-                if d == digest {
+            if let Ok(Some(there)) = ctx.get_manifest(&tag).await {
+                if there == body {
                     return Ok(());
                 }
             }
@@ -668,8 +787,7 @@ impl BinaryCache for RegistryCache {
     }
 
     fn missing_blobs(&self, blobs: &[BlobRef]) -> Result<Vec<BlobRef>, CacheError> {
-        self.authenticate(RegistryOperation::Pull)?;
-        let ctx = self.ctx()?;
+        let ctx = self.ctx(RegistryOperation::Pull)?;
         let items = blobs.to_vec();
         self.run(async move {
             let found = each(items, PARALLEL, |b: BlobRef| {
@@ -690,8 +808,11 @@ impl BinaryCache for RegistryCache {
     }
 
     fn get_blob(&self, blob: &BlobRef, dest: &mut dyn Write) -> Result<(), CacheError> {
-        self.authenticate(RegistryOperation::Pull)?;
-        let (ctx, digest, size) = (self.ctx()?, sha256_digest(&blob.sha256), blob.size);
+        let (ctx, digest, size) = (
+            self.ctx(RegistryOperation::Pull)?,
+            sha256_digest(&blob.sha256),
+            blob.size,
+        );
         // The download runs on the runtime; its pieces come here, where `dest` is.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<bytes::Bytes, RegistryError>>(16);
         self.rt.handle().spawn(async move {
@@ -723,12 +844,11 @@ impl BinaryCache for RegistryCache {
     }
 
     fn put_blobs(&self, blobs: &[(BlobRef, PathBuf)]) -> Result<(), CacheError> {
-        self.authenticate(RegistryOperation::Push)?;
+        let ctx = self.ctx(RegistryOperation::Push)?;
         let (large, small): (Vec<_>, Vec<_>) = blobs
             .iter()
             .cloned()
             .partition(|(b, _)| b.size > STREAM_ABOVE);
-        let ctx = self.ctx()?;
         let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MIB as usize));
         for (items, parallel) in [(small, PARALLEL), (large, PARALLEL_STREAMS)] {
             let (ctx, in_flight) = (ctx.clone(), in_flight.clone());

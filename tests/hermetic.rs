@@ -2242,15 +2242,44 @@ fn oci_registry_cache_with_bearer_tokens_and_bounded_manifests() {
     assert_eq!(output_digest(&b), output_digest(&built));
     assert!(given.load(std::sync::atomic::Ordering::SeqCst) > pushed_with);
 
-    // Entries signed by a key not trusted: refused, said so; with a dead mirror the realise fails.
+    // Entries signed by a key not trusted: refused, said so, and `--explain` says so of each
+    // derivation then built from the mirror.
     let (_, mallory) = keypair(d, "mallory-2026");
-    let o = realise_from(&a, &d.join("c"), dead, &[&url], &mallory, &env);
-    assert!(!o.status.success());
+    let o = rbuild_as(
+        None,
+        &[
+            "realise",
+            a.recipe.to_str().unwrap(),
+            "--store",
+            d.join("c").to_str().unwrap(),
+            "--json",
+            "--explain",
+            "--mirror",
+            &a.mirror_url(),
+            "--trusted-key",
+            &mallory,
+            "--substituter",
+            &url,
+        ],
+        &env,
+    );
     assert!(
         stderr(&o).contains("no valid signature by a trusted key"),
         "{}",
         stderr(&o)
     );
+    let c = json(&o);
+    assert_eq!(output_digest(&c), output_digest(&built));
+    let explained = c["explain"].as_array().unwrap();
+    assert_eq!(explained.len() as u64, c["built"].as_u64().unwrap(), "{c}");
+    for e in explained {
+        let why = e["not_substituted"].as_str().unwrap_or_default();
+        assert!(
+            why.starts_with(&format!("{url}: its entry was refused: "))
+                && why.contains("no valid signature by a trusted key"),
+            "{c}"
+        );
+    }
 
     // No credentials: the token server refuses, and the error names the registry.
     let o = cache_push(
@@ -3600,6 +3629,41 @@ fn explain_and_diff_say_why_a_layer_rebuilt() {
     let o = diff(&t.path().join("after"), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("are the same derivation"));
+
+    // With a substituter: each derivation built says why the cache did not give it.
+    fs::write(app_dir.join("files/motd"), "hello once more\n").unwrap();
+    let empty = t.path().join("empty-cache");
+    fs::create_dir_all(&empty).unwrap();
+    let (_, public) = keypair(t.path(), "alice-2026");
+    let cache = format!("file://{}", empty.display());
+    let third = json(&rbuild(&[
+        "realise",
+        recipe.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--mirror",
+        &a.mirror_url(),
+        "--json",
+        "--explain",
+        "--substituter",
+        &cache,
+        "--trusted-key",
+        &public,
+    ]));
+    let explained = third["explain"].as_array().unwrap();
+    assert_eq!(explained.len(), 6, "{third}");
+    for e in explained {
+        assert_eq!(
+            e["not_substituted"].as_str(),
+            Some(format!("{cache}: no entry").as_str()),
+            "{third}"
+        );
+    }
+    // Without substituters, nothing is said of them.
+    assert!(
+        first["explain"][0].get("not_substituted").is_none(),
+        "{first}"
+    );
 }
 
 /// A tree that would not fit in the sandbox's memory with room to spare is built in `$out`

@@ -36,6 +36,10 @@ pub struct Explanation {
     pub name: String,
     pub hash: String,
     pub reason: String,
+    /// With substituters, for a derivation built: why none of them gave it (no entry, a refused
+    /// entry or output, a cache that failed), cache by cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_substituted: Option<String>,
 }
 
 /// For each derivation of `graph` below `target` that the store has no valid output of (what a
@@ -84,6 +88,7 @@ pub fn explain(
             name: drv.name.clone(),
             hash: h.0.clone(),
             reason,
+            not_substituted: None,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

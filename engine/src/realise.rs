@@ -95,11 +95,27 @@ pub(crate) fn realise(args: RealiseArgs) -> anyhow::Result<()> {
     store
         .set_last_realised(&key, &target.0)
         .context("recording what was realised")?;
-    if explained.is_some() && has_substituters {
-        for t in report.timings.iter().filter(|t| t.outcome == "built") {
-            eprintln!("explain: {}: no substituter had an entry for it", t.name);
+    let explained = explained.map(|mut e| {
+        if has_substituters {
+            let built: std::collections::HashSet<&str> = report
+                .timings
+                .iter()
+                .filter(|t| t.outcome == "built")
+                .map(|t| t.hash.as_str())
+                .collect();
+            for x in e.iter_mut().filter(|x| built.contains(x.hash.as_str())) {
+                let why = report
+                    .not_substituted
+                    .get(&rbuild_engine::DrvHash(x.hash.clone()))
+                    .cloned()
+                    // Every derivation a plan needs is asked for; this is only a fallback.
+                    .unwrap_or_else(|| "no substituter was asked for it".to_owned());
+                eprintln!("explain: {}: not substituted: {why}", x.name);
+                x.not_substituted = Some(why);
+            }
         }
-    }
+        e
+    });
     if let Some(link) = out_link {
         store
             .add_root(&link, &target.0)

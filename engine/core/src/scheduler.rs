@@ -90,6 +90,10 @@ pub struct Report {
     /// When each derivation built or substituted ran (for `--timings`).
     #[serde(skip)]
     pub timings: Vec<crate::timings::Timing>,
+    /// For each derivation that substituters were asked for and could not give, why, cache by
+    /// cache (for `--explain`).
+    #[serde(skip)]
+    pub not_substituted: BTreeMap<DrvHash, String>,
 }
 
 /// `target` and what it needs, down to (not including) what `store` has a valid output of: what
@@ -136,6 +140,8 @@ pub struct Engine {
     dead: Mutex<HashSet<usize>>,
     /// Answers of substituters asked in one batch before planning.
     prefetched: Mutex<HashMap<(usize, DrvHash), Answer>>,
+    /// Why each derivation asked for was not substituted, cache by cache.
+    missed: Mutex<HashMap<DrvHash, Vec<String>>>,
 }
 
 enum Outcome {
@@ -168,6 +174,7 @@ impl Engine {
             warned: Mutex::new(HashSet::new()),
             dead: Mutex::new(HashSet::new()),
             prefetched: Mutex::new(HashMap::new()),
+            missed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -195,8 +202,19 @@ impl Engine {
         if self.refused.lock().expect("lock").contains(h) {
             return None;
         }
+        let miss = |why: String| {
+            let mut missed = self.missed.lock().expect("lock");
+            let whys = missed.entry(h.clone()).or_default();
+            if !whys.contains(&why) {
+                whys.push(why);
+            }
+        };
         for (i, cache) in self.caches.substituters.iter().enumerate() {
             if self.dead.lock().expect("lock").contains(&i) {
+                miss(format!(
+                    "{}: not asked (it failed earlier in this run)",
+                    cache.url()
+                ));
                 continue;
             }
             let prefetched = self
@@ -210,7 +228,7 @@ impl Engine {
             };
             match answer {
                 Ok(Some(entry)) => return Some((i, entry)),
-                Ok(None) => {}
+                Ok(None) => miss(format!("{}: no entry", cache.url())),
                 Err(e) => {
                     // A cache that cannot be reached is not asked again in this run; a refused
                     // entry is reported once per cache (each is refused all the same).
@@ -219,19 +237,28 @@ impl Engine {
                     if unreachable {
                         self.dead.lock().expect("lock").insert(i);
                     }
+                    // Backend errors name the cache themselves.
+                    let why = match &e {
+                        rbuild_store::cache::CacheError::Backend { source, .. } => {
+                            source.to_string()
+                        }
+                        other => other.to_string(),
+                    };
+                    miss(format!(
+                        "{}: {}: {why}",
+                        cache.url(),
+                        if unreachable {
+                            "failed"
+                        } else {
+                            "its entry was refused"
+                        },
+                    ));
                     if self
                         .warned
                         .lock()
                         .expect("lock")
                         .insert(cache.url().to_owned())
                     {
-                        // Backend errors name the cache themselves.
-                        let why = match &e {
-                            rbuild_store::cache::CacheError::Backend { source, .. } => {
-                                source.to_string()
-                            }
-                            other => other.to_string(),
-                        };
                         self.progress.line(&format!(
                             "warning: binary cache {}: asking for {name}: {why}; {}",
                             cache.url(),
@@ -374,7 +401,14 @@ impl Engine {
                 .realise_once(graph.clone(), target, &mut report, &mut produced, t0)
                 .await
             {
-                Ok(()) => return Ok(report),
+                Ok(()) => {
+                    let missed = std::mem::take(&mut *self.missed.lock().expect("lock"));
+                    report.not_substituted = missed
+                        .into_iter()
+                        .map(|(h, whys)| (h, whys.join("; ")))
+                        .collect();
+                    return Ok(report);
+                }
                 Err(EngineError::Substitute {
                     hash,
                     name,
@@ -384,6 +418,12 @@ impl Engine {
                     self.progress.line(&format!(
                         "warning: {url}: refused the output of {name}: {source}; building it instead"
                     ));
+                    self.missed
+                        .lock()
+                        .expect("lock")
+                        .entry(hash.clone())
+                        .or_default()
+                        .push(format!("{url}: its output was refused: {source}"));
                     self.refused.lock().expect("lock").insert(hash);
                 }
                 Err(e) => return Err(e),

@@ -2158,6 +2158,14 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
     // base (its /etc/os-release) on the way back: the blob is refused, the tree built instead.
     let plain = registry::start(&d.join("plain"), None);
     ok(&push(&format!("docker://{}/rbuild", plain.addr), &[]));
+    // Pushing again asks, and sends nothing: no upload session, no blob, no manifest.
+    let (recording, sent) = registry::recording_proxy(plain.addr.clone());
+    ok(&push(&format!("docker://{recording}/rbuild"), &[]));
+    let sent = String::from_utf8_lossy(&sent.lock().unwrap()).into_owned();
+    assert!(sent.contains("HEAD /v2/rbuild/blobs/"), "{sent}");
+    for method in ["POST ", "PUT ", "PATCH "] {
+        assert!(!sent.contains(method), "{method}in {sent}");
+    }
     let proxy = registry::tampering_proxy(
         plain.addr.clone(),
         b"PRETTY_NAME=\"Test\"",

@@ -204,6 +204,22 @@ pub fn auth_file(dir: &Path, addr: &str, user: &str, password: &str) -> PathBuf 
 /// A proxy on a loopback port to `upstream` that replaces `from` by `to` (the same length) in
 /// everything the upstream sends back. Returns its `127.0.0.1:PORT`.
 pub fn tampering_proxy(upstream: String, from: &'static [u8], to: &'static [u8]) -> String {
+    proxy(upstream, from, to, None)
+}
+
+/// A proxy on a loopback port to `upstream` that passes everything through and keeps what the
+/// clients sent. Returns its `127.0.0.1:PORT` and those bytes.
+pub fn recording_proxy(upstream: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    (proxy(upstream, b"", b"", Some(sent.clone())), sent)
+}
+
+fn proxy(
+    upstream: String,
+    from: &'static [u8],
+    to: &'static [u8],
+    record: Option<std::sync::Arc<std::sync::Mutex<Vec<u8>>>>,
+) -> String {
     assert_eq!(from.len(), to.len());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -215,8 +231,21 @@ pub fn tampering_proxy(upstream: String, from: &'static [u8], to: &'static [u8])
             };
             let (mut c_read, mut s_write) =
                 (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let record = record.clone();
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c_read, &mut s_write);
+                let mut buf = [0u8; 65536];
+                loop {
+                    let n = match c_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if let Some(r) = &record {
+                        r.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    if s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
                 let _ = s_write.shutdown(std::net::Shutdown::Write);
             });
             let (mut s_read, mut c_write) = (server, client);
@@ -230,7 +259,7 @@ pub fn tampering_proxy(upstream: String, from: &'static [u8], to: &'static [u8])
                     };
                     carry.extend_from_slice(&buf[..n]);
                     let mut i = 0;
-                    while i + from.len() <= carry.len() {
+                    while !from.is_empty() && i + from.len() <= carry.len() {
                         if &carry[i..i + from.len()] == from {
                             carry[i..i + from.len()].copy_from_slice(to);
                             i += from.len();

@@ -3509,6 +3509,36 @@ fn timings_report_draws_one_bar_per_derivation_built() {
         dom.contains(&format!("{built} built, 0 substituted")),
         "{dom}"
     );
+
+    // `--timings` with no directory writes `./rbuild-timings/` (here, all reused: no bars).
+    let cwd = t.path().join("cwd");
+    fs::create_dir_all(&cwd).unwrap();
+    let o = Command::new(rbuild_bin())
+        .args(["realise", a.recipe.to_str().unwrap(), "--store"])
+        .arg(t.path().join("store"))
+        .args(["--mirror", &a.mirror_url(), "--timings"])
+        .current_dir(&cwd)
+        .env_remove("RBUILD_STORE")
+        .env_remove("RBUILD_MIRROR")
+        .output()
+        .unwrap();
+    ok(&o);
+    let trace: serde_json::Value =
+        serde_json::from_slice(&fs::read(cwd.join("rbuild-timings/trace.json")).unwrap()).unwrap();
+    assert!(
+        trace["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["ph"] != "X"),
+        "{trace}"
+    );
+    let page = fs::read_to_string(cwd.join("rbuild-timings/index.html")).unwrap();
+    assert!(
+        // The walk stops at the target, valid in the store.
+        page.contains("\"bars\":[]") && page.contains("\"reused\":1,"),
+        "{page}"
+    );
 }
 
 /// "Why did this rebuild?": `realise --explain` gives a reason for each derivation it builds —

@@ -1366,11 +1366,12 @@ fn file_cache_substitutes_signed_outputs_only() {
     ));
     assert_eq!(
         counts(&e),
-        (6, 4),
-        "from the ^rootfs closure, what the image needs substituted (the tree, the verified \
-         index, and the InRelease and Packages it is made of, which the stanzas are checked \
-         against too; not the tar, which the layer does without); the layer, the image, its manifest, \
-         the stanzas and two SBOMs built: {e}"
+        (6, 3),
+        "from the ^rootfs closure, what the image needs substituted (the tree, and the \
+         InRelease and Packages that the stanzas are checked against, as the verified index \
+         was; not the verified index, which nothing of the image reads, nor the tar, which the \
+         layer does without); the layer, the image, its manifest, the stanzas and two SBOMs \
+         built: {e}"
     );
 }
 
@@ -1467,11 +1468,12 @@ fn http_cache_round_trip_and_dead_cache() {
     ));
     assert_eq!(
         counts(&e),
-        (6, 4),
-        "from the ^rootfs closure, what the image needs substituted (the tree, the verified \
-         index, and the InRelease and Packages it is made of, which the stanzas are checked \
-         against too; not the tar, which the layer does without); the layer, the image, its manifest, \
-         the stanzas and two SBOMs built: {e}"
+        (6, 3),
+        "from the ^rootfs closure, what the image needs substituted (the tree, and the \
+         InRelease and Packages that the stanzas are checked against, as the verified index \
+         was; not the verified index, which nothing of the image reads, nor the tar, which the \
+         layer does without); the layer, the image, its manifest, the stanzas and two SBOMs \
+         built: {e}"
     );
 
     // Tampered blobs: caught while downloading, built from the mirror instead.
@@ -1600,11 +1602,12 @@ fn grpc_cache_on_buildgrid() {
     let e = json(&o);
     assert_eq!(
         counts(&e),
-        (6, 4),
-        "from the ^rootfs closure, what the image needs substituted (the tree, the verified \
-         index, and the InRelease and Packages it is made of, which the stanzas are checked \
-         against too; not the tar, which the layer does without); the layer, the image, its manifest, \
-         the stanzas and two SBOMs built: {e}"
+        (6, 3),
+        "from the ^rootfs closure, what the image needs substituted (the tree, and the \
+         InRelease and Packages that the stanzas are checked against, as the verified index \
+         was; not the verified index, which nothing of the image reads, nor the tar, which the \
+         layer does without); the layer, the image, its manifest, the stanzas and two SBOMs \
+         built: {e}"
     );
     assert!(
         stderr(&o).contains("grpc://127.0.0.1:9"),

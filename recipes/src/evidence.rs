@@ -23,7 +23,8 @@ pub struct Evidence {
     pub architecture: String,
     pub suite: String,
     pub source_date_epoch: i64,
-    /// The base's verified index.
+    /// The base's verified index: the stanzas' derivation ([`Evidence::stanzas`]) takes its
+    /// inputs and arguments.
     pub verify: DrvHash,
     pub inrelease: PinnedFile,
     pub indices: Vec<PinnedFile>,
@@ -163,7 +164,7 @@ pub fn sboms(
                 builder: "builtin:debian-sbom".into(),
                 args: vec![serde_json::to_string(&plan).expect("plan serializes")],
                 env: sde.clone(),
-                inputs: [manifest, tree, &stanzas, &ev.verify]
+                inputs: [manifest, tree, &stanzas]
                     .into_iter()
                     .chain(change_sets)
                     .cloned()
@@ -205,6 +206,8 @@ pub fn provenance(
             });
         }
     }
+    // The stanzas' derivation also holds the signed Release's fields (`release.json`).
+    let stanzas = ev.stanzas(g)?;
     let plan = ProvenancePlan {
         subjects: [
             format!("{} image manifest ({})", ev.name, ev.architecture),
@@ -225,7 +228,7 @@ pub fn provenance(
         builder: "builtin:debian-provenance".into(),
         args: vec![serde_json::to_string(&plan).expect("plan serializes")],
         env: BTreeMap::new(),
-        inputs: vec![image.clone(), rootfs.clone(), ev.verify.clone()],
+        inputs: vec![image.clone(), rootfs.clone(), stanzas],
         system: None,
         fixed_output: None,
     })?)

@@ -56,7 +56,8 @@ pub struct ConfigurePlan {
     /// In install order. `unpacked` and `deb` index the derivation's inputs.
     pub packages: Vec<ConfigurePackage>,
     /// The input holding the packages' stanzas of the signed index, as debootstrap writes them
-    /// to dpkg's `available` (the debootstrap variant).
+    /// to dpkg's `available` (the debootstrap variant, whose `.deb`s are checked against them);
+    /// without it, input 0 is the verified index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub available: Option<usize>,
     /// The suite's `exclude-dependencies`, which debootstrap's dependency walk skips.
@@ -345,7 +346,7 @@ fn expand_arch(
         format!("{}-verified-index", lock.suite),
     )?;
     add_emulator(g, recipe, keyring, lock)?;
-    let mut configure_inputs = vec![verify.clone()];
+    let mut configure_inputs = Vec::new();
     let layer_history = format!(
         "rbuild {} {} {} {:?} ({} packages)",
         recipe.name,
@@ -358,12 +359,17 @@ fn expand_arch(
         crate::evidence::Evidence::of_debian(recipe, lock, verify.clone(), &layer_history);
     // The packages' stanzas: dpkg's `available` (the debootstrap variant), and the SBOMs'.
     let stanzas = evidence.stanzas(g)?;
+    // The debootstrap variant's configure checks the `.deb`s against the stanzas (made from
+    // the signed index, beside `verify`), and so starts without waiting for `verify`.
     let available = match recipe.variant {
         Variant::Debootstrap => {
             configure_inputs.push(stanzas.clone());
             Some(configure_inputs.len() - 1)
         }
-        Variant::Extract => None,
+        Variant::Extract => {
+            configure_inputs.push(verify.clone());
+            None
+        }
     };
     let mut plan = ConfigurePlan {
         variant: recipe.variant,

@@ -33,8 +33,9 @@ const CORE: &[&str] = &[
     "debconf",
 ];
 
-/// `debian-configure`: inputs `[verified index, available?, (unpacked?, deb)…]`; argument 0 is
-/// a [`ConfigurePlan`]; `$out` is the root filesystem.
+/// `debian-configure`: inputs `[available, deb…]` (the debootstrap variant) or `[verified
+/// index, (unpacked, deb)…]` (the extract variant); argument 0 is a [`ConfigurePlan`]; `$out` is
+/// the root filesystem.
 ///
 /// The debootstrap variant makes it as `debootstrap` does (its `first_stage_install` and
 /// `second_stage_install`), step for step, so that maintainer scripts run in the same order
@@ -99,7 +100,8 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     } else {
         memory.to_path_buf()
     };
-    let plain = extract(ctx, &seed, &root, &scratch)?;
+    let signed = Signed::of(ctx, &plan)?;
+    let plain = extract(ctx, &signed, &seed, &root, &scratch)?;
     eprintln!(
         "configure: {} packages extracted in {:.1?}",
         seed.len(),
@@ -109,19 +111,26 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     // another): on a file system that makes new names slowly (ext4 after many deletions), the
     // copy at the end would otherwise spend seconds making them.
     // Only a saving: where it cannot be had, the copy makes every name itself.
-    let skeleton = if root != ctx.out && plan.variant == Variant::Debootstrap {
-        let out = ctx.out.clone();
-        sandbox::Skeleton::scan(&root).ok().and_then(|skeleton| {
-            std::thread::Builder::new()
-                .name("skeleton".into())
-                .spawn(move || skeleton.create_in(&out))
-                .ok()
-        })
-    } else {
-        None
+    // Once more when the base set is unpacked (its names were not there yet), while dpkg
+    // configures it.
+    let ahead = root != ctx.out && plan.variant == Variant::Debootstrap;
+    let mut skeletons = Vec::new();
+    let mut make_names_ahead = || {
+        if ahead {
+            skeletons.extend(names_ahead(&root, &ctx.out));
+        }
     };
+    make_names_ahead();
     if plan.variant == Variant::Debootstrap {
-        second_stage(ctx, &plan, &root, &scratch, plain)?;
+        second_stage(
+            ctx,
+            &signed,
+            &plan,
+            &root,
+            &scratch,
+            plain,
+            &mut make_names_ahead,
+        )?;
         eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
     }
     if let Some(text) = &plan.apt_sources {
@@ -132,11 +141,13 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     finish_tree(ctx, &root)?;
     eprintln!("configure: recorded at {:.1?}", started.elapsed());
     if root != ctx.out {
-        match skeleton.map(|t| t.join()) {
-            Some(Err(_)) => bail!("configure: the thread making the tree's names panicked"),
-            // The copy makes the names that are missing itself.
-            Some(Ok(Err(e))) => eprintln!("configure: making the tree's names ahead failed: {e}"),
-            _ => {}
+        for t in skeletons {
+            match t.join() {
+                Err(_) => bail!("configure: the thread making the tree's names panicked"),
+                // The copy makes the names that are missing itself.
+                Ok(Err(e)) => eprintln!("configure: making the tree's names ahead failed: {e}"),
+                Ok(Ok(())) => {}
+            }
         }
         sandbox::copy_tree_onto(&root, &ctx.out).context("writing the tree to $out")?;
         fs::remove_dir_all(&root)?;
@@ -146,6 +157,52 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         fs::remove_dir_all(&scratch)?;
     }
     Ok(())
+}
+
+/// A thread making the names of the tree at `root`, as it is now, in `out`
+/// ([`sandbox::Skeleton`]; beside an earlier such thread, each leaves what the other made);
+/// None if the tree cannot be read now (it is being worked on) or no thread can be started:
+/// making the names ahead is only a saving.
+fn names_ahead(
+    root: &Path,
+    out: &Path,
+) -> Option<std::thread::JoinHandle<Result<(), sandbox::SandboxError>>> {
+    let skeleton = sandbox::Skeleton::scan(root).ok()?;
+    let out = out.to_owned();
+    std::thread::Builder::new()
+        .name("skeleton".into())
+        .spawn(move || skeleton.create_in(&out))
+        .ok()
+}
+
+/// What the `.deb`s are checked against: the index lines of the `available` stanzas (the
+/// debootstrap variant: `available` makes `verify`'s checks of the signed index itself, beside
+/// it, so configure does not wait for `verify`), or else the verified index (input 0).
+enum Signed<'a> {
+    Lines(String),
+    Verified(&'a Path),
+}
+
+impl Signed<'_> {
+    fn of<'a>(ctx: &'a BuildContext, plan: &ConfigurePlan) -> anyhow::Result<Signed<'a>> {
+        let Some(i) = plan.available else {
+            return Ok(Signed::Verified(&ctx.inputs[0]));
+        };
+        let path = ctx.inputs[i].join("available");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let stanzas = packages::parse_packages("available", &text)?;
+        Ok(Signed::Lines(packages::index_text(&stanzas)))
+    }
+
+    /// Check the `.deb` at `deb` against the sha256 and size the signed index lists for `p`.
+    fn check(&self, p: &ConfigurePackage, deb: &Path) -> anyhow::Result<()> {
+        let (name, version, arch) = (&p.name, &p.version, &p.architecture);
+        match self {
+            Signed::Lines(lines) => super::index::verify_deb_in(lines, name, version, arch, deb),
+            Signed::Verified(dir) => super::index::verify_deb(dir, name, version, arch, deb),
+        }
+    }
 }
 
 /// About how many bytes the tree will take: the sum of the packages' `Installed-Size` in the
@@ -199,6 +256,7 @@ const PLAIN_IN_CHROOT: &str = "var/cache/rbuild-debs/plain";
 /// rewritten `.deb`s, by package, on the host.
 fn extract(
     ctx: &BuildContext,
+    signed: &Signed,
     seed: &[&ConfigurePackage],
     root: &Path,
     scratch: &Path,
@@ -223,7 +281,7 @@ fn extract(
             return Ok(None);
         }
         let deb = &ctx.inputs[p.deb];
-        super::index::verify_deb(&ctx.inputs[0], &p.name, &p.version, &p.architecture, deb)?;
+        signed.check(p, deb)?;
         let plain = plain_dir.join(deb.file_name().context("input path")?);
         let (from, plain) = match archive::deb::decompress_data(deb, &plain) {
             Ok(()) => (plain.clone(), Some(plain)),
@@ -318,10 +376,12 @@ fn extract(
 /// `.deb`s `plain` holds rewritten.
 fn second_stage(
     ctx: &BuildContext,
+    signed: &Signed,
     plan: &ConfigurePlan,
     root: &Path,
     scratch: &Path,
     plain: Vec<(String, PathBuf)>,
+    base_unpacked: &mut dyn FnMut(),
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // The first stage's empty database, and the files it writes that no package installs.
@@ -355,7 +415,7 @@ fn second_stage(
     for p in &plan.packages {
         let input = &ctx.inputs[p.deb];
         if p.unpacked.is_none() && !ready.contains(&p.name) {
-            super::index::verify_deb(&ctx.inputs[0], &p.name, &p.version, &p.architecture, input)?;
+            signed.check(p, input)?;
         }
         let name = input.file_name().context("input path")?.to_string_lossy();
         deb_of.insert(p.name.as_str(), format!("/{INPUTS_IN_CHROOT}/{name}"));
@@ -549,6 +609,7 @@ fn second_stage(
             ],
             &debs(&base).args,
         )?;
+        base_unpacked();
         chroot.dpkg(
             "dpkg --configure of the base packages",
             &[

@@ -90,12 +90,17 @@ pub(super) fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
     for (name, text) in by_shard {
         fs::write(shards.join(name), text)?;
     }
+    write_release_json(&ctx.out, &release)
+}
+
+/// `DIR/release.json`: the signed Release's fields that the SBOMs and the provenance name.
+fn write_release_json(dir: &Path, release: &debian::release::Release) -> anyhow::Result<()> {
     let summary = serde_json::json!({
         "suite": release.suite, "codename": release.codename, "version": release.version,
         "date": release.date, "source_date_epoch": release.source_date_epoch, "signed_by": release.signed_by,
     });
     fs::write(
-        ctx.out.join("release.json"),
+        dir.join("release.json"),
         serde_json::to_vec_pretty(&summary)?,
     )?;
     Ok(())
@@ -104,7 +109,8 @@ pub(super) fn verify(ctx: &BuildContext) -> anyhow::Result<()> {
 /// `debian-available`: `verify`'s inputs and arguments, then `"--"` and the packages; makes
 /// `verify`'s checks itself ([`signed_indices`]), beside it. `$out/available`
 /// holds the stanzas of those packages, verbatim and in index order, each ended by an empty
-/// line: what debootstrap's `pkgdetails STANZAS` writes to dpkg's `available`.
+/// line: what debootstrap's `pkgdetails STANZAS` writes to dpkg's `available`; and
+/// `$out/release.json` as `verify` writes it.
 pub(super) fn available(ctx: &BuildContext) -> anyhow::Result<()> {
     let split = ctx
         .args
@@ -113,14 +119,14 @@ pub(super) fn available(ctx: &BuildContext) -> anyhow::Result<()> {
         .context("available: no `--` between verify's arguments and the packages")?;
     let wanted: std::collections::HashSet<&str> =
         ctx.args[split + 1..].iter().map(String::as_str).collect();
-    let (_, indices) = signed_indices(ctx, &ctx.args[..split])?;
+    let (release, indices) = signed_indices(ctx, &ctx.args[..split])?;
     let mut out = String::new();
     for (_, text) in &indices {
         select_stanzas(text, &wanted, &mut out);
     }
     fs::create_dir_all(&ctx.out)?;
     fs::write(ctx.out.join("available"), out)?;
-    Ok(())
+    write_release_json(&ctx.out, &release)
 }
 
 /// Append to `out` each stanza of `text` whose `Package` is in `wanted`, with the empty line
@@ -189,7 +195,18 @@ pub(super) fn verify_deb(
     arch: &str,
     deb: &Path,
 ) -> anyhow::Result<()> {
-    let entries = packages::lookup_index_line(&read_index_for(verified, name)?, name);
+    verify_deb_in(&read_index_for(verified, name)?, name, version, arch, deb)
+}
+
+/// [`verify_deb`] against `lines`, verified index lines ([`packages::index_text`]).
+pub(super) fn verify_deb_in(
+    lines: &str,
+    name: &str,
+    version: &str,
+    arch: &str,
+    deb: &Path,
+) -> anyhow::Result<()> {
+    let entries = packages::lookup_index_line(lines, name);
     let Some(entry) = entries
         .iter()
         .find(|e| e.version == version && e.architecture == arch)

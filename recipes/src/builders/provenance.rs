@@ -30,7 +30,8 @@ pub struct Dependency {
     pub sha256: String,
 }
 
-/// inputs `[image layout, rootfs tar, verified index]`; argument 0 is a [`ProvenancePlan`].
+/// inputs `[image layout, rootfs tar, available stanzas (with the signed Release's
+/// `release.json`)]`; argument 0 is a [`ProvenancePlan`].
 /// `$out` is the statement (JSON).
 pub(super) fn provenance(ctx: &BuildContext) -> anyhow::Result<()> {
     let plan: ProvenancePlan = serde_json::from_str(ctx.arg(0)?).context("provenance plan")?;

@@ -44,7 +44,8 @@ pub struct SbomFile {
     pub layer: usize,
 }
 
-/// inputs `[image layout, configured tree, available stanzas, verified index, change set…]`
+/// inputs `[image layout, configured tree, available stanzas (with the signed Release's
+/// `release.json`), change set…]`
 /// (the change sets of a layered image's layers, bottom first); argument 0 is an [`SbomPlan`].
 /// `$out` is the document.
 pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
@@ -58,11 +59,11 @@ pub(super) fn sbom(ctx: &BuildContext) -> anyhow::Result<()> {
             plan.layers.len()
         );
     }
-    let tree = super::stack::Stack::compose(&ctx.inputs[1], ctx.inputs.get(4..).unwrap_or(&[]))?;
+    let tree = super::stack::Stack::compose(&ctx.inputs[1], ctx.inputs.get(3..).unwrap_or(&[]))?;
     let available = fs::read_to_string(ctx.inputs[2].join("available"))
         .context("reading the packages' stanzas")?;
     let release: serde_json::Value = serde_json::from_slice(
-        &fs::read(ctx.inputs[3].join("release.json")).context("reading the verified Release")?,
+        &fs::read(ctx.inputs[2].join("release.json")).context("reading the verified Release")?,
     )?;
     let major = release["version"]
         .as_str()

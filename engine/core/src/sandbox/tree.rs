@@ -450,15 +450,27 @@ fn copy_leaf(src: &Path, dst: &Path, md: &fs::Metadata, onto: bool) -> Result<()
         let what = format!("{what} {}", p.display());
         move |source| SandboxError::Setup { what, source }
     };
+    let is_symlink = md.file_type().is_symlink();
+    let target = if is_symlink {
+        Some(fs::read_link(src).map_err(io("readlink", src))?)
+    } else {
+        None
+    };
     if onto {
         match fs::symlink_metadata(dst) {
             Ok(d) if md.is_file() && d.is_file() && d.nlink() == 1 => {}
+            // The same symlink, made ahead: only its mtime is given.
+            Ok(d)
+                if d.file_type().is_symlink()
+                    && fs::read_link(dst).ok().as_ref() == target.as_ref() =>
+            {
+                return set_mtime(dst, md);
+            }
             Ok(_) => remove_any(dst)?,
             Err(_) => {}
         }
     }
-    if md.file_type().is_symlink() {
-        let target = fs::read_link(src).map_err(io("readlink", src))?;
+    if let Some(target) = target {
         std::os::unix::fs::symlink(target, dst).map_err(io("symlink", dst))?;
     } else {
         // `fs::copy` gives the copy the source's permission bits (and truncates a file already
@@ -482,14 +494,17 @@ fn remove_any(p: &Path) -> Result<(), SandboxError> {
     })
 }
 
-/// The directories and plain files of a tree, by path below its root (directories each before
-/// what they hold; of a hard-linked file, its first name only): what [`Skeleton::create_in`]
+/// The directories, plain files and symlinks of a tree, by path below its root (directories
+/// each before what they hold; of a hard-linked file, its first name only): what
+/// [`Skeleton::create_in`]
 /// makes ahead of [`copy_tree_onto`], so that the cost of making thousands of names on the
 /// target file system is paid while the tree is still being worked on (dpkg leaves a core
 /// idle), and the copy at the end only writes contents.
 pub struct Skeleton {
     dirs: Vec<PathBuf>,
     files: Vec<PathBuf>,
+    /// With their targets.
+    symlinks: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Skeleton {
@@ -497,42 +512,152 @@ impl Skeleton {
     pub fn scan(src: &Path) -> Result<Skeleton, SandboxError> {
         let mut plan = CopyPlan::default();
         plan.walk(src, PathBuf::new())?;
+        let mut files = Vec::new();
+        let mut symlinks = Vec::new();
+        for (rel, md) in plan.leaves {
+            if md.is_file() {
+                files.push(rel);
+            } else if md.file_type().is_symlink() {
+                let target =
+                    fs::read_link(src.join(&rel)).map_err(|source| SandboxError::Setup {
+                        what: format!("readlink {}", src.join(&rel).display()),
+                        source,
+                    })?;
+                symlinks.push((rel, target));
+            }
+        }
         Ok(Skeleton {
             dirs: plan.dirs.into_iter().map(|(rel, _)| rel).collect(),
-            files: plan
-                .leaves
-                .into_iter()
-                .filter(|(_, md)| md.is_file())
-                .map(|(rel, _)| rel)
-                .collect(),
+            files,
+            symlinks,
         })
     }
 
-    /// Make the skeleton's directories and (empty) files below `dst`, owned by the caller, with
-    /// default modes; [`copy_tree_onto`] gives them their contents, modes and mtimes.
+    /// Make the skeleton's directories, (empty) files and symlinks below `dst`, owned by the
+    /// caller, with default modes; [`copy_tree_onto`] gives them their contents, modes and
+    /// mtimes. Names already there are left as they are (the copy replaces what differs).
     pub fn create_in(&self, dst: &Path) -> Result<(), SandboxError> {
-        let io = |what: &str, p: &Path| {
-            let what = format!("{what} {}", p.display());
-            move |source| SandboxError::Setup { what, source }
+        use nix::errno::Errno;
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+        use nix::sys::stat::Mode;
+        use std::os::fd::OwnedFd;
+        let setup = |what: &str, p: &Path, e: Errno| SandboxError::Setup {
+            what: format!("{what} {}", p.display()),
+            source: e.into(),
         };
-        for rel in &self.dirs {
-            let d = dst.join(rel);
-            match fs::create_dir(&d) {
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                r => r.map_err(io("mkdir", &d))?,
+        // Every name is made through its parent directory, opened beneath `dst` without
+        // following any symlink: the tree's state may have changed since an earlier skeleton
+        // (a symlink made then where a directory is now), and nothing is ever made through a
+        // symlink, outside `dst`. A name there already, or whose parent is not (or not yet) a
+        // directory, is the copy's to settle.
+        let settled = |e: Errno| {
+            matches!(
+                e,
+                Errno::EEXIST
+                    | Errno::EISDIR
+                    | Errno::ENOTDIR
+                    | Errno::ENOENT
+                    | Errno::ELOOP
+                    | Errno::EXDEV
+            )
+        };
+        match fs::create_dir(dst) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(SandboxError::Setup {
+                    what: format!("mkdir {}", dst.display()),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+        let root = nix::fcntl::open(
+            dst,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| setup("opening", dst, e))?;
+        let beneath = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let mut cached: Option<(PathBuf, OwnedFd)> = None;
+        let mut parent_of = |rel: &Path| -> Result<Option<OwnedFd>, SandboxError> {
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            if let Some((p, fd)) = &cached {
+                if p == parent {
+                    return fd
+                        .try_clone()
+                        .map(Some)
+                        .map_err(|source| SandboxError::Setup {
+                            what: format!(
+                                "duplicating the descriptor of {}",
+                                dst.join(parent).display()
+                            ),
+                            source,
+                        });
+                }
+            }
+            let fd = if parent.as_os_str().is_empty() {
+                nix::unistd::dup(&root)
+            } else {
+                nix::fcntl::openat2(&root, parent, beneath)
+            };
+            match fd {
+                Ok(fd) => {
+                    let mine = fd.try_clone().map_err(|source| SandboxError::Setup {
+                        what: format!(
+                            "duplicating the descriptor of {}",
+                            dst.join(parent).display()
+                        ),
+                        source,
+                    })?;
+                    cached = Some((parent.to_owned(), fd));
+                    Ok(Some(mine))
+                }
+                Err(e) if settled(e) => Ok(None),
+                Err(e) => Err(setup("opening", &dst.join(parent), e)),
+            }
+        };
+        for rel in self.dirs.iter().filter(|r| !r.as_os_str().is_empty()) {
+            let Some(parent) = parent_of(rel)? else {
+                continue;
+            };
+            match nix::sys::stat::mkdirat(&parent, leaf_name(rel), Mode::from_bits_truncate(0o755))
+            {
+                Err(e) if !settled(e) => return Err(setup("mkdir", &dst.join(rel), e)),
+                _ => {}
             }
         }
         for rel in &self.files {
-            let f = dst.join(rel);
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&f)
-                .map_err(io("creating", &f))?;
+            let Some(parent) = parent_of(rel)? else {
+                continue;
+            };
+            let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            match nix::fcntl::openat(
+                &parent,
+                leaf_name(rel),
+                flags,
+                Mode::from_bits_truncate(0o644),
+            ) {
+                Err(e) if !settled(e) => return Err(setup("creating", &dst.join(rel), e)),
+                _ => {}
+            }
+        }
+        for (rel, target) in &self.symlinks {
+            let Some(parent) = parent_of(rel)? else {
+                continue;
+            };
+            match nix::unistd::symlinkat(target.as_path(), &parent, leaf_name(rel)) {
+                Err(e) if !settled(e) => return Err(setup("symlink", &dst.join(rel), e)),
+                _ => {}
+            }
         }
         Ok(())
     }
+}
+
+/// The last component of `rel` (a skeleton's names are never empty but for the root's).
+fn leaf_name(rel: &Path) -> &Path {
+    rel.file_name().map(Path::new).unwrap_or(Path::new("."))
 }
 
 fn set_mtime(dst: &Path, md: &fs::Metadata) -> Result<(), SandboxError> {
@@ -747,6 +872,9 @@ mod tests {
         ] {
             fs::write(src.join(name), "old contents, longer than the new").unwrap();
         }
+        for link in ["same-link", "retargeted", "becomes-file"] {
+            symlink("a/f1", src.join(link)).unwrap();
+        }
         let skeleton = Skeleton::scan(&src).unwrap();
         let dst = tmp.path().join("dst");
         skeleton.create_in(&dst).unwrap();
@@ -766,6 +894,13 @@ mod tests {
         fs::write(src.join("a/shrinks"), "short").unwrap();
         fs::write(src.join("a/new"), "new").unwrap();
         fs::set_permissions(src.join("a/f2"), fs::Permissions::from_mode(0o4711)).unwrap();
+        fs::remove_file(src.join("retargeted")).unwrap();
+        symlink("a/f2", src.join("retargeted")).unwrap();
+        fs::remove_file(src.join("becomes-file")).unwrap();
+        fs::write(src.join("becomes-file"), "a file").unwrap();
+        symlink("../a/new", src.join("a/new-link")).unwrap();
+        // A second skeleton, of the tree as it is now, over the first's names.
+        Skeleton::scan(&src).unwrap().create_in(&dst).unwrap();
         copy_tree_onto(&src, &dst).unwrap();
         assert_eq!(describe(&src), describe(&dst));
         let fresh = tmp.path().join("fresh");
@@ -775,6 +910,35 @@ mod tests {
         let none = tmp.path().join("none");
         copy_tree_onto(&src, &none).unwrap();
         assert_eq!(describe(&src), describe(&none));
+    }
+
+    /// A symlink made ahead where the tree later has a directory: a second skeleton makes
+    /// nothing through it (nothing lands where it points), and the copy makes the directory.
+    #[test]
+    fn skeletons_never_make_names_through_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst, outside) = (
+            tmp.path().join("src"),
+            tmp.path().join("dst"),
+            tmp.path().join("outside"),
+        );
+        fs::create_dir_all(&src).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        symlink(&outside, src.join("esc")).unwrap();
+        symlink("../outside", src.join("rel")).unwrap();
+        Skeleton::scan(&src).unwrap().create_in(&dst).unwrap();
+        assert_eq!(fs::read_link(dst.join("esc")).unwrap(), outside);
+        for d in ["esc", "rel"] {
+            fs::remove_file(src.join(d)).unwrap();
+            fs::create_dir_all(src.join(d).join("sub")).unwrap();
+            fs::write(src.join(d).join("planted"), "x").unwrap();
+            symlink("/etc/passwd", src.join(d).join("sub/link")).unwrap();
+        }
+        Skeleton::scan(&src).unwrap().create_in(&dst).unwrap();
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        copy_tree_onto(&src, &dst).unwrap();
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        assert_eq!(describe(&src), describe(&dst));
     }
 
     #[test]

@@ -701,7 +701,67 @@ fn mount_tmpfs(dir: &Path, flags: MsFlags, options: &str, what: &str) -> Result<
 /// half the machine's memory (the kernel's default for tmpfs).
 fn memory_bound(bytes: u64) -> u64 {
     let half_memory = meminfo_bytes("MemTotal").map_or(u64::MAX, |b| b / 2);
-    bytes.min(half_memory).max(1 << 20)
+    // Inside a memory-limited cgroup (a container, a CI job), what the limit leaves free: a
+    // builder then sees a small tmpfs and builds on disk instead of being killed.
+    let cgroup_free = fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|own| cgroup_memory_free(Path::new("/sys/fs/cgroup"), &own))
+        .unwrap_or(u64::MAX);
+    bytes.min(half_memory).min(cgroup_free).max(1 << 20)
+}
+
+/// The memory the cgroups of a process leave it, from its `/proc/PID/cgroup` text (`own`) and
+/// the cgroup file systems at `root`: the least, over its memory cgroup and each above it, of
+/// the limit less the usage (cgroup v2's `memory.max` and `memory.current`, or v1's
+/// `memory.limit_in_bytes` and `memory.usage_in_bytes`), the inactive file cache (which the
+/// kernel reclaims first) not counted as used. None: no limit anywhere.
+fn cgroup_memory_free(root: &Path, own: &str) -> Option<u64> {
+    let read = |p: PathBuf| -> Option<u64> { fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let inactive_file = |d: &Path| -> u64 {
+        fs::read_to_string(d.join("memory.stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.lines().find_map(|l| {
+                    let (k, v) = l.split_once(' ')?;
+                    matches!(k, "inactive_file" | "total_inactive_file")
+                        .then(|| v.trim().parse().ok())?
+                })
+            })
+            .unwrap_or(0)
+    };
+    // v1's `memory` hierarchy if there is one, else v2's unified one.
+    let (dir, max, current) = own
+        .lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            controllers.split(',').any(|c| c == "memory").then(|| {
+                (
+                    root.join("memory"),
+                    "memory.limit_in_bytes",
+                    "memory.usage_in_bytes",
+                    path,
+                )
+            })
+        })
+        .map(|(d, m, c, p)| (d.join(p.trim_start_matches('/')), m, c))
+        .or_else(|| {
+            let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+            Some((
+                root.join(path.trim_start_matches('/')),
+                "memory.max",
+                "memory.current",
+            ))
+        })?;
+    let mut free: Option<u64> = None;
+    for d in dir.ancestors().take_while(|d| d.starts_with(root)) {
+        // "max" (v2) does not parse: no limit at that level.
+        if let (Some(limit), Some(used)) = (read(d.join(max)), read(d.join(current))) {
+            let used = used.saturating_sub(inactive_file(d));
+            free = Some(free.unwrap_or(u64::MAX).min(limit.saturating_sub(used)));
+        }
+    }
+    free
 }
 
 /// A field of `/proc/meminfo` (`MemTotal`, `MemAvailable`…), in bytes.
@@ -1080,4 +1140,54 @@ pub fn run_chrooted(
     child
         .wait()
         .map_err(setup_io(format!("waiting for {}", argv[0])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_memory_free_takes_the_tightest_limit_above_a_process() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let put = |rel: &str, text: &str| {
+            let p = root.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        };
+        // v2: a job limited to 4 GiB (1 GiB used, of which 256 MiB inactive cache) below a
+        // slice limited to 2 GiB (1.5 GiB used); unlimited ("max") at the top.
+        put("memory.max", "max\n");
+        put("memory.current", "9999999999\n");
+        put("ci.slice/memory.max", &format!("{}\n", 2u64 << 30));
+        put("ci.slice/memory.current", &format!("{}\n", 3u64 << 29));
+        put("ci.slice/job/memory.max", &format!("{}\n", 4u64 << 30));
+        put("ci.slice/job/memory.current", &format!("{}\n", 1u64 << 30));
+        put(
+            "ci.slice/job/memory.stat",
+            "anon 1\ninactive_file 268435456\n",
+        );
+        assert_eq!(
+            cgroup_memory_free(root, "0::/ci.slice/job\n"),
+            Some(1 << 29)
+        );
+        assert_eq!(cgroup_memory_free(root, "0::/\n"), None);
+        // v1: the memory hierarchy's limit, in a hybrid layout beside a v2 line.
+        put(
+            "memory/job/memory.limit_in_bytes",
+            &format!("{}\n", 3u64 << 30),
+        );
+        put(
+            "memory/job/memory.usage_in_bytes",
+            &format!("{}\n", 2u64 << 30),
+        );
+        put(
+            "memory/job/memory.stat",
+            "cache 5\ntotal_inactive_file 1073741824\n",
+        );
+        assert_eq!(
+            cgroup_memory_free(root, "4:memory:/job\n1:cpu:/\n0::/\n"),
+            Some(2 << 30)
+        );
+    }
 }

@@ -2282,6 +2282,7 @@ fn oci_registry_cache_with_bearer_tokens_and_bounded_manifests() {
     let c = json(&o);
     assert_eq!(output_digest(&c), output_digest(&built));
     let explained = c["explain"].as_array().unwrap();
+    assert!(c["built"].as_u64().unwrap() > 0, "{c}");
     assert_eq!(explained.len() as u64, c["built"].as_u64().unwrap(), "{c}");
     for e in explained {
         let why = e["not_substituted"].as_str().unwrap_or_default();
@@ -2293,6 +2294,7 @@ fn oci_registry_cache_with_bearer_tokens_and_bounded_manifests() {
     }
 
     // No credentials: the token server refuses, and the error names the registry.
+    let before = given.load(std::sync::atomic::Ordering::SeqCst);
     let o = cache_push(
         a.recipe.to_str().unwrap(),
         &d.join("a"),
@@ -2301,7 +2303,13 @@ fn oci_registry_cache_with_bearer_tokens_and_bounded_manifests() {
         &[("REGISTRY_AUTH_FILE", "/nonexistent")],
     );
     assert!(!o.status.success());
-    assert!(stderr(&o).contains(&reg.addr), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&reg.addr)
+            && stderr(&o).to_lowercase().contains("authentication failure"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(given.load(std::sync::atomic::Ordering::SeqCst), before);
 
     for declared in [None, Some(1u64 << 40)] {
         let liar = registry::endless_manifests(declared);

@@ -100,9 +100,9 @@ pub enum RegistryError {
         status: u16,
         detail: String,
     },
-    #[error("{https}; in plain HTTP: {source}")]
+    #[error("{}; in plain HTTP: {source}", super::error::and_causes(https.to_string(), std::error::Error::source(&**https)))]
     PlainHttp {
-        https: String,
+        https: Box<RegistryError>,
         #[source]
         source: Box<RegistryError>,
     },
@@ -145,9 +145,13 @@ pub struct RegistryCache {
     auth: RegistryAuth,
     /// The bearer token (if the registry gives tokens) for pulling, and for pushing: asked for
     /// once per run (a failure then is kept for the run).
-    authed: [OnceLock<Result<Option<String>, Arc<RegistryError>>>; 2],
+    authed: [OnceLock<Result<SharedToken, Arc<RegistryError>>>; 2],
     rt: ClientRuntime,
 }
+
+/// A bearer token (None: the registry gives none), shared by the requests of one operation and
+/// renewed in place when it expires.
+type SharedToken = Arc<std::sync::Mutex<Option<String>>>;
 
 /// The clients chosen at the first contact.
 #[derive(Clone)]
@@ -167,8 +171,8 @@ struct Ctx {
     host: String,
     repository: String,
     auth: RegistryAuth,
-    /// The pull token from [`RegistryCache::authenticate`], if the registry gives tokens.
-    token: Option<String>,
+    /// The token from [`RegistryCache::authenticate`].
+    token: SharedToken,
 }
 
 impl Ctx {
@@ -182,19 +186,29 @@ impl Ctx {
     }
 
     /// Manifest `tag`, or None if the registry has no such manifest (or repository), read
-    /// piece by piece and refused past [`MAX_MANIFEST`] bytes: what the registry sends is not
-    /// trusted with memory. An expired token is renewed once.
+    /// piece by piece and refused past [`MAX_MANIFEST`] bytes, the whole answer within the
+    /// cache timeout: what the registry sends is not trusted with memory or time. An expired
+    /// token is renewed once (for every request after it too).
     async fn get_manifest(&self, tag: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        let what = format!("GET manifest {tag}");
+        tokio::time::timeout(super::timeout(), self.read_manifest(tag, &what))
+            .await
+            .map_err(|_| RegistryError::Timeout {
+                what,
+                secs: super::timeout().as_secs(),
+            })?
+    }
+
+    async fn read_manifest(&self, tag: &str, what: &str) -> Result<Option<Vec<u8>>, RegistryError> {
         let url = format!(
             "{}://{}/v2/{}/manifests/{tag}",
             self.scheme, self.host, self.repository
         );
-        let what = format!("GET manifest {tag}");
         let failed = |source| RegistryError::Http {
-            what: what.clone(),
+            what: what.to_owned(),
             source,
         };
-        let mut token = self.token.clone();
+        let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut renewed = false;
         let mut resp = loop {
             let req = self
@@ -206,13 +220,7 @@ impl Ctx {
                 (None, RegistryAuth::Basic(user, password)) => req.basic_auth(user, Some(password)),
                 _ => req,
             };
-            let mut resp = tokio::time::timeout(super::timeout(), req.send())
-                .await
-                .map_err(|_| RegistryError::Timeout {
-                    what: what.clone(),
-                    secs: super::timeout().as_secs(),
-                })?
-                .map_err(failed)?;
+            let mut resp = req.send().await.map_err(failed)?;
             match resp.status().as_u16() {
                 401 if token.is_some() && !renewed => {
                     renewed = true;
@@ -222,22 +230,19 @@ impl Ctx {
                             .auth(&self.repo(), &self.auth, RegistryOperation::Pull),
                     )
                     .await?;
+                    *self.token.lock().unwrap_or_else(|p| p.into_inner()) = token.clone();
                 }
                 404 => return Ok(None),
                 200..=299 => break resp,
                 status => {
                     // The first bytes of the answer, as text a terminal shows as it is.
-                    let body = tokio::time::timeout(super::timeout(), resp.chunk())
-                        .await
-                        .ok()
-                        .and_then(|c| c.ok().flatten())
-                        .unwrap_or_default();
+                    let body = resp.chunk().await.ok().flatten().unwrap_or_default();
                     let detail: String = String::from_utf8_lossy(&body[..body.len().min(300)])
                         .chars()
                         .map(|c| if c.is_control() { ' ' } else { c })
                         .collect();
                     return Err(RegistryError::Status {
-                        what,
+                        what: what.to_owned(),
                         status,
                         detail,
                     });
@@ -252,22 +257,13 @@ impl Ctx {
             return Err(too_long());
         }
         let mut body = Vec::new();
-        loop {
-            let piece = tokio::time::timeout(super::timeout(), resp.chunk())
-                .await
-                .map_err(|_| RegistryError::Timeout {
-                    what: what.clone(),
-                    secs: super::timeout().as_secs(),
-                })?
-                .map_err(failed)?;
-            let Some(piece) = piece else {
-                return Ok(Some(body));
-            };
+        while let Some(piece) = resp.chunk().await.map_err(failed)? {
             if body.len() as u64 + piece.len() as u64 > MAX_MANIFEST {
                 return Err(too_long());
             }
             body.extend_from_slice(&piece);
         }
+        Ok(Some(body))
     }
 }
 
@@ -403,7 +399,7 @@ impl RegistryCache {
                     self.contact(&plain.client, RegistryOperation::Pull)
                         .map(|_| plain)
                         .map_err(|plain_err| RegistryError::PlainHttp {
-                            https: e.to_string(),
+                            https: Box::new(e),
                             source: Box::new(plain_err),
                         })
                 }
@@ -443,10 +439,14 @@ impl RegistryCache {
 
     /// Authenticate for `op` once per run (a token, or the credentials for basic auth): the
     /// bearer token, if the registry gives tokens.
-    fn authenticate(&self, op: RegistryOperation) -> Result<Option<String>, CacheError> {
+    fn authenticate(&self, op: RegistryOperation) -> Result<SharedToken, CacheError> {
         let client = self.client()?.client;
         let slot = &self.authed[matches!(op, RegistryOperation::Push) as usize];
-        let result = slot.get_or_init(|| self.contact(&client, op).map_err(Arc::new));
+        let result = slot.get_or_init(|| {
+            self.contact(&client, op)
+                .map(|t| Arc::new(std::sync::Mutex::new(t)))
+                .map_err(Arc::new)
+        });
         result
             .clone()
             .map_err(|e| self.err(RegistryError::Earlier(e)))
@@ -720,6 +720,7 @@ impl BinaryCache for RegistryCache {
                                 *source,
                                 super::BackendError::Registry(
                                     RegistryError::BadManifest { .. }
+                                        | RegistryError::ManifestTooLong { .. }
                                         | RegistryError::WrongBytes { .. }
                                         | RegistryError::TooLong { .. }
                                         | RegistryError::Short { .. }

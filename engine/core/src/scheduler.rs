@@ -240,9 +240,9 @@ impl Engine {
                     // Backend errors name the cache themselves.
                     let why = match &e {
                         rbuild_store::cache::CacheError::Backend { source, .. } => {
-                            source.to_string()
+                            crate::errors::chain(source.as_ref())
                         }
-                        other => other.to_string(),
+                        other => crate::errors::chain(other),
                     };
                     miss(format!(
                         "{}: {}: {why}",
@@ -415,15 +415,16 @@ impl Engine {
                     url,
                     source,
                 }) => {
+                    let why = crate::errors::chain(source.as_ref());
                     self.progress.line(&format!(
-                        "warning: {url}: refused the output of {name}: {source}; building it instead"
+                        "warning: {url}: refused the output of {name}: {why}; building it instead"
                     ));
                     self.missed
                         .lock()
                         .expect("lock")
                         .entry(hash.clone())
                         .or_default()
-                        .push(format!("{url}: its output was refused: {source}"));
+                        .push(format!("{url}: its output was refused: {why}"));
                     self.refused.lock().expect("lock").insert(hash);
                 }
                 Err(e) => return Err(e),

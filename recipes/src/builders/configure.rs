@@ -115,12 +115,12 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     // configures it.
     let ahead = root != ctx.out && plan.variant == Variant::Debootstrap;
     let mut skeletons = Vec::new();
-    let mut make_names_ahead = || {
+    let mut make_names_ahead = |mounted: &[PathBuf]| {
         if ahead {
-            skeletons.extend(names_ahead(&root, &ctx.out));
+            skeletons.extend(names_ahead(&root, &ctx.out, mounted));
         }
     };
-    make_names_ahead();
+    make_names_ahead(&[]);
     if plan.variant == Variant::Debootstrap {
         second_stage(
             ctx,
@@ -160,14 +160,24 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
 }
 
 /// A thread making the names of the tree at `root`, as it is now, in `out`
-/// ([`sandbox::Skeleton`]; beside an earlier such thread, each leaves what the other made);
+/// ([`sandbox::Skeleton`]; beside an earlier such thread, each leaves what the other made),
+/// leaving out what is `mounted` there for the chroot and the staging that does not stay;
 /// None if the tree cannot be read now (it is being worked on) or no thread can be started:
 /// making the names ahead is only a saving.
 fn names_ahead(
     root: &Path,
     out: &Path,
+    mounted: &[PathBuf],
 ) -> Option<std::thread::JoinHandle<Result<(), sandbox::SandboxError>>> {
-    let skeleton = sandbox::Skeleton::scan(root).ok()?;
+    let mut except = mounted.to_vec();
+    except.push(PathBuf::from(super::DEB_STAGING));
+    let skeleton = match sandbox::Skeleton::scan(root, &except) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("configure: the tree's names are not made ahead now: {e}");
+            return None;
+        }
+    };
     let out = out.to_owned();
     std::thread::Builder::new()
         .name("skeleton".into())
@@ -175,9 +185,10 @@ fn names_ahead(
         .ok()
 }
 
-/// What the `.deb`s are checked against: the index lines of the `available` stanzas (the
-/// debootstrap variant: `available` makes `verify`'s checks of the signed index itself, beside
-/// it, so configure does not wait for `verify`), or else the verified index (input 0).
+/// What the `.deb`s are checked against: the verified index lines `available` writes of its
+/// stanzas (the debootstrap variant: `available` makes `verify`'s checks of the signed index
+/// itself, beside it, so configure does not wait for `verify`), or else the verified index
+/// (input 0).
 enum Signed<'a> {
     Lines(String),
     Verified(&'a Path),
@@ -188,11 +199,10 @@ impl Signed<'_> {
         let Some(i) = plan.available else {
             return Ok(Signed::Verified(&ctx.inputs[0]));
         };
-        let path = ctx.inputs[i].join("available");
-        let text =
+        let path = ctx.inputs[i].join("index");
+        let lines =
             fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let stanzas = packages::parse_packages("available", &text)?;
-        Ok(Signed::Lines(packages::index_text(&stanzas)))
+        Ok(Signed::Lines(lines))
     }
 
     /// Check the `.deb` at `deb` against the sha256 and size the signed index lists for `p`.
@@ -381,7 +391,7 @@ fn second_stage(
     root: &Path,
     scratch: &Path,
     plain: Vec<(String, PathBuf)>,
-    base_unpacked: &mut dyn FnMut(),
+    base_unpacked: &mut dyn FnMut(&[PathBuf]),
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // The first stage's empty database, and the files it writes that no package installs.
@@ -609,7 +619,7 @@ fn second_stage(
             ],
             &debs(&base).args,
         )?;
-        base_unpacked();
+        base_unpacked(&chroot.mounts.mount_points());
         chroot.dpkg(
             "dpkg --configure of the base packages",
             &[

@@ -109,8 +109,9 @@ fn write_release_json(dir: &Path, release: &debian::release::Release) -> anyhow:
 /// `debian-available`: `verify`'s inputs and arguments, then `"--"` and the packages; makes
 /// `verify`'s checks itself ([`signed_indices`]), beside it. `$out/available`
 /// holds the stanzas of those packages, verbatim and in index order, each ended by an empty
-/// line: what debootstrap's `pkgdetails STANZAS` writes to dpkg's `available`; and
-/// `$out/release.json` as `verify` writes it.
+/// line: what debootstrap's `pkgdetails STANZAS` writes to dpkg's `available`;
+/// `$out/index`, their verified index lines (as `verify` writes them); and `$out/release.json`
+/// as `verify` writes it.
 pub(super) fn available(ctx: &BuildContext) -> anyhow::Result<()> {
     let split = ctx
         .args
@@ -120,18 +121,35 @@ pub(super) fn available(ctx: &BuildContext) -> anyhow::Result<()> {
     let wanted: std::collections::HashSet<&str> =
         ctx.args[split + 1..].iter().map(String::as_str).collect();
     let (release, indices) = signed_indices(ctx, &ctx.args[..split])?;
-    let mut out = String::new();
+    let (mut out, mut last) = (String::new(), String::new());
     for (_, text) in &indices {
-        select_stanzas(text, &wanted, &mut out);
+        let before = last.len();
+        select_stanzas(text, &wanted, &mut out, &mut last);
+        if last.len() > before {
+            last.push('\n');
+        }
     }
+    // The verified index lines of the same stanzas (and of a last one `available` leaves out),
+    // which the `.deb`s are checked against.
+    let lines = packages::index_text(&packages::parse_packages(
+        "available",
+        &(out.clone() + &last),
+    )?);
     fs::create_dir_all(&ctx.out)?;
     fs::write(ctx.out.join("available"), out)?;
+    fs::write(ctx.out.join("index"), lines)?;
     write_release_json(&ctx.out, &release)
 }
 
 /// Append to `out` each stanza of `text` whose `Package` is in `wanted`, with the empty line
-/// that ends it (a last stanza with no empty line after it is left out, as debootstrap's is).
-fn select_stanzas(text: &str, wanted: &std::collections::HashSet<&str>, out: &mut String) {
+/// that ends it; a last stanza with no empty line after it, if selected, goes to `last`
+/// instead (debootstrap's `available` leaves it out).
+fn select_stanzas(
+    text: &str,
+    wanted: &std::collections::HashSet<&str>,
+    out: &mut String,
+    last: &mut String,
+) {
     let mut start = 0;
     let mut selected = false;
     let mut pos = 0;
@@ -149,6 +167,12 @@ fn select_stanzas(text: &str, wanted: &std::collections::HashSet<&str>, out: &mu
             }
             selected = false;
             start = pos;
+        }
+    }
+    if selected && start < text.len() {
+        last.push_str(&text[start..]);
+        if !last.ends_with('\n') {
+            last.push('\n');
         }
     }
 }
@@ -251,11 +275,13 @@ mod tests {
         let text = "Package: b\nVersion: 1\nDescription: x\n y\n\nPackage: a\nVersion: 2\n\nPackage: c\nVersion: 3\n\nPackage: a-b\nVersion: 4\n";
         let wanted = ["a", "b", "a-b"].into_iter().collect();
         let mut out = String::new();
-        select_stanzas(text, &wanted, &mut out);
+        let mut last = String::new();
+        select_stanzas(text, &wanted, &mut out, &mut last);
         // The last stanza has no empty line after it: left out, as debootstrap leaves it.
         assert_eq!(
             out,
             "Package: b\nVersion: 1\nDescription: x\n y\n\nPackage: a\nVersion: 2\n\n"
         );
+        assert_eq!(last, "Package: a-b\nVersion: 4\n");
     }
 }

@@ -717,14 +717,14 @@ fn memory_bound(bytes: u64) -> u64 {
 /// kernel reclaims first) not counted as used. None: no limit anywhere.
 fn cgroup_memory_free(root: &Path, own: &str) -> Option<u64> {
     let read = |p: PathBuf| -> Option<u64> { fs::read_to_string(p).ok()?.trim().parse().ok() };
-    let inactive_file = |d: &Path| -> u64 {
+    // v1's usage counts the cgroups below too, as its `total_` figures do.
+    let inactive_file = |d: &Path, key: &str| -> u64 {
         fs::read_to_string(d.join("memory.stat"))
             .ok()
             .and_then(|stat| {
                 stat.lines().find_map(|l| {
                     let (k, v) = l.split_once(' ')?;
-                    matches!(k, "inactive_file" | "total_inactive_file")
-                        .then(|| v.trim().parse().ok())?
+                    (k == key).then(|| v.trim().parse().ok())?
                 })
             })
             .unwrap_or(0)
@@ -753,11 +753,16 @@ fn cgroup_memory_free(root: &Path, own: &str) -> Option<u64> {
                 "memory.current",
             ))
         })?;
+    let inactive_key = if max == "memory.max" {
+        "inactive_file"
+    } else {
+        "total_inactive_file"
+    };
     let mut free: Option<u64> = None;
     for d in dir.ancestors().take_while(|d| d.starts_with(root)) {
         // "max" (v2) does not parse: no limit at that level.
         if let (Some(limit), Some(used)) = (read(d.join(max)), read(d.join(current))) {
-            let used = used.saturating_sub(inactive_file(d));
+            let used = used.saturating_sub(inactive_file(d, inactive_key));
             free = Some(free.unwrap_or(u64::MAX).min(limit.saturating_sub(used)));
         }
     }
@@ -979,6 +984,14 @@ impl ChrootMounts {
         &self.root
     }
 
+    /// What is mounted below the root now, relative to it: nothing of the tree itself.
+    pub fn mount_points(&self) -> Vec<PathBuf> {
+        self.mounted
+            .iter()
+            .filter_map(|m| m.strip_prefix(&self.root).ok().map(Path::to_owned))
+            .collect()
+    }
+
     /// Make `src` (a directory of the sandbox) visible read-only at `rel` inside the chroot,
     /// until the guard is dropped.
     pub fn bind_readonly(&mut self, src: &Path, rel: &str) -> Result<(), SandboxError> {
@@ -1155,17 +1168,17 @@ mod tests {
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, text).unwrap();
         };
-        // v2: a job limited to 4 GiB (1 GiB used, of which 256 MiB inactive cache) below a
-        // slice limited to 2 GiB (1.5 GiB used); unlimited ("max") at the top.
+        // v2: a job limited to 1 GiB (768 MiB used, of which 256 MiB inactive cache: 512 MiB
+        // free) below a slice limited to 2 GiB (1 GiB used); unlimited ("max") at the top.
         put("memory.max", "max\n");
         put("memory.current", "9999999999\n");
         put("ci.slice/memory.max", &format!("{}\n", 2u64 << 30));
-        put("ci.slice/memory.current", &format!("{}\n", 3u64 << 29));
-        put("ci.slice/job/memory.max", &format!("{}\n", 4u64 << 30));
-        put("ci.slice/job/memory.current", &format!("{}\n", 1u64 << 30));
+        put("ci.slice/memory.current", &format!("{}\n", 1u64 << 30));
+        put("ci.slice/job/memory.max", &format!("{}\n", 1u64 << 30));
+        put("ci.slice/job/memory.current", &format!("{}\n", 3u64 << 28));
         put(
             "ci.slice/job/memory.stat",
-            "anon 1\ninactive_file 268435456\n",
+            "anon 1\ninactive_anon 2\ninactive_file 268435456\n",
         );
         assert_eq!(
             cgroup_memory_free(root, "0::/ci.slice/job\n"),
@@ -1183,7 +1196,7 @@ mod tests {
         );
         put(
             "memory/job/memory.stat",
-            "cache 5\ntotal_inactive_file 1073741824\n",
+            "cache 5\ninactive_file 1\ntotal_cache 7\ntotal_inactive_file 1073741824\n",
         );
         assert_eq!(
             cgroup_memory_free(root, "4:memory:/job\n1:cpu:/\n0::/\n"),

@@ -366,6 +366,8 @@ struct CopyPlan {
     /// The further names of hard-linked files, each with the first.
     links: Vec<(PathBuf, PathBuf)>,
     first_names: HashMap<(u64, u64), PathBuf>,
+    /// Paths not walked (nor planned).
+    skip: Vec<PathBuf>,
 }
 
 impl CopyPlan {
@@ -411,6 +413,9 @@ impl CopyPlan {
     }
 
     fn walk(&mut self, src: &Path, rel: PathBuf) -> Result<(), SandboxError> {
+        if self.skip.contains(&rel) {
+            return Ok(());
+        }
         let p = src.join(&rel);
         let io = |what: &str| {
             let what = format!("{what} {}", p.display());
@@ -461,7 +466,8 @@ fn copy_leaf(src: &Path, dst: &Path, md: &fs::Metadata, onto: bool) -> Result<()
             Ok(d) if md.is_file() && d.is_file() && d.nlink() == 1 => {}
             // The same symlink, made ahead: only its mtime is given.
             Ok(d)
-                if d.file_type().is_symlink()
+                if is_symlink
+                    && d.file_type().is_symlink()
                     && fs::read_link(dst).ok().as_ref() == target.as_ref() =>
             {
                 return set_mtime(dst, md);
@@ -508,9 +514,13 @@ pub struct Skeleton {
 }
 
 impl Skeleton {
-    /// The skeleton of the tree at `src`, as it is now.
-    pub fn scan(src: &Path) -> Result<Skeleton, SandboxError> {
-        let mut plan = CopyPlan::default();
+    /// The skeleton of the tree at `src`, as it is now, leaving out the names below `except`
+    /// (relative paths: mount points, scratch that does not stay) and `except` themselves.
+    pub fn scan(src: &Path, except: &[PathBuf]) -> Result<Skeleton, SandboxError> {
+        let mut plan = CopyPlan {
+            skip: except.to_vec(),
+            ..CopyPlan::default()
+        };
         plan.walk(src, PathBuf::new())?;
         let mut files = Vec::new();
         let mut symlinks = Vec::new();
@@ -579,21 +589,13 @@ impl Skeleton {
         let beneath = OpenHow::new()
             .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-        let mut cached: Option<(PathBuf, OwnedFd)> = None;
-        let mut parent_of = |rel: &Path| -> Result<Option<OwnedFd>, SandboxError> {
+        // The parent directory last opened, kept for the next names in it.
+        let mut cached: Option<(PathBuf, std::rc::Rc<OwnedFd>)> = None;
+        let mut parent_of = |rel: &Path| -> Result<Option<std::rc::Rc<OwnedFd>>, SandboxError> {
             let parent = rel.parent().unwrap_or(Path::new(""));
             if let Some((p, fd)) = &cached {
                 if p == parent {
-                    return fd
-                        .try_clone()
-                        .map(Some)
-                        .map_err(|source| SandboxError::Setup {
-                            what: format!(
-                                "duplicating the descriptor of {}",
-                                dst.join(parent).display()
-                            ),
-                            source,
-                        });
+                    return Ok(Some(fd.clone()));
                 }
             }
             let fd = if parent.as_os_str().is_empty() {
@@ -603,15 +605,9 @@ impl Skeleton {
             };
             match fd {
                 Ok(fd) => {
-                    let mine = fd.try_clone().map_err(|source| SandboxError::Setup {
-                        what: format!(
-                            "duplicating the descriptor of {}",
-                            dst.join(parent).display()
-                        ),
-                        source,
-                    })?;
-                    cached = Some((parent.to_owned(), fd));
-                    Ok(Some(mine))
+                    let fd = std::rc::Rc::new(fd);
+                    cached = Some((parent.to_owned(), fd.clone()));
+                    Ok(Some(fd))
                 }
                 Err(e) if settled(e) => Ok(None),
                 Err(e) => Err(setup("opening", &dst.join(parent), e)),
@@ -621,7 +617,7 @@ impl Skeleton {
             let Some(parent) = parent_of(rel)? else {
                 continue;
             };
-            match nix::sys::stat::mkdirat(&parent, leaf_name(rel), Mode::from_bits_truncate(0o755))
+            match nix::sys::stat::mkdirat(&*parent, leaf_name(rel), Mode::from_bits_truncate(0o755))
             {
                 Err(e) if !settled(e) => return Err(setup("mkdir", &dst.join(rel), e)),
                 _ => {}
@@ -633,7 +629,7 @@ impl Skeleton {
             };
             let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
             match nix::fcntl::openat(
-                &parent,
+                &*parent,
                 leaf_name(rel),
                 flags,
                 Mode::from_bits_truncate(0o644),
@@ -646,7 +642,7 @@ impl Skeleton {
             let Some(parent) = parent_of(rel)? else {
                 continue;
             };
-            match nix::unistd::symlinkat(target.as_path(), &parent, leaf_name(rel)) {
+            match nix::unistd::symlinkat(target.as_path(), &*parent, leaf_name(rel)) {
                 Err(e) if !settled(e) => return Err(setup("symlink", &dst.join(rel), e)),
                 _ => {}
             }
@@ -875,7 +871,7 @@ mod tests {
         for link in ["same-link", "retargeted", "becomes-file"] {
             symlink("a/f1", src.join(link)).unwrap();
         }
-        let skeleton = Skeleton::scan(&src).unwrap();
+        let skeleton = Skeleton::scan(&src, &[]).unwrap();
         let dst = tmp.path().join("dst");
         skeleton.create_in(&dst).unwrap();
         // What the tree became meanwhile.
@@ -900,7 +896,7 @@ mod tests {
         fs::write(src.join("becomes-file"), "a file").unwrap();
         symlink("../a/new", src.join("a/new-link")).unwrap();
         // A second skeleton, of the tree as it is now, over the first's names.
-        Skeleton::scan(&src).unwrap().create_in(&dst).unwrap();
+        Skeleton::scan(&src, &[]).unwrap().create_in(&dst).unwrap();
         copy_tree_onto(&src, &dst).unwrap();
         assert_eq!(describe(&src), describe(&dst));
         let fresh = tmp.path().join("fresh");
@@ -926,7 +922,7 @@ mod tests {
         fs::create_dir_all(&outside).unwrap();
         symlink(&outside, src.join("esc")).unwrap();
         symlink("../outside", src.join("rel")).unwrap();
-        Skeleton::scan(&src).unwrap().create_in(&dst).unwrap();
+        Skeleton::scan(&src, &[]).unwrap().create_in(&dst).unwrap();
         assert_eq!(fs::read_link(dst.join("esc")).unwrap(), outside);
         for d in ["esc", "rel"] {
             fs::remove_file(src.join(d)).unwrap();
@@ -934,7 +930,7 @@ mod tests {
             fs::write(src.join(d).join("planted"), "x").unwrap();
             symlink("/etc/passwd", src.join(d).join("sub/link")).unwrap();
         }
-        Skeleton::scan(&src).unwrap().create_in(&dst).unwrap();
+        Skeleton::scan(&src, &[]).unwrap().create_in(&dst).unwrap();
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
         copy_tree_onto(&src, &dst).unwrap();
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# How long sharing debian-bullseye through each kind of binary cache takes: build once into a
+# How long sharing a recipe (debian-bullseye unless named) through each kind of binary cache
+# takes: build once into a
 # store, push the closure to a directory, to a BuildGrid (REAPI) and to an OCI registry (Debian's
 # docker-registry, plain HTTP) on loopback, push again (nothing new), then substitute into empty
 # stores with a dead mirror. Prints one line per step: its time, and rbuild's peak RSS (GNU
 # time's: the largest of rbuild and the processes it waits for).
 #
-#   benches/cache-share.sh            (needs BuildGrid: RBUILD_BGD or tests/buildgrid/setup.sh;
+#   benches/cache-share.sh [RECIPE…]  (needs BuildGrid: RBUILD_BGD or tests/buildgrid/setup.sh;
 #                                      docker-registry and GNU time)
 #
 # The mirror is RBUILD_MIRROR, else the host's apt configuration (as rbuild itself chooses).
@@ -43,19 +44,23 @@ step() { # LABEL COMMAND...
         "$(($(tail -n 1 "$work/rss") / 1024))" "$out"
 }
 "$rbuild" key generate bench "$work/k.sec" "$work/k.pub" 2>/dev/null
-step "build (cold)" "$rbuild" realise debian-bullseye --store "$work/a" --json
-printf '%-44s %s\n' "store after the cold build" "$(du -sh "$work/a" | cut -f1)"
-for cache in "file://$work/shared" "grpc://127.0.0.1:$port" "docker://127.0.0.1:$reg_port/rbuild/cache"; do
-    kind=${cache%%:*}
-    step "push closure to $kind" "$rbuild" cache push debian-bullseye --store "$work/a" --to "$cache" --secret-key "$work/k.sec"
-    step "push again to $kind" "$rbuild" cache push debian-bullseye --store "$work/a" --to "$cache" --secret-key "$work/k.sec"
-    step "substitute from $kind (empty store)" "$rbuild" realise debian-bullseye --store "$work/b-$kind" --json \
-        --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
-    # The image's closure holds the tree, not the ^rootfs tar (the layer is made from the
-    # tree): the tar is made from the substituted tree, unless it was pushed too.
-    step "substitute ^rootfs from $kind (empty store)" "$rbuild" realise 'debian-bullseye^rootfs' --store "$work/c-$kind" --json \
-        --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
-    step "push ^rootfs to $kind" "$rbuild" cache push 'debian-bullseye^rootfs' --store "$work/c-$kind" --to "$cache" --secret-key "$work/k.sec"
-    step "substitute ^rootfs again (empty store)" "$rbuild" realise 'debian-bullseye^rootfs' --store "$work/d-$kind" --json \
-        --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
+for recipe in "${@:-debian-bullseye}"; do
+    echo "== $recipe"
+    mkdir -p "$work/$recipe"
+    step "build (cold)" "$rbuild" realise "$recipe" --store "$work/$recipe/a" --json
+    printf '%-44s %s\n' "store after the cold build" "$(du -sh "$work/$recipe/a" | cut -f1)"
+    for cache in "file://$work/$recipe/shared" "grpc://127.0.0.1:$port" "docker://127.0.0.1:$reg_port/rbuild/$recipe"; do
+        kind=${cache%%:*}
+        step "push closure to $kind" "$rbuild" cache push "$recipe" --store "$work/$recipe/a" --to "$cache" --secret-key "$work/k.sec"
+        step "push again to $kind" "$rbuild" cache push "$recipe" --store "$work/$recipe/a" --to "$cache" --secret-key "$work/k.sec"
+        step "substitute from $kind (empty store)" "$rbuild" realise "$recipe" --store "$work/$recipe/b-$kind" --json \
+            --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
+        # The image's closure holds the tree, not the ^rootfs tar (the layer is made from the
+        # tree): the tar is made from the substituted tree, unless it was pushed too.
+        step "substitute ^rootfs from $kind (empty store)" "$rbuild" realise "$recipe^rootfs" --store "$work/$recipe/c-$kind" --json \
+            --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
+        step "push ^rootfs to $kind" "$rbuild" cache push "$recipe^rootfs" --store "$work/$recipe/c-$kind" --to "$cache" --secret-key "$work/k.sec"
+        step "substitute ^rootfs again (empty store)" "$rbuild" realise "$recipe^rootfs" --store "$work/$recipe/d-$kind" --json \
+            --mirror http://127.0.0.1:9/dead --substituter "$cache" --trusted-key "$work/k.pub"
+    done
 done

@@ -2083,6 +2083,39 @@ fn every_cache_backend_keeps_the_same_contract() {
     }
 }
 
+/// The test recipe realised into `d/a` with `--push-to url` (a new archive in `d/archive`, a
+/// new key pair), then into the empty `d/b` from `url` alone with a dead mirror: everything
+/// substituted, the same image. Returns the archive, the secret and public keys and the first
+/// realise's JSON.
+fn push_then_substitute_all(
+    d: &Path,
+    url: &str,
+    env: &[(&str, &str)],
+) -> (Archive, String, String, serde_json::Value) {
+    let a = make_archive(&d.join("archive"));
+    lock(&a);
+    let (sec, public) = keypair(d, "alice-2026");
+    let built = json(&realise_with(
+        None,
+        &a,
+        "",
+        &d.join("a"),
+        &["--push-to", url, "--secret-key", &sec],
+        env,
+    ));
+    let b = json(&realise_from(
+        &a,
+        &d.join("b"),
+        "http://127.0.0.1:9/debian",
+        &[url],
+        &public,
+        env,
+    ));
+    assert_eq!(b["built"], 0, "{b}");
+    assert_eq!(output_digest(&b), output_digest(&built));
+    (a, sec, public, built)
+}
+
 /// An OCI registry as a binary cache (`docker://HOST:PORT/REPOSITORY`), on Debian's
 /// distribution registry with htpasswd auth and TLS from a test CA: `--push-to` publishes the
 /// closure, pushing again uploads nothing, a second store substitutes everything from it; no
@@ -2106,18 +2139,8 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
         ("SSL_CERT_FILE", ca.to_str().unwrap()),
         ("REGISTRY_AUTH_FILE", auth.to_str().unwrap()),
     ];
-    let a = make_archive(&d.join("archive"));
-    lock(&a);
-    let (sec, public) = keypair(d, "alice-2026");
+    let (a, sec, public, _) = push_then_substitute_all(d, &url, &env);
     let store = d.join("a");
-    let built = json(&realise_with(
-        None,
-        &a,
-        "",
-        &store,
-        &["--push-to", &url, "--secret-key", &sec],
-        &env,
-    ));
     let push = |to: &str, env: &[(&str, &str)]| {
         cache_push(a.recipe.to_str().unwrap(), &store, to, &sec, env)
     };
@@ -2128,16 +2151,6 @@ fn oci_registry_cache_with_auth_tls_and_a_tampering_proxy() {
         "pushing again uploads nothing: {}",
         stderr(&again)
     );
-    let b = json(&realise_from(
-        &a,
-        &d.join("b"),
-        "http://127.0.0.1:9/debian",
-        &[&url],
-        &public,
-        &env,
-    ));
-    assert_eq!(b["built"], 0, "{b}");
-    assert_eq!(output_digest(&b), output_digest(&built));
 
     // No credentials; no trust in the test CA.
     let o = push(
@@ -2227,31 +2240,9 @@ fn oci_registry_cache_with_bearer_tokens_and_bounded_manifests() {
     let auth = registry::auth_file(d, &reg.addr, "alice", "s3cret");
     let url = format!("docker://{}/team/rbuild-cache", reg.addr);
     let env = [("REGISTRY_AUTH_FILE", auth.to_str().unwrap())];
-    let a = make_archive(&d.join("archive"));
-    lock(&a);
-    let (sec, public) = keypair(d, "alice-2026");
-    let built = json(&realise_with(
-        None,
-        &a,
-        "",
-        &d.join("a"),
-        &["--push-to", &url, "--secret-key", &sec],
-        &env,
-    ));
-    let pushed_with = given.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(pushed_with >= 1, "no token was asked for");
-    let dead = "http://127.0.0.1:9/debian";
-    let b = json(&realise_from(
-        &a,
-        &d.join("b"),
-        dead,
-        &[&url],
-        &public,
-        &env,
-    ));
-    assert_eq!(b["built"], 0, "{b}");
-    assert_eq!(output_digest(&b), output_digest(&built));
-    assert!(given.load(std::sync::atomic::Ordering::SeqCst) > pushed_with);
+    let (a, sec, _, built) = push_then_substitute_all(d, &url, &env);
+    // The registry takes nothing but tokens: the push and the substitution went through them.
+    assert!(given.load(std::sync::atomic::Ordering::SeqCst) >= 2);
 
     // Entries signed by a key not trusted: refused, said so, and `--explain` says so of each
     // derivation then built from the mirror.
@@ -3564,20 +3555,22 @@ fn explain_and_diff_say_why_a_layer_rebuilt() {
     let store = t.path().join("store");
     let recipe = motd_layer(&a);
     let app_dir = recipe.parent().unwrap().to_owned();
-    let realise = |link: &str| {
-        json(&rbuild(&[
+    let realise_explained = |extra: &[&str]| {
+        let mirror = a.mirror_url();
+        let mut args = vec![
             "realise",
             recipe.to_str().unwrap(),
             "--store",
             store.to_str().unwrap(),
             "--mirror",
-            &a.mirror_url(),
+            &mirror,
             "--json",
             "--explain",
-            "-o",
-            t.path().join(link).to_str().unwrap(),
-        ]))
+        ];
+        args.extend_from_slice(extra);
+        json(&rbuild(&args))
     };
+    let realise = |link: &str| realise_explained(&["-o", t.path().join(link).to_str().unwrap()]);
     let first = realise("before");
     let reasons = |r: &serde_json::Value| -> BTreeMap<String, String> {
         r["explain"]
@@ -3685,20 +3678,7 @@ fn explain_and_diff_say_why_a_layer_rebuilt() {
     fs::create_dir_all(&empty).unwrap();
     let (_, public) = keypair(t.path(), "alice-2026");
     let cache = format!("file://{}", empty.display());
-    let third = json(&rbuild(&[
-        "realise",
-        recipe.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--mirror",
-        &a.mirror_url(),
-        "--json",
-        "--explain",
-        "--substituter",
-        &cache,
-        "--trusted-key",
-        &public,
-    ]));
+    let third = realise_explained(&["--substituter", &cache, "--trusted-key", &public]);
     let explained = third["explain"].as_array().unwrap();
     assert_eq!(explained.len(), 6, "{third}");
     for e in explained {

@@ -937,6 +937,24 @@ mod tests {
         assert_eq!(describe(&src), describe(&dst));
     }
 
+    /// What a skeleton is told to leave out (a mount point, staging) is neither made nor walked.
+    #[test]
+    fn skeletons_leave_out_what_they_are_told() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        fs::create_dir_all(src.join("proc/1")).unwrap();
+        fs::create_dir_all(src.join("var/cache/staging")).unwrap();
+        fs::write(src.join("var/cache/staging/x.deb"), "x").unwrap();
+        fs::write(src.join("var/cache/kept"), "k").unwrap();
+        let except = [PathBuf::from("proc"), PathBuf::from("var/cache/staging")];
+        Skeleton::scan(&src, &except)
+            .unwrap()
+            .create_in(&dst)
+            .unwrap();
+        assert!(dst.join("var/cache/kept").is_file());
+        assert!(!dst.join("proc").exists() && !dst.join("var/cache/staging").exists());
+    }
+
     #[test]
     fn copy_tree_names_what_it_could_not_copy() {
         let tmp = tempfile::tempdir().unwrap();

@@ -30,6 +30,8 @@ pub struct State {
     /// While above 0, ActionCache and FindMissingBlobs calls are refused as BuildGrid refuses
     /// them past its limit of concurrent calls (`RESOURCE_EXHAUSTED`), one per call.
     pub busy: AtomicUsize,
+    /// The same for ByteStream writes, refused after their first message.
+    pub busy_writes: AtomicUsize,
 }
 
 impl State {
@@ -288,6 +290,14 @@ impl bs::byte_stream_server::ByteStream for Server {
         while let Some(msg) = stream.message().await? {
             if digest.is_none() {
                 let d = parse_resource(&msg.resource_name)?;
+                if self
+                    .0
+                    .busy_writes
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(Status::resource_exhausted("Concurrent RPC limit exceeded!"));
+                }
                 // As REAPI allows: a blob the server has already ends the write at once.
                 if self.0.blobs.lock().unwrap().contains_key(&d.hash) {
                     self.0.early_writes.fetch_add(1, Ordering::Relaxed);

@@ -47,6 +47,7 @@ pub(super) fn plan_batches<T>(
 }
 
 /// What a ByteStream upload sends.
+#[derive(Clone)]
 pub(super) enum Source {
     File(PathBuf),
     Bytes(Vec<u8>),
@@ -184,12 +185,32 @@ impl Ctx {
         Ok(())
     }
 
-    /// Upload a blob through ByteStream, in [`CHUNK`]s.
+    /// Upload a blob through ByteStream, in [`CHUNK`]s; from the start again while the server
+    /// is busy, as every other call (a new upload each time).
     pub(super) async fn write_stream(
         &mut self,
         d: re::Digest,
         src: Source,
     ) -> Result<(), GrpcError> {
+        let what = format!("ByteStream.Write of {}", self.blob_path(&d));
+        // The cache timeout, plus a second for every MiB: a server that takes the bytes and
+        // never answers does not hang the push.
+        let limit = crate::cache::timeout() + Duration::from_secs(d.size_bytes as u64 >> 20);
+        let ctx = self.clone();
+        retried_within(&what, limit, || {
+            let (mut ctx, d, src) = (ctx.clone(), d.clone(), src.clone());
+            async move { ctx.write_stream_once(d, src).await }
+        })
+        .await?
+        .map_err(|s| status(&what, s))?
+    }
+
+    /// One ByteStream upload: the server's status apart from every other error.
+    async fn write_stream_once(
+        &mut self,
+        d: re::Digest,
+        src: Source,
+    ) -> Result<Result<(), GrpcError>, tonic::Status> {
         static UPLOADS: AtomicU64 = AtomicU64::new(0);
         let id = blake3::hash(
             format!(
@@ -292,30 +313,27 @@ impl Ctx {
             })
         };
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        // The cache timeout, plus a second for every MiB: a server that takes the bytes and
-        // never answers does not hang the push.
-        let limit = crate::cache::timeout() + Duration::from_secs(size as u64 >> 20);
-        let resp = match tokio::time::timeout(limit, self.bytestream.write(stream)).await {
-            Ok(r) => r.map_err(|s| status(&what, s))?,
-            Err(_) => {
+        let resp = match self.bytestream.write(stream).await {
+            Ok(r) => r,
+            Err(s) => {
                 reader.abort();
-                return Err(GrpcError::Timeout {
-                    what,
-                    secs: limit.as_secs(),
-                });
+                return Err(s);
             }
         };
-        reader.await.map_err(task(format!("{what}: reader")))??;
+        let read = reader.await.map_err(task(format!("{what}: reader")));
+        if let Err(e) = read.and_then(|r| r) {
+            return Ok(Err(e));
+        }
         let committed = resp.into_inner().committed_size;
         // A server that already had the blob may stop early and report its full size.
         if committed != size {
-            return Err(GrpcError::Committed {
+            return Ok(Err(GrpcError::Committed {
                 what,
                 committed,
                 size,
-            });
+            }));
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Read a whole blob (batch if it fits, stream otherwise).

@@ -244,6 +244,18 @@ const FIRST_PAUSE: Duration = Duration::from_millis(100);
 /// [`super::timeout`] of one call.
 async fn retried<T, Fut>(
     what: &str,
+    call: impl FnMut() -> Fut,
+) -> Result<Result<T, tonic::Status>, GrpcError>
+where
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    retried_within(what, super::timeout(), call).await
+}
+
+/// [`retried`], with `limit` for one call.
+async fn retried_within<T, Fut>(
+    what: &str,
+    limit: Duration,
     mut call: impl FnMut() -> Fut,
 ) -> Result<Result<T, tonic::Status>, GrpcError>
 where
@@ -251,7 +263,7 @@ where
 {
     let mut pause = FIRST_PAUSE;
     for attempt in 0.. {
-        match tokio::time::timeout(super::timeout(), call()).await {
+        match tokio::time::timeout(limit, call()).await {
             Ok(Err(s))
                 if attempt < RETRIES
                     && matches!(
@@ -268,7 +280,7 @@ where
     }
     Err(GrpcError::Timeout {
         what: what.to_owned(),
-        secs: super::timeout().as_secs(),
+        secs: limit.as_secs(),
     })
 }
 

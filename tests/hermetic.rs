@@ -1748,7 +1748,7 @@ fn grpc_backend_batches_small_blobs_and_streams_large_ones() {
 
 /// A REAPI server that lists only BLAKE3 (and rejects any blob whose BLAKE3 digest is wrong):
 /// push and substitute work with BLAKE3 addresses, existence is asked in batches, and large
-/// blobs stream. Then the server starts lying about blob contents: every lie is caught against
+/// blobs stream (a write the server is too busy for is made again). Then the server starts lying about blob contents: every lie is caught against
 /// the signed SHA-256 listing, and the outputs are built instead.
 #[test]
 fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
@@ -1807,10 +1807,13 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
         let big_hash = rbuild_store::hash::content_hash(&out, None).unwrap();
         let c = cache::open(&url).unwrap();
         let key = cache::SecretKey::generate("k").unwrap();
+        // The first two writes are refused as a busy server refuses them: asked again.
+        state.busy_writes.store(2, Ordering::Relaxed);
         assert_eq!(
             cache::push(c.as_ref(), &key, "big", "x", &big_hash, &out).unwrap(),
             1
         );
+        assert_eq!(state.busy_writes.load(Ordering::Relaxed), 0);
         let entry = cache::query(c.as_ref(), "big", &[key.public()])
             .unwrap()
             .unwrap();
@@ -2095,14 +2098,17 @@ fn push_then_substitute_all(
     let a = make_archive(&d.join("archive"));
     lock(&a);
     let (sec, public) = keypair(d, "alice-2026");
-    let built = json(&realise_with(
+    let first = realise_with(
         None,
         &a,
         "",
         &d.join("a"),
         &["--push-to", url, "--secret-key", &sec],
         env,
-    ));
+    );
+    // Every output was published as it was built.
+    assert!(!stderr(&first).contains("warning"), "{}", stderr(&first));
+    let built = json(&first);
     let b = json(&realise_from(
         &a,
         &d.join("b"),

@@ -281,24 +281,55 @@ async fn answer<T>(
         })
 }
 
-/// `fut` within `limit`, with the registry's error as a [`RegistryError`].
-async fn timed_within<T>(
-    what: impl Into<String>,
-    limit: std::time::Duration,
-    fut: impl std::future::Future<Output = Result<T, OciDistributionError>>,
-) -> Result<T, RegistryError> {
-    let what = what.into();
-    answer(&what, limit, fut)
-        .await?
-        .map_err(|source| RegistryError::Request { what, source })
+/// How many times a call the registry answered with 429 or a 5xx is made again, after pauses
+/// doubling from 100 ms: the distribution registry answers 500 to a `HEAD` racing another
+/// client's upload of the same blob, as a busy registry answers 429 or 503.
+const RETRIES: u32 = 5;
+
+/// Whether `e` is an answer worth asking again for.
+fn transient(e: &OciDistributionError) -> bool {
+    let busy = |code: u16| code == 429 || (500..600).contains(&code);
+    match e {
+        OciDistributionError::ServerError { code, .. } => busy(*code),
+        OciDistributionError::RequestError(r) => r.status().is_some_and(|s| busy(s.as_u16())),
+        _ => false,
+    }
 }
 
-/// `fut`, failing after the cache timeout.
+/// `call()`'s answer within `limit`, asked again while the registry answers as a busy one does
+/// ([`RETRIES`]); the registry's error as a [`RegistryError`].
+async fn retried<T, Fut>(
+    what: impl Into<String>,
+    limit: std::time::Duration,
+    mut call: impl FnMut() -> Fut,
+) -> Result<T, RegistryError>
+where
+    Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+{
+    let what = what.into();
+    let mut pause = std::time::Duration::from_millis(100);
+    let mut attempt = 0;
+    loop {
+        match answer(&what, limit, call()).await? {
+            Err(e) if attempt < RETRIES && transient(&e) => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            r => return r.map_err(|source| RegistryError::Request { what, source }),
+        }
+    }
+}
+
+/// `fut`, failing after the cache timeout, with the registry's error as a [`RegistryError`].
 async fn timed<T>(
     what: impl Into<String>,
     fut: impl std::future::Future<Output = Result<T, OciDistributionError>>,
 ) -> Result<T, RegistryError> {
-    timed_within(what, super::timeout(), fut).await
+    let what = what.into();
+    answer(&what, super::timeout(), fut)
+        .await?
+        .map_err(|source| RegistryError::Request { what, source })
 }
 
 fn sha256_digest(hex: &str) -> String {
@@ -521,16 +552,19 @@ async fn pull_into(
 
 /// Upload `bytes` as blob `digest` unless the registry has it.
 async fn push_if_missing(ctx: &Ctx, digest: &str, bytes: &[u8]) -> Result<(), RegistryError> {
-    let repo = ctx.repo();
-    if timed(
-        format!("HEAD blob {digest}"),
-        ctx.client.blob_exists(&repo, digest),
-    )
-    .await?
-    {
+    if blob_exists(ctx, digest).await? {
         return Ok(());
     }
     upload(ctx, digest, bytes.to_vec()).await
+}
+
+/// Whether the registry has blob `digest` (a `HEAD`).
+async fn blob_exists(ctx: &Ctx, digest: &str) -> Result<bool, RegistryError> {
+    let repo = ctx.repo();
+    retried(format!("HEAD blob {digest}"), super::timeout(), || {
+        ctx.client.blob_exists(&repo, digest)
+    })
+    .await
 }
 
 /// Upload `bytes` as blob `digest`: one session and one PUT, given the cache timeout and a
@@ -542,15 +576,16 @@ async fn upload(ctx: &Ctx, digest: &str, bytes: Vec<u8>) -> Result<(), RegistryE
     if bytes.is_empty() {
         // The client's one-PUT upload refuses an empty body; a session closed with no chunk
         // is the same upload.
-        let none = tokio_stream::empty::<oci_client::errors::Result<bytes::Bytes>>();
-        timed_within(
-            what,
-            limit,
-            ctx.client.push_blob_stream(&repo, none, digest),
-        )
+        retried(what, limit, || {
+            let none = tokio_stream::empty::<oci_client::errors::Result<bytes::Bytes>>();
+            ctx.client.push_blob_stream(&repo, none, digest)
+        })
         .await?;
     } else {
-        timed_within(what, limit, ctx.client.push_blob(&repo, bytes, digest)).await?;
+        retried(what, limit, || {
+            ctx.client.push_blob(&repo, bytes.clone(), digest)
+        })
+        .await?;
     }
     Ok(())
 }
@@ -567,18 +602,16 @@ async fn upload_file(
     use tokio_stream::StreamExt;
     let what = format!("uploading blob {digest} from {}", path.display());
     let limit = super::timeout() + std::time::Duration::from_secs(size >> 20);
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|source| RegistryError::Read { path, source })?;
-    // Whole chunks: tokio reads a file 2 MiB at a time unless told otherwise.
-    file.set_max_buf_size(CHUNK);
-    let chunks = tokio_util::io::ReaderStream::with_capacity(file, CHUNK)
-        .map(|r| r.map_err(oci_client::errors::OciDistributionError::from));
-    timed_within(
-        what,
-        limit,
-        ctx.client.push_blob_stream(&ctx.repo(), chunks, digest),
-    )
+    let repo = ctx.repo();
+    // Each attempt reads the file from the start.
+    retried(what, limit, || async {
+        let mut file = tokio::fs::File::open(&path).await?;
+        // Whole chunks: tokio reads a file 2 MiB at a time unless told otherwise.
+        file.set_max_buf_size(CHUNK);
+        let chunks = tokio_util::io::ReaderStream::with_capacity(file, CHUNK)
+            .map(|r| r.map_err(OciDistributionError::from));
+        ctx.client.push_blob_stream(&repo, chunks, digest).await
+    })
     .await?;
     Ok(())
 }
@@ -606,14 +639,14 @@ fn manifest(artifact_type: &str, layers: &[(String, u64, &str)]) -> Vec<u8> {
 }
 
 async fn push_manifest(ctx: &Ctx, tag: &str, body: Vec<u8>) -> Result<(), RegistryError> {
-    timed(
-        format!("PUT manifest {tag}"),
+    let reference = ctx.reference(tag);
+    retried(format!("PUT manifest {tag}"), super::timeout(), || {
         ctx.client.push_manifest_raw(
-            &ctx.reference(tag),
-            body,
+            &reference,
+            body.clone(),
             http::HeaderValue::from_static(MANIFEST_MEDIA),
-        ),
-    )
+        )
+    })
     .await?;
     Ok(())
 }
@@ -795,11 +828,7 @@ impl BinaryCache for RegistryCache {
                 let ctx = ctx.clone();
                 async move {
                     let digest = sha256_digest(&b.sha256);
-                    let there = timed(
-                        format!("HEAD blob {digest}"),
-                        ctx.client.blob_exists(&ctx.repo(), &digest),
-                    )
-                    .await?;
+                    let there = blob_exists(&ctx, &digest).await?;
                     Ok((!there).then_some(b))
                 }
             })
@@ -907,6 +936,24 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn busy_answers_are_asked_again_and_refusals_are_not() {
+        let server = |code| OciDistributionError::ServerError {
+            code,
+            url: "https://registry.test/v2/".into(),
+            message: String::new(),
+        };
+        for code in [429, 500, 502, 503] {
+            assert!(transient(&server(code)), "{code}");
+        }
+        for code in [400, 401, 403, 404] {
+            assert!(!transient(&server(code)), "{code}");
+        }
+        assert!(!transient(&OciDistributionError::AuthenticationFailure(
+            "no".into()
+        )));
     }
 
     #[test]

@@ -2246,9 +2246,19 @@ fn oci_registry_cache_with_bearer_tokens_and_bounded_manifests() {
     let auth = registry::auth_file(d, &reg.addr, "alice", "s3cret");
     let url = format!("docker://{}/team/rbuild-cache", reg.addr);
     let env = [("REGISTRY_AUTH_FILE", auth.to_str().unwrap())];
-    let (a, sec, _, built) = push_then_substitute_all(d, &url, &env);
-    // The registry takes nothing but tokens: the push and the substitution went through them.
-    assert!(given.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    let (a, sec, public, built) = push_then_substitute_all(d, &url, &env);
+    // The registry takes nothing but tokens: a substitution asks for its own.
+    let before = given.load(std::sync::atomic::Ordering::SeqCst);
+    let e = json(&realise_from(
+        &a,
+        &d.join("e"),
+        "http://127.0.0.1:9/debian",
+        &[&url],
+        &public,
+        &env,
+    ));
+    assert_eq!(e["built"], 0, "{e}");
+    assert!(given.load(std::sync::atomic::Ordering::SeqCst) > before);
 
     // Entries signed by a key not trusted: refused, said so, and `--explain` says so of each
     // derivation then built from the mirror.

@@ -28,6 +28,7 @@ mod error;
 mod fetch;
 mod keys;
 mod push;
+mod retry;
 mod runtime;
 
 pub use entry::*;

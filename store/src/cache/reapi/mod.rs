@@ -235,10 +235,8 @@ impl GrpcCache {
 
 /// How many times a call that a busy server refused (`RESOURCE_EXHAUSTED`, as BuildGrid answers
 /// past its limit of concurrent calls, or `UNAVAILABLE`) is made again, after pauses doubling
-/// from [`FIRST_PAUSE`] (6.3 s in all): the remote APIs ask clients to retry those.
+/// from 100 ms (6.3 s in all): the remote APIs ask clients to retry those.
 const RETRIES: u32 = 6;
-
-const FIRST_PAUSE: Duration = Duration::from_millis(100);
 
 /// `call()`'s answer, asked again while the server is busy ([`RETRIES`]); an error after
 /// [`super::timeout`] of one call.
@@ -256,32 +254,23 @@ where
 async fn retried_within<T, Fut>(
     what: &str,
     limit: Duration,
-    mut call: impl FnMut() -> Fut,
+    call: impl FnMut() -> Fut,
 ) -> Result<Result<T, tonic::Status>, GrpcError>
 where
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
-    let mut pause = FIRST_PAUSE;
-    for attempt in 0.. {
-        match tokio::time::timeout(limit, call()).await {
-            Ok(Err(s))
-                if attempt < RETRIES
-                    && matches!(
-                        s.code(),
-                        tonic::Code::ResourceExhausted | tonic::Code::Unavailable
-                    ) =>
-            {
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-            }
-            Ok(r) => return Ok(r),
-            Err(_) => break,
-        }
-    }
-    Err(GrpcError::Timeout {
-        what: what.to_owned(),
-        secs: limit.as_secs(),
-    })
+    let busy = |s: &tonic::Status| {
+        matches!(
+            s.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+        )
+    };
+    super::retry::while_busy(limit, RETRIES, busy, call)
+        .await
+        .ok_or_else(|| GrpcError::Timeout {
+            what: what.to_owned(),
+            secs: limit.as_secs(),
+        })
 }
 
 /// [`retried`], with the server's error as a [`GrpcError`].

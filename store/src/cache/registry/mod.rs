@@ -301,23 +301,18 @@ fn transient(e: &OciDistributionError) -> bool {
 async fn retried<T, Fut>(
     what: impl Into<String>,
     limit: std::time::Duration,
-    mut call: impl FnMut() -> Fut,
+    call: impl FnMut() -> Fut,
 ) -> Result<T, RegistryError>
 where
     Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
 {
     let what = what.into();
-    let mut pause = std::time::Duration::from_millis(100);
-    let mut attempt = 0;
-    loop {
-        match answer(&what, limit, call()).await? {
-            Err(e) if attempt < RETRIES && transient(&e) => {
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-                attempt += 1;
-            }
-            r => return r.map_err(|source| RegistryError::Request { what, source }),
-        }
+    match super::retry::while_busy(limit, RETRIES, transient, call).await {
+        Some(r) => r.map_err(|source| RegistryError::Request { what, source }),
+        None => Err(RegistryError::Timeout {
+            what,
+            secs: limit.as_secs(),
+        }),
     }
 }
 

@@ -869,15 +869,17 @@ fn build_view(spec: &SandboxSpec) -> Result<(), SandboxError> {
         mountpoint_like(&em.interpreter, &dst)?;
         bind(&em.interpreter, &dst, true)?;
     }
+    // Read once (meminfo, the cgroups): /dev/shm and /tmp get the same size.
+    let memory = memory_bound(spec.limits.bytes);
     let dev = inside("/dev");
     fs::create_dir_all(&dev).map_err(setup_io("mkdir /dev"))?;
-    populate_dev(&dev, memory_bound(spec.limits.bytes))?;
+    populate_dev(&dev, memory)?;
     let tmp = inside("/tmp");
     fs::create_dir_all(&tmp).map_err(setup_io("mkdir /tmp"))?;
     mount_tmpfs(
         &tmp,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        &format!("mode=1777,size={}", memory_bound(spec.limits.bytes)),
+        &format!("mode=1777,size={memory}"),
         "mounting /tmp",
     )?;
     let proc_ = inside("/proc");

@@ -196,19 +196,22 @@ impl Engine {
         self
     }
 
+    /// Record `why` a cache did not give `h` (once), for `--explain`.
+    fn missed_because(&self, h: &DrvHash, why: String) {
+        let mut missed = self.missed.lock().expect("lock");
+        let whys = missed.entry(h.clone()).or_default();
+        if !whys.contains(&why) {
+            whys.push(why);
+        }
+    }
+
     /// The first substituter with a trusted entry for `h`. Untrusted, unreadable or unreachable
     /// caches are reported and skipped: the derivation is then built.
     fn find_substitute(&self, h: &DrvHash, name: &str) -> Option<(usize, CacheEntry)> {
         if self.refused.lock().expect("lock").contains(h) {
             return None;
         }
-        let miss = |why: String| {
-            let mut missed = self.missed.lock().expect("lock");
-            let whys = missed.entry(h.clone()).or_default();
-            if !whys.contains(&why) {
-                whys.push(why);
-            }
-        };
+        let miss = |why: String| self.missed_because(h, why);
         for (i, cache) in self.caches.substituters.iter().enumerate() {
             if self.dead.lock().expect("lock").contains(&i) {
                 miss(format!(
@@ -419,12 +422,7 @@ impl Engine {
                     self.progress.line(&format!(
                         "warning: {url}: refused the output of {name}: {why}; building it instead"
                     ));
-                    self.missed
-                        .lock()
-                        .expect("lock")
-                        .entry(hash.clone())
-                        .or_default()
-                        .push(format!("{url}: its output was refused: {why}"));
+                    self.missed_because(&hash, format!("{url}: its output was refused: {why}"));
                     self.refused.lock().expect("lock").insert(hash);
                 }
                 Err(e) => return Err(e),

@@ -29,6 +29,26 @@ const CAPS_PAX_KEY: &[u8] = b"SCHILY.xattr.security.capability";
 /// exist yet). Returns the metadata of every path below `out`, keyed `""`, `"control"`,
 /// `"control/…"`, `"data"` and `"data/…"`.
 pub fn unpack_deb(deb: &Path, out: &Path) -> Result<TreeMeta, ArchiveError> {
+    unpack_deb_listed(deb, out).map(|(meta, _)| meta)
+}
+
+/// What a data entry of a package is, as its tar says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed {
+    Dir,
+    File,
+    Symlink,
+    /// A hardlink to a file listed before it.
+    Hardlink,
+}
+
+/// [`unpack_deb`], and the data member's entries in the order its tar holds them, as dpkg
+/// names them in a package's file list: `/.` for the tar's own root entry, `/PATH` for others
+/// (hardlinks included; directories dpkg would only imply are not entries).
+pub fn unpack_deb_listed(
+    deb: &Path,
+    out: &Path,
+) -> Result<(TreeMeta, Vec<(String, Listed)>), ArchiveError> {
     let archive = archive_name(deb);
     let member_err = |member: &str, problem: String| ArchiveError::Member {
         archive: archive.clone(),
@@ -42,6 +62,7 @@ pub fn unpack_deb(deb: &Path, out: &Path) -> Result<TreeMeta, ArchiveError> {
     fs::create_dir_all(out).map_err(|e| ArchiveError::io(out, e))?;
     let mut meta = TreeMeta::default();
     meta.entries.insert(String::new(), default_dir_meta(0));
+    let mut listed = Vec::new();
 
     // 0: expecting debian-binary, 1: expecting control.tar*, 2: expecting data.tar*, 3: done.
     let mut state = 0;
@@ -104,8 +125,12 @@ pub fn unpack_deb(deb: &Path, out: &Path) -> Result<TreeMeta, ArchiveError> {
                     kinds: HashMap::from([(String::new(), Kind::Dir)]),
                     meta: &mut meta,
                     buf: vec![0; 1 << 17],
+                    order: Vec::new(),
                 };
                 x.extract(reader)?;
+                if state == 2 {
+                    listed = std::mem::take(&mut x.order);
+                }
                 // Members after data.tar are reserved for future formats: ignored.
                 state += 1;
             }
@@ -116,7 +141,7 @@ pub fn unpack_deb(deb: &Path, out: &Path) -> Result<TreeMeta, ArchiveError> {
         0 => Err(member_err("", "empty archive: not a Debian package".into())),
         1 => Err(member_err("", "no control.tar member".into())),
         2 => Err(member_err("", "no data.tar member".into())),
-        _ => Ok(meta),
+        _ => Ok((meta, listed)),
     }
 }
 
@@ -292,6 +317,8 @@ struct Extractor<'a> {
     kinds: HashMap<String, Kind>,
     meta: &'a mut TreeMeta,
     buf: Vec<u8>,
+    /// The entries extracted, in the tar's order, as dpkg lists them (`/.`, `/PATH`).
+    order: Vec<(String, Listed)>,
 }
 
 impl Extractor<'_> {
@@ -385,6 +412,21 @@ impl Extractor<'_> {
                     _ => {}
                 }
             }
+        }
+        let listed = match etype {
+            EntryType::Directory => Some(Listed::Dir),
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Some(Listed::File),
+            EntryType::Symlink => Some(Listed::Symlink),
+            EntryType::Link => Some(Listed::Hardlink),
+            _ => None, // refused below
+        };
+        if let Some(kind) = listed {
+            let name = if rel.is_empty() {
+                "/.".to_owned()
+            } else {
+                format!("/{rel}")
+            };
+            self.order.push((name, kind));
         }
         let em = EntryMeta {
             uid,

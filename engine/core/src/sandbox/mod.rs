@@ -26,7 +26,7 @@ pub use confine::{cap_names, landlock_abi, Walls, PACKAGE_CAPS, TEST_ONLY_WALLS_
 pub use ids::{check_support, IdMap, MapError};
 pub use tree::{
     apply_meta, copy_tree, copy_tree_onto, entry_meta, is_opaque, is_whiteout, keeps_acls,
-    normalize_tree, read_caps, Skeleton,
+    normalize_tree, read_caps, set_entry_mtime, Skeleton,
 };
 
 use std::ffi::CString;

@@ -122,7 +122,23 @@ fn lchown(p: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
     })
 }
 
-/// Give `p` the ownership, mode and capabilities recorded in `e` (mtime too).
+/// Set the modification time of `p` (the symlink itself, not what it points to) to `mtime`
+/// seconds since the epoch, as dpkg sets a file it unpacks to its tar entry's time.
+pub fn set_entry_mtime(p: &Path, mtime: i64) -> Result<(), SandboxError> {
+    let t = nix::sys::time::TimeSpec::new(mtime, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        &nix::sys::time::TimeSpec::UTIME_OMIT,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| SandboxError::Setup {
+        what: format!("setting mtime of {}", p.display()),
+        source: e.into(),
+    })
+}
+
 pub fn apply_meta(p: &Path, e: &EntryMeta) -> Result<(), SandboxError> {
     let md = fs::symlink_metadata(p).map_err(|source| SandboxError::Setup {
         what: format!("stat {}", p.display()),

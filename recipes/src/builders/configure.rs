@@ -1,16 +1,20 @@
 //! `debian-configure`: the root filesystem `debootstrap` makes, step by step as it makes it.
 
+use std::collections::HashMap;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context};
 use rbuild_engine::archive;
+use rbuild_engine::archive::deb::Listed;
 use rbuild_engine::builtins::BuildContext;
 use rbuild_engine::sandbox;
 use rbuild_store::meta::TreeMeta;
 
 use super::plain_debs::PlainDebs;
+use super::recorded_unpack::{self, Extracted};
 use super::{finish_tree, materialize, materialize_entries, Chroot, NoServices, INPUTS_IN_CHROOT};
 use crate::debian::{packages, resolve};
 use crate::expand::{ConfigurePackage, ConfigurePlan};
@@ -101,7 +105,7 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         memory.to_path_buf()
     };
     let signed = Signed::of(ctx, &plan)?;
-    let plain = extract(ctx, &signed, &seed, &root, &scratch)?;
+    let extraction = extract(ctx, &signed, &seed, &root, &scratch)?;
     eprintln!(
         "configure: {} packages extracted in {:.1?}",
         seed.len(),
@@ -128,7 +132,7 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
             &plan,
             &root,
             &scratch,
-            plain,
+            extraction,
             &mut make_names_ahead,
         )?;
         eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
@@ -263,14 +267,15 @@ const PLAIN_IN_CHROOT: &str = "var/cache/rbuild-debs/plain";
 /// is checked against the signed index, rewritten with its data uncompressed into
 /// [`plain_dir`] (dpkg reads that later; if it cannot be, from the `.deb` as it is) and
 /// unpacked in memory, on every core, each laid out as soon as those before it are. Returns the
-/// rewritten `.deb`s, by package, on the host.
+/// rewritten `.deb`s, by package, on the host, and what recording their unpack needs of the
+/// packages unpacked here.
 fn extract(
     ctx: &BuildContext,
     signed: &Signed,
     seed: &[&ConfigurePackage],
     root: &Path,
     scratch: &Path,
-) -> anyhow::Result<Vec<(String, PathBuf)>> {
+) -> anyhow::Result<Extraction> {
     if seed.iter().all(|p| p.unpacked.is_some()) {
         // The extract variant: every package has its unpack derivation.
         for p in seed {
@@ -278,14 +283,18 @@ fn extract(
             materialize(&ctx.inputs[unpacked], "data/", root)
                 .with_context(|| format!("extracting {}", p.name))?;
         }
-        return Ok(Vec::new());
+        return Ok(Extraction {
+            plain: Vec::new(),
+            kept: HashMap::new(),
+            at: (0, 0),
+        });
     }
     let plain_dir = plain_dir(scratch);
     let trees = scratch.join("rbuild-unpacked");
     fs::create_dir_all(&plain_dir)?;
     fs::create_dir_all(&trees)?;
     /// What a worker made of one package: its tree's metadata, and its rewritten `.deb`.
-    type Prepared = Option<(TreeMeta, Option<PathBuf>)>;
+    type Prepared = Option<(TreeMeta, Vec<(String, Listed)>, Option<PathBuf>)>;
     let prepare = |p: &ConfigurePackage| -> anyhow::Result<Prepared> {
         if p.unpacked.is_some() {
             return Ok(None);
@@ -304,8 +313,8 @@ fn extract(
                 (deb.clone(), None)
             }
         };
-        let meta = archive::deb::unpack_deb(&from, &trees.join(&p.name))?;
-        Ok(Some((meta, plain)))
+        let (meta, listed) = archive::deb::unpack_deb_listed(&from, &trees.join(&p.name))?;
+        Ok(Some((meta, listed, plain)))
     };
     let next = AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<Prepared>)>();
@@ -327,6 +336,7 @@ fn extract(
         .unwrap_or(1)
         .min(seed.len().max(1));
     let mut plain = Vec::new();
+    let mut kept = HashMap::new();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let started = (0..threads)
             .filter(|_| {
@@ -354,12 +364,21 @@ fn extract(
                     done.insert(j, prepared);
                 }
                 match done.remove(&i).flatten() {
-                    Some((meta, rewritten)) => {
+                    Some((meta, listed, rewritten)) => {
                         let tree = trees.join(&p.name);
                         materialize_entries(&tree, &meta, "data/", root, true)
                             .with_context(|| format!("extracting {}", p.name))?;
-                        fs::remove_dir_all(&tree)?;
+                        // The control members stay, for recording the unpack.
+                        fs::remove_dir_all(tree.join("data"))?;
                         plain.extend(rewritten.map(|r| (p.name.clone(), r)));
+                        kept.insert(
+                            p.name.clone(),
+                            Extracted {
+                                dir: tree,
+                                meta,
+                                listed,
+                            },
+                        );
                     }
                     None => {
                         let unpacked = p
@@ -378,8 +397,25 @@ fn extract(
         }
         laid_out
     })?;
-    fs::remove_dir(&trees)?;
-    Ok(plain)
+    // Every file changed from now on has a change time at or past this one's.
+    let marker = scratch.join("rbuild-extracted");
+    fs::write(&marker, b"")?;
+    let md = fs::metadata(&marker)?;
+    Ok(Extraction {
+        plain,
+        kept,
+        at: (md.ctime(), md.ctime_nsec()),
+    })
+}
+
+/// What [`extract`] leaves for the second stage.
+struct Extraction {
+    /// The rewritten `.deb`s, by package, on the host.
+    plain: Vec<(String, PathBuf)>,
+    /// What recording their unpack needs, of the packages unpacked here.
+    kept: HashMap<String, Extracted>,
+    /// A change time taken once every package was laid out.
+    at: (i64, i64),
 }
 
 /// debootstrap's second stage (and the end of its first) on the extracted required set, whose
@@ -390,9 +426,14 @@ fn second_stage(
     plan: &ConfigurePlan,
     root: &Path,
     scratch: &Path,
-    plain: Vec<(String, PathBuf)>,
+    extraction: Extraction,
     base_unpacked: &mut dyn FnMut(&[PathBuf]),
 ) -> anyhow::Result<()> {
+    let Extraction {
+        plain,
+        kept: extracted,
+        at: extracted_at,
+    } = extraction;
     let started = std::time::Instant::now();
     // The first stage's empty database, and the files it writes that no package installs.
     for d in [
@@ -515,11 +556,22 @@ fn second_stage(
         install_core(&chroot, name)?;
     }
 
-    // The required set: unpacked, then configured with services held off.
-    chroot.dpkg(
-        "dpkg --unpack of the required packages",
-        &["--force-depends", "--unpack"],
-        &debs(&required).args,
+    // The required set: unpacked (recorded, where dpkg would only repeat the extraction),
+    // then configured with services held off.
+    recorded_unpack::unpack_required(
+        root,
+        &required,
+        &extracted,
+        extracted_at,
+        &|names| {
+            chroot.dpkg(
+                &format!("dpkg --unpack of {}", names.join(" ")),
+                &["--force-depends", "--unpack"],
+                &debs(names).args,
+            )
+        },
+        // Its rewritten `.deb` goes.
+        &|name| drop(debs(&[name])),
     )?;
     let no_services = NoServices::install(ctx, root)?;
     chroot.sh(

@@ -17,6 +17,7 @@ mod index;
 mod layer;
 mod plain_debs;
 mod provenance;
+mod recorded_unpack;
 mod sbom;
 mod stack;
 

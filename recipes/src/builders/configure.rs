@@ -14,7 +14,7 @@ use rbuild_engine::sandbox;
 use rbuild_store::meta::TreeMeta;
 
 use super::plain_debs::PlainDebs;
-use super::recorded_unpack::{self, Extracted};
+use super::recorded_unpack::{self, Extracted, Source};
 use super::{finish_tree, materialize, materialize_entries, Chroot, NoServices, INPUTS_IN_CHROOT};
 use crate::debian::{packages, resolve};
 use crate::expand::{ConfigurePackage, ConfigurePlan};
@@ -397,15 +397,36 @@ fn extract(
         }
         laid_out
     })?;
-    // Every file changed from now on has a change time at or past this one's.
-    let marker = scratch.join("rbuild-extracted");
-    fs::write(&marker, b"")?;
-    let md = fs::metadata(&marker)?;
     Ok(Extraction {
         plain,
         kept,
-        at: (md.ctime(), md.ctime_nsec()),
+        at: change_time_after(&scratch.join("rbuild-extracted"))?,
     })
+}
+
+/// A change time (seconds, nanoseconds) later than every change made before the call, at or
+/// before every change made after it, read off files written at `probe`: the kernel's file
+/// clock moves in ticks, so the last files laid out may share the tick of a file written just
+/// after them; this waits (a few milliseconds) for the next tick.
+fn change_time_after(probe: &Path) -> anyhow::Result<(i64, i64)> {
+    let ctime = |p: &Path| -> anyhow::Result<(i64, i64)> {
+        fs::write(p, b"")?;
+        let md = fs::metadata(p)?;
+        Ok((md.ctime(), md.ctime_nsec()))
+    };
+    let now = ctime(probe)?;
+    for _ in 0..200 {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        fs::remove_file(probe)?;
+        let next = ctime(probe)?;
+        if next > now {
+            return Ok(next);
+        }
+    }
+    anyhow::bail!(
+        "the file clock at {} did not move in 100 ms",
+        probe.display()
+    )
 }
 
 /// What [`extract`] leaves for the second stage.
@@ -503,6 +524,8 @@ fn second_stage(
             .collect(),
         plain_dir(scratch),
         format!("/{PLAIN_IN_CHROOT}"),
+        // Unpacked too, for recording the base set's unpack.
+        Some(scratch.join("rbuild-unpacked-later")),
     );
     let debs = |names: &[&str]| plain.batch(names, |n| deb_of.get(n).cloned());
 
@@ -558,11 +581,14 @@ fn second_stage(
 
     // The required set: unpacked (recorded, where dpkg would only repeat the extraction),
     // then configured with services held off.
-    recorded_unpack::unpack_required(
+    recorded_unpack::unpack(
         root,
+        "the required set",
         &required,
-        &extracted,
-        extracted_at,
+        &Source::Extracted {
+            kept: &extracted,
+            at: extracted_at,
+        },
         &|names| {
             chroot.dpkg(
                 &format!("dpkg --unpack of {}", names.join(" ")),
@@ -661,15 +687,25 @@ fn second_stage(
 
     // The base set.
     if !base.is_empty() {
-        chroot.dpkg(
-            "dpkg --unpack of the base packages",
-            &[
-                "--force-overwrite",
-                "--force-confold",
-                "--skip-same-version",
-                "--unpack",
-            ],
-            &debs(&base).args,
+        // Recorded where dpkg would only lay the package out, as for the required set.
+        recorded_unpack::unpack(
+            root,
+            "the base set",
+            &base,
+            &Source::Unpacked(&|name| plain.take_unpacked(name)),
+            &|names| {
+                chroot.dpkg(
+                    &format!("dpkg --unpack of {}", names.join(" ")),
+                    &[
+                        "--force-overwrite",
+                        "--force-confold",
+                        "--skip-same-version",
+                        "--unpack",
+                    ],
+                    &debs(names).args,
+                )
+            },
+            &|name| drop(debs(&[name])),
         )?;
         base_unpacked(&chroot.mounts.mount_points());
         chroot.dpkg(

@@ -11,6 +11,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use rbuild_engine::archive;
 
+use super::recorded_unpack::Extracted;
+
 /// Where one package's rewriting stands.
 enum State {
     Queued,
@@ -29,6 +31,9 @@ const RESERVE: u64 = 512 << 20;
 
 type Shared = Arc<(Mutex<HashMap<String, State>>, Condvar)>;
 
+/// The packages the workers have unpacked as well (see [`PlainDebs::start`]), by name.
+type Unpacked = Arc<Mutex<HashMap<String, Extracted>>>;
+
 /// Bytes the workers' rewrites in progress may still take, so that two of them do not both
 /// count the same free memory.
 type Reserved = Arc<std::sync::atomic::AtomicU64>;
@@ -39,6 +44,7 @@ pub(super) struct PlainDebs {
     /// The rewritten files' directory on the host, and as the chroot sees it.
     dir: PathBuf,
     dir_in_chroot: String,
+    unpacked: Unpacked,
 }
 
 /// The `.deb`s of one dpkg call, as dpkg is to be given them; the rewritten ones are deleted
@@ -64,13 +70,16 @@ impl PlainDebs {
     /// Start rewriting `work` (package name, `.deb` on the host), in that order, into `dir`
     /// (which the chroot sees as `/dir_in_chroot`), on one thread per core but one (at least
     /// one, at most four); `ready` are packages rewritten there already. Without threads (none
-    /// could be started), every package not ready goes to dpkg as it is.
+    /// could be started), every package not ready goes to dpkg as it is. With `trees`, each
+    /// package rewritten is unpacked as well, into `trees/NAME` ([`PlainDebs::take_unpacked`]).
     pub(super) fn start(
         ready: Vec<(String, PathBuf)>,
         work: Vec<(String, PathBuf)>,
         dir: PathBuf,
         dir_in_chroot: String,
+        trees: Option<PathBuf>,
     ) -> PlainDebs {
+        let unpacked = Unpacked::default();
         let states = ready
             .into_iter()
             .map(|(name, p)| (name, State::Ready(p)))
@@ -88,9 +97,10 @@ impl PlainDebs {
             .filter_map(|_| {
                 let (shared, work, dir) = (shared.clone(), work.clone(), dir.clone());
                 let reserved = reserved.clone();
+                let unpack = trees.clone().map(|t| (t, unpacked.clone()));
                 std::thread::Builder::new()
                     .name("rewrite-debs".into())
-                    .spawn(move || rewrite_queued(&shared, &work, &dir, &reserved))
+                    .spawn(move || rewrite_queued(&shared, &work, &dir, &reserved, unpack))
                     .ok()
             })
             .collect();
@@ -99,7 +109,25 @@ impl PlainDebs {
             workers,
             dir,
             dir_in_chroot,
+            unpacked,
         }
+    }
+
+    /// `name` unpacked by a worker (waiting for it if it is being rewritten now), if it was.
+    pub(super) fn take_unpacked(&self, name: &str) -> Option<Extracted> {
+        let mut states = lock(&self.shared);
+        while let Some(State::Working) = states.get(name) {
+            states = self
+                .shared
+                .1
+                .wait(states)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(states);
+        self.unpacked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
     }
 
     /// The `.deb`s of `names` for one dpkg call, each rewritten if it is (waiting for one being
@@ -174,6 +202,10 @@ impl PlainDebs {
                 let _ = std::fs::remove_file(p);
             }
         }
+        let mut unpacked = self.unpacked.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, e) in unpacked.drain() {
+            let _ = std::fs::remove_dir_all(e.dir);
+        }
     }
 }
 
@@ -199,8 +231,15 @@ impl Drop for OnPanic<'_> {
     }
 }
 
-/// One worker: take the first queued package, rewrite it, repeat.
-fn rewrite_queued(shared: &Shared, work: &[(String, PathBuf)], dir: &Path, reserved: &Reserved) {
+/// One worker: take the first queued package, rewrite it (and unpack it into `unpack`'s
+/// directory, when given), repeat.
+fn rewrite_queued(
+    shared: &Shared,
+    work: &[(String, PathBuf)],
+    dir: &Path,
+    reserved: &Reserved,
+    unpack: Option<(PathBuf, Unpacked)>,
+) {
     use std::sync::atomic::Ordering::SeqCst;
     let mut guard = OnPanic { shared, name: None };
     loop {
@@ -220,7 +259,8 @@ fn rewrite_queued(shared: &Shared, work: &[(String, PathBuf)], dir: &Path, reser
         guard.name = Some(name.clone());
         // The rewritten files share the tree's memory: leave dpkg room, whatever the bound.
         let size = std::fs::metadata(deb).map_or(0, |m| m.len());
-        let most = size.saturating_mul(EXPANSION);
+        let copies = if unpack.is_some() { 2 } else { 1 };
+        let most = size.saturating_mul(EXPANSION * copies);
         let free = rbuild_engine::nospace::free_bytes(dir)
             .unwrap_or(0)
             .saturating_sub(reserved.fetch_add(most, SeqCst));
@@ -237,7 +277,27 @@ fn rewrite_queued(shared: &Shared, work: &[(String, PathBuf)], dir: &Path, reser
         }
         let out = dir.join(deb.file_name().unwrap_or(name.as_ref()));
         let state = match archive::deb::decompress_data(deb, &out) {
-            Ok(()) => State::Ready(out),
+            Ok(()) => {
+                if let Some((trees, unpacked)) = &unpack {
+                    let tree = trees.join(name);
+                    match archive::deb::unpack_deb_listed(&out, &tree) {
+                        Ok((meta, listed)) => {
+                            let e = Extracted {
+                                dir: tree,
+                                meta,
+                                listed,
+                            };
+                            let mut u = unpacked.lock().unwrap_or_else(|p| p.into_inner());
+                            u.insert(name.clone(), e);
+                        }
+                        Err(e) => {
+                            eprintln!("configure: {name} is left to dpkg: unpacking it: {e}");
+                            let _ = std::fs::remove_dir_all(&tree);
+                        }
+                    }
+                }
+                State::Ready(out)
+            }
             Err(e) => {
                 eprintln!("configure: {name} is given to dpkg compressed: {e}");
                 let _ = std::fs::remove_file(&out);
@@ -316,6 +376,7 @@ mod tests {
             work,
             dir.clone(),
             "/staging/plain".into(),
+            None,
         );
         assert_eq!(
             plain.peek("r").as_deref(),

@@ -1,16 +1,23 @@
-//! debootstrap's `dpkg --unpack` of the required set, with dpkg's work done ahead where it
-//! would only repeat the extraction.
+//! debootstrap's `dpkg --unpack`s (the required set, the base set), with dpkg's work done by
+//! configure where all dpkg would do is lay a package out and write down that it did.
 //!
 //! The extraction has laid out every required package's files already; dpkg's unpack writes
-//! them all again, byte for byte, and records them in its database. For a package that is new
-//! to the database, has no `preinst` to run first, and whose files nothing has touched since
-//! the extraction, configure records it itself, as `dpkg --unpack` would: the files' times
-//! set to their tar entries', each conffile beside itself as `.dpkg-new`, the control members
-//! in `info/`, the file list in the tar's order, and the status stanza (`install ok unpacked`,
-//! conffiles `newconffile`). Every other package — any preinst, trigger interest, diversion,
-//! file another package lists, conflict, changed file… — is unpacked by dpkg itself, in the
-//! same order, in runs of consecutive packages. `dpkg --configure` then finds the same
-//! database it would have made, and rewrites every stanza in its own words.
+//! them all again, byte for byte, about ten milliseconds of process starts per package before
+//! the first file. The base set's packages are unpacked beside the tree while dpkg configures
+//! the required set. For a package that is new to the database (or only selected), has no
+//! `preinst` to run first, and whose paths are as dpkg would find them — the files the
+//! extraction laid out untouched since, or, for a package not laid out yet, nothing there
+//! but directories — configure records it itself, as `dpkg --unpack` would: files moved in
+//! (or, laid out already, their times set) with their tar entries' owner, mode and time, each
+//! conffile as `PATH.dpkg-new`, the control members in `info/`, the file list in the tar's
+//! order, the status stanza (`install ok unpacked`, conffiles `newconffile`), and the
+//! triggers it activates pending for the configured packages interested (`noawait` only).
+//! Every other package — a preinst, a trigger interest or an awaited trigger, a diversion or
+//! stat override of its paths, a file another package lists or a path already taken, a
+//! package it would make disappear, a Conflicts or Breaks that may hold, a file changed
+//! since the extraction… — is unpacked by dpkg itself, in the same order, in runs of
+//! consecutive packages. `dpkg --configure` then finds the database it would have made, and
+//! rewrites every stanza in its own words.
 //!
 //! The tests that compare the tree with debootstrap's (tests/suites.rs) hold this to dpkg's
 //! own result, database included.
@@ -37,16 +44,34 @@ pub(super) struct Extracted {
     pub listed: Vec<(String, Listed)>,
 }
 
-/// `dpkg --force-depends --unpack` of `names` (in that order): recorded here where it is only
-/// a repetition of the extraction (see the module), by dpkg otherwise. `extracted_at` is a
-/// change time (seconds, nanoseconds) taken after the extraction: a file changed since has a
-/// change time at or past it. `dpkg_unpack` runs `dpkg --force-depends --unpack` of packages in
-/// the chroot; `recorded` is told of each package recorded here (its `.deb` is not needed).
-pub(super) fn unpack_required(
+/// Where the packages to unpack come from.
+pub(super) enum Source<'a> {
+    /// Laid out in the tree by the extraction already, each kept here by name; `at` is a
+    /// change time taken after the extraction (a file changed since has a change time at or
+    /// past it).
+    Extracted {
+        kept: &'a HashMap<String, Extracted>,
+        at: (i64, i64),
+    },
+    /// Not in the tree yet: unpacked beside it, each given (once) by the function, or not.
+    Unpacked(&'a dyn Fn(&str) -> Option<Extracted>),
+}
+
+impl Source<'_> {
+    fn laid_out(&self) -> bool {
+        matches!(self, Source::Extracted { .. })
+    }
+}
+
+/// `dpkg --unpack` of `names` (in that order): recorded here where that is all dpkg would do
+/// (see the module), by `dpkg_unpack` (which runs dpkg, with the caller's options, on
+/// packages in the chroot) otherwise. `recorded_one` is told of each package recorded here
+/// (its `.deb` is not needed). `what` names the set in the log.
+pub(super) fn unpack(
     root: &Path,
+    what: &str,
     names: &[&str],
-    extracted: &HashMap<String, Extracted>,
-    extracted_at: (i64, i64),
+    source: &Source,
     dpkg_unpack: &dyn Fn(&[&str]) -> anyhow::Result<()>,
     recorded_one: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
@@ -56,17 +81,20 @@ pub(super) fn unpack_required(
     let (mut recorded, mut by_dpkg) = (0, 0);
     let mut runs = 0;
     for &name in names {
-        let why_not = match extracted.get(name) {
-            None => Some("it was not extracted here".to_owned()),
-            Some(ex) => db.why_not(name, ex, extracted_at)?,
-        };
-        match why_not {
-            Some(why) => {
-                eprintln!("configure: dpkg unpacks {name}: {why}");
-                batch.push(name);
-                by_dpkg += 1;
+        let taken: Option<Extracted>;
+        let ex = match source {
+            Source::Extracted { kept, .. } => kept.get(name),
+            Source::Unpacked(take) => {
+                taken = take(name);
+                taken.as_ref()
             }
-            None => {
+        };
+        let why_not = match ex {
+            None => Some("it was not unpacked here".to_owned()),
+            Some(ex) => db.why_not(name, ex, source)?,
+        };
+        match (why_not, ex) {
+            (None, Some(ex)) => {
                 if !batch.is_empty() {
                     db.write_status()?;
                     dpkg_unpack(&batch)?;
@@ -74,11 +102,21 @@ pub(super) fn unpack_required(
                     batch.clear();
                     db = Db::read(root)?;
                 }
-                db.record(name, &extracted[name])
+                db.record(name, ex, source)
                     .with_context(|| format!("recording {name} as unpacked"))?;
                 recorded_one(name);
                 recorded += 1;
             }
+            (why, _) => {
+                let why = why.unwrap_or_default();
+                eprintln!("configure: dpkg unpacks {name}: {why}");
+                batch.push(name);
+                by_dpkg += 1;
+            }
+        }
+        if let (Source::Unpacked(_), Some(ex)) = (source, ex) {
+            // What is left of its unpacked tree (all of it, if dpkg unpacks it).
+            let _ = fs::remove_dir_all(&ex.dir);
         }
     }
     db.write_status()?;
@@ -87,8 +125,8 @@ pub(super) fn unpack_required(
         runs += 1;
     }
     eprintln!(
-        "configure: the required set unpacked in {:.2?}: {recorded} packages recorded as dpkg \
-         would, {by_dpkg} unpacked by dpkg in {runs} runs",
+        "configure: {what} unpacked in {:.2?}: {recorded} packages recorded as dpkg would, \
+         {by_dpkg} unpacked by dpkg in {runs} runs",
         started.elapsed()
     );
     Ok(())
@@ -146,27 +184,40 @@ fn relations(text: &str, name: &str) -> Option<Vec<Dep>> {
     }
 }
 
-/// The names a stanza's Provides gives; None if it does not parse.
-fn provides_of(text: &str) -> Option<Vec<String>> {
+/// What a stanza's Provides gives: names, with the version of a versioned provide (`= V`);
+/// None if it does not parse.
+fn provides_of(text: &str) -> Option<Vec<(String, Option<String>)>> {
     Some(
         relations(text, "Provides")?
             .into_iter()
-            .map(|d| d.name)
+            .map(|d| {
+                let v = d.version.filter(|(op, _)| op == "=").map(|(_, v)| v);
+                (d.name, v)
+            })
             .collect(),
     )
 }
 
 /// Whether the Conflicts or Breaks relation `dep` may hold against package `name` at `version`,
-/// which provides `provides`: by name, when its version satisfies the relation's; by a name
-/// it provides, whatever the versions. Architecture qualifiers are not looked at.
-fn may_hold(dep: &Dep, name: &str, version: &str, provides: &[String]) -> bool {
-    if dep.name == name {
-        return match &dep.version {
-            None => true,
-            Some((op, want)) => resolve::satisfies(version, op, want),
-        };
+/// which provides `provides`: by name, or by a versioned provide, when that version satisfies
+/// the relation's; by an unversioned provide, whatever the relation's version (dpkg would not
+/// count it against a versioned relation; this errs towards leaving the package to dpkg).
+/// Architecture qualifiers are not looked at.
+fn may_hold(dep: &Dep, name: &str, version: &str, provides: &[(String, Option<String>)]) -> bool {
+    let satisfied = |v: &str| match &dep.version {
+        None => true,
+        Some((op, want)) => resolve::satisfies(v, op, want),
+    };
+    if dep.name == name && satisfied(version) {
+        return true;
     }
-    provides.contains(&dep.name)
+    provides.iter().any(|(p, v)| {
+        *p == dep.name
+            && match v {
+                Some(v) => satisfied(v),
+                None => true,
+            }
+    })
 }
 
 /// dpkg's database as far as recording an unpack needs it.
@@ -280,7 +331,7 @@ impl Db {
         &self,
         name: &str,
         ex: &Extracted,
-        extracted_at: (i64, i64),
+        source: &Source,
     ) -> anyhow::Result<Option<String>> {
         let admin = self.root.join(ADMIN);
         // What changes how dpkg lays out any package.
@@ -298,8 +349,14 @@ impl Db {
         if filters_paths(&self.root) {
             return Ok(Some("dpkg's configuration filters paths".into()));
         }
-        if self.status.iter().any(|s| s.name == name) {
-            return Ok(Some("it is in the database already".into()));
+        // New to the database, or only selected (`dpkg --set-selections`).
+        if let Some(s) = self.status.iter().find(|s| s.name == name) {
+            let selected = s.field("Status").is_some_and(|v| {
+                v.split_whitespace().collect::<Vec<_>>() == ["install", "ok", "not-installed"]
+            });
+            if !selected {
+                return Ok(Some("it is in the database already".into()));
+            }
         }
 
         // Its control members.
@@ -335,29 +392,28 @@ impl Db {
                 )));
             }
         }
-        if let Ok(triggers) = fs::read_to_string(control.join("triggers")) {
-            for line in triggers.lines().map(str::trim) {
-                if line.is_empty() || line.starts_with('#') {
+        for (kind, trigger) in match activations(ex) {
+            Ok(a) => a,
+            Err(line) => return Ok(Some(format!("its triggers line {line:?}"))),
+        } {
+            // A configured package interested in it records it as pending; dpkg would also
+            // have the activating package await it, unless `noawait`.
+            for p in self.interested(&trigger) {
+                let Some(s) = self.status.iter().find(|s| s.name == p) else {
+                    continue;
+                };
+                if !self.takes_triggers(&p) {
                     continue;
                 }
-                let mut words = line.split_whitespace();
-                let (Some(kind), Some(trigger), None) = (words.next(), words.next(), words.next())
-                else {
-                    return Ok(Some(format!("its triggers line {line:?}")));
-                };
-                if !matches!(kind, "activate" | "activate-await" | "activate-noawait")
-                    || trigger.starts_with('/')
-                {
-                    return Ok(Some(format!("its triggers line {line:?}")));
-                }
-                let interested =
-                    fs::read_to_string(admin.join("triggers").join(trigger)).unwrap_or_default();
-                if let Some(p) = interested
-                    .lines()
-                    .map(package_of)
-                    .find(|p| self.takes_triggers(p))
-                {
+                if kind != "activate-noawait" {
                     return Ok(Some(format!("it activates {trigger}, which {p} awaits")));
+                }
+                match s.field("Triggers-Pending") {
+                    None => {}
+                    Some(v) if v.split_whitespace().any(|t| t == trigger) => {}
+                    Some(_) => {
+                        return Ok(Some(format!("{p} has other triggers pending")));
+                    }
                 }
             }
         }
@@ -374,7 +430,8 @@ impl Db {
             let Some(ours) = relations(&text, f) else {
                 return Ok(Some(format!("its {f} does not parse")));
             };
-            for s in &self.status {
+            // Only selected: nothing to conflict with.
+            for s in self.status.iter().filter(|s| s.state != "not-installed") {
                 let (Some(theirs), Some(their_provides)) =
                     (relations(&s.text, f), provides_of(&s.text))
                 else {
@@ -396,8 +453,10 @@ impl Db {
             }
         }
 
-        // Its files: its own, as the extraction left them.
+        // Its files: its own, as the extraction left them; or, not laid out yet, new to the
+        // tree but for directories.
         let paths: HashSet<&str> = ex.listed.iter().map(|(p, _)| p.as_str()).collect();
+        let mut new_dirs: HashSet<&str> = HashSet::new();
         for (path, kind) in &ex.listed {
             if path == "/." {
                 continue;
@@ -410,31 +469,31 @@ impl Db {
             if em.uid != 0 || em.gid != 0 || em.caps.is_some() {
                 return Ok(Some(format!("{path} is not root's, or has capabilities")));
             }
+            if *kind == Listed::Hardlink {
+                return Ok(Some(format!("{path} is a hardlink")));
+            }
             let on_disk = self.root.join(&path[1..]);
-            if *kind == Listed::Dir {
-                if !fs::metadata(&on_disk).is_ok_and(|m| m.is_dir()) {
-                    return Ok(Some(format!("{path} is no longer a directory")));
+            if *kind != Listed::Dir {
+                if let Some(other) = self.owners.get(path.as_str()).and_then(|o| o.first()) {
+                    return Ok(Some(format!("{other} lists {path} too")));
                 }
-                continue;
             }
-            if let Some(other) = self.owners.get(path.as_str()).and_then(|o| o.first()) {
-                return Ok(Some(format!("{other} lists {path} too")));
-            }
-            let Ok(md) = fs::symlink_metadata(&on_disk) else {
-                return Ok(Some(format!("{path} is gone")));
+            let found = match source {
+                Source::Extracted { at, .. } => self.extracted_state(path, *kind, &on_disk, *at),
+                Source::Unpacked(_) => self.new_state(path, *kind, &on_disk, &mut new_dirs),
             };
-            let same_kind = match kind {
-                Listed::File => md.is_file() && md.nlink() == 1,
-                Listed::Symlink => md.file_type().is_symlink(),
-                Listed::Hardlink | Listed::Dir => false,
-            };
-            if !same_kind {
-                return Ok(Some(format!(
-                    "{path} is a hardlink or not what its tar says"
-                )));
+            if let Some(why) = found {
+                return Ok(Some(why));
             }
-            if (md.ctime(), md.ctime_nsec()) >= extracted_at {
-                return Ok(Some(format!("{path} changed after the extraction")));
+        }
+        if !source.laid_out() {
+            for c in conffiles(ex)? {
+                let new = self
+                    .root
+                    .join(format!("{}.dpkg-new", c.trim_start_matches('/')));
+                if fs::symlink_metadata(new).is_ok() {
+                    return Ok(Some(format!("{c}.dpkg-new is there already")));
+                }
             }
         }
         // A diversion changes where dpkg puts the path it diverts, and refuses the path it
@@ -464,9 +523,66 @@ impl Db {
         Ok(None)
     }
 
+    /// Why the path of an entry laid out by the extraction is not as it left it, if it is not.
+    fn extracted_state(
+        &self,
+        path: &str,
+        kind: Listed,
+        on_disk: &Path,
+        at: (i64, i64),
+    ) -> Option<String> {
+        if kind == Listed::Dir {
+            return (!fs::metadata(on_disk).is_ok_and(|m| m.is_dir()))
+                .then(|| format!("{path} is no longer a directory"));
+        }
+        let Ok(md) = fs::symlink_metadata(on_disk) else {
+            return Some(format!("{path} is gone"));
+        };
+        let same_kind = match kind {
+            Listed::File => md.is_file() && md.nlink() == 1,
+            Listed::Symlink => md.file_type().is_symlink(),
+            Listed::Hardlink | Listed::Dir => false,
+        };
+        if !same_kind {
+            return Some(format!("{path} is a hardlink or not what its tar says"));
+        }
+        ((md.ctime(), md.ctime_nsec()) >= at)
+            .then(|| format!("{path} changed after the extraction"))
+    }
+
+    /// Why an entry not laid out yet cannot simply be made at its path, if it cannot: only a
+    /// directory may be there already (or a symlink to one, for a directory), and its parent
+    /// must be a directory, or one of the package's own made before it (`new_dirs`).
+    fn new_state<'p>(
+        &self,
+        path: &'p str,
+        kind: Listed,
+        on_disk: &Path,
+        new_dirs: &mut HashSet<&'p str>,
+    ) -> Option<String> {
+        let parent = path.rsplit_once('/').map_or("", |(p, _)| p);
+        let parent_ok = parent.is_empty()
+            || new_dirs.contains(parent)
+            || fs::metadata(self.root.join(&parent[1..])).is_ok_and(|m| m.is_dir());
+        if !parent_ok {
+            return Some(format!("the directory above {path} is not there"));
+        }
+        match fs::symlink_metadata(on_disk) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if kind == Listed::Dir {
+                    new_dirs.insert(path);
+                }
+                None
+            }
+            Err(e) => Some(format!("{path}: {e}")),
+            Ok(_) if kind == Listed::Dir && fs::metadata(on_disk).is_ok_and(|m| m.is_dir()) => None,
+            Ok(_) => Some(format!("{path} is there already")),
+        }
+    }
+
     /// Record `name` as `dpkg --unpack` would (see the module); [`Db::why_not`] said nothing
     /// stands in the way.
-    fn record(&mut self, name: &str, ex: &Extracted) -> anyhow::Result<()> {
+    fn record(&mut self, name: &str, ex: &Extracted, source: &Source) -> anyhow::Result<()> {
         let admin = self.root.join(ADMIN);
         let control = ex.dir.join("control");
         let text = fs::read_to_string(control.join("control"))?;
@@ -476,22 +592,26 @@ impl Db {
                 .get(key)
                 .with_context(|| format!("no metadata for {key}"))
         };
-        // The files, as dpkg writes them: with their tar entries' times; a symlink to a
-        // directory that is there already is left alone.
-        for (path, kind) in &ex.listed {
-            let on_disk = self.root.join(path.trim_start_matches('/'));
-            let left_alone = match kind {
-                Listed::Dir => true,
-                Listed::Symlink => fs::metadata(&on_disk).is_ok_and(|m| m.is_dir()),
-                _ => false,
-            };
-            if path != "/." && !left_alone {
-                sandbox::set_entry_mtime(&on_disk, meta(&format!("data{path}"))?.mtime)?;
-            }
-        }
-        // Conffiles wait beside the installed ones for `dpkg --configure`.
         let conffiles = conffiles(ex)?;
-        for c in &conffiles {
+        if source.laid_out() {
+            // The files, as dpkg writes them again: with their tar entries' times; a symlink
+            // to a directory that is there already is left alone.
+            for (path, kind) in &ex.listed {
+                let on_disk = self.root.join(path.trim_start_matches('/'));
+                let left_alone = match kind {
+                    Listed::Dir => true,
+                    Listed::Symlink => fs::metadata(&on_disk).is_ok_and(|m| m.is_dir()),
+                    _ => false,
+                };
+                if path != "/." && !left_alone {
+                    sandbox::set_entry_mtime(&on_disk, meta(&format!("data{path}"))?.mtime)?;
+                }
+            }
+        } else {
+            self.lay_out(ex, &conffiles)?;
+        }
+        // Conffiles (laid out already) wait beside the installed ones for `dpkg --configure`.
+        for c in conffiles.iter().filter(|_| source.laid_out()) {
             let on_disk = self.root.join(c.trim_start_matches('/'));
             let new = PathBuf::from(format!("{}.dpkg-new", on_disk.display()));
             let _ = fs::remove_file(&new);
@@ -525,6 +645,14 @@ impl Db {
         fs::write(&list_file, list)?;
         fs::set_permissions(&list_file, fs::Permissions::from_mode(0o644))?;
 
+        // The triggers it activates, pending for the configured packages interested.
+        for (_, trigger) in activations(ex).map_err(|l| anyhow::anyhow!("triggers line {l:?}"))? {
+            for p in self.interested(&trigger) {
+                if self.takes_triggers(&p) {
+                    self.note_pending(&p, &trigger);
+                }
+            }
+        }
         // The stanza: the control's fields, unpacked, its conffiles new.
         let mut stanza = String::new();
         for line in text.trim_end_matches('\n').lines() {
@@ -548,6 +676,8 @@ impl Db {
                 .push(name.to_owned());
         }
         self.lists.insert(name.to_owned(), paths);
+        // Its selection, if it had one, becomes the stanza.
+        self.status.retain(|s| s.name != name);
         self.status.push(Stanza {
             name: name.to_owned(),
             state: "unpacked".into(),
@@ -555,6 +685,94 @@ impl Db {
         });
         self.dirty = true;
         Ok(())
+    }
+
+    /// Lay out the entries of `ex`, unpacked beside the tree, as dpkg unpacks a package new
+    /// to it ([`Db::why_not`] found only directories there): directories made (those there
+    /// already left alone), files and symlinks moved in — a conffile as `PATH.dpkg-new` —
+    /// each with its tar entry's owner, mode and time, in the tar's order.
+    fn lay_out(&self, ex: &Extracted, conffiles: &[String]) -> anyhow::Result<()> {
+        for (path, kind) in &ex.listed {
+            if path == "/." {
+                continue;
+            }
+            let rel = &path[1..];
+            let em = ex
+                .meta
+                .entries
+                .get(&format!("data{path}"))
+                .with_context(|| format!("no metadata for {path}"))?;
+            let mut to = self.root.join(rel);
+            match kind {
+                Listed::Dir => {
+                    if fs::symlink_metadata(&to).is_ok() {
+                        continue;
+                    }
+                    fs::create_dir(&to).with_context(|| format!("mkdir {}", to.display()))?;
+                }
+                Listed::File | Listed::Symlink => {
+                    if conffiles.iter().any(|c| c == path) {
+                        to = self.root.join(format!("{rel}.dpkg-new"));
+                    }
+                    let from = ex.dir.join("data").join(rel);
+                    fs::rename(&from, &to).with_context(|| {
+                        format!("moving {} to {}", from.display(), to.display())
+                    })?;
+                }
+                Listed::Hardlink => anyhow::bail!("{path}: a hardlink is left to dpkg"),
+            }
+            sandbox::apply_meta(&to, em)?;
+            sandbox::set_entry_mtime(&to, em.mtime)?;
+        }
+        Ok(())
+    }
+
+    /// The packages `triggers/TRIGGER` names as interested.
+    fn interested(&self, trigger: &str) -> Vec<String> {
+        fs::read_to_string(self.root.join(ADMIN).join("triggers").join(trigger))
+            .unwrap_or_default()
+            .lines()
+            .map(package_of)
+            .collect()
+    }
+
+    /// `trigger` pending for `name`, as dpkg's `trig_note_pend` records it: added to its
+    /// Triggers-Pending (which [`Db::why_not`] found empty, or holding it already), its state
+    /// triggers-awaited if it awaits triggers itself, else triggers-pending.
+    fn note_pending(&mut self, name: &str, trigger: &str) {
+        let Some(s) = self.status.iter_mut().find(|s| s.name == name) else {
+            return;
+        };
+        if s.field("Triggers-Pending").is_some() {
+            return;
+        }
+        let state = if s.field("Triggers-Awaited").is_some() {
+            "triggers-awaited"
+        } else {
+            "triggers-pending"
+        };
+        let mut text = String::new();
+        for line in s.text.lines() {
+            match line.strip_prefix("Status:") {
+                Some(v) if !line.starts_with([' ', '\t']) => {
+                    let words: Vec<&str> = v.split_whitespace().collect();
+                    let (want, eflag) = (words.first().copied(), words.get(1).copied());
+                    text.push_str(&format!(
+                        "Status: {} {} {state}\n",
+                        want.unwrap_or("install"),
+                        eflag.unwrap_or("ok")
+                    ));
+                }
+                _ => {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        text.push_str(&format!("Triggers-Pending: {trigger}"));
+        s.text = text;
+        s.state = state.to_owned();
+        self.dirty = true;
     }
 
     /// Write the status file if a package was recorded since it was read.
@@ -574,6 +792,31 @@ impl Db {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// The triggers a package's `triggers` member activates (`activate`, `activate-await`,
+/// `activate-noawait`, and the trigger's name), or the first line that does anything else
+/// (an interest, a file trigger).
+fn activations(ex: &Extracted) -> Result<Vec<(String, String)>, String> {
+    let Ok(text) = fs::read_to_string(ex.dir.join("control/triggers")) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some(kind @ ("activate" | "activate-await" | "activate-noawait")), Some(t), None)
+                if !t.starts_with('/') =>
+            {
+                out.push((kind.to_owned(), t.to_owned()))
+            }
+            _ => return Err(line.to_owned()),
+        }
+    }
+    Ok(out)
 }
 
 /// The package a trigger interest line names (`pkg`, `pkg:arch`, either with `/noawait`).
@@ -691,8 +934,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let (root, ex, at) = setup(t.path());
         let mut db = Db::read(&root).unwrap();
-        assert_eq!(db.why_not("hello", &ex, at).unwrap(), None);
-        db.record("hello", &ex).unwrap();
+        let kept = HashMap::new();
+        let source = Source::Extracted { kept: &kept, at };
+        assert_eq!(db.why_not("hello", &ex, &source).unwrap(), None);
+        db.record("hello", &ex, &source).unwrap();
         db.write_status().unwrap();
 
         let info = root.join("var/lib/dpkg/info");
@@ -726,7 +971,7 @@ mod tests {
         // Once recorded, it is in the database: not recorded again.
         let db = Db::read(&root).unwrap();
         assert_eq!(
-            db.why_not("hello", &ex, at).unwrap().as_deref(),
+            db.why_not("hello", &ex, &source).unwrap().as_deref(),
             Some("it is in the database already")
         );
     }
@@ -737,7 +982,12 @@ mod tests {
             let t = tempfile::tempdir().unwrap();
             let (root, mut ex, at) = setup(t.path());
             change(&root, &mut ex);
-            Db::read(&root).unwrap().why_not("hello", &ex, at).unwrap()
+            let kept = HashMap::new();
+            let source = Source::Extracted { kept: &kept, at };
+            Db::read(&root)
+                .unwrap()
+                .why_not("hello", &ex, &source)
+                .unwrap()
         };
         let has = |r: Option<String>, what: &str| {
             let r = r.expect("left to dpkg");
@@ -794,14 +1044,34 @@ mod tests {
         };
         has(reason(&breaks("2.0")), "dpkg's Breaks (hello (<< 2.0))");
         assert_eq!(reason(&breaks("1.0")), None);
-        // An installed package awaits the trigger it activates.
-        has(
-            reason(&|root, ex| {
+        // Through what it provides: a versioned provide by its version, an unversioned one
+        // whatever the relation's.
+        let provides = |p: &'static str| {
+            move |root: &Path, ex: &mut Extracted| {
+                breaks("0")(root, ex);
                 fs::write(
-                    ex.dir.join("control/triggers"),
-                    "activate-noawait ldconfig\n",
+                    root.join("var/lib/dpkg/status"),
+                    "Package: dpkg\nStatus: install ok installed\nVersion: 1.22\nConflicts: greeter (<< 2)\n\n",
                 )
                 .unwrap();
+                let control = ex.dir.join("control/control");
+                let text = fs::read_to_string(&control).unwrap();
+                fs::write(&control, format!("{text}Provides: {p}\n")).unwrap();
+            }
+        };
+        has(
+            reason(&provides("greeter (= 1.5)")),
+            "dpkg's Conflicts (greeter (<< 2))",
+        );
+        assert_eq!(reason(&provides("greeter (= 3)")), None);
+        has(
+            reason(&provides("greeter")),
+            "dpkg's Conflicts (greeter (<< 2))",
+        );
+        // An installed package is interested in a trigger it activates, awaiting it.
+        has(
+            reason(&|root, ex| {
+                fs::write(ex.dir.join("control/triggers"), "activate ldconfig\n").unwrap();
                 fs::write(root.join("var/lib/dpkg/triggers/ldconfig"), "dpkg\n").unwrap();
             }),
             "it activates ldconfig, which dpkg awaits",
@@ -813,5 +1083,117 @@ mod tests {
             }),
             "its triggers line",
         );
+    }
+
+    /// `hello` not laid out yet: its tree beside the root, the root without its files, and
+    /// libc-bin configured, interested in the ldconfig trigger hello activates.
+    fn setup_unpacked(t: &Path) -> (PathBuf, Extracted) {
+        let (root, ex, _) = setup(t);
+        for f in ["usr/bin/hello", "usr/bin/hi", "etc/hello.conf"] {
+            let from = root.join(f);
+            let to = ex.dir.join("data").join(f);
+            fs::create_dir_all(to.parent().unwrap()).unwrap();
+            fs::rename(from, to).unwrap();
+        }
+        fs::write(
+            root.join("var/lib/dpkg/status"),
+            "Package: libc-bin\nStatus: install ok installed\nVersion: 2.41\n\n\
+             Package: hello\nStatus: install ok not-installed\n\n",
+        )
+        .unwrap();
+        fs::write(root.join("var/lib/dpkg/triggers/ldconfig"), "libc-bin\n").unwrap();
+        fs::write(
+            ex.dir.join("control/triggers"),
+            "activate-noawait ldconfig\n",
+        )
+        .unwrap();
+        (root, ex)
+    }
+
+    #[test]
+    fn a_package_not_laid_out_is_moved_in_and_its_trigger_left_pending() {
+        let t = tempfile::tempdir().unwrap();
+        let (root, ex) = setup_unpacked(t.path());
+        let take = |_: &str| None;
+        let source = Source::Unpacked(&take);
+        let mut db = Db::read(&root).unwrap();
+        assert_eq!(db.why_not("hello", &ex, &source).unwrap(), None);
+        db.record("hello", &ex, &source).unwrap();
+        db.write_status().unwrap();
+
+        // Files and symlinks moved in; the conffile only as .dpkg-new.
+        assert_eq!(
+            fs::read_to_string(root.join("usr/bin/hello")).unwrap(),
+            "#!/bin/sh\n"
+        );
+        assert_eq!(
+            fs::read_link(root.join("usr/bin/hi")).unwrap(),
+            Path::new("hello")
+        );
+        assert!(!root.join("etc/hello.conf").exists());
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hello.conf.dpkg-new")).unwrap(),
+            "greeting=hi\n"
+        );
+        assert!(!ex.dir.join("data/usr/bin/hello").exists());
+        let md = fs::symlink_metadata(root.join("usr/bin/hi")).unwrap();
+        assert_eq!(md.mtime(), 1_600_000_000);
+        // The selection became the stanza; libc-bin has the trigger pending.
+        let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+        assert_eq!(
+            status,
+            "Package: libc-bin\nStatus: install ok triggers-pending\nVersion: 2.41\n\
+             Triggers-Pending: ldconfig\n\n\
+             Package: hello\nStatus: install ok unpacked\nVersion: 1.0-1\nArchitecture: amd64\n\
+             Description: greets\n more\nConffiles:\n /etc/hello.conf newconffile\n\n"
+        );
+    }
+
+    #[test]
+    fn a_package_not_laid_out_is_left_to_dpkg_where_the_tree_has_its_files() {
+        let reason = |change: &dyn Fn(&Path)| {
+            let t = tempfile::tempdir().unwrap();
+            let (root, ex) = setup_unpacked(t.path());
+            change(&root);
+            let take = |_: &str| None;
+            Db::read(&root)
+                .unwrap()
+                .why_not("hello", &ex, &Source::Unpacked(&take))
+                .unwrap()
+        };
+        let r = reason(&|root| fs::write(root.join("usr/bin/hello"), "x").unwrap());
+        assert_eq!(r.as_deref(), Some("/usr/bin/hello is there already"));
+        // A directory it ships, made missing: it makes it; there as a file: dpkg's to sort out.
+        let r = reason(&|root| fs::remove_dir(root.join("usr/bin")).unwrap());
+        assert_eq!(r, None);
+        let r = reason(&|root| {
+            fs::remove_dir(root.join("usr/bin")).unwrap();
+            fs::write(root.join("usr/bin"), "").unwrap();
+        });
+        assert_eq!(r.as_deref(), Some("/usr/bin is there already"));
+        let r = reason(&|root| fs::write(root.join("etc/hello.conf.dpkg-new"), "").unwrap());
+        assert_eq!(
+            r.as_deref(),
+            Some("/etc/hello.conf.dpkg-new is there already")
+        );
+        // libc-bin has another trigger pending: dpkg's order of them is dpkg's to keep.
+        let r = reason(&|root| {
+            let status = root.join("var/lib/dpkg/status");
+            let text = fs::read_to_string(&status).unwrap();
+            let text = text.replacen(
+                "Version: 2.41\n",
+                "Version: 2.41\nTriggers-Pending: other\n",
+                1,
+            );
+            fs::write(status, text).unwrap();
+        });
+        assert_eq!(r.as_deref(), Some("libc-bin has other triggers pending"));
+        // Installed already (not only selected).
+        let r = reason(&|root| {
+            let status = root.join("var/lib/dpkg/status");
+            let text = fs::read_to_string(&status).unwrap();
+            fs::write(status, text.replace("ok not-installed", "ok unpacked")).unwrap();
+        });
+        assert_eq!(r.as_deref(), Some("it is in the database already"));
     }
 }

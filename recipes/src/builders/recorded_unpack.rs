@@ -24,12 +24,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use rbuild_engine::archive::deb::Listed;
-use rbuild_engine::sandbox;
+use rbuild_engine::sandbox::{self, InRoot};
 use rbuild_store::meta::TreeMeta;
 
 use crate::debian::packages::{self, Dep};
@@ -89,19 +89,22 @@ pub(super) fn unpack(
                 taken.as_ref()
             }
         };
-        let why_not = match ex {
+        let mut why_not = match ex {
             None => Some("it was not unpacked here".to_owned()),
             Some(ex) => db.why_not(name, ex, source)?,
         };
+        if let (None, Some(ex), false) = (&why_not, ex, batch.is_empty()) {
+            // dpkg unpacks the packages before it first, and what they change (their files,
+            // diversions, interests…) is asked about again.
+            db.write_status()?;
+            dpkg_unpack(&batch)?;
+            runs += 1;
+            batch.clear();
+            db = Db::read(root)?;
+            why_not = db.why_not(name, ex, source)?;
+        }
         match (why_not, ex) {
             (None, Some(ex)) => {
-                if !batch.is_empty() {
-                    db.write_status()?;
-                    dpkg_unpack(&batch)?;
-                    runs += 1;
-                    batch.clear();
-                    db = Db::read(root)?;
-                }
                 db.record(name, ex, source)
                     .with_context(|| format!("recording {name} as unpacked"))?;
                 recorded_one(name);
@@ -222,7 +225,9 @@ fn may_hold(dep: &Dep, name: &str, version: &str, provides: &[(String, Option<St
 
 /// dpkg's database as far as recording an unpack needs it.
 struct Db {
-    root: PathBuf,
+    /// The tree, its paths resolved as its chroot resolves them: maintainer scripts have run
+    /// in it, and may have left symlinks that lead elsewhere from outside.
+    tree: InRoot,
     status: Vec<Stanza>,
     dirty: bool,
     /// Every package's file list, by package name (without an architecture).
@@ -237,10 +242,17 @@ struct Db {
 
 const ADMIN: &str = "var/lib/dpkg";
 
+/// `var/lib/dpkg/NAME`.
+fn admin(name: &str) -> String {
+    format!("{ADMIN}/{name}")
+}
+
 impl Db {
     fn read(root: &Path) -> anyhow::Result<Db> {
-        let admin = root.join(ADMIN);
-        let text = fs::read_to_string(admin.join("status")).context("reading dpkg's status")?;
+        let tree = InRoot::open(root).with_context(|| format!("opening {}", root.display()))?;
+        let text = tree
+            .read_to_string(&admin("status"))
+            .context("reading dpkg's status")?;
         let mut status = Vec::new();
         for chunk in text.split("\n\n") {
             let chunk = chunk.trim_matches('\n');
@@ -259,14 +271,17 @@ impl Db {
         }
         let mut lists = HashMap::new();
         let mut owners: HashMap<String, Vec<String>> = HashMap::new();
-        for entry in fs::read_dir(admin.join("info")).context("reading dpkg's info")? {
-            let entry = entry?;
-            let file = entry.file_name().to_string_lossy().into_owned();
+        for file in tree
+            .read_dir(&admin("info"))
+            .context("reading dpkg's info")?
+        {
+            let file = file.to_string_lossy().into_owned();
             let Some(stem) = file.strip_suffix(".list") else {
                 continue;
             };
             let name = stem.split(':').next().unwrap_or(stem).to_owned();
-            let paths: Vec<String> = fs::read_to_string(entry.path())?
+            let paths: Vec<String> = tree
+                .read_to_string(&admin(&format!("info/{file}")))?
                 .lines()
                 .map(str::to_owned)
                 .collect();
@@ -275,7 +290,7 @@ impl Db {
             }
             lists.insert(name, paths);
         }
-        let file_interests = match fs::read_to_string(admin.join("triggers/File")) {
+        let file_interests = match tree.read_to_string(&admin("triggers/File")) {
             Ok(t) => t
                 .lines()
                 .filter_map(|l| l.split_once(' '))
@@ -284,7 +299,7 @@ impl Db {
             Err(_) => Vec::new(),
         };
         // diversions: three lines each (from, to, package).
-        let diverted = match fs::read_to_string(admin.join("diversions")) {
+        let diverted = match tree.read_to_string(&admin("diversions")) {
             Ok(t) => {
                 let lines: Vec<&str> = t.lines().collect();
                 anyhow::ensure!(
@@ -301,7 +316,7 @@ impl Db {
         };
         Ok(Db {
             diverted,
-            root: root.to_owned(),
+            tree,
             status,
             dirty: false,
             lists,
@@ -333,20 +348,23 @@ impl Db {
         ex: &Extracted,
         source: &Source,
     ) -> anyhow::Result<Option<String>> {
-        let admin = self.root.join(ADMIN);
         // What changes how dpkg lays out any package.
         for (file, what) in [
             ("statoverride", "stat overrides"),
             ("triggers/Unincorp", "triggers not yet incorporated"),
         ] {
-            if fs::metadata(admin.join(file)).is_ok_and(|m| m.len() > 0) {
+            if self.tree.metadata(&admin(file)).is_ok_and(|m| m.len() > 0) {
                 return Ok(Some(format!("the database has {what}")));
             }
         }
-        if fs::read_dir(admin.join("updates")).is_ok_and(|mut d| d.next().is_some()) {
+        if self
+            .tree
+            .read_dir(&admin("updates"))
+            .is_ok_and(|d| !d.is_empty())
+        {
             return Ok(Some("dpkg's journal is not empty".into()));
         }
-        if filters_paths(&self.root) {
+        if filters_paths(&self.tree) {
             return Ok(Some("dpkg's configuration filters paths".into()));
         }
         // New to the database, or only selected (`dpkg --set-selections`).
@@ -472,15 +490,14 @@ impl Db {
             if *kind == Listed::Hardlink {
                 return Ok(Some(format!("{path} is a hardlink")));
             }
-            let on_disk = self.root.join(&path[1..]);
             if *kind != Listed::Dir {
                 if let Some(other) = self.owners.get(path.as_str()).and_then(|o| o.first()) {
                     return Ok(Some(format!("{other} lists {path} too")));
                 }
             }
             let found = match source {
-                Source::Extracted { at, .. } => self.extracted_state(path, *kind, &on_disk, *at),
-                Source::Unpacked(_) => self.new_state(path, *kind, &on_disk, &mut new_dirs),
+                Source::Extracted { at, .. } => self.extracted_state(path, *kind, *at),
+                Source::Unpacked(_) => self.new_state(path, *kind, &mut new_dirs),
             };
             if let Some(why) = found {
                 return Ok(Some(why));
@@ -488,10 +505,7 @@ impl Db {
         }
         if !source.laid_out() {
             for c in conffiles(ex)? {
-                let new = self
-                    .root
-                    .join(format!("{}.dpkg-new", c.trim_start_matches('/')));
-                if fs::symlink_metadata(new).is_ok() {
+                if self.tree.symlink_metadata(&format!("{c}.dpkg-new")).is_ok() {
                     return Ok(Some(format!("{c}.dpkg-new is there already")));
                 }
             }
@@ -524,18 +538,12 @@ impl Db {
     }
 
     /// Why the path of an entry laid out by the extraction is not as it left it, if it is not.
-    fn extracted_state(
-        &self,
-        path: &str,
-        kind: Listed,
-        on_disk: &Path,
-        at: (i64, i64),
-    ) -> Option<String> {
+    fn extracted_state(&self, path: &str, kind: Listed, at: (i64, i64)) -> Option<String> {
         if kind == Listed::Dir {
-            return (!fs::metadata(on_disk).is_ok_and(|m| m.is_dir()))
+            return (!self.tree.metadata(path).is_ok_and(|m| m.is_dir()))
                 .then(|| format!("{path} is no longer a directory"));
         }
-        let Ok(md) = fs::symlink_metadata(on_disk) else {
+        let Ok(md) = self.tree.symlink_metadata(path) else {
             return Some(format!("{path} is gone"));
         };
         let same_kind = match kind {
@@ -557,17 +565,16 @@ impl Db {
         &self,
         path: &'p str,
         kind: Listed,
-        on_disk: &Path,
         new_dirs: &mut HashSet<&'p str>,
     ) -> Option<String> {
         let parent = path.rsplit_once('/').map_or("", |(p, _)| p);
         let parent_ok = parent.is_empty()
             || new_dirs.contains(parent)
-            || fs::metadata(self.root.join(&parent[1..])).is_ok_and(|m| m.is_dir());
+            || self.tree.metadata(parent).is_ok_and(|m| m.is_dir());
         if !parent_ok {
             return Some(format!("the directory above {path} is not there"));
         }
-        match fs::symlink_metadata(on_disk) {
+        match self.tree.symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if kind == Listed::Dir {
                     new_dirs.insert(path);
@@ -575,7 +582,9 @@ impl Db {
                 None
             }
             Err(e) => Some(format!("{path}: {e}")),
-            Ok(_) if kind == Listed::Dir && fs::metadata(on_disk).is_ok_and(|m| m.is_dir()) => None,
+            Ok(_) if kind == Listed::Dir && self.tree.metadata(path).is_ok_and(|m| m.is_dir()) => {
+                None
+            }
             Ok(_) => Some(format!("{path} is there already")),
         }
     }
@@ -583,7 +592,6 @@ impl Db {
     /// Record `name` as `dpkg --unpack` would (see the module); [`Db::why_not`] said nothing
     /// stands in the way.
     fn record(&mut self, name: &str, ex: &Extracted, source: &Source) -> anyhow::Result<()> {
-        let admin = self.root.join(ADMIN);
         let control = ex.dir.join("control");
         let text = fs::read_to_string(control.join("control"))?;
         let meta = |key: &str| {
@@ -597,14 +605,14 @@ impl Db {
             // The files, as dpkg writes them again: with their tar entries' times; a symlink
             // to a directory that is there already is left alone.
             for (path, kind) in &ex.listed {
-                let on_disk = self.root.join(path.trim_start_matches('/'));
                 let left_alone = match kind {
                     Listed::Dir => true,
-                    Listed::Symlink => fs::metadata(&on_disk).is_ok_and(|m| m.is_dir()),
+                    Listed::Symlink => self.tree.metadata(path).is_ok_and(|m| m.is_dir()),
                     _ => false,
                 };
                 if path != "/." && !left_alone {
-                    sandbox::set_entry_mtime(&on_disk, meta(&format!("data{path}"))?.mtime)?;
+                    let leaf = self.tree.leaf(path)?;
+                    sandbox::set_entry_mtime(&leaf.path, meta(&format!("data{path}"))?.mtime)?;
                 }
             }
         } else {
@@ -612,13 +620,15 @@ impl Db {
         }
         // Conffiles (laid out already) wait beside the installed ones for `dpkg --configure`.
         for c in conffiles.iter().filter(|_| source.laid_out()) {
-            let on_disk = self.root.join(c.trim_start_matches('/'));
-            let new = PathBuf::from(format!("{}.dpkg-new", on_disk.display()));
-            let _ = fs::remove_file(&new);
-            fs::copy(&on_disk, &new).with_context(|| format!("copying {}", on_disk.display()))?;
+            let bytes = self.tree.read(c).with_context(|| format!("reading {c}"))?;
+            let new = format!("{c}.dpkg-new");
             let em = meta(&format!("data{c}"))?;
-            sandbox::apply_meta(&new, em)?;
-            sandbox::set_entry_mtime(&new, em.mtime)?;
+            self.tree
+                .replace_file(&new, &bytes, em.mode)
+                .with_context(|| format!("writing {new}"))?;
+            let leaf = self.tree.leaf(&new)?;
+            sandbox::apply_meta(&leaf.path, em)?;
+            sandbox::set_entry_mtime(&leaf.path, em.mtime)?;
         }
         // The control members, as `info/PACKAGE[:ARCH].MEMBER`.
         let arch = field(&text, "Architecture").unwrap_or_default();
@@ -627,7 +637,6 @@ impl Db {
         } else {
             name.to_owned()
         };
-        let info = admin.join("info");
         for (key, em) in ex.meta.entries.range("control/".to_owned()..) {
             let Some(m) = key.strip_prefix("control/") else {
                 break;
@@ -635,15 +644,23 @@ impl Db {
             if m == "control" || m == "list" || m.contains('.') {
                 continue;
             }
-            let to = info.join(format!("{info_name}.{m}"));
-            fs::copy(control.join(m), &to).with_context(|| format!("writing {}", to.display()))?;
-            sandbox::apply_meta(&to, em)?;
-            sandbox::set_entry_mtime(&to, em.mtime)?;
+            let to = admin(&format!("info/{info_name}.{m}"));
+            let bytes = fs::read(control.join(m))?;
+            self.tree
+                .replace_file(&to, &bytes, em.mode)
+                .with_context(|| format!("writing {to}"))?;
+            let leaf = self.tree.leaf(&to)?;
+            sandbox::apply_meta(&leaf.path, em)?;
+            sandbox::set_entry_mtime(&leaf.path, em.mtime)?;
         }
         let list: String = ex.listed.iter().map(|(p, _)| format!("{p}\n")).collect();
-        let list_file = info.join(format!("{info_name}.list"));
-        fs::write(&list_file, list)?;
-        fs::set_permissions(&list_file, fs::Permissions::from_mode(0o644))?;
+        self.tree
+            .replace_file(
+                &admin(&format!("info/{info_name}.list")),
+                list.as_bytes(),
+                0o644,
+            )
+            .context("writing its file list")?;
 
         // The triggers it activates, pending for the configured packages interested.
         for (_, trigger) in activations(ex).map_err(|l| anyhow::anyhow!("triggers line {l:?}"))? {
@@ -696,40 +713,43 @@ impl Db {
             if path == "/." {
                 continue;
             }
-            let rel = &path[1..];
             let em = ex
                 .meta
                 .entries
                 .get(&format!("data{path}"))
                 .with_context(|| format!("no metadata for {path}"))?;
-            let mut to = self.root.join(rel);
+            // The entry's name, in its parent resolved within the tree.
+            let to = match kind {
+                Listed::File | Listed::Symlink if conffiles.iter().any(|c| c == path) => {
+                    self.tree.leaf(&format!("{path}.dpkg-new"))?
+                }
+                _ => self.tree.leaf(path)?,
+            };
+            let to = &to.path;
             match kind {
                 Listed::Dir => {
-                    if fs::symlink_metadata(&to).is_ok() {
+                    if fs::symlink_metadata(to).is_ok() {
                         continue;
                     }
-                    fs::create_dir(&to).with_context(|| format!("mkdir {}", to.display()))?;
+                    fs::create_dir(to).with_context(|| format!("mkdir {path}"))?;
                 }
                 Listed::File | Listed::Symlink => {
-                    if conffiles.iter().any(|c| c == path) {
-                        to = self.root.join(format!("{rel}.dpkg-new"));
-                    }
-                    let from = ex.dir.join("data").join(rel);
-                    fs::rename(&from, &to).with_context(|| {
-                        format!("moving {} to {}", from.display(), to.display())
-                    })?;
+                    let from = ex.dir.join("data").join(&path[1..]);
+                    fs::rename(&from, to)
+                        .with_context(|| format!("moving {} to {path}", from.display()))?;
                 }
                 Listed::Hardlink => anyhow::bail!("{path}: a hardlink is left to dpkg"),
             }
-            sandbox::apply_meta(&to, em)?;
-            sandbox::set_entry_mtime(&to, em.mtime)?;
+            sandbox::apply_meta(to, em)?;
+            sandbox::set_entry_mtime(to, em.mtime)?;
         }
         Ok(())
     }
 
     /// The packages `triggers/TRIGGER` names as interested.
     fn interested(&self, trigger: &str) -> Vec<String> {
-        fs::read_to_string(self.root.join(ADMIN).join("triggers").join(trigger))
+        self.tree
+            .read_to_string(&admin(&format!("triggers/{trigger}")))
             .unwrap_or_default()
             .lines()
             .map(package_of)
@@ -780,15 +800,14 @@ impl Db {
         if !self.dirty {
             return Ok(());
         }
-        let admin = self.root.join(ADMIN);
         let text: String = self
             .status
             .iter()
             .map(|s| format!("{}\n\n", s.text))
             .collect();
-        let tmp = admin.join("status.rbuild-new");
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, admin.join("status"))?;
+        self.tree
+            .replace_file(&admin("status"), text.as_bytes(), 0o644)
+            .context("writing dpkg's status")?;
         self.dirty = false;
         Ok(())
     }
@@ -842,14 +861,18 @@ fn conffiles(ex: &Extracted) -> anyhow::Result<Vec<String>> {
 
 /// Whether dpkg's configuration in the tree (`/etc/dpkg/dpkg.cfg`, `dpkg.cfg.d/`, root's
 /// `~/.dpkg.cfg`) filters paths (`path-exclude`, `path-include`), or cannot be read.
-fn filters_paths(root: &Path) -> bool {
-    let mut files = vec![root.join("etc/dpkg/dpkg.cfg"), root.join("root/.dpkg.cfg")];
-    match fs::read_dir(root.join("etc/dpkg/dpkg.cfg.d")) {
-        Ok(d) => files.extend(d.filter_map(|e| e.ok()).map(|e| e.path())),
+fn filters_paths(tree: &InRoot) -> bool {
+    let mut files = vec!["etc/dpkg/dpkg.cfg".to_owned(), "root/.dpkg.cfg".to_owned()];
+    match tree.read_dir("etc/dpkg/dpkg.cfg.d") {
+        Ok(names) => files.extend(
+            names
+                .iter()
+                .map(|n| format!("etc/dpkg/dpkg.cfg.d/{}", n.to_string_lossy())),
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(_) => return true,
     }
-    files.iter().any(|f| match fs::read_to_string(f) {
+    files.iter().any(|f| match tree.read_to_string(f) {
         Ok(t) => t.contains("path-exclude") || t.contains("path-include"),
         Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     })
@@ -1195,5 +1218,24 @@ mod tests {
             fs::write(status, text.replace("ok not-installed", "ok unpacked")).unwrap();
         });
         assert_eq!(r.as_deref(), Some("it is in the database already"));
+    }
+
+    #[test]
+    fn symlinks_scripts_left_resolve_within_the_tree() {
+        let t = tempfile::tempdir().unwrap();
+        let (root, ex) = setup_unpacked(t.path());
+        // `etc` made a symlink climbing out of the tree: in the chroot, `..` stops at its
+        // root, so dpkg would write into the tree's own `outside`, and so must this.
+        fs::remove_dir(root.join("etc")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("etc")).unwrap();
+        fs::create_dir(root.join("outside")).unwrap();
+        fs::create_dir(t.path().join("outside")).unwrap();
+        let take = |_: &str| None;
+        let source = Source::Unpacked(&take);
+        let mut db = Db::read(&root).unwrap();
+        assert_eq!(db.why_not("hello", &ex, &source).unwrap(), None);
+        db.record("hello", &ex, &source).unwrap();
+        assert!(root.join("outside/hello.conf.dpkg-new").exists());
+        assert_eq!(fs::read_dir(t.path().join("outside")).unwrap().count(), 0);
     }
 }

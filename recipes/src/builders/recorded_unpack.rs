@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use rbuild_engine::archive::deb::Listed;
 use rbuild_engine::sandbox::{self, InRoot};
-use rbuild_store::meta::TreeMeta;
+use rbuild_store::meta::{EntryMeta, TreeMeta};
 
 use crate::debian::packages::{self, Dep};
 use crate::debian::resolve;
@@ -42,6 +42,23 @@ pub(super) struct Extracted {
     pub dir: PathBuf,
     pub meta: TreeMeta,
     pub listed: Vec<(String, Listed)>,
+}
+
+impl Extracted {
+    /// Its data entries but the tar's root, in the tar's order, each with its metadata.
+    fn entries(&self) -> impl Iterator<Item = anyhow::Result<(&str, Listed, &EntryMeta)>> {
+        self.listed
+            .iter()
+            .filter(|(p, _)| p != "/.")
+            .map(|(p, kind)| {
+                let em = self
+                    .meta
+                    .entries
+                    .get(&format!("data{p}"))
+                    .with_context(|| format!("no metadata for {p}"))?;
+                Ok((p.as_str(), *kind, em))
+            })
+    }
 }
 
 /// Where the packages to unpack come from.
@@ -475,29 +492,22 @@ impl Db {
         // tree but for directories.
         let paths: HashSet<&str> = ex.listed.iter().map(|(p, _)| p.as_str()).collect();
         let mut new_dirs: HashSet<&str> = HashSet::new();
-        for (path, kind) in &ex.listed {
-            if path == "/." {
-                continue;
-            }
-            let em = ex
-                .meta
-                .entries
-                .get(&format!("data{path}"))
-                .with_context(|| format!("{name}: no metadata for {path}"))?;
+        for entry in ex.entries() {
+            let (path, kind, em) = entry.with_context(|| format!("{name}'s entries"))?;
             if em.uid != 0 || em.gid != 0 || em.caps.is_some() {
                 return Ok(Some(format!("{path} is not root's, or has capabilities")));
             }
-            if *kind == Listed::Hardlink {
+            if kind == Listed::Hardlink {
                 return Ok(Some(format!("{path} is a hardlink")));
             }
-            if *kind != Listed::Dir {
-                if let Some(other) = self.owners.get(path.as_str()).and_then(|o| o.first()) {
+            if kind != Listed::Dir {
+                if let Some(other) = self.owners.get(path).and_then(|o| o.first()) {
                     return Ok(Some(format!("{other} lists {path} too")));
                 }
             }
             let found = match source {
-                Source::Extracted { at, .. } => self.extracted_state(path, *kind, *at),
-                Source::Unpacked(_) => self.new_state(path, *kind, &mut new_dirs),
+                Source::Extracted { at, .. } => self.extracted_state(path, kind, *at),
+                Source::Unpacked(_) => self.new_state(path, kind, &mut new_dirs),
             };
             if let Some(why) = found {
                 return Ok(Some(why));
@@ -709,15 +719,8 @@ impl Db {
     /// already left alone), files and symlinks moved in — a conffile as `PATH.dpkg-new` —
     /// each with its tar entry's owner, mode and time, in the tar's order.
     fn lay_out(&self, ex: &Extracted, conffiles: &[String]) -> anyhow::Result<()> {
-        for (path, kind) in &ex.listed {
-            if path == "/." {
-                continue;
-            }
-            let em = ex
-                .meta
-                .entries
-                .get(&format!("data{path}"))
-                .with_context(|| format!("no metadata for {path}"))?;
+        for entry in ex.entries() {
+            let (path, kind, em) = entry?;
             // The entry's name, in its parent resolved within the tree.
             let to = match kind {
                 Listed::File | Listed::Symlink if conffiles.iter().any(|c| c == path) => {
@@ -881,7 +884,6 @@ fn filters_paths(tree: &InRoot) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rbuild_store::meta::EntryMeta;
 
     /// A root with an empty dpkg database, and a package `hello` extracted into it: a
     /// directory, a file, a conffile and a symlink, with a control, md5sums and conffiles.

@@ -105,6 +105,31 @@ impl InRoot {
             .collect()
     }
 
+    /// Make the directory `rel` and those above it that are missing (mode 0755 less the
+    /// umask, as `fs::create_dir_all`).
+    pub fn create_dir_all(&self, rel: &str) -> io::Result<()> {
+        let rel = rel.trim_matches('/');
+        let mut upto = 0;
+        for part in rel.split('/') {
+            upto += part.len();
+            let prefix = &rel[..upto];
+            upto += 1;
+            if part.is_empty() || self.metadata(prefix).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            match fs::create_dir(self.leaf(prefix)?.path) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove the entry `rel` (a symlink itself, not what it points to); not a directory.
+    pub fn remove_file(&self, rel: &str) -> io::Result<()> {
+        fs::remove_file(self.leaf(rel)?.path)
+    }
+
     /// Make `rel` a new file holding `bytes`, with permissions `mode`, in place of whatever
     /// entry `rel` is (a symlink itself, not what it points to): written under a temporary
     /// name beside it, then renamed over it, as dpkg replaces its files.
@@ -177,5 +202,13 @@ mod tests {
         assert!(tree.leaf("var/up/made").is_err(), "made outside");
         fs::create_dir(tree.leaf("var/run/made").unwrap().path).unwrap();
         assert!(root.join("run/made").is_dir() && !outside.join("made").exists());
+        // Through a dangling symlink, as `mkdir -p` in the chroot: refused; once it leads to
+        // a directory (the tree's own `outside`), made there.
+        assert!(tree.create_dir_all("var/up/a/b").is_err());
+        fs::create_dir(root.join("outside")).unwrap();
+        tree.create_dir_all("var/up/a/b").unwrap();
+        assert!(root.join("outside/a/b").is_dir() && !outside.join("a").exists());
+        tree.remove_file("var/leak").unwrap();
+        assert!(!root.join("var/leak").exists() && outside.join("secret").exists());
     }
 }

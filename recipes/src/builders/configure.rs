@@ -138,9 +138,13 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
     }
     if let Some(text) = &plan.apt_sources {
-        let path = root.join(crate::recipe::AptSources::PATH);
-        fs::create_dir_all(path.parent().expect("a file below etc/apt"))?;
-        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        // After the maintainer scripts: resolved within the tree.
+        let tree = sandbox::InRoot::open(&root)?;
+        let path = crate::recipe::AptSources::PATH;
+        let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+        tree.create_dir_all(dir)?;
+        tree.replace_file(path, text.as_bytes(), 0o644)
+            .with_context(|| format!("writing {path}"))?;
     }
     finish_tree(ctx, &root)?;
     eprintln!("configure: recorded at {:.1?}", started.elapsed());
@@ -604,16 +608,19 @@ fn second_stage(
         "moving start-stop-daemon aside",
         "mv /sbin/start-stop-daemon /sbin/start-stop-daemon.REAL",
     )?;
-    let fake = root.join("sbin/start-stop-daemon");
-    fs::write(
-        &fake,
-        "#!/bin/sh\necho\necho \"Warning: Fake start-stop-daemon called, doing nothing\"\n",
+    // Maintainer scripts have run: the tree's paths are resolved as the chroot resolves them.
+    let tree = sandbox::InRoot::open(root)?;
+    let fake = "sbin/start-stop-daemon";
+    tree.replace_file(
+        fake,
+        b"#!/bin/sh\necho\necho \"Warning: Fake start-stop-daemon called, doing nothing\"\n",
+        0o755,
     )?;
     sandbox::apply_meta(
-        &fake,
+        &tree.leaf(fake)?.path,
         &rbuild_store::meta::EntryMeta::root(0o755, ctx.source_date_epoch()),
     )?;
-    fs::write(root.join("var/lib/dpkg/cmethopt"), "apt apt\n")?;
+    tree.replace_file("var/lib/dpkg/cmethopt", b"apt apt\n", 0o644)?;
     chroot.dpkg(
         "dpkg --configure of the required packages",
         &[
@@ -631,13 +638,17 @@ fn second_stage(
         .context("configure: the plan names no available input")?;
     let available = fs::read_to_string(ctx.inputs[available_input].join("available"))
         .context("reading the packages' stanzas")?;
-    fs::write(root.join("var/lib/dpkg/available"), &available)?;
+    tree.replace_file("var/lib/dpkg/available", available.as_bytes(), 0o644)?;
     let selections: String = required
         .iter()
         .chain(&base)
         .map(|n| format!("{n} install\n"))
         .collect();
-    fs::write(root.join(super::DEB_STAGING).join("selections"), selections)?;
+    tree.replace_file(
+        &format!("{}/selections", super::DEB_STAGING),
+        selections.as_bytes(),
+        0o644,
+    )?;
     chroot.sh(
         "dpkg --set-selections",
         &format!(
@@ -728,7 +739,7 @@ fn second_stage(
     chroot.leave()?;
     no_services.remove()?;
     // dpkg knows its native architecture; debootstrap leaves no arch file either.
-    fs::remove_file(root.join("var/lib/dpkg/arch"))?;
+    tree.remove_file("var/lib/dpkg/arch")?;
     Ok(())
 }
 

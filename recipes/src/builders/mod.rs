@@ -233,13 +233,15 @@ impl Chroot {
 
     /// Run `argv` and return its exit status and standard output.
     fn output(&self, argv: &[&str]) -> anyhow::Result<(std::process::ExitStatus, String)> {
-        let file = self.root().join(DEB_STAGING).join("stdout");
+        let file = format!("{DEB_STAGING}/stdout");
         let quoted: Vec<String> = argv.iter().map(|a| format!("'{a}'")).collect();
-        let cmd = format!("{} > /{DEB_STAGING}/stdout", quoted.join(" "));
+        let cmd = format!("{} > /{file}", quoted.join(" "));
         let status =
             sandbox::run_chrooted(&self.mounts, &["/bin/sh", "-c", &cmd], &self.env, None)?;
-        let out = fs::read_to_string(&file).unwrap_or_default();
-        let _ = fs::remove_file(&file);
+        // Read as the chroot sees it: the command may have left a symlink there.
+        let tree = sandbox::InRoot::open(self.root())?;
+        let out = tree.read_to_string(&file).unwrap_or_default();
+        let _ = tree.remove_file(&file);
         Ok((status, out))
     }
 
@@ -248,8 +250,9 @@ impl Chroot {
         let cmd = format!("/usr/bin/dpkg --audit > /{DEB_STAGING}/audit 2>&1");
         let status =
             sandbox::run_chrooted(&self.mounts, &["/bin/sh", "-c", &cmd], &self.env, None)?;
-        let report =
-            fs::read_to_string(self.root().join(DEB_STAGING).join("audit")).unwrap_or_default();
+        let report = sandbox::InRoot::open(self.root())?
+            .read_to_string(&format!("{DEB_STAGING}/audit"))
+            .unwrap_or_default();
         if !status.success() || !report.trim().is_empty() {
             bail!("configure: `dpkg --audit` is not clean ({status}):\n{report}");
         }
@@ -267,27 +270,29 @@ impl Chroot {
 
 /// What stops services from starting while packages are configured (`policy-rc.d`, as
 /// debootstrap writes it) and spares dpkg its fsyncs; [`NoServices::remove`] takes both away.
+/// (Maintainer scripts may have run in the tree already: its paths are resolved within it.)
 struct NoServices {
-    policy: PathBuf,
-    unsafe_io: PathBuf,
+    tree: sandbox::InRoot,
 }
 
 impl NoServices {
+    const POLICY: &str = "usr/sbin/policy-rc.d";
+    const UNSAFE_IO: &str = "etc/dpkg/dpkg.cfg.d/rbuild-unsafe-io";
+
     fn install(ctx: &BuildContext, root: &Path) -> anyhow::Result<NoServices> {
-        fs::create_dir_all(root.join("etc/dpkg/dpkg.cfg.d"))?;
-        fs::create_dir_all(root.join("usr/sbin"))?;
-        let policy = root.join("usr/sbin/policy-rc.d");
-        fs::write(&policy, "#!/bin/sh\nexit 101\n")?;
+        let tree = sandbox::InRoot::open(root)?;
+        tree.create_dir_all("etc/dpkg/dpkg.cfg.d")?;
+        tree.create_dir_all("usr/sbin")?;
+        tree.replace_file(Self::POLICY, b"#!/bin/sh\nexit 101\n", 0o755)?;
         let exec = rbuild_store::meta::EntryMeta::root(0o755, ctx.source_date_epoch());
-        sandbox::apply_meta(&policy, &exec)?;
-        let unsafe_io = root.join("etc/dpkg/dpkg.cfg.d/rbuild-unsafe-io");
-        fs::write(&unsafe_io, "force-unsafe-io\n")?;
-        Ok(NoServices { policy, unsafe_io })
+        sandbox::apply_meta(&tree.leaf(Self::POLICY)?.path, &exec)?;
+        tree.replace_file(Self::UNSAFE_IO, b"force-unsafe-io\n", 0o644)?;
+        Ok(NoServices { tree })
     }
 
     fn remove(self) -> anyhow::Result<()> {
-        fs::remove_file(&self.policy)?;
-        fs::remove_file(&self.unsafe_io)?;
+        self.tree.remove_file(Self::POLICY)?;
+        self.tree.remove_file(Self::UNSAFE_IO)?;
         Ok(())
     }
 }

@@ -601,7 +601,7 @@ fn second_stage(
             )
         },
         // Its rewritten `.deb` goes.
-        &|name| drop(debs(&[name])),
+        &|name| plain.discard(name),
     )?;
     let no_services = NoServices::install(ctx, root)?;
     chroot.sh(
@@ -716,7 +716,7 @@ fn second_stage(
                     &debs(names).args,
                 )
             },
-            &|name| drop(debs(&[name])),
+            &|name| plain.discard(name),
         )?;
         base_unpacked(&chroot.mounts.mount_points());
         chroot.dpkg(

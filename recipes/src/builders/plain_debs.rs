@@ -172,6 +172,22 @@ impl PlainDebs {
         batch
     }
 
+    /// `name`'s `.deb` is not needed after all (its unpack was recorded): its rewritten copy
+    /// goes (waiting for it if it is being rewritten now), and it is not rewritten later.
+    pub(super) fn discard(&self, name: &str) {
+        let mut states = lock(&self.shared);
+        while let Some(State::Working) = states.get(name) {
+            states = self
+                .shared
+                .1
+                .wait(states)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(State::Ready(p)) = states.insert(name.to_owned(), State::Taken) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
     /// The path in the chroot of `name`'s rewritten `.deb` if it is ready, leaving it for a
     /// later batch.
     pub(super) fn peek(&self, name: &str) -> Option<String> {
@@ -359,7 +375,7 @@ mod tests {
     #[test]
     fn packages_are_given_rewritten_when_ready_and_as_they_are_otherwise() {
         let tmp = tempfile::tempdir().unwrap();
-        let work: Vec<(String, PathBuf)> = ["a", "b", "c"]
+        let work: Vec<(String, PathBuf)> = ["a", "b", "c", "d"]
             .iter()
             .map(|n| {
                 let p = tmp.path().join(format!("{n}_1_all.deb"));
@@ -410,6 +426,10 @@ mod tests {
         assert!(!dir.join("a_1_all.deb").exists() && !dir.join("b_1_all.deb").exists());
         assert!(!ready.exists());
         assert!(dir.join("c_1_all.deb").exists());
+        // Not needed after all: gone, and taken.
+        plain.discard("d");
+        assert!(!dir.join("d_1_all.deb").exists());
+        assert_eq!(plain.batch(&["d"], original).args, ["/inputs/d.deb"]);
         drop(plain);
         assert!(!dir.join("c_1_all.deb").exists(), "left behind");
     }

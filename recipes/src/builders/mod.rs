@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use rbuild_engine::builtins::{BuildContext, Builtins};
@@ -47,7 +47,9 @@ fn materialize(src: &Path, prefix: &str, root: &Path) -> anyhow::Result<()> {
 /// [`materialize`] of the entries `meta` lists. An entry replaces what `root` holds at its path,
 /// a directory included. With `through_symlinks` (a package's tree), a directory entry where
 /// `root` has a symlink to a directory goes through it, as dpkg's would; without (a layer's
-/// change set), the directory replaces the symlink.
+/// change set), the directory replaces the symlink. Paths in `root` are resolved as a chroot
+/// into it resolves them ([`sandbox::InRoot`]): its symlinks, absolute ones included, never
+/// lead out of it.
 fn materialize_entries(
     src: &Path,
     meta: &TreeMeta,
@@ -55,58 +57,66 @@ fn materialize_entries(
     root: &Path,
     through_symlinks: bool,
 ) -> anyhow::Result<()> {
-    let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
+    let tree =
+        sandbox::InRoot::open(root).with_context(|| format!("opening {}", root.display()))?;
+    let mut links: std::collections::HashMap<(u64, u64), String> = Default::default();
     for (rel, e) in &meta.entries {
         let Some(sub) = rel.strip_prefix(prefix) else {
             continue;
         };
         let from = src.join(rel);
-        let dst = root.join(sub);
         let md = fs::symlink_metadata(&from).with_context(|| format!("stat {}", from.display()))?;
+        if sub.is_empty() {
+            // The root itself.
+            if md.is_dir() {
+                sandbox::apply_meta(root, e)?;
+            }
+            continue;
+        }
+        let leaf = tree.leaf(sub).with_context(|| format!("resolving {sub}"))?;
+        let dst = &leaf.path;
         let ft = md.file_type();
         if ft.is_dir() {
             let existing = if through_symlinks {
-                fs::metadata(&dst)
+                tree.metadata(sub)
             } else {
-                fs::symlink_metadata(&dst)
+                fs::symlink_metadata(dst)
             };
             match existing {
                 Ok(m) if m.is_dir() => {
-                    if fs::symlink_metadata(&dst)?.is_dir() {
-                        sandbox::apply_meta(&dst, e)?;
+                    if fs::symlink_metadata(dst)?.is_dir() {
+                        sandbox::apply_meta(dst, e)?;
                     }
                     continue;
                 }
                 Ok(_) => {
-                    fs::remove_file(&dst)
-                        .with_context(|| format!("replacing {}", dst.display()))?;
-                    fs::create_dir(&dst).with_context(|| format!("mkdir {}", dst.display()))?
+                    fs::remove_file(dst).with_context(|| format!("replacing {sub}"))?;
+                    fs::create_dir(dst).with_context(|| format!("mkdir {sub}"))?
                 }
-                Err(_) => {
-                    fs::create_dir(&dst).with_context(|| format!("mkdir {}", dst.display()))?
-                }
+                Err(_) => fs::create_dir(dst).with_context(|| format!("mkdir {sub}"))?,
             }
         } else {
-            match fs::symlink_metadata(&dst) {
-                Ok(m) if m.is_dir() => fs::remove_dir_all(&dst),
-                Ok(_) => fs::remove_file(&dst),
+            match fs::symlink_metadata(dst) {
+                Ok(m) if m.is_dir() => fs::remove_dir_all(dst),
+                Ok(_) => fs::remove_file(dst),
                 Err(_) => Ok(()),
             }
-            .with_context(|| format!("replacing {}", dst.display()))?;
+            .with_context(|| format!("replacing {sub}"))?;
             if ft.is_symlink() {
-                std::os::unix::fs::symlink(fs::read_link(&from)?, &dst)
-                    .with_context(|| format!("symlink {}", dst.display()))?;
+                std::os::unix::fs::symlink(fs::read_link(&from)?, dst)
+                    .with_context(|| format!("symlink {sub}"))?;
             } else if let Some(first) = links.get(&(md.dev(), md.ino())) {
-                fs::hard_link(first, &dst)?;
+                fs::hard_link(tree.leaf(first)?.path, dst)
+                    .with_context(|| format!("linking {sub} to {first}"))?;
                 continue;
             } else {
-                fs::copy(&from, &dst).with_context(|| format!("copying {}", dst.display()))?;
+                fs::copy(&from, dst).with_context(|| format!("copying {sub}"))?;
                 if md.nlink() > 1 {
-                    links.insert((md.dev(), md.ino()), dst.clone());
+                    links.insert((md.dev(), md.ino()), sub.to_owned());
                 }
             }
         }
-        sandbox::apply_meta(&dst, e)?;
+        sandbox::apply_meta(dst, e)?;
     }
     Ok(())
 }
@@ -294,5 +304,55 @@ impl NoServices {
         self.tree.remove_file(Self::POLICY)?;
         self.tree.remove_file(Self::UNSAFE_IO)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rbuild_store::meta::EntryMeta;
+
+    #[test]
+    fn a_package_is_laid_out_through_the_trees_own_symlinks_never_out_of_it() {
+        let t = tempfile::tempdir().unwrap();
+        let (root, src, outside) = (
+            t.path().join("root"),
+            t.path().join("src"),
+            t.path().join("outside"),
+        );
+        // The tree: `var/run` climbing out (a chroot stops `..` at its root: the tree's own
+        // `outside`), `bin` into `usr/bin` as merged /usr has it.
+        fs::create_dir_all(root.join("var")).unwrap();
+        fs::create_dir_all(root.join("outside")).unwrap();
+        fs::create_dir_all(root.join("usr/bin")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink("../../outside", root.join("var/run")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+        // The package: a file below each.
+        fs::create_dir_all(src.join("data/var/run")).unwrap();
+        fs::create_dir_all(src.join("data/bin")).unwrap();
+        fs::write(src.join("data/var/run/pid"), "1").unwrap();
+        fs::write(src.join("data/bin/sh"), "#!").unwrap();
+        let mut meta = TreeMeta::default();
+        for (k, mode) in [
+            ("data/var", 0o755),
+            ("data/var/run", 0o755),
+            ("data/var/run/pid", 0o644),
+            ("data/bin", 0o755),
+            ("data/bin/sh", 0o755),
+        ] {
+            meta.entries.insert(k.into(), EntryMeta::root(mode, 0));
+        }
+        materialize_entries(&src, &meta, "data/", &root, true).unwrap();
+        assert_eq!(fs::read_to_string(root.join("outside/pid")).unwrap(), "1");
+        assert_eq!(fs::read_to_string(root.join("usr/bin/sh")).unwrap(), "#!");
+        assert!(fs::symlink_metadata(root.join("var/run"))
+            .unwrap()
+            .is_symlink());
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            0,
+            "written out of the tree"
+        );
     }
 }

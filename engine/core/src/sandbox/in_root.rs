@@ -7,19 +7,27 @@
 //! `RESOLVE_IN_ROOT` (symlinks, absolute ones and `..` included, stay in the tree, as in the
 //! chroot), and a path's last component is named through its parent's open descriptor.
 
+use std::cell::RefCell;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 
-/// A tree, its paths resolved within it ([the module](self)).
+/// A tree, its paths resolved within it ([the module](self)). It remembers the directory it
+/// last resolved: open a new one after anything else (a chroot's commands) may have moved the
+/// tree's directories.
 pub struct InRoot {
     root: OwnedFd,
+    /// The parent directory last resolved for [`InRoot::leaf`], by path: entries come by
+    /// directory, and resolving each one's parent again was most of the cost of laying a tree
+    /// out. Within the tree, as any resolution here.
+    last_dir: RefCell<Option<(String, Rc<OwnedFd>)>>,
 }
 
 /// A path's last component in its parent directory, resolved within the tree: [`Leaf::path`]
@@ -29,7 +37,7 @@ pub struct InRoot {
 /// A call that follows a final symlink would follow it as the builder's file system does: use
 /// [`InRoot::metadata`] and [`InRoot::read`] for those.
 pub struct Leaf {
-    _dir: OwnedFd,
+    _dir: Rc<OwnedFd>,
     pub path: PathBuf,
 }
 
@@ -44,7 +52,10 @@ impl InRoot {
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(InRoot { root })
+        Ok(InRoot {
+            root,
+            last_dir: RefCell::new(None),
+        })
     }
 
     /// `rel` (relative to the tree's root; a leading `/` is the root) opened with `flags`,
@@ -68,7 +79,18 @@ impl InRoot {
                 format!("{rel:?} names no entry of its own"),
             ));
         }
-        let dir = self.resolve(parent, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+        let cached = match &*self.last_dir.borrow() {
+            Some((p, fd)) if p == parent => Some(fd.clone()),
+            _ => None,
+        };
+        let dir = match cached {
+            Some(fd) => fd,
+            None => {
+                let fd = Rc::new(self.resolve(parent, OFlag::O_PATH | OFlag::O_DIRECTORY)?);
+                *self.last_dir.borrow_mut() = Some((parent.to_owned(), fd.clone()));
+                fd
+            }
+        };
         let path = fd_path(&dir).join(name);
         Ok(Leaf { _dir: dir, path })
     }

@@ -638,6 +638,8 @@ fn second_stage(
         .context("configure: the plan names no available input")?;
     let available = fs::read_to_string(ctx.inputs[available_input].join("available"))
         .context("reading the packages' stanzas")?;
+    // dpkg and the scripts have run since: resolved afresh.
+    let tree = sandbox::InRoot::open(root)?;
     tree.replace_file("var/lib/dpkg/available", available.as_bytes(), 0o644)?;
     let selections: String = required
         .iter()
@@ -739,7 +741,7 @@ fn second_stage(
     chroot.leave()?;
     no_services.remove()?;
     // dpkg knows its native architecture; debootstrap leaves no arch file either.
-    tree.remove_file("var/lib/dpkg/arch")?;
+    sandbox::InRoot::open(root)?.remove_file("var/lib/dpkg/arch")?;
     Ok(())
 }
 

@@ -282,7 +282,7 @@ impl Chroot {
 /// debootstrap writes it) and spares dpkg its fsyncs; [`NoServices::remove`] takes both away.
 /// (Maintainer scripts may have run in the tree already: its paths are resolved within it.)
 struct NoServices {
-    tree: sandbox::InRoot,
+    root: std::path::PathBuf,
 }
 
 impl NoServices {
@@ -297,12 +297,16 @@ impl NoServices {
         let exec = rbuild_store::meta::EntryMeta::root(0o755, ctx.source_date_epoch());
         sandbox::apply_meta(&tree.leaf(Self::POLICY)?.path, &exec)?;
         tree.replace_file(Self::UNSAFE_IO, b"force-unsafe-io\n", 0o644)?;
-        Ok(NoServices { tree })
+        Ok(NoServices {
+            root: root.to_owned(),
+        })
     }
 
     fn remove(self) -> anyhow::Result<()> {
-        self.tree.remove_file(Self::POLICY)?;
-        self.tree.remove_file(Self::UNSAFE_IO)?;
+        // The chroot's commands have run since: resolved afresh.
+        let tree = sandbox::InRoot::open(&self.root)?;
+        tree.remove_file(Self::POLICY)?;
+        tree.remove_file(Self::UNSAFE_IO)?;
         Ok(())
     }
 }

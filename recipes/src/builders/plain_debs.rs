@@ -113,8 +113,8 @@ impl PlainDebs {
         }
     }
 
-    /// `name` unpacked by a worker (waiting for it if it is being rewritten now), if it was.
-    pub(super) fn take_unpacked(&self, name: &str) -> Option<Extracted> {
+    /// The states, once `name` is not being rewritten any more (waiting for a worker on it).
+    fn settled(&self, name: &str) -> MutexGuard<'_, HashMap<String, State>> {
         let mut states = lock(&self.shared);
         while let Some(State::Working) = states.get(name) {
             states = self
@@ -123,7 +123,12 @@ impl PlainDebs {
                 .wait(states)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        drop(states);
+        states
+    }
+
+    /// `name` unpacked by a worker (waiting for it if it is being rewritten now), if it was.
+    pub(super) fn take_unpacked(&self, name: &str) -> Option<Extracted> {
+        drop(self.settled(name));
         self.unpacked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -175,14 +180,7 @@ impl PlainDebs {
     /// `name`'s `.deb` is not needed after all (its unpack was recorded): its rewritten copy
     /// goes (waiting for it if it is being rewritten now), and it is not rewritten later.
     pub(super) fn discard(&self, name: &str) {
-        let mut states = lock(&self.shared);
-        while let Some(State::Working) = states.get(name) {
-            states = self
-                .shared
-                .1
-                .wait(states)
-                .unwrap_or_else(|p| p.into_inner());
-        }
+        let mut states = self.settled(name);
         if let Some(State::Ready(p)) = states.insert(name.to_owned(), State::Taken) {
             let _ = std::fs::remove_file(p);
         }

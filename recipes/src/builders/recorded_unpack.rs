@@ -632,13 +632,7 @@ impl Db {
         for c in conffiles.iter().filter(|_| source.laid_out()) {
             let bytes = self.tree.read(c).with_context(|| format!("reading {c}"))?;
             let new = format!("{c}.dpkg-new");
-            let em = meta(&format!("data{c}"))?;
-            self.tree
-                .replace_file(&new, &bytes, em.mode)
-                .with_context(|| format!("writing {new}"))?;
-            let leaf = self.tree.leaf(&new)?;
-            sandbox::apply_meta(&leaf.path, em)?;
-            sandbox::set_entry_mtime(&leaf.path, em.mtime)?;
+            self.write_entry(&new, &bytes, meta(&format!("data{c}"))?)?;
         }
         // The control members, as `info/PACKAGE[:ARCH].MEMBER`.
         let arch = field(&text, "Architecture").unwrap_or_default();
@@ -655,13 +649,7 @@ impl Db {
                 continue;
             }
             let to = admin(&format!("info/{info_name}.{m}"));
-            let bytes = fs::read(control.join(m))?;
-            self.tree
-                .replace_file(&to, &bytes, em.mode)
-                .with_context(|| format!("writing {to}"))?;
-            let leaf = self.tree.leaf(&to)?;
-            sandbox::apply_meta(&leaf.path, em)?;
-            sandbox::set_entry_mtime(&leaf.path, em.mtime)?;
+            self.write_entry(&to, &fs::read(control.join(m))?, em)?;
         }
         let list: String = ex.listed.iter().map(|(p, _)| format!("{p}\n")).collect();
         self.tree
@@ -711,6 +699,18 @@ impl Db {
             text: stanza.trim_end_matches('\n').to_owned(),
         });
         self.dirty = true;
+        Ok(())
+    }
+
+    /// Make `rel` a file holding `bytes`, with the owner, mode and time of `em`, in place of
+    /// whatever is there.
+    fn write_entry(&self, rel: &str, bytes: &[u8], em: &EntryMeta) -> anyhow::Result<()> {
+        self.tree
+            .replace_file(rel, bytes, em.mode)
+            .with_context(|| format!("writing {rel}"))?;
+        let leaf = self.tree.leaf(rel)?;
+        sandbox::apply_meta(&leaf.path, em)?;
+        sandbox::set_entry_mtime(&leaf.path, em.mtime)?;
         Ok(())
     }
 

@@ -32,7 +32,7 @@ use rbuild_engine::archive::deb::Listed;
 use rbuild_engine::sandbox::{self, InRoot};
 use rbuild_store::meta::{EntryMeta, TreeMeta};
 
-use crate::debian::packages::{self, Dep};
+use crate::debian::packages::{self, field, Dep};
 use crate::debian::resolve;
 
 /// What configure's extraction kept of one package for this: its unpacked control members
@@ -166,36 +166,14 @@ impl Stanza {
     }
 }
 
-/// The value of field `name` in a deb822 stanza, continuation lines included.
-fn field(text: &str, name: &str) -> Option<String> {
-    let mut lines = text.lines();
-    while let Some(line) = lines.next() {
-        let Some((k, v)) = line.split_once(':') else {
-            continue;
-        };
-        if line.starts_with([' ', '\t']) || !k.eq_ignore_ascii_case(name) {
-            continue;
-        }
-        let mut value = v.trim().to_owned();
-        for more in lines.by_ref() {
-            if !more.starts_with([' ', '\t']) {
-                break;
-            }
-            value.push('\n');
-            value.push_str(more);
-        }
-        return Some(value);
-    }
-    None
-}
-
 /// The relations of field `name` of a stanza (alternatives flattened; none if it has no such
 /// field); None if it does not parse.
 fn relations(text: &str, name: &str) -> Option<Vec<Dep>> {
     match field(text, name) {
         None => Some(Vec::new()),
+        // A relation's continuation lines continue its list.
         Some(v) => Some(
-            packages::parse_relations(&v)
+            packages::parse_relations(&v.replace('\n', " "))
                 .ok()?
                 .into_iter()
                 .flatten()

@@ -250,6 +250,14 @@ fn line_of(text: &str, off: usize) -> usize {
         + 1
 }
 
+/// The value of field `name` (case-insensitive) in the first stanza of `text`, its lines
+/// (continuation lines without their indentation) joined by newlines; None if it has no such
+/// field or does not parse as deb822.
+pub fn field(text: &str, name: &str) -> Option<String> {
+    let para = deb822_fast::borrowed::parse_borrowed(text).ok()?;
+    Some(para.first()?.get(name)?.join("\n").trim().to_owned())
+}
+
 /// Parse a (decompressed) `Packages` index. `file` names it in errors. A stanza without
 /// `Package`, `Version`, `Architecture`, `Filename`, `Size` or `SHA256`, or with a malformed
 /// value or relation, is an error naming the stanza (number, line and package).
@@ -486,6 +494,15 @@ pub fn lookup_index_line(index_text: &str, name: &str) -> Vec<IndexEntry> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_field_is_read_whole_from_the_first_stanza() {
+        let text =
+            "Package: a\nbreaks: b (<< 2),\n c\nStatus: install ok installed\n\nPackage: z\n";
+        assert_eq!(field(text, "Breaks").as_deref(), Some("b (<< 2),\nc"));
+        assert_eq!(field(text, "Package").as_deref(), Some("a"));
+        assert_eq!(field(text, "Provides"), None);
+    }
 
     fn dep(name: &str, arch: Option<&str>, v: Option<(&str, &str)>) -> Dep {
         Dep {

@@ -231,11 +231,8 @@ impl Sbom {
 
 /// The first line of a stanza's field.
 pub fn field(stanza: &str, name: &str) -> Option<String> {
-    let para = deb822_fast::borrowed::parse_borrowed(stanza).ok()?;
-    para.first()?
-        .get(name)
-        .and_then(|l| l.first())
-        .map(|v| v.trim().to_owned())
+    let value = crate::debian::packages::field(stanza, name)?;
+    Some(value.lines().next().unwrap_or_default().trim().to_owned())
 }
 
 /// `pkg:deb/debian/NAME@VERSION?arch=ARCH&distro=DISTRO`, name and version percent-encoded.

@@ -157,12 +157,59 @@ struct Stanza {
     name: String,
     /// The third word of `Status:` (`installed`, `unpacked`…).
     state: String,
+    /// Read once (None if they do not parse): every package looked at is judged against them.
+    relations: Option<Relations>,
     text: String,
 }
 
 impl Stanza {
+    fn new(name: String, text: String) -> Stanza {
+        let state = field(&text, "Status")
+            .and_then(|s| s.split_whitespace().nth(2).map(str::to_owned))
+            .unwrap_or_default();
+        Stanza {
+            name,
+            state,
+            relations: Relations::of(&text),
+            text,
+        }
+    }
+
     fn field(&self, name: &str) -> Option<String> {
         field(&self.text, name)
+    }
+}
+
+/// What Conflicts and Breaks are judged by, of one stanza.
+struct Relations {
+    version: Option<String>,
+    conflicts: Vec<Dep>,
+    breaks: Vec<Dep>,
+    provides: Vec<(String, Option<String>)>,
+}
+
+impl Relations {
+    /// None if a relation field does not parse.
+    fn of(text: &str) -> Option<Relations> {
+        Some(Relations {
+            version: field(text, "Version"),
+            conflicts: relations(text, "Conflicts")?,
+            breaks: relations(text, "Breaks")?,
+            provides: provides_of(text)?,
+        })
+    }
+
+    /// The relation in its Conflicts or Breaks that may hold against package `name` with
+    /// relations `other`, if one may.
+    fn against<'a>(&'a self, f: &str, name: &str, other: &Relations) -> Option<&'a Dep> {
+        let deps = if f == "Conflicts" {
+            &self.conflicts
+        } else {
+            &self.breaks
+        };
+        let version = other.version.as_deref().unwrap_or_default();
+        deps.iter()
+            .find(|d| may_hold(d, name, version, &other.provides))
     }
 }
 
@@ -233,6 +280,9 @@ struct Db {
     file_interests: Vec<(String, String)>,
     /// The paths diversions divert, and those they divert to.
     diverted: Vec<String>,
+    /// What changes how dpkg lays out any package, if the database or dpkg's configuration
+    /// has it (nothing else writes them between two readings).
+    blocked: Option<String>,
 }
 
 const ADMIN: &str = "var/lib/dpkg";
@@ -255,14 +305,7 @@ impl Db {
                 continue;
             }
             let name = field(chunk, "Package").context("a status stanza without Package")?;
-            let state = field(chunk, "Status")
-                .and_then(|s| s.split_whitespace().nth(2).map(str::to_owned))
-                .unwrap_or_default();
-            status.push(Stanza {
-                name,
-                state,
-                text: chunk.to_owned(),
-            });
+            status.push(Stanza::new(name, chunk.to_owned()));
         }
         let mut lists = HashMap::new();
         let mut owners: HashMap<String, Vec<String>> = HashMap::new();
@@ -309,8 +352,10 @@ impl Db {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).context("reading dpkg's diversions"),
         };
+        let blocked = blocked(&tree);
         Ok(Db {
             diverted,
+            blocked,
             tree,
             status,
             dirty: false,
@@ -343,24 +388,8 @@ impl Db {
         ex: &Extracted,
         source: &Source,
     ) -> anyhow::Result<Option<String>> {
-        // What changes how dpkg lays out any package.
-        for (file, what) in [
-            ("statoverride", "stat overrides"),
-            ("triggers/Unincorp", "triggers not yet incorporated"),
-        ] {
-            if self.tree.metadata(&admin(file)).is_ok_and(|m| m.len() > 0) {
-                return Ok(Some(format!("the database has {what}")));
-            }
-        }
-        if self
-            .tree
-            .read_dir(&admin("updates"))
-            .is_ok_and(|d| !d.is_empty())
-        {
-            return Ok(Some("dpkg's journal is not empty".into()));
-        }
-        if filters_paths(&self.tree) {
-            return Ok(Some("dpkg's configuration filters paths".into()));
+        if let Some(why) = &self.blocked {
+            return Ok(Some(why.clone()));
         }
         // New to the database, or only selected (`dpkg --set-selections`).
         if let Some(s) = self.status.iter().find(|s| s.name == name) {
@@ -433,34 +462,24 @@ impl Db {
 
         // Conflicts and breaks, either way, that may hold against anything in the database
         // (by name and version; through a virtual package, whatever the version).
-        let Some(version) = field(&text, "Version") else {
-            return Ok(Some("its control has no Version".into()));
+        let ours = match Relations::of(&text) {
+            Some(r) if r.version.is_some() => r,
+            _ => {
+                return Ok(Some(
+                    "its Version is missing, or its relations do not parse".into(),
+                ))
+            }
         };
-        let Some(provides) = provides_of(&text) else {
-            return Ok(Some("its Provides does not parse".into()));
-        };
-        for f in ["Conflicts", "Breaks"] {
-            let Some(ours) = relations(&text, f) else {
-                return Ok(Some(format!("its {f} does not parse")));
+        // Only selected: nothing to conflict with.
+        for s in self.status.iter().filter(|s| s.state != "not-installed") {
+            let Some(theirs) = &s.relations else {
+                return Ok(Some(format!("{}'s relations do not parse", s.name)));
             };
-            // Only selected: nothing to conflict with.
-            for s in self.status.iter().filter(|s| s.state != "not-installed") {
-                let (Some(theirs), Some(their_provides)) =
-                    (relations(&s.text, f), provides_of(&s.text))
-                else {
-                    return Ok(Some(format!("{}'s relations do not parse", s.name)));
-                };
-                let their_version = s.field("Version").unwrap_or_default();
-                if let Some(d) = ours
-                    .iter()
-                    .find(|d| may_hold(d, &s.name, &their_version, &their_provides))
-                {
+            for f in ["Conflicts", "Breaks"] {
+                if let Some(d) = ours.against(f, &s.name, theirs) {
                     return Ok(Some(format!("its {f} ({d}) may hold against {}", s.name)));
                 }
-                if let Some(d) = theirs
-                    .iter()
-                    .find(|d| may_hold(d, name, &version, &provides))
-                {
+                if let Some(d) = theirs.against(f, name, &ours) {
                     return Ok(Some(format!("{}'s {f} ({d}) may hold against it", s.name)));
                 }
             }
@@ -671,11 +690,10 @@ impl Db {
         self.lists.insert(name.to_owned(), paths);
         // Its selection, if it had one, becomes the stanza.
         self.status.retain(|s| s.name != name);
-        self.status.push(Stanza {
-            name: name.to_owned(),
-            state: "unpacked".into(),
-            text: stanza.trim_end_matches('\n').to_owned(),
-        });
+        self.status.push(Stanza::new(
+            name.to_owned(),
+            stanza.trim_end_matches('\n').to_owned(),
+        ));
         self.dirty = true;
         Ok(())
     }
@@ -838,6 +856,26 @@ fn conffiles(ex: &Extracted) -> anyhow::Result<Vec<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e).context("reading conffiles"),
     }
+}
+
+/// What in the database or dpkg's configuration changes how dpkg lays out any package, if
+/// anything does.
+fn blocked(tree: &InRoot) -> Option<String> {
+    for (file, what) in [
+        ("statoverride", "stat overrides"),
+        ("triggers/Unincorp", "triggers not yet incorporated"),
+    ] {
+        if tree.metadata(&admin(file)).is_ok_and(|m| m.len() > 0) {
+            return Some(format!("the database has {what}"));
+        }
+    }
+    if tree
+        .read_dir(&admin("updates"))
+        .is_ok_and(|d| !d.is_empty())
+    {
+        return Some("dpkg's journal is not empty".into());
+    }
+    filters_paths(tree).then(|| "dpkg's configuration filters paths".into())
 }
 
 /// Whether dpkg's configuration in the tree (`/etc/dpkg/dpkg.cfg`, `dpkg.cfg.d/`, root's

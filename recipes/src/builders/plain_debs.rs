@@ -344,7 +344,7 @@ mod tests {
     /// A `.deb` of one (empty) tar per member, the data xz-compressed.
     fn deb(path: &Path) {
         let tar = vec![0u8; 1024];
-        let mut xz = xz2::write::XzEncoder::new(Vec::new(), 1);
+        let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
         xz.write_all(&tar).unwrap();
         let data = xz.finish().unwrap();
         let mut out = b"!<arch>\n".to_vec();

@@ -85,9 +85,7 @@ pub fn decompress(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DebianError> {
     let mut out = Vec::with_capacity(bytes.len().saturating_mul(6).min(1 << 28));
     match ext {
         Some("xz") => {
-            xz2::read::XzDecoder::new_multi_decoder(bytes)
-                .read_to_end(&mut out)
-                .map_err(|e| fail("xz", e.to_string()))?;
+            decode_xz(bytes, &mut out).map_err(|e| fail("xz", e.to_string()))?;
         }
         Some("gz") => {
             flate2::read::MultiGzDecoder::new(bytes)
@@ -103,6 +101,39 @@ pub fn decompress(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DebianError> {
         _ => return Ok(bytes.to_vec()),
     }
     Ok(out)
+}
+
+/// How much memory the decoding of one index may take to use more than one core: two threads
+/// of Debian's 24 MiB blocks take about 50 MiB. Past it, liblzma decodes on one thread.
+const XZ_THREADS_MEMORY: u64 = 128 << 20;
+
+/// Every stream of the .xz file `rest` (the format lets streams follow each other, with NUL
+/// padding between them), appended to `out`; the blocks of each stream decoded on every core.
+/// The archive writes its indexes in blocks of 24 MiB: bullseye's Packages, 45 MB in two
+/// blocks, decodes in 0.23 s on two cores instead of 0.36 s.
+fn decode_xz(mut rest: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    loop {
+        let stream = liblzma::stream::MtStreamBuilder::new()
+            .threads(u32::try_from(threads).unwrap_or(u32::MAX))
+            .memlimit_threading(XZ_THREADS_MEMORY)
+            .memlimit_stop(u64::MAX)
+            .decoder()?;
+        // Reads `rest` forward to the end of the stream, and no further.
+        liblzma::bufread::XzDecoder::new_stream(&mut rest, stream).read_to_end(out)?;
+        // Stream padding is NULs, a multiple of four of them (the .xz format, section 2.2).
+        let padding = rest.iter().take_while(|b| **b == 0).count();
+        if padding % 4 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{padding} NUL bytes after an xz stream: stream padding comes in fours"),
+            ));
+        }
+        rest = &rest[padding..];
+        if rest.is_empty() {
+            return Ok(());
+        }
+    }
 }
 
 fn is_name_char(c: char) -> bool {
@@ -636,7 +667,7 @@ mod tests {
         let data = TWO.as_bytes();
         let mut xz = Vec::new();
         {
-            let mut w = xz2::write::XzEncoder::new(&mut xz, 6);
+            let mut w = liblzma::write::XzEncoder::new(&mut xz, 6);
             w.write_all(data).unwrap();
             w.finish().unwrap();
         }
@@ -670,6 +701,45 @@ mod tests {
             "{e}"
         );
         assert!(decompress("Packages.bz2", data).is_err());
+    }
+
+    /// An .xz of `data` in blocks of `block` bytes, as the archive's indexes are written.
+    fn xz_in_blocks(data: &[u8], block: u64) -> Vec<u8> {
+        let stream = liblzma::stream::MtStreamBuilder::new()
+            .threads(2)
+            .block_size(block)
+            .preset(1)
+            .encoder()
+            .unwrap();
+        let mut w = liblzma::write::XzEncoder::new_stream(Vec::new(), stream);
+        w.write_all(data).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn decodes_every_block_and_every_stream_of_an_xz_index() {
+        let first: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let second = TWO.as_bytes();
+        // 800 kB in blocks of 64 KiB: thirteen blocks, decoded on two threads.
+        let one = xz_in_blocks(&first, 64 << 10);
+        assert_eq!(decompress("Packages.xz", &one).unwrap(), first);
+        // Two streams, with stream padding between them and after.
+        let mut two = one.clone();
+        two.extend_from_slice(&[0; 8]);
+        two.extend_from_slice(&xz_in_blocks(second, 1 << 20));
+        two.extend_from_slice(&[0; 4]);
+        let mut both = first.clone();
+        both.extend_from_slice(second);
+        assert_eq!(decompress("Packages.xz", &two).unwrap(), both);
+        // Padding not in fours, trailing bytes that are no stream, and a cut stream are refused.
+        let mut odd = one.clone();
+        odd.extend_from_slice(&[0; 3]);
+        let e = decompress("Packages.xz", &odd).unwrap_err().to_string();
+        assert!(e.contains("stream padding comes in fours"), "{e}");
+        let mut trailing = one.clone();
+        trailing.extend_from_slice(b"junk");
+        assert!(decompress("Packages.xz", &trailing).is_err());
+        assert!(decompress("Packages.xz", &one[..one.len() - 20]).is_err());
     }
 
     #[test]

@@ -275,7 +275,7 @@ fn default_dir_meta(mtime: i64) -> EntryMeta {
 #[derive(Debug, thiserror::Error)]
 pub enum DecoderError {
     #[error("cannot set up an lzma decoder: {0}")]
-    Lzma(#[source] xz2::stream::Error),
+    Lzma(#[source] liblzma::stream::Error),
     #[error("cannot set up a zstd decoder: {0}")]
     Zstd(#[source] io::Error),
     /// The suffix after `.tar`.
@@ -288,11 +288,11 @@ fn decoder<'a, R: Read + 'a>(r: R, suffix: &str) -> Result<Box<dyn Read + 'a>, D
     Ok(match suffix {
         "" => Box::new(r),
         ".gz" => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(r))),
-        ".xz" => Box::new(xz2::read::XzDecoder::new_multi_decoder(r)),
+        ".xz" => Box::new(liblzma::read::XzDecoder::new_multi_decoder(r)),
         ".lzma" => {
             let stream =
-                xz2::stream::Stream::new_lzma_decoder(u64::MAX).map_err(DecoderError::Lzma)?;
-            Box::new(xz2::read::XzDecoder::new_stream(r, stream))
+                liblzma::stream::Stream::new_lzma_decoder(u64::MAX).map_err(DecoderError::Lzma)?;
+            Box::new(liblzma::read::XzDecoder::new_stream(r, stream))
         }
         ".zst" => Box::new(zstd::stream::read::Decoder::new(r).map_err(DecoderError::Zstd)?),
         other => return Err(DecoderError::Unsupported(other.to_owned())),

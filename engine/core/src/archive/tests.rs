@@ -106,7 +106,7 @@ fn compress(suffix: &str, data: &[u8]) -> Vec<u8> {
             e.finish().unwrap()
         }
         ".xz" => {
-            let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+            let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
             e.write_all(data).unwrap();
             e.finish().unwrap()
         }

@@ -19,16 +19,18 @@
 //!   (materialize recorded ownership) and [`run_chrooted`].
 
 mod confine;
+mod copy;
 mod ids;
 mod in_root;
 mod tree;
 
 pub use confine::{cap_names, landlock_abi, Walls, PACKAGE_CAPS, TEST_ONLY_WALLS_VAR};
+pub use copy::{copy_tree, copy_tree_onto, Skeleton};
 pub use ids::{check_support, IdMap, MapError};
 pub use in_root::{InRoot, Leaf};
 pub use tree::{
-    apply_meta, copy_tree, copy_tree_onto, entry_meta, is_opaque, is_whiteout, keeps_acls,
-    normalize_tree, read_caps, set_entry_mtime, Skeleton,
+    apply_meta, entry_meta, is_opaque, is_whiteout, keeps_acls, normalize_tree, read_caps,
+    set_entry_mtime,
 };
 
 use std::ffi::CString;

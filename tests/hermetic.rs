@@ -202,7 +202,7 @@ fn realise_and_check(user: Option<&str>) {
     assert_eq!(config["history"].as_array().unwrap().len(), 1);
     let layer_gz = layout_blob(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
     let mut tar_bytes = vec![];
-    flate2::read::GzDecoder::new(&layer_gz[..])
+    flate2::read::MultiGzDecoder::new(&layer_gz[..])
         .read_to_end(&mut tar_bytes)
         .unwrap();
     assert_eq!(
@@ -811,7 +811,7 @@ fn layer_entries(layout: &Path, i: usize) -> BTreeMap<String, TarEntry> {
     ))
     .unwrap();
     let mut tar = vec![];
-    flate2::read::GzDecoder::new(
+    flate2::read::MultiGzDecoder::new(
         &layout_blob(layout, manifest["layers"][i]["digest"].as_str().unwrap())[..],
     )
     .read_to_end(&mut tar)
@@ -1069,9 +1069,11 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     // The second layer holds exactly the new file (and its parent directories), owned by root,
     // setuid as the recipe asked, with the clamped mtime.
     let mut top = vec![];
-    flate2::read::GzDecoder::new(&layout_blob(&layout, layers[2]["digest"].as_str().unwrap())[..])
-        .read_to_end(&mut top)
-        .unwrap();
+    flate2::read::MultiGzDecoder::new(
+        &layout_blob(&layout, layers[2]["digest"].as_str().unwrap())[..],
+    )
+    .read_to_end(&mut top)
+    .unwrap();
     let entries = read_tar(&top);
     assert_eq!(
         entries.keys().cloned().collect::<Vec<_>>(),
@@ -1081,9 +1083,11 @@ fn layered_recipe_adds_one_cached_layer_per_entry() {
     assert_eq!((tool.1 & 0o7777, tool.2, tool.3), (0o4755, 0, 0));
     assert_eq!(tool.5, b"#!/bin/sh\necho tool\n");
     let mut first = vec![];
-    flate2::read::GzDecoder::new(&layout_blob(&layout, layers[1]["digest"].as_str().unwrap())[..])
-        .read_to_end(&mut first)
-        .unwrap();
+    flate2::read::MultiGzDecoder::new(
+        &layout_blob(&layout, layers[1]["digest"].as_str().unwrap())[..],
+    )
+    .read_to_end(&mut first)
+    .unwrap();
     let first = read_tar(&first);
     assert!(first.contains_key("etc/motd"));
     let mode = |p: &str| first[p].1 & 0o7777;

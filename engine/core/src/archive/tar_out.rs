@@ -3,9 +3,9 @@
 //! [`write_tar`] streams a tree as a POSIX (ustar + PAX) archive whose bytes depend only on the
 //! tree's contents, its [`TreeMeta`] and SOURCE_DATE_EPOCH: entries are sorted bytewise, owners are
 //! numeric from the metadata, mtimes are clamped, and nothing about the host (user names, atime,
-//! ctime, inode numbers, the tree's location) leaks in. [`gzip_reproducible`] and
-//! [`gzip_parallel`] compress with a fixed gzip header; the parallel variant compresses fixed-size
-//! blocks independently so that its output depends on the input, block size and level only.
+//! ctime, inode numbers, the tree's location) leaks in. [`gzip_parallel`] compresses fixed-size
+//! blocks independently, each a gzip member with a fixed header, so that its output depends on
+//! the input, block size, level and libdeflate's version only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -15,7 +15,6 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 
-use flate2::{Compress, Compression, Crc, FlushCompress, GzBuilder};
 use rbuild_store::meta::{EntryMeta, TreeMeta};
 use tar::{EntryType, Header};
 
@@ -369,14 +368,18 @@ const GZIP_OS: u8 = 255;
 /// The block size of [`gzip_parallel`]: part of the output's definition, never change it.
 pub const GZIP_BLOCK: usize = 1 << 20;
 
-fn check_level(level: u32) -> Result<Compression, ArchiveError> {
-    if level > 9 {
-        return Err(ArchiveError::Codec {
-            what: "gzip".into(),
-            problem: format!("compression level {level} is not in 0..=9"),
-        });
-    }
-    Ok(Compression::new(level))
+/// The gzip level of layers. Measured on bullseye's layer (196 MB of tar, one core), libdeflate's
+/// level 4 made 78.8 MB in 1.42 s, level 5 77.6 MB in 1.66 s, level 6 77.2 MB in 1.99 s (zlib-rs's
+/// level 5, before, 80.0 MB in 2.34 s). A change of level changes every layer's bytes (and so
+/// needs a new `BUILDERS_EPOCH`).
+pub const GZIP_LAYER_LEVEL: u32 = 4;
+
+/// A gzip level as libdeflate takes it, or why not.
+fn check_level(level: u32) -> Result<libdeflater::CompressionLvl, ArchiveError> {
+    i32::try_from(level)
+        .ok()
+        .and_then(|l| libdeflater::CompressionLvl::new(l).ok())
+        .ok_or_else(|| gzip_err(format!("compression level {level} is not in 0..=12")))
 }
 
 /// The zstd level of layers: zstd's default, already smaller than gzip -6 and several times
@@ -411,34 +414,20 @@ fn gzip_err(problem: impl Into<String>) -> ArchiveError {
     }
 }
 
-/// Gzip `r` into `w` with a fixed header (mtime 0, no file name, OS byte 255): identical input
-/// gives identical output. Returns `w` (not flushed).
-pub fn gzip_reproducible<R: Read, W: Write>(mut r: R, w: W, level: u32) -> Result<W, ArchiveError> {
-    let lvl = check_level(level)?;
-    let mut enc = GzBuilder::new()
-        .mtime(0)
-        .operating_system(GZIP_OS)
-        .write(w, lvl);
-    let mut buf = vec![0; 1 << 17];
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(gzip_err(format!("reading the input: {e}"))),
-        };
-        enc.write_all(&buf[..n])
-            .map_err(|e| gzip_err(format!("writing the output: {e}")))?;
-    }
-    enc.finish()
-        .map_err(|e| gzip_err(format!("writing the output: {e}")))
-}
-
-/// Gzip `r` into `w` on `threads` threads, pigz-style with independent blocks: the input is cut
-/// into [`GZIP_BLOCK`]-byte blocks, each compressed as its own raw-deflate run ended by a sync
-/// flush, the runs concatenated and terminated by an empty final block, in one gzip member with
-/// the same fixed header as [`gzip_reproducible`]. The output depends only on the input and the
-/// level, never on `threads` or timing. Returns `w` (not flushed).
+/// Gzip `r` into `w` on `threads` threads. The input is cut into [`GZIP_BLOCK`]-byte blocks;
+/// libdeflate compresses each on its own (no dictionary shared) into a gzip member of its own,
+/// with a fixed header (mtime 0, no file name, OS byte 255); the members follow each other in
+/// the input's order. The output depends only on the input, the level and libdeflate's version
+/// (pinned in Cargo.lock; `tests::gzip_output_is_pinned` notices a change, which needs a new
+/// `BUILDERS_EPOCH`), never on `threads` or timing. Returns `w` (not flushed).
+///
+/// Members one after another are one gzip file (RFC 1952, 2.2), as eStargz layers are: GNU
+/// gzip, Go's `gzip.Reader` (container engines and registries' tools), Python's `gzip` and
+/// flate2's `MultiGzDecoder` read all of it; flate2's `GzDecoder` only the first member.
+/// Members, not pigz's one member of sync-flushed runs, because libdeflate compresses whole
+/// buffers and ends each with a final block. It is 40 % faster than zlib-rs: on bullseye's layer
+/// (196 MB of tar, one core), its level 4 made 78.8 MB in 1.42 s where zlib-rs's level 5 made
+/// 80.0 MB in 2.34 s.
 pub fn gzip_parallel<R: Read, W: Write>(
     mut r: R,
     mut w: W,
@@ -447,94 +436,82 @@ pub fn gzip_parallel<R: Read, W: Write>(
 ) -> Result<W, ArchiveError> {
     let lvl = check_level(level)?;
     let werr = |e: io::Error| gzip_err(format!("writing the output: {e}"));
-    w.write_all(&gzip_header(lvl)).map_err(werr)?;
-    let mut crc = Crc::new();
-    let mut total: u64 = 0;
-
     if threads <= 1 {
-        loop {
+        let mut c = libdeflater::Compressor::new(lvl);
+        for first in std::iter::once(true).chain(std::iter::repeat(false)) {
             let block = read_block(&mut r)?;
-            if block.is_empty() {
-                break;
+            // An empty input is one member of nothing; a short block ends the input.
+            if !block.is_empty() || first {
+                w.write_all(&gzip_member(&mut c, lvl, &block)?)
+                    .map_err(werr)?;
             }
-            let (bytes, bcrc) = deflate_block(&block, lvl)?;
-            w.write_all(&bytes).map_err(werr)?;
-            crc.combine(&bcrc);
-            total += block.len() as u64;
             if block.len() < GZIP_BLOCK {
                 break;
             }
         }
-    } else {
-        type Done = (u64, Result<(Vec<u8>, Crc), ArchiveError>);
-        std::thread::scope(|s| -> Result<(), ArchiveError> {
-            let (job_tx, job_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(threads);
-            let job_rx = Arc::new(Mutex::new(job_rx));
-            let (done_tx, done_rx) = mpsc::channel::<Done>();
-            for _ in 0..threads {
-                let job_rx = Arc::clone(&job_rx);
-                let done_tx = done_tx.clone();
-                s.spawn(move || loop {
+        return Ok(w);
+    }
+    type Done = (u64, Result<Vec<u8>, ArchiveError>);
+    std::thread::scope(|s| -> Result<(), ArchiveError> {
+        let (job_tx, job_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(threads);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, done_rx) = mpsc::channel::<Done>();
+        for _ in 0..threads {
+            let job_rx = Arc::clone(&job_rx);
+            let done_tx = done_tx.clone();
+            s.spawn(move || {
+                let mut c = libdeflater::Compressor::new(lvl);
+                loop {
                     let job = job_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((i, block)) = job else { break };
-                    if done_tx.send((i, deflate_block(&block, lvl))).is_err() {
+                    if done_tx.send((i, gzip_member(&mut c, lvl, &block))).is_err() {
                         break;
                     }
-                });
-            }
-            drop(done_tx);
-            let window = 2 * threads as u64;
-            let (mut next_read, mut next_write) = (0u64, 0u64);
-            let mut eof = false;
-            let mut pending = BTreeMap::new();
-            loop {
-                while !eof && next_read - next_write < window {
-                    let block = read_block(&mut r)?;
-                    if block.len() < GZIP_BLOCK {
-                        eof = true;
-                    }
-                    if block.is_empty() {
-                        break;
-                    }
-                    total += block.len() as u64;
-                    job_tx
-                        .send((next_read, block))
-                        .map_err(|_| gzip_err("a compression thread died"))?;
-                    next_read += 1;
                 }
-                if next_write == next_read {
+            });
+        }
+        drop(done_tx);
+        let window = 2 * threads as u64;
+        let (mut next_read, mut next_write) = (0u64, 0u64);
+        let mut eof = false;
+        let mut pending = BTreeMap::new();
+        loop {
+            // An empty input is one member of nothing; a short block ends the input.
+            while !eof && next_read - next_write < window {
+                let block = read_block(&mut r)?;
+                eof = block.len() < GZIP_BLOCK;
+                if block.is_empty() && next_read > 0 {
                     break;
                 }
-                let (i, res) = done_rx
-                    .recv()
+                job_tx
+                    .send((next_read, block))
                     .map_err(|_| gzip_err("a compression thread died"))?;
-                pending.insert(i, res);
-                while let Some(res) = pending.remove(&next_write) {
-                    let (bytes, bcrc) = res?;
-                    w.write_all(&bytes).map_err(werr)?;
-                    crc.combine(&bcrc);
-                    next_write += 1;
-                }
+                next_read += 1;
             }
-            Ok(())
-        })?;
-    }
-
-    // An empty final fixed-Huffman block (BFINAL=1, BTYPE=01, end-of-block), then the trailer.
-    w.write_all(&[0x03, 0x00]).map_err(werr)?;
-    w.write_all(&crc.sum().to_le_bytes()).map_err(werr)?;
-    w.write_all(&(total as u32).to_le_bytes()).map_err(werr)?;
+            if next_write == next_read {
+                break;
+            }
+            let (i, res) = done_rx
+                .recv()
+                .map_err(|_| gzip_err("a compression thread died"))?;
+            pending.insert(i, res);
+            while let Some(res) = pending.remove(&next_write) {
+                w.write_all(&res?).map_err(werr)?;
+                next_write += 1;
+            }
+        }
+        Ok(())
+    })?;
     Ok(w)
 }
 
-/// The 10-byte gzip header both gzip writers use (the XFL byte follows flate2's rule).
-fn gzip_header(lvl: Compression) -> [u8; 10] {
-    let xfl = if lvl.level() >= Compression::best().level() {
-        2
-    } else if lvl.level() <= Compression::fast().level() {
-        4
-    } else {
-        0
+/// The 10-byte header of every member (the XFL byte follows libdeflate's rule).
+fn gzip_header(lvl: libdeflater::CompressionLvl) -> [u8; 10] {
+    let level: i32 = lvl.into();
+    let xfl = match level {
+        ..=1 => 4,
+        8.. => 2,
+        _ => 0,
     };
     [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, xfl, GZIP_OS]
 }
@@ -548,29 +525,28 @@ fn read_block<R: Read>(r: &mut R) -> Result<Vec<u8>, ArchiveError> {
     Ok(block)
 }
 
-/// Raw-deflate one block on its own (no shared dictionary), ended by a sync flush so the runs
-/// can be concatenated; and its CRC.
-fn deflate_block(block: &[u8], lvl: Compression) -> Result<(Vec<u8>, Crc), ArchiveError> {
-    let mut c = Compress::new(lvl, false);
-    let mut out = Vec::with_capacity(block.len() + block.len() / 16 + 64);
-    loop {
-        let done = c.total_in() as usize;
-        c.compress_vec(&block[done..], &mut out, FlushCompress::Sync)
-            .map_err(|e| gzip_err(format!("deflate failed: {e}")))?;
-        if c.total_in() as usize == block.len() && out.len() < out.capacity() {
-            break;
-        }
-        out.reserve(out.capacity().max(1 << 16));
-    }
-    let mut crc = Crc::new();
-    crc.update(block);
-    Ok((out, crc))
+/// `block` as one gzip member: the header, its deflate by `c`, its CRC-32 and its length.
+fn gzip_member(
+    c: &mut libdeflater::Compressor,
+    lvl: libdeflater::CompressionLvl,
+    block: &[u8],
+) -> Result<Vec<u8>, ArchiveError> {
+    let header = gzip_header(lvl);
+    let mut out = vec![0; header.len() + c.deflate_compress_bound(block.len()) + 8];
+    out[..header.len()].copy_from_slice(&header);
+    let n = c
+        .deflate_compress(block, &mut out[header.len()..])
+        .map_err(|e| gzip_err(format!("deflate failed: {e}")))?;
+    out.truncate(header.len() + n);
+    out.extend_from_slice(&libdeflater::crc32(block).to_le_bytes());
+    // ISIZE: the length modulo 2^32; a block is far shorter.
+    out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flate2::read::GzDecoder;
 
     fn sample(len: usize) -> Vec<u8> {
         // Compressible but not trivial: a small LCG over a few symbols.
@@ -583,24 +559,51 @@ mod tests {
             .collect()
     }
 
+    /// Every member, as GNU gzip, Go and Python read a gzip file.
     fn gunzip(gz: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        GzDecoder::new(gz)
+        flate2::read::MultiGzDecoder::new(gz)
             .read_to_end(&mut out)
             .expect("valid gzip");
         out
     }
 
     #[test]
-    fn gzip_reproducible_roundtrip_and_stable() {
-        let data = sample(300_000);
-        let a = gzip_reproducible(data.as_slice(), Vec::new(), 6).unwrap();
-        let b = gzip_reproducible(data.as_slice(), Vec::new(), 6).unwrap();
-        assert_eq!(a, b);
-        assert_eq!(&a[4..8], &[0, 0, 0, 0], "mtime is 0");
-        assert_eq!(a[3] & 0x08, 0, "no file name");
-        assert_eq!(a[9], GZIP_OS);
-        assert_eq!(gunzip(&a), data);
+    fn gzip_parallel_writes_a_member_per_block_with_a_fixed_header() {
+        let data = sample(3 * GZIP_BLOCK + 12_345);
+        let gz = gzip_parallel(data.as_slice(), Vec::new(), 4, 2).unwrap();
+        let mut rest = gz.as_slice();
+        let mut blocks = data.chunks(GZIP_BLOCK);
+        let mut members = 0;
+        while !rest.is_empty() {
+            assert_eq!(&rest[..10], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, GZIP_OS]);
+            // One member read on its own is the next block of the input, no more.
+            let mut d = flate2::bufread::GzDecoder::new(rest);
+            let mut block = Vec::new();
+            d.read_to_end(&mut block).unwrap();
+            assert_eq!(Some(block.as_slice()), blocks.next(), "member {members}");
+            rest = d.into_inner();
+            members += 1;
+        }
+        assert_eq!(members, 4);
+        assert_eq!(blocks.next(), None);
+    }
+
+    /// Layers' bytes are the output of this libdeflate at the layers' level. If this fails after
+    /// a change of libdeflate (or of the blocks, the header, the level), every gzip layer
+    /// changes: bump `BUILDERS_EPOCH` (engine/core/src/derivation.rs), then this digest.
+    #[test]
+    fn gzip_output_is_pinned() {
+        use sha2::Digest;
+        let mut data = sample(2 * GZIP_BLOCK + 777);
+        data.extend(b"usr/share/doc/base-files/copyright\n".repeat(20_000));
+        let gz = gzip_parallel(data.as_slice(), Vec::new(), GZIP_LAYER_LEVEL, 2).unwrap();
+        assert_eq!(gunzip(&gz), data);
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&gz)),
+            "bb517cdac3d8b32748bcbce7959e706fe220f5accc6b2c6e48198c6507acc8fc",
+            "gzip_parallel's output changed"
+        );
     }
 
     #[test]
@@ -618,8 +621,12 @@ mod tests {
             let four = gzip_parallel(data.as_slice(), Vec::new(), 6, 4).unwrap();
             assert_eq!(one, four, "len {len}: output depends on the thread count");
             assert_eq!(gunzip(&four), data, "len {len}: round trip");
-            assert_eq!(&four[..10], &gzip_header(Compression::new(6)));
+            assert_eq!(&four[..10], &gzip_header(check_level(6).unwrap()));
         }
+        // A multiple of the block size ends with its last full block, not an empty member.
+        let data = sample(GZIP_BLOCK);
+        let gz = gzip_parallel(data.as_slice(), Vec::new(), 6, 2).unwrap();
+        assert_eq!(gz.windows(3).filter(|w| *w == [0x1f, 0x8b, 8]).count(), 1);
     }
 
     #[test]
@@ -643,8 +650,8 @@ mod tests {
 
     #[test]
     fn gzip_rejects_bad_level() {
-        assert!(gzip_parallel(&b""[..], Vec::new(), 10, 2).is_err());
-        assert!(gzip_reproducible(&b""[..], Vec::new(), 10).is_err());
+        let e = gzip_parallel(&b""[..], Vec::new(), 13, 2).unwrap_err();
+        assert!(e.to_string().contains("level 13 is not in 0..=12"), "{e}");
     }
 
     #[test]

@@ -764,7 +764,7 @@ fn oci_layout_is_consistent_and_deterministic() {
         assert_eq!(desc["size"], bytes.len() as u64);
         // The diff_id is the sha256 of the decompressed blob.
         let mut tar = Vec::new();
-        flate2::read::GzDecoder::new(bytes.as_slice())
+        flate2::read::MultiGzDecoder::new(bytes.as_slice())
             .read_to_end(&mut tar)
             .unwrap();
         let diff = format!(

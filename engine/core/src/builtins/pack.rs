@@ -158,12 +158,6 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-/// The gzip level of layers. Measured on bullseye's layer (196 MB of tar, zlib-rs, one core):
-/// level 6 made 79.75 MB in 2.86 s, level 5 79.86 MB (0.14 % more) in 2.48 s, level 4 80.68 MB
-/// in 2.31 s, level 3 81.55 MB in 1.97 s. Level 5 has nearly all of 6's size for 13 % less
-/// time; a change of level changes every layer's bytes (and so needs a new `BUILDERS_EPOCH`).
-const LAYER_GZIP_LEVEL: u32 = 5;
-
 /// Compress the layer tar read from `tar` into `out`'s blob and record its digests in
 /// `out/layer.json`.
 fn write_layer_blob(
@@ -186,7 +180,12 @@ fn write_layer_blob(
     ));
     match compression {
         LayerCompression::Gzip => {
-            archive::tar_out::gzip_parallel(&mut r, &mut w, LAYER_GZIP_LEVEL, threads)?;
+            archive::tar_out::gzip_parallel(
+                &mut r,
+                &mut w,
+                archive::tar_out::GZIP_LAYER_LEVEL,
+                threads,
+            )?;
         }
         LayerCompression::Zstd => archive::tar_out::zstd_reproducible(&mut r, &mut w)?,
     }

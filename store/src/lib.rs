@@ -375,6 +375,7 @@ impl Store {
             None
         };
         let mut files = Vec::new();
+        let hashing = std::time::Instant::now();
         let hash::Hashed {
             content_hash,
             listing,
@@ -398,9 +399,20 @@ impl Store {
                 what: format!("content hash check failed: the signed cache entry says {expected}, the downloaded output hashes to {content_hash}"),
             });
         }
+        tracing::debug!(
+            output = %drv.name,
+            secs = hashing.elapsed().as_secs_f64(),
+            "hashed"
+        );
         // Hashed first, shared second: sharing changes no content and no mode.
         if built.is_dir() {
+            let sharing = std::time::Instant::now();
             self.share_files(files);
+            tracing::debug!(
+                output = %drv.name,
+                secs = sharing.elapsed().as_secs_f64(),
+                "shared"
+            );
         }
         let dest = self.output_path(&drv.hash, &drv.name);
         let dest_meta = meta::sidecar(&dest);

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -111,20 +110,25 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
         seed.len(),
         started.elapsed()
     );
-    // While dpkg works (on one core), the names the tree has so far are made in `$out` (on
-    // another): on a file system that makes new names slowly (ext4 after many deletions), the
-    // copy at the end would otherwise spend seconds making them.
-    // Only a saving: where it cannot be had, the copy makes every name itself.
-    // Once more when the base set is unpacked (its names were not there yet), while dpkg
+    // While dpkg works (on one core), the tree as it is so far is copied to `$out` (on
+    // another): its names, and the files that have not changed lately. On a file system that
+    // makes new names slowly (ext4 after many deletions), the copy at the end would otherwise
+    // spend seconds making them; and it writes again only the files changed since.
+    // Only a saving: where it cannot be had, the copy at the end does it all.
+    // Once more when the base set is unpacked (its files were not there yet), while dpkg
     // configures it.
     let ahead = root != ctx.out && plan.variant == Variant::Debootstrap;
-    let mut skeletons = Vec::new();
-    let mut make_names_ahead = |mounted: &[PathBuf]| {
+    // The names only at first: dpkg's unpacks, and the workers rewriting the base set's
+    // `.deb`s, keep both cores busy then.
+    let probe = scratch.join("rbuild-copied-ahead");
+    let mut copying = ahead
+        .then(|| copy_ahead(&root, &ctx.out, &probe, &[], false, None))
+        .flatten();
+    let mut copy_ahead = |mounted: &[PathBuf]| {
         if ahead {
-            skeletons.extend(names_ahead(&root, &ctx.out, mounted));
+            copying = copy_ahead(&root, &ctx.out, &probe, mounted, true, copying.take());
         }
     };
-    make_names_ahead(&[]);
     if plan.variant == Variant::Debootstrap {
         second_stage(
             ctx,
@@ -133,7 +137,7 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
             &root,
             &scratch,
             extraction,
-            &mut make_names_ahead,
+            &mut copy_ahead,
         )?;
         eprintln!("configure: dpkg done at {:.1?}", started.elapsed());
     }
@@ -149,17 +153,18 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     finish_tree(ctx, &root)?;
     eprintln!("configure: recorded at {:.1?}", started.elapsed());
     if root != ctx.out {
-        for t in skeletons {
-            match t.join() {
-                Err(_) => bail!("configure: the thread making the tree's names panicked"),
-                // The copy makes the names that are missing itself.
-                Ok(Err(e)) => eprintln!("configure: making the tree's names ahead failed: {e}"),
-                Ok(Ok(())) => {}
-            }
-        }
-        sandbox::copy_tree_onto(&root, &ctx.out).context("writing the tree to $out")?;
-        fs::remove_dir_all(&root)?;
-        eprintln!("configure: written to $out at {:.1?}", started.elapsed());
+        let ahead = match copying.map(std::thread::JoinHandle::join) {
+            Some(Err(_)) => bail!("configure: the thread copying the tree ahead panicked"),
+            Some(Ok(copied)) => copied,
+            None => sandbox::CopiedAhead::default(),
+        };
+        sandbox::copy_tree_onto(&root, &ctx.out, &ahead).context("writing the tree to $out")?;
+        // The tree in memory goes with the sandbox.
+        eprintln!(
+            "configure: written to $out at {:.1?} ({} files copied ahead and unchanged since)",
+            started.elapsed(),
+            ahead.len()
+        );
     }
     if scratch != memory && scratch.exists() {
         fs::remove_dir_all(&scratch)?;
@@ -167,29 +172,47 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A thread making the names of the tree at `root`, as it is now, in `out`
-/// ([`sandbox::Skeleton`]; beside an earlier such thread, each leaves what the other made),
-/// leaving out what is `mounted` there for the chroot and the staging that does not stay;
-/// None if the tree cannot be read now (it is being worked on) or no thread can be started:
-/// making the names ahead is only a saving.
-fn names_ahead(
+/// A thread copying the tree at `root`, as it is now, to `out` ahead of the copy at the end
+/// ([`sandbox::Skeleton`]: its names, and the files that have not changed lately), leaving out
+/// what is `mounted` there for the chroot and the staging that does not stay (without
+/// `contents`, the names only); after `earlier`
+/// (such a thread, joined first: the two never write at once), whose copies it keeps where
+/// their files have not changed since. `probe` is a path for reading the file clock, beside
+/// the tree. None if the tree cannot be read now (it is being worked on) or no thread can be
+/// started: copying ahead is only a saving.
+fn copy_ahead(
     root: &Path,
     out: &Path,
+    probe: &Path,
     mounted: &[PathBuf],
-) -> Option<std::thread::JoinHandle<Result<(), sandbox::SandboxError>>> {
+    contents: bool,
+    earlier: Option<std::thread::JoinHandle<sandbox::CopiedAhead>>,
+) -> Option<std::thread::JoinHandle<sandbox::CopiedAhead>> {
+    // Joined here, not in the new thread: a thread that could not be started would leave it
+    // writing beside the copy at the end. It has long finished by now, as a rule.
+    let earlier = earlier.and_then(|t| t.join().ok()).unwrap_or_default();
     let mut except = mounted.to_vec();
     except.push(PathBuf::from(super::DEB_STAGING));
     let skeleton = match sandbox::Skeleton::scan(root, &except) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("configure: the tree's names are not made ahead now: {e}");
+            eprintln!("configure: the tree is not copied ahead now: {e}");
             return None;
         }
     };
-    let out = out.to_owned();
+    let (out, probe) = (out.to_owned(), probe.to_owned());
     std::thread::Builder::new()
-        .name("skeleton".into())
-        .spawn(move || skeleton.create_in(&out))
+        .name("copy-ahead".into())
+        .spawn(move || {
+            let copied = contents
+                .then(|| sandbox::change_time_after(&probe))
+                .transpose()
+                .and_then(|before| skeleton.create_in(&out, before, &earlier));
+            copied.unwrap_or_else(|e| {
+                eprintln!("configure: copying the tree ahead failed: {e}");
+                sandbox::CopiedAhead::default()
+            })
+        })
         .ok()
 }
 
@@ -404,33 +427,8 @@ fn extract(
     Ok(Extraction {
         plain,
         kept,
-        at: change_time_after(&scratch.join("rbuild-extracted"))?,
+        at: sandbox::change_time_after(&scratch.join("rbuild-extracted"))?,
     })
-}
-
-/// A change time (seconds, nanoseconds) later than every change made before the call, at or
-/// before every change made after it, read off files written at `probe`: the kernel's file
-/// clock moves in ticks, so the last files laid out may share the tick of a file written just
-/// after them; this waits (a few milliseconds) for the next tick.
-fn change_time_after(probe: &Path) -> anyhow::Result<(i64, i64)> {
-    let ctime = |p: &Path| -> anyhow::Result<(i64, i64)> {
-        fs::write(p, b"")?;
-        let md = fs::metadata(p)?;
-        Ok((md.ctime(), md.ctime_nsec()))
-    };
-    let now = ctime(probe)?;
-    for _ in 0..200 {
-        std::thread::sleep(std::time::Duration::from_micros(500));
-        fs::remove_file(probe)?;
-        let next = ctime(probe)?;
-        if next > now {
-            return Ok(next);
-        }
-    }
-    anyhow::bail!(
-        "the file clock at {} did not move in 100 ms",
-        probe.display()
-    )
 }
 
 /// What [`extract`] leaves for the second stage.

@@ -18,18 +18,20 @@ use super::SandboxError;
 /// directory's mode and mtime, deepest first (a directory's mtime moves with every entry made
 /// in it).
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
-    copy(src, dst, false)
+    copy(src, dst, None)
 }
 
 /// [`copy_tree`] onto `dst` as [`Skeleton::create_in`] left it (or made anew): the names
 /// the skeleton made are reused (a file is truncated and written, not made again), any of
 /// another type is replaced, and any `src` does not have is removed, so that `dst` ends up
-/// exactly as [`copy_tree`] makes it.
-pub fn copy_tree_onto(src: &Path, dst: &Path) -> Result<(), SandboxError> {
-    copy(src, dst, true)
+/// exactly as [`copy_tree`] makes it. A file in `ahead` whose inode and change time are still
+/// those it was copied with is not written again.
+pub fn copy_tree_onto(src: &Path, dst: &Path, ahead: &CopiedAhead) -> Result<(), SandboxError> {
+    copy(src, dst, Some(ahead))
 }
 
-fn copy(src: &Path, dst: &Path, onto: bool) -> Result<(), SandboxError> {
+fn copy(src: &Path, dst: &Path, ahead: Option<&CopiedAhead>) -> Result<(), SandboxError> {
+    let onto = ahead.is_some();
     let mut plan = CopyPlan::default();
     plan.walk(src, PathBuf::new())?;
     let io = |what: &str, p: &Path| {
@@ -62,6 +64,9 @@ fn copy(src: &Path, dst: &Path, onto: bool) -> Result<(), SandboxError> {
         let Some((rel, md)) = plan.leaves.get(i) else {
             return;
         };
+        if ahead.is_some_and(|a| a.holds(rel, md)) {
+            continue;
+        }
         if let Err(e) = copy_leaf(&src.join(rel), &dst.join(rel), md, onto) {
             let mut failed = failed.lock().unwrap_or_else(|p| p.into_inner());
             failed.get_or_insert(e);
@@ -249,11 +254,12 @@ fn remove_any(p: &Path) -> Result<(), SandboxError> {
 
 /// The directories, plain files and symlinks of a tree, by path below its root (directories
 /// each before what they hold; of a hard-linked file, its first name only): what
-/// [`Skeleton::create_in`]
-/// makes ahead of [`copy_tree_onto`], so that the cost of making thousands of names on the
-/// target file system is paid while the tree is still being worked on (dpkg leaves a core
-/// idle), and the copy at the end only writes contents.
+/// [`Skeleton::create_in`] makes ahead of [`copy_tree_onto`], with the contents of the files
+/// that have not changed lately, so that the cost of making thousands of names and writing
+/// most of the bytes on the target file system is paid while the tree is still being worked
+/// on (dpkg leaves a core idle), and the copy at the end only writes what changed since.
 pub struct Skeleton {
+    src: PathBuf,
     dirs: Vec<PathBuf>,
     files: Vec<PathBuf>,
     /// With their targets.
@@ -284,16 +290,30 @@ impl Skeleton {
             }
         }
         Ok(Skeleton {
+            src: src.to_owned(),
             dirs: plan.dirs.into_iter().map(|(rel, _)| rel).collect(),
             files,
             symlinks,
         })
     }
 
-    /// Make the skeleton's directories, (empty) files and symlinks below `dst`, owned by the
-    /// caller, with default modes; [`copy_tree_onto`] gives them their contents, modes and
-    /// mtimes. Names already there are left as they are (the copy replaces what differs).
-    pub fn create_in(&self, dst: &Path) -> Result<(), SandboxError> {
+    /// Make the skeleton's directories, files and symlinks below `dst`, owned by the caller;
+    /// [`copy_tree_onto`] gives them their contents, modes and mtimes. Names already there are
+    /// left as they are (the copy replaces what differs).
+    ///
+    /// With `unchanged_before` (from [`change_time_after`], taken before this call), a plain
+    /// file with one name whose last change came before it is copied whole, with its mode and
+    /// mtime, and returned with its inode and change time: a change after that sets a later
+    /// change time, so [`copy_tree_onto`] writes again any file that changed since, and only
+    /// those. One in `earlier` (a former call's) still as it was then is not copied again.
+    /// Files are read beneath the tree, through no symlink and no mount point, and checked to
+    /// be the inode they are recorded as: scripts may be working on the tree meanwhile.
+    pub fn create_in(
+        &self,
+        dst: &Path,
+        unchanged_before: Option<ChangeTime>,
+        earlier: &CopiedAhead,
+    ) -> Result<CopiedAhead, SandboxError> {
         use nix::errno::Errno;
         use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
         use nix::sys::stat::Mode;
@@ -370,10 +390,25 @@ impl Skeleton {
                 _ => {}
             }
         }
+        let src_root = nix::fcntl::open(
+            &self.src,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| setup("opening", &self.src, e))?;
+        let mut copied = CopiedAhead::default();
         for rel in &self.files {
             let Some(parent) = parent_of(rel)? else {
                 continue;
             };
+            let copy = |before| {
+                copy_unchanged(&src_root, rel, &parent, before, earlier.0.get(rel))
+                    .map_err(|e| setup("copying", &dst.join(rel), e))
+            };
+            if let Some(stamp) = unchanged_before.map(copy).transpose()?.flatten() {
+                copied.0.insert(rel.clone(), stamp);
+                continue;
+            }
             let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
             match nix::fcntl::openat(
                 &*parent,
@@ -394,8 +429,135 @@ impl Skeleton {
                 _ => {}
             }
         }
-        Ok(())
+        Ok(copied)
     }
+}
+
+/// A change time: seconds and nanoseconds.
+pub type ChangeTime = (i64, i64);
+
+/// A change time later than every change made (on the file system of `probe`) before the
+/// call, at or before every change made after it, read off a file written at `probe`: the
+/// kernel's file clock moves in ticks, so the last changes may share the tick of a file
+/// written just after them; this waits (a few milliseconds) for the next tick.
+pub fn change_time_after(probe: &Path) -> Result<ChangeTime, SandboxError> {
+    let ctime = |p: &Path| -> std::io::Result<ChangeTime> {
+        fs::write(p, b"")?;
+        let md = fs::metadata(p)?;
+        Ok((md.ctime(), md.ctime_nsec()))
+    };
+    let io = |source| SandboxError::Setup {
+        what: format!("reading the file clock at {}", probe.display()),
+        source,
+    };
+    let now = ctime(probe).map_err(io)?;
+    for _ in 0..200 {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        fs::remove_file(probe).map_err(io)?;
+        let next = ctime(probe).map_err(io)?;
+        if next > now {
+            let _ = fs::remove_file(probe);
+            return Ok(next);
+        }
+    }
+    Err(io(std::io::Error::other(
+        "the file clock did not move in 100 ms",
+    )))
+}
+
+/// What a file copied ahead was when it was read: its inode and its change time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    ctime: ChangeTime,
+}
+
+/// The files [`Skeleton::create_in`] copied, by path below the tree's root, each with what it
+/// was when read.
+#[derive(Debug, Default)]
+pub struct CopiedAhead(HashMap<PathBuf, Stamp>);
+
+impl CopiedAhead {
+    /// How many files were copied.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether the file at `rel`, whose metadata is now `md`, was copied and is still the
+    /// inode it was, unchanged since.
+    fn holds(&self, rel: &Path, md: &fs::Metadata) -> bool {
+        md.is_file()
+            && md.nlink() == 1
+            && self.0.get(rel)
+                == Some(&Stamp {
+                    dev: md.dev(),
+                    ino: md.ino(),
+                    ctime: (md.ctime(), md.ctime_nsec()),
+                })
+    }
+}
+
+/// Copy the file at `rel` below `src_root` into `parent` (the directory of `rel` below the
+/// target), with its mode and mtime, if it is a plain file with one name whose last change
+/// came before `before`; return what it was then. None (nothing written) for anything else,
+/// or a path that leads through a symlink or a mount point now, or that is gone: the copy at
+/// the end settles those. A file still as `earlier` says was copied by an earlier call.
+fn copy_unchanged(
+    src_root: &std::os::fd::OwnedFd,
+    rel: &Path,
+    parent: &std::os::fd::OwnedFd,
+    before: ChangeTime,
+    earlier: Option<&Stamp>,
+) -> Result<Option<Stamp>, nix::errno::Errno> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    use nix::sys::stat::{Mode, SFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    let Ok(from) = nix::fcntl::openat2(src_root, rel, how) else {
+        return Ok(None);
+    };
+    let st = nix::sys::stat::fstat(&from)?;
+    let stamp = Stamp {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        ctime: (st.st_ctime, st.st_ctime_nsec),
+    };
+    let plain = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
+    if !plain || st.st_nlink != 1 || stamp.ctime >= before {
+        return Ok(None);
+    }
+    if earlier == Some(&stamp) {
+        return Ok(Some(stamp));
+    }
+    let to = match nix::fcntl::openat(
+        parent,
+        leaf_name(rel),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    ) {
+        Ok(fd) => fd,
+        // Not a plain file there (a directory, a symlink of an earlier tree): the copy's.
+        Err(_) => return Ok(None),
+    };
+    let (mut from, mut to) = (fs::File::from(from), fs::File::from(to));
+    std::io::copy(&mut from, &mut to).map_err(|e| {
+        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::errno::Errno::EIO as i32))
+    })?;
+    nix::sys::stat::fchmod(&to, Mode::from_bits_truncate(st.st_mode & 0o7777))?;
+    let mtime = nix::sys::time::TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
+    nix::sys::stat::futimens(&to, &mtime, &mtime)?;
+    Ok(Some(stamp))
 }
 
 /// The last component of `rel` (a skeleton's names are never empty but for the root's).
@@ -545,7 +707,11 @@ mod tests {
         }
         let skeleton = Skeleton::scan(&src, &[]).unwrap();
         let dst = tmp.path().join("dst");
-        skeleton.create_in(&dst).unwrap();
+        let first = change_time_after(&tmp.path().join("probe")).unwrap();
+        let copied = skeleton
+            .create_in(&dst, Some(first), &CopiedAhead::default())
+            .unwrap();
+        assert_eq!(copied.len(), 8, "every plain file with one name");
         // What the tree became meanwhile.
         fs::remove_dir_all(src.join("gone-dir")).unwrap();
         fs::remove_file(src.join("gone")).unwrap();
@@ -567,16 +733,23 @@ mod tests {
         fs::remove_file(src.join("becomes-file")).unwrap();
         fs::write(src.join("becomes-file"), "a file").unwrap();
         symlink("../a/new", src.join("a/new-link")).unwrap();
-        // A second skeleton, of the tree as it is now, over the first's names.
-        Skeleton::scan(&src, &[]).unwrap().create_in(&dst).unwrap();
-        copy_tree_onto(&src, &dst).unwrap();
+        // A second skeleton, of the tree as it is now, over the first's names and copies.
+        let second = change_time_after(&tmp.path().join("probe")).unwrap();
+        let copied = Skeleton::scan(&src, &[])
+            .unwrap()
+            .create_in(&dst, Some(second), &copied)
+            .unwrap();
+        // Changed again, after the second copy: within its clock tick, very likely.
+        fs::write(src.join("a/f1"), "new contents, as long as the old").unwrap();
+        fs::set_permissions(src.join("a/new"), fs::Permissions::from_mode(0o600)).unwrap();
+        copy_tree_onto(&src, &dst, &copied).unwrap();
         assert_eq!(describe(&src), describe(&dst));
         let fresh = tmp.path().join("fresh");
         copy_tree(&src, &fresh).unwrap();
         assert_eq!(describe(&fresh), describe(&dst));
         // Into nothing, onto copies as copy_tree does.
         let none = tmp.path().join("none");
-        copy_tree_onto(&src, &none).unwrap();
+        copy_tree_onto(&src, &none, &CopiedAhead::default()).unwrap();
         assert_eq!(describe(&src), describe(&none));
     }
 
@@ -594,7 +767,13 @@ mod tests {
         fs::create_dir_all(&outside).unwrap();
         symlink(&outside, src.join("esc")).unwrap();
         symlink("../outside", src.join("rel")).unwrap();
-        Skeleton::scan(&src, &[]).unwrap().create_in(&dst).unwrap();
+        let names_only = |src: &Path, dst: &Path| {
+            Skeleton::scan(src, &[])
+                .unwrap()
+                .create_in(dst, None, &CopiedAhead::default())
+                .unwrap()
+        };
+        names_only(&src, &dst);
         assert_eq!(fs::read_link(dst.join("esc")).unwrap(), outside);
         for d in ["esc", "rel"] {
             fs::remove_file(src.join(d)).unwrap();
@@ -602,9 +781,10 @@ mod tests {
             fs::write(src.join(d).join("planted"), "x").unwrap();
             symlink("/etc/passwd", src.join(d).join("sub/link")).unwrap();
         }
-        Skeleton::scan(&src, &[]).unwrap().create_in(&dst).unwrap();
+        let copied = names_only(&src, &dst);
+        assert!(copied.is_empty());
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
-        copy_tree_onto(&src, &dst).unwrap();
+        copy_tree_onto(&src, &dst, &copied).unwrap();
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
         assert_eq!(describe(&src), describe(&dst));
     }
@@ -619,12 +799,91 @@ mod tests {
         fs::write(src.join("var/cache/staging/x.deb"), "x").unwrap();
         fs::write(src.join("var/cache/kept"), "k").unwrap();
         let except = [PathBuf::from("proc"), PathBuf::from("var/cache/staging")];
-        Skeleton::scan(&src, &except)
+        let before = change_time_after(&tmp.path().join("probe")).unwrap();
+        let copied = Skeleton::scan(&src, &except)
             .unwrap()
-            .create_in(&dst)
+            .create_in(&dst, Some(before), &CopiedAhead::default())
             .unwrap();
+        assert_eq!(copied.len(), 1);
         assert!(dst.join("var/cache/kept").is_file());
         assert!(!dst.join("proc").exists() && !dst.join("var/cache/staging").exists());
+    }
+
+    /// A file copied ahead and unchanged since is not written again; one changed since is,
+    /// as is one changed too lately to be copied ahead.
+    #[test]
+    fn copy_tree_onto_writes_again_only_what_changed_since_it_was_copied_ahead() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        fs::create_dir_all(&src).unwrap();
+        for f in ["kept", "changed", "chmodded", "replaced"] {
+            fs::write(src.join(f), "before").unwrap();
+        }
+        let before = change_time_after(&tmp.path().join("probe")).unwrap();
+        // Changed after the clock was read, before the copy: too late to be copied ahead.
+        fs::write(src.join("late"), "late").unwrap();
+        let copied = Skeleton::scan(&src, &[])
+            .unwrap()
+            .create_in(&dst, Some(before), &CopiedAhead::default())
+            .unwrap();
+        let mut names: Vec<_> = copied.0.keys().cloned().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["changed", "chmodded", "kept", "replaced"].map(PathBuf::from)
+        );
+        assert_eq!(fs::read(dst.join("kept")).unwrap(), b"before");
+        assert_eq!(
+            fs::read(dst.join("late")).unwrap(),
+            b"",
+            "only its name, made ahead"
+        );
+        // Same lengths, within the same clock tick as the copy, most likely.
+        fs::write(src.join("changed"), "after!").unwrap();
+        fs::set_permissions(src.join("chmodded"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(src.join("new"), "after!").unwrap();
+        fs::rename(src.join("new"), src.join("replaced")).unwrap();
+        // Proof that the unchanged file is left as it was copied: a mark put on the copy stays.
+        fs::write(dst.join("kept"), "marked").unwrap();
+        copy_tree_onto(&src, &dst, &copied).unwrap();
+        assert_eq!(fs::read(dst.join("kept")).unwrap(), b"marked");
+        let but_kept = |tree: &Path| -> Vec<String> {
+            let all = describe(tree).into_iter();
+            all.filter(|l| !l.starts_with("kept ")).collect()
+        };
+        assert_eq!(but_kept(&src), but_kept(&dst));
+    }
+
+    /// A directory of the tree swapped for a symlink leading out of it after the scan: the copy
+    /// ahead reads nothing through it, and the copy at the end copies the symlink.
+    #[test]
+    fn copies_ahead_never_read_through_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst, outside) = (
+            tmp.path().join("src"),
+            tmp.path().join("dst"),
+            tmp.path().join("outside"),
+        );
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::write(src.join("d/f"), "tree").unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("f"), "secret").unwrap();
+        let skeleton = Skeleton::scan(&src, &[]).unwrap();
+        fs::rename(src.join("d"), tmp.path().join("d-moved")).unwrap();
+        symlink(&outside, src.join("d")).unwrap();
+        let before = change_time_after(&tmp.path().join("probe")).unwrap();
+        let copied = skeleton
+            .create_in(&dst, Some(before), &CopiedAhead::default())
+            .unwrap();
+        assert!(copied.is_empty());
+        assert_eq!(
+            fs::read(dst.join("d/f")).unwrap(),
+            b"",
+            "only its name, made ahead"
+        );
+        copy_tree_onto(&src, &dst, &copied).unwrap();
+        assert_eq!(fs::read_link(dst.join("d")).unwrap(), outside);
+        assert_eq!(describe(&src), describe(&dst));
     }
 
     #[test]

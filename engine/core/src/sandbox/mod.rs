@@ -25,7 +25,7 @@ mod in_root;
 mod tree;
 
 pub use confine::{cap_names, landlock_abi, Walls, PACKAGE_CAPS, TEST_ONLY_WALLS_VAR};
-pub use copy::{copy_tree, copy_tree_onto, Skeleton};
+pub use copy::{change_time_after, copy_tree, copy_tree_onto, ChangeTime, CopiedAhead, Skeleton};
 pub use ids::{check_support, IdMap, MapError};
 pub use in_root::{InRoot, Leaf};
 pub use tree::{

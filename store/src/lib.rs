@@ -374,46 +374,61 @@ impl Store {
         } else {
             None
         };
+        // A built tree's files are shared with the store on another thread as they are hashed
+        // (each once hashed: sharing changes no content and no mode, and a file's directory
+        // has been read by then, so a name the sharing makes for a moment is never listed).
+        // An output from a cache is shared only once it has passed its check.
+        let beside = expected.is_none() && built.is_dir();
         let mut files = Vec::new();
-        let hashing = std::time::Instant::now();
+        let started = std::time::Instant::now();
+        let hashed = std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sharing = beside.then(|| s.spawn(move || self.share_files(rx)));
+            let hashed = hash::walk(
+                built,
+                tree_meta.as_ref(),
+                &hash::Options {
+                    list: true,
+                    sha256: false,
+                },
+                &mut |v| {
+                    if let hash::VisitNode::File { blake3, size, .. } = v.node {
+                        let file = (v.path.to_owned(), blake3, size, v.mode);
+                        if beside {
+                            // The sharing thread gone (it panicked) shares nothing more.
+                            let _ = tx.send(file);
+                        } else {
+                            files.push(file);
+                        }
+                    }
+                    Ok(())
+                },
+            );
+            drop(tx);
+            if let Some(t) = sharing {
+                // Only a saving: a panic there loses none of the output.
+                let _ = t.join();
+            }
+            hashed
+        });
         let hash::Hashed {
             content_hash,
             listing,
-        } = hash::walk(
-            built,
-            tree_meta.as_ref(),
-            &hash::Options {
-                list: true,
-                sha256: false,
-            },
-            &mut |v| {
-                if let hash::VisitNode::File { blake3, size, .. } = v.node {
-                    files.push((v.path.to_owned(), blake3, size, v.mode));
-                }
-                Ok(())
-            },
-        )?;
+        } = hashed?;
         if let Some(expected) = expected.filter(|e| *e != content_hash) {
             return Err(StoreError::Corrupt {
                 path: built.to_owned(),
                 what: format!("content hash check failed: the signed cache entry says {expected}, the downloaded output hashes to {content_hash}"),
             });
         }
+        if built.is_dir() && !beside {
+            self.share_files(files);
+        }
         tracing::debug!(
             output = %drv.name,
-            secs = hashing.elapsed().as_secs_f64(),
-            "hashed"
+            secs = started.elapsed().as_secs_f64(),
+            "hashed and shared"
         );
-        // Hashed first, shared second: sharing changes no content and no mode.
-        if built.is_dir() {
-            let sharing = std::time::Instant::now();
-            self.share_files(files);
-            tracing::debug!(
-                output = %drv.name,
-                secs = sharing.elapsed().as_secs_f64(),
-                "shared"
-            );
-        }
         let dest = self.output_path(&drv.hash, &drv.name);
         let dest_meta = meta::sidecar(&dest);
         // Leftovers of an interrupted registration of this very derivation (we hold its lock).
@@ -614,7 +629,7 @@ impl Store {
     /// file of the same kind in the output (it would become a hardlink of the first), and any
     /// file the sharing fails for (it is only an optimisation). A shared name whose bytes or
     /// mode are not its name's (damaged) is replaced, never linked to.
-    fn share_files(&self, files: Vec<(PathBuf, blake3::Hash, u64, u32)>) {
+    fn share_files(&self, files: impl IntoIterator<Item = (PathBuf, blake3::Hash, u64, u32)>) {
         use std::os::unix::fs::MetadataExt;
         let links = self.root.join(LINKS);
         let mut kinds = std::collections::HashSet::new();
@@ -1258,6 +1273,48 @@ mod tests {
         let r = store.gc(Keep::Roots, || ()).unwrap();
         assert_eq!(r.deleted, 5);
         assert_eq!(fs::read_dir(&links).unwrap().count(), 0);
+    }
+
+    /// Files shared while the output is still being hashed (on another thread) change
+    /// neither its content hash nor its check: many directories and files, equal contents
+    /// across them and across outputs, hard links.
+    #[test]
+    fn sharing_beside_the_hashing_leaves_outputs_intact() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        let register = |h: &str| {
+            let b = store.new_build_dir("t").unwrap();
+            let out = b.path().join("out");
+            for d in 0..30 {
+                let sub = out.join(format!("d{d:02}"));
+                fs::create_dir_all(&sub).unwrap();
+                for f in 0..40 {
+                    // One content in three is found in every directory.
+                    let body = if f % 3 == 0 {
+                        format!("common {f}")
+                    } else {
+                        format!("{h} {d} {f}")
+                    };
+                    fs::write(sub.join(format!("f{f:02}")), body).unwrap();
+                }
+                fs::hard_link(sub.join("f01"), sub.join("zz-link")).unwrap();
+            }
+            let expected = hash::content_hash(&out, None).unwrap();
+            let o = store.register(&record(h), &out).unwrap();
+            assert_eq!(o.content_hash, expected, "{h}");
+            o
+        };
+        let (first, second) = (register("one"), register("two"));
+        assert_eq!(
+            fs::metadata(first.path.join("d00/f00")).unwrap().ino(),
+            fs::metadata(second.path.join("d00/f00")).unwrap().ino(),
+            "shared across outputs"
+        );
+        for o in store.outputs().unwrap() {
+            let c = verify::check(&store, &o).unwrap();
+            assert!(c.damage.is_none(), "{:?}: {:?}", o.drv_hash, c.damage);
+        }
     }
 
     fn valid(store: &Store) -> Vec<String> {

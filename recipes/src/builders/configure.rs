@@ -172,6 +172,31 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What runs a package's preinst for [`recorded_unpack::unpack`] in the chroot, as
+/// `dpkg OPTIONS --unpack` would run it: with dpkg's `DPKG_FORCE` for those options, asked of
+/// dpkg once, when the first preinst runs.
+fn preinst_runner<'a>(
+    chroot: &'a Chroot,
+    options: &'a [&'a str],
+) -> impl Fn(&str, &[(String, String)]) -> anyhow::Result<()> + 'a {
+    let force = std::cell::OnceCell::new();
+    move |name: &str, env: &[(String, String)]| {
+        if force.get().is_none() {
+            let _ = force.set(chroot.dpkg_force(options)?);
+        }
+        let mut env = env.to_vec();
+        env.push((
+            "DPKG_FORCE".into(),
+            force.get().cloned().unwrap_or_default(),
+        ));
+        chroot.run_with(
+            &format!("the preinst of {name}"),
+            &["/var/lib/dpkg/tmp.ci/preinst", "install"],
+            &env,
+        )
+    }
+}
+
 /// A thread copying the tree at `root`, as it is now, to `out` ahead of the copy at the end
 /// ([`sandbox::Skeleton`]: its names, and the files that have not changed lately), leaving out
 /// what is `mounted` there for the chroot and the staging that does not stay (without
@@ -583,6 +608,7 @@ fn second_stage(
 
     // The required set: unpacked (recorded, where dpkg would only repeat the extraction),
     // then configured with services held off.
+    let options = ["--force-depends"];
     recorded_unpack::unpack(
         root,
         "the required set",
@@ -594,10 +620,11 @@ fn second_stage(
         &|names| {
             chroot.dpkg(
                 &format!("dpkg --unpack of {}", names.join(" ")),
-                &["--force-depends", "--unpack"],
+                &[&options[..], &["--unpack"]].concat(),
                 &debs(names).args,
             )
         },
+        Some(&preinst_runner(&chroot, &options)),
         // Its rewritten `.deb` goes.
         &|name| plain.discard(name),
     )?;
@@ -699,6 +726,11 @@ fn second_stage(
     // The base set.
     if !base.is_empty() {
         // Recorded where dpkg would only lay the package out, as for the required set.
+        let options = [
+            "--force-overwrite",
+            "--force-confold",
+            "--skip-same-version",
+        ];
         recorded_unpack::unpack(
             root,
             "the base set",
@@ -707,15 +739,11 @@ fn second_stage(
             &|names| {
                 chroot.dpkg(
                     &format!("dpkg --unpack of {}", names.join(" ")),
-                    &[
-                        "--force-overwrite",
-                        "--force-confold",
-                        "--skip-same-version",
-                        "--unpack",
-                    ],
+                    &[&options[..], &["--unpack"]].concat(),
                     &debs(names).args,
                 )
             },
+            Some(&preinst_runner(&chroot, &options)),
             &|name| plain.discard(name),
         )?;
         base_unpacked(&chroot.mounts.mount_points());

@@ -218,9 +218,15 @@ impl Chroot {
 
     /// Run `argv`; its output goes to the build's log. `what` names it in an error.
     fn run(&self, what: &str, argv: &[&str]) -> anyhow::Result<()> {
+        self.run_with(what, argv, &[])
+    }
+
+    /// [`Chroot::run`] with `more` added to the environment.
+    fn run_with(&self, what: &str, argv: &[&str], more: &[(String, String)]) -> anyhow::Result<()> {
         eprintln!("configure: {}", argv.join(" "));
         let started = std::time::Instant::now();
-        let status = sandbox::run_chrooted(&self.mounts, argv, &self.env, None)?;
+        let env: Vec<(String, String)> = self.env.iter().chain(more).cloned().collect();
+        let status = sandbox::run_chrooted(&self.mounts, argv, &env, None)?;
         eprintln!("configure: ({what}: {:.2?})", started.elapsed());
         if !status.success() {
             bail!("configure: {what} failed ({status}); see the output above");
@@ -234,6 +240,41 @@ impl Chroot {
         argv.extend_from_slice(options);
         argv.extend(debs.iter().map(String::as_str));
         self.run(what, &argv)
+    }
+
+    /// `DPKG_FORCE` as dpkg has it with `options` (the forces in effect, in dpkg's order, as it
+    /// passes them to maintainer scripts), read off dpkg itself: a `--pre-invoke` hook sees
+    /// dpkg's environment (the `--unpack` of nothing then fails, as it should).
+    fn dpkg_force(&self, options: &[&str]) -> anyhow::Result<String> {
+        // Its complaint about the missing archive is not the build's.
+        let script = format!(
+            "/usr/bin/dpkg {} --pre-invoke=echo\\ \\\"\\$DPKG_FORCE\\\" --unpack 2>/dev/null",
+            options.join(" ")
+        );
+        // dpkg had opened its database by then: the journal's next entry, made ready, is
+        // left behind (a run that ends well removes it).
+        let ready = "var/lib/dpkg/updates/tmp.i";
+        let tree = sandbox::InRoot::open(self.root())?;
+        let was_there = tree.symlink_metadata(ready).is_ok();
+        let (_, out) = self.output(&["/bin/sh", "-c", &script])?;
+        if !was_there {
+            match tree.remove_file(ready) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).context(format!("removing {ready}"))
+                }
+                _ => {}
+            }
+        }
+        let out = out.trim_end_matches('\n').to_owned();
+        anyhow::ensure!(
+            !out.is_empty()
+                && out
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'-' || b == b','),
+            "configure: dpkg {} did not tell its DPKG_FORCE (it said {out:?})",
+            options.join(" ")
+        );
+        Ok(out)
     }
 
     /// Run a shell command line.

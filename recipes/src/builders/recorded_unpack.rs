@@ -4,20 +4,22 @@
 //! The extraction has laid out every required package's files already; dpkg's unpack writes
 //! them all again, byte for byte, about ten milliseconds of process starts per package before
 //! the first file. The base set's packages are unpacked beside the tree while dpkg configures
-//! the required set. For a package that is new to the database (or only selected), has no
-//! `preinst` to run first, and whose paths are as dpkg would find them — the files the
-//! extraction laid out untouched since, or, for a package not laid out yet, nothing there
-//! but directories — configure records it itself, as `dpkg --unpack` would: files moved in
-//! (or, laid out already, their times set) with their tar entries' owner, mode and time, each
-//! conffile as `PATH.dpkg-new`, the control members in `info/`, the file list in the tar's
-//! order, the status stanza (`install ok unpacked`, conffiles `newconffile`), and the
-//! triggers it activates pending for the configured packages interested (`noawait` only).
-//! Every other package — a preinst, a trigger interest or an awaited trigger, a diversion or
-//! stat override of its paths, a file another package lists or a path already taken, a
-//! package it would make disappear, a Conflicts or Breaks that may hold, a file changed
-//! since the extraction… — is unpacked by dpkg itself, in the same order, in runs of
-//! consecutive packages. `dpkg --configure` then finds the database it would have made, and
-//! rewrites every stanza in its own words.
+//! the required set. For a package that is new to the database (or only selected), whose
+//! `preinst`, if it has one, writes nothing of dpkg's database (configure runs it first, as
+//! dpkg would: see [`Db::run_preinst`]), and whose paths are as dpkg would find them — the
+//! files the extraction laid out untouched since, or, for a package not laid out yet,
+//! nothing there but directories — configure records it itself, as `dpkg --unpack` would:
+//! files moved in (or, laid out already, their times set) with their tar entries' owner, mode
+//! and time, each conffile as `PATH.dpkg-new`, the control members in `info/`, the file list
+//! in the tar's order, the status stanza (`install ok unpacked`, conffiles `newconffile`),
+//! and the triggers it activates pending for the configured packages interested (`noawait`
+//! only). Every other package — a preinst calling dpkg-divert, dpkg-statoverride or
+//! dpkg-trigger, a trigger interest or an awaited trigger, a diversion or stat override of
+//! its paths, a file another package lists or a path already taken, a package it would make
+//! disappear, a Conflicts or Breaks that may hold, a file changed since the extraction… — is
+//! unpacked by dpkg itself, in the same order, in runs of consecutive packages.
+//! `dpkg --configure` then finds the database it would have made, and rewrites every stanza
+//! in its own words.
 //!
 //! The tests that compare the tree with debootstrap's (tests/suites.rs) hold this to dpkg's
 //! own result, database included.
@@ -80,22 +82,40 @@ impl Source<'_> {
     }
 }
 
+/// Runs the `preinst` of the package named first as dpkg runs it before it lays the package
+/// out: `/var/lib/dpkg/tmp.ci/preinst install`, from `/` in the chroot, with the build's
+/// environment, the variables given second (dpkg's for a maintainer script), and `DPKG_FORCE`
+/// as the set's `dpkg --unpack` has it (the runner's to add: it knows dpkg's options).
+pub(super) type RunPreinst<'a> = &'a dyn Fn(&str, &[(String, String)]) -> anyhow::Result<()>;
+
+/// What a preinst may not call for configure to run it in dpkg's stead: dpkg's database
+/// writers (a diversion or stat override changes how the package is laid out, and dpkg
+/// incorporates triggers activated by a script before going on).
+const DATABASE_WRITERS: [&str; 3] = ["dpkg-divert", "dpkg-statoverride", "dpkg-trigger"];
+
 /// `dpkg --unpack` of `names` (in that order): recorded here where that is all dpkg would do
 /// (see the module), by `dpkg_unpack` (which runs dpkg, with the caller's options, on
-/// packages in the chroot) otherwise. `recorded_one` is told of each package recorded here
-/// (its `.deb` is not needed). `what` names the set in the log.
+/// packages in the chroot) otherwise. A package's preinst is run by `preinst` (none: every
+/// package with a preinst is left to dpkg). `recorded_one` is told of each package recorded
+/// here (its `.deb` is not needed). `what` names the set in the log.
 pub(super) fn unpack(
     root: &Path,
     what: &str,
     names: &[&str],
     source: &Source,
     dpkg_unpack: &dyn Fn(&[&str]) -> anyhow::Result<()>,
+    preinst: Option<RunPreinst>,
     recorded_one: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let mut db = Db::read(root)?;
+    let read = || -> anyhow::Result<Db> {
+        let mut db = Db::read(root)?;
+        db.runs_preinsts = preinst.is_some();
+        Ok(db)
+    };
+    let mut db = read()?;
     let mut batch: Vec<&str> = Vec::new();
-    let (mut recorded, mut by_dpkg) = (0, 0);
+    let (mut recorded, mut by_dpkg, mut preinsts) = (0, 0, 0);
     let mut runs = 0;
     for &name in names {
         let taken: Option<Extracted>;
@@ -117,11 +137,15 @@ pub(super) fn unpack(
             dpkg_unpack(&batch)?;
             runs += 1;
             batch.clear();
-            db = Db::read(root)?;
+            db = read()?;
             why_not = db.why_not(name, ex, source)?;
         }
         match (why_not, ex) {
             (None, Some(ex)) => {
+                if let (Some(run), true) = (preinst, has_preinst(ex)) {
+                    db = db.run_preinst(name, ex, source, run)?;
+                    preinsts += 1;
+                }
                 db.record(name, ex, source)
                     .with_context(|| format!("recording {name} as unpacked"))?;
                 recorded_one(name);
@@ -145,8 +169,8 @@ pub(super) fn unpack(
         runs += 1;
     }
     eprintln!(
-        "configure: {what} unpacked in {:.2?}: {recorded} packages recorded as dpkg would, \
-         {by_dpkg} unpacked by dpkg in {runs} runs",
+        "configure: {what} unpacked in {:.2?}: {recorded} packages recorded as dpkg would \
+         ({preinsts} of them after their preinst), {by_dpkg} unpacked by dpkg in {runs} runs",
         started.elapsed()
     );
     Ok(())
@@ -267,6 +291,7 @@ fn may_hold(dep: &Dep, name: &str, version: &str, provides: &[(String, Option<St
 
 /// dpkg's database as far as recording an unpack needs it.
 struct Db {
+    root: PathBuf,
     /// The tree, its paths resolved as its chroot resolves them: maintainer scripts have run
     /// in it, and may have left symlinks that lead elsewhere from outside.
     tree: InRoot,
@@ -283,6 +308,8 @@ struct Db {
     /// What changes how dpkg lays out any package, if the database or dpkg's configuration
     /// has it (nothing else writes them between two readings).
     blocked: Option<String>,
+    /// Whether a package's preinst can be run here (else dpkg unpacks every package with one).
+    runs_preinsts: bool,
 }
 
 const ADMIN: &str = "var/lib/dpkg";
@@ -354,6 +381,7 @@ impl Db {
         };
         let blocked = blocked(&tree);
         Ok(Db {
+            root: root.to_owned(),
             diverted,
             blocked,
             tree,
@@ -362,6 +390,7 @@ impl Db {
             lists,
             owners,
             file_interests,
+            runs_preinsts: false,
         })
     }
 
@@ -414,7 +443,14 @@ impl Db {
             members.push(m.to_owned());
         }
         if members.iter().any(|m| m == "preinst") {
-            return Ok(Some("it has a preinst".into()));
+            if !self.runs_preinsts {
+                return Ok(Some("it has a preinst".into()));
+            }
+            let script = fs::read(control.join("preinst"))?;
+            let calls = |tool: &str| script.windows(tool.len()).any(|w| w == tool.as_bytes());
+            if let Some(tool) = DATABASE_WRITERS.iter().find(|t| calls(t)) {
+                return Ok(Some(format!("its preinst calls {tool}")));
+            }
         }
         if !members.iter().any(|m| m == "md5sums") {
             return Ok(Some("it has no md5sums".into()));
@@ -594,6 +630,112 @@ impl Db {
             }
             Ok(_) => Some(format!("{path} is there already")),
         }
+    }
+
+    /// Run the preinst of `name` as `dpkg --unpack` runs it before laying the package out
+    /// ([`Db::why_not`] said nothing stands in the way): the control members in
+    /// `var/lib/dpkg/tmp.ci/`, the package half-installed in the status file (the stanza
+    /// dpkg's journal has then: the control's Priority, Section, Architecture, Multi-Arch and
+    /// Version), then `tmp.ci/preinst install` by `run` with dpkg's variables. Then the
+    /// database is read again; the preinst must have left it as it was (no diversion, stat
+    /// override, trigger or journal entry: dpkg would go on differently) and nothing in the
+    /// way of recording the package, as before. It cannot be handed to dpkg now (its preinst
+    /// would run twice): anything else is an error that names what the preinst changed.
+    fn run_preinst(
+        mut self,
+        name: &str,
+        ex: &Extracted,
+        source: &Source,
+        run: RunPreinst,
+    ) -> anyhow::Result<Db> {
+        let text = fs::read_to_string(ex.dir.join("control/control"))?;
+        let running = self
+            .status
+            .iter()
+            .find(|s| s.name == "dpkg")
+            .and_then(|s| s.field("Version"))
+            .context("dpkg is not in the database, to run a preinst as it would")?;
+        let cidir = admin("tmp.ci");
+        anyhow::ensure!(
+            self.tree.symlink_metadata(&cidir).is_err(),
+            "{cidir} is there already"
+        );
+        self.tree.create_dir_all(&cidir)?;
+        let members: Vec<(&str, &EntryMeta)> = ex
+            .meta
+            .entries
+            .range("control/".to_owned()..)
+            .map_while(|(k, em)| Some((k.strip_prefix("control/")?, em)))
+            .collect();
+        for (m, em) in &members {
+            let bytes = fs::read(ex.dir.join("control").join(m))?;
+            self.write_entry(&format!("{cidir}/{m}"), &bytes, em)?;
+        }
+        let mut stanza = format!("Package: {name}\nStatus: install reinstreq half-installed");
+        for f in [
+            "Priority",
+            "Section",
+            "Architecture",
+            "Multi-Arch",
+            "Version",
+        ] {
+            match field(&text, f) {
+                Some(v) if !(f == "Multi-Arch" && v == "no") => {
+                    stanza.push_str(&format!("\n{f}: {v}"))
+                }
+                _ => {}
+            }
+        }
+        self.status.retain(|s| s.name != name);
+        self.status.push(Stanza::new(name.to_owned(), stanza));
+        self.dirty = true;
+        self.write_status()?;
+        let read_db = |tree: &InRoot| -> anyhow::Result<[String; 2]> {
+            Ok([
+                tree.read_to_string(&admin("status"))?,
+                tree.read_to_string(&admin("diversions"))
+                    .unwrap_or_default(),
+            ])
+        };
+        let before = read_db(&self.tree)?;
+        let arch = field(&text, "Architecture").unwrap_or_default();
+        let env: Vec<(String, String)> = [
+            ("DPKG_ADMINDIR", "/var/lib/dpkg"),
+            ("DPKG_ROOT", ""),
+            ("DPKG_MAINTSCRIPT_PACKAGE", name),
+            ("DPKG_MAINTSCRIPT_PACKAGE_REFCOUNT", "1"),
+            ("DPKG_MAINTSCRIPT_ARCH", &arch),
+            ("DPKG_MAINTSCRIPT_NAME", "preinst"),
+            ("DPKG_MAINTSCRIPT_DEBUG", "0"),
+            ("DPKG_RUNNING_VERSION", &running),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into();
+        run(name, &env).with_context(|| format!("the preinst of {name}"))?;
+
+        let mut after = Db::read(&self.root)?;
+        after.runs_preinsts = self.runs_preinsts;
+        // Its half-installed stanza is the recorded one's to replace.
+        after.status.retain(|s| s.name != name);
+        let changed = if read_db(&after.tree)? != before {
+            Some("dpkg's status or diversions".to_owned())
+        } else if let Some(why) = &after.blocked {
+            Some(why.clone())
+        } else {
+            after.why_not(name, ex, source)?
+        };
+        if let Some(what) = changed {
+            anyhow::bail!(
+                "the preinst of {name}, run as dpkg runs it before laying the package out, \
+                 left what stops configure recording the unpack ({what}), and dpkg cannot \
+                 unpack it now without running its preinst again"
+            );
+        }
+        for (m, _) in &members {
+            after.tree.remove_file(&format!("{cidir}/{m}"))?;
+        }
+        after.tree.remove_dir(&cidir)?;
+        Ok(after)
     }
 
     /// Record `name` as `dpkg --unpack` would (see the module); [`Db::why_not`] said nothing
@@ -812,6 +954,11 @@ impl Db {
     }
 }
 
+/// Whether the package has a preinst.
+fn has_preinst(ex: &Extracted) -> bool {
+    ex.meta.entries.contains_key("control/preinst")
+}
+
 /// The triggers a package's `triggers` member activates (`activate`, `activate-await`,
 /// `activate-noawait`, and the trigger's name), or the first line that does anything else
 /// (an interest, a file trigger).
@@ -1017,6 +1164,117 @@ mod tests {
         );
     }
 
+    /// `hello` with a preinst holding `script`.
+    fn with_preinst(ex: &mut Extracted, script: &str) {
+        fs::write(ex.dir.join("control/preinst"), script).unwrap();
+        ex.meta.entries.insert(
+            "control/preinst".into(),
+            EntryMeta::root(0o755, 1_600_000_000),
+        );
+    }
+
+    /// `unpack` of `hello` alone (extracted), its preinst run by `run`; dpkg never.
+    fn unpack_hello(
+        root: &Path,
+        ex: Extracted,
+        at: (i64, i64),
+        run: RunPreinst,
+    ) -> anyhow::Result<()> {
+        let kept = HashMap::from([("hello".to_owned(), ex)]);
+        unpack(
+            root,
+            "the test set",
+            &["hello"],
+            &Source::Extracted { kept: &kept, at },
+            &|names| panic!("dpkg was asked to unpack {names:?}"),
+            Some(run),
+            &|_| {},
+        )
+    }
+
+    /// A package with a preinst is recorded once its preinst ran as dpkg runs it: from the
+    /// control members in `tmp.ci`, the package half-installed in the status file, with
+    /// dpkg's variables; `tmp.ci` is gone after.
+    #[test]
+    fn a_preinst_runs_as_dpkg_runs_it_then_the_package_is_recorded() {
+        let t = tempfile::tempdir().unwrap();
+        let (root, mut ex, at) = setup(t.path());
+        with_preinst(&mut ex, "#!/bin/sh\necho hi\n");
+        let ran = std::cell::RefCell::new(Vec::new());
+        let run = |name: &str, env: &[(String, String)]| -> anyhow::Result<()> {
+            let ci = root.join("var/lib/dpkg/tmp.ci");
+            assert_eq!(
+                fs::read_to_string(ci.join("preinst")).unwrap(),
+                "#!/bin/sh\necho hi\n"
+            );
+            assert!(ci.join("control").is_file() && ci.join("conffiles").is_file());
+            let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+            assert!(
+                status.ends_with(
+                    "Package: hello\nStatus: install reinstreq half-installed\n\
+                     Architecture: amd64\nVersion: 1.0-1\n\n"
+                ),
+                "{status}"
+            );
+            // What the script does to the tree stays.
+            fs::write(root.join("etc/made-by-preinst"), "x").unwrap();
+            ran.borrow_mut().push((name.to_owned(), env.to_vec()));
+            Ok(())
+        };
+        unpack_hello(&root, ex, at, &run).unwrap();
+        let ran = ran.into_inner();
+        assert_eq!(ran.len(), 1);
+        let env: HashMap<_, _> = ran[0].1.iter().cloned().collect();
+        for (k, v) in [
+            ("DPKG_MAINTSCRIPT_PACKAGE", "hello"),
+            ("DPKG_MAINTSCRIPT_NAME", "preinst"),
+            ("DPKG_MAINTSCRIPT_ARCH", "amd64"),
+            ("DPKG_MAINTSCRIPT_PACKAGE_REFCOUNT", "1"),
+            ("DPKG_MAINTSCRIPT_DEBUG", "0"),
+            ("DPKG_RUNNING_VERSION", "1.22"),
+            ("DPKG_ADMINDIR", "/var/lib/dpkg"),
+            ("DPKG_ROOT", ""),
+        ] {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
+        }
+        assert!(!root.join("var/lib/dpkg/tmp.ci").exists());
+        assert!(root.join("etc/made-by-preinst").exists());
+        let info = root.join("var/lib/dpkg/info");
+        assert_eq!(
+            fs::read_to_string(info.join("hello.preinst")).unwrap(),
+            "#!/bin/sh\necho hi\n"
+        );
+        let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+        assert!(
+            status.contains("Package: hello\nStatus: install ok unpacked\n"),
+            "{status}"
+        );
+        assert!(!status.contains("half-installed"), "{status}");
+    }
+
+    /// A preinst that leaves what stops the recording (here: a diversion, or a change to the
+    /// package's own files) is an error: dpkg would run it twice now.
+    #[test]
+    fn a_preinst_that_changes_what_the_recording_needs_is_an_error() {
+        for (what, change) in [
+            ("dpkg's status or diversions", "var/lib/dpkg/diversions"),
+            (
+                "/usr/bin/hello changed after the extraction",
+                "usr/bin/hello",
+            ),
+        ] {
+            let t = tempfile::tempdir().unwrap();
+            let (root, mut ex, at) = setup(t.path());
+            with_preinst(&mut ex, "#!/bin/sh\n");
+            let run = |_: &str, _: &[(String, String)]| -> anyhow::Result<()> {
+                fs::write(root.join(change), "/x\n/x.real\n:\n").unwrap();
+                Ok(())
+            };
+            let e = format!("{:#}", unpack_hello(&root, ex, at, &run).unwrap_err());
+            assert!(e.contains(what) && e.contains("preinst of hello"), "{e}");
+        }
+    }
+
     #[test]
     fn whatever_dpkg_would_do_more_for_leaves_the_package_to_dpkg() {
         let reason = |change: &dyn Fn(&Path, &mut Extracted)| {
@@ -1039,16 +1297,25 @@ mod tests {
             reason(&|root, _| fs::write(root.join("usr/bin/hello"), "x").unwrap()),
             "/usr/bin/hello changed after the extraction",
         );
-        // A preinst, to be run before the files are written.
+        // A preinst, where none can be run here.
         has(
-            reason(&|_, ex| {
-                fs::write(ex.dir.join("control/preinst"), "#!/bin/sh\n").unwrap();
-                ex.meta
-                    .entries
-                    .insert("control/preinst".into(), EntryMeta::root(0o755, 0));
-            }),
-            "preinst",
+            reason(&|_, ex| with_preinst(ex, "#!/bin/sh\n")),
+            "it has a preinst",
         );
+        // One that writes dpkg's database, where preinsts can be run.
+        for tool in DATABASE_WRITERS {
+            let t = tempfile::tempdir().unwrap();
+            let (root, mut ex, at) = setup(t.path());
+            with_preinst(&mut ex, &format!("#!/bin/sh\n{tool} --add /x\n"));
+            let kept = HashMap::new();
+            let mut db = Db::read(&root).unwrap();
+            db.runs_preinsts = true;
+            let source = Source::Extracted { kept: &kept, at };
+            has(
+                db.why_not("hello", &ex, &source).unwrap(),
+                &format!("its preinst calls {tool}"),
+            );
+        }
         // A diversion of one of its files.
         has(
             reason(&|root, _| {

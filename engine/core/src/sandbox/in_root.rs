@@ -152,6 +152,11 @@ impl InRoot {
         fs::remove_file(self.leaf(rel)?.path)
     }
 
+    /// Remove the empty directory `rel`.
+    pub fn remove_dir(&self, rel: &str) -> io::Result<()> {
+        fs::remove_dir(self.leaf(rel)?.path)
+    }
+
     /// Make `rel` a new file holding `bytes`, with permissions `mode`, in place of whatever
     /// entry `rel` is (a symlink itself, not what it points to): written under a temporary
     /// name beside it, then renamed over it, as dpkg replaces its files.

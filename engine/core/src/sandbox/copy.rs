@@ -565,19 +565,10 @@ fn leaf_name(rel: &Path) -> &Path {
     rel.file_name().map(Path::new).unwrap_or(Path::new("."))
 }
 
+/// Give `dst` the mtime of `md` (as its access time too).
 fn set_mtime(dst: &Path, md: &fs::Metadata) -> Result<(), SandboxError> {
     let t = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
-    nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        dst,
-        &t,
-        &t,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|e| SandboxError::Setup {
-        what: format!("setting mtime of {}", dst.display()),
-        source: e.into(),
-    })
+    super::tree::set_times(dst, t, Some(t))
 }
 
 #[cfg(test)]

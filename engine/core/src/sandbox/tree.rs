@@ -125,12 +125,21 @@ fn lchown(p: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
 /// Set the modification time of `p` (the symlink itself, not what it points to) to `mtime`
 /// seconds since the epoch, as dpkg sets a file it unpacks to its tar entry's time.
 pub fn set_entry_mtime(p: &Path, mtime: i64) -> Result<(), SandboxError> {
-    let t = nix::sys::time::TimeSpec::new(mtime, 0);
+    set_times(p, nix::sys::time::TimeSpec::new(mtime, 0), None)
+}
+
+/// Give `p` (a symlink itself, not what it points to) the modification time `mtime`, and the
+/// access time `atime` (None: left as it is).
+pub(super) fn set_times(
+    p: &Path,
+    mtime: nix::sys::time::TimeSpec,
+    atime: Option<nix::sys::time::TimeSpec>,
+) -> Result<(), SandboxError> {
     nix::sys::stat::utimensat(
         nix::fcntl::AT_FDCWD,
         p,
-        &nix::sys::time::TimeSpec::UTIME_OMIT,
-        &t,
+        &atime.unwrap_or(nix::sys::time::TimeSpec::UTIME_OMIT),
+        &mtime,
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
     .map_err(|e| SandboxError::Setup {
@@ -178,18 +187,7 @@ pub fn apply_meta(p: &Path, e: &EntryMeta) -> Result<(), SandboxError> {
         }
     }
     let t = nix::sys::time::TimeSpec::new(e.mtime, 0);
-    nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        p,
-        &t,
-        &t,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|err| SandboxError::Setup {
-        what: format!("setting mtime of {}", p.display()),
-        source: err.into(),
-    })?;
-    Ok(())
+    set_times(p, t, Some(t))
 }
 
 /// Record the real ownership, mode, mtime (clamped to `clamp`), capabilities and POSIX ACLs of

@@ -174,27 +174,21 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
 
 /// What runs a package's preinst for [`recorded_unpack::unpack`] in the chroot, as
 /// `dpkg OPTIONS --unpack` would run it: with dpkg's `DPKG_FORCE` for those options, asked of
-/// dpkg once, when the first preinst runs.
+/// dpkg now (before any package of the set is half-installed).
 fn preinst_runner<'a>(
     chroot: &'a Chroot,
-    options: &'a [&'a str],
-) -> impl Fn(&str, &[(String, String)]) -> anyhow::Result<()> + 'a {
-    let force = std::cell::OnceCell::new();
-    move |name: &str, env: &[(String, String)]| {
-        if force.get().is_none() {
-            let _ = force.set(chroot.dpkg_force(options)?);
-        }
+    options: &[&str],
+) -> anyhow::Result<Box<recorded_unpack::PreinstFn<'a>>> {
+    let force = chroot.dpkg_force(options)?;
+    Ok(Box::new(move |name: &str, env: &[(String, String)]| {
         let mut env = env.to_vec();
-        env.push((
-            "DPKG_FORCE".into(),
-            force.get().cloned().unwrap_or_default(),
-        ));
+        env.push(("DPKG_FORCE".into(), force.clone()));
         chroot.run_with(
             &format!("the preinst of {name}"),
             &["/var/lib/dpkg/tmp.ci/preinst", "install"],
             &env,
         )
-    }
+    }))
 }
 
 /// A thread copying the tree at `root`, as it is now, to `out` ahead of the copy at the end
@@ -624,7 +618,7 @@ fn second_stage(
                 &debs(names).args,
             )
         },
-        Some(&preinst_runner(&chroot, &options)),
+        Some(&*preinst_runner(&chroot, &options)?),
         // Its rewritten `.deb` goes.
         &|name| plain.discard(name),
     )?;
@@ -743,7 +737,7 @@ fn second_stage(
                     &debs(names).args,
                 )
             },
-            Some(&preinst_runner(&chroot, &options)),
+            Some(&*preinst_runner(&chroot, &options)?),
             &|name| plain.discard(name),
         )?;
         base_unpacked(&chroot.mounts.mount_points());

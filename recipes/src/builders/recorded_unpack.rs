@@ -86,7 +86,10 @@ impl Source<'_> {
 /// out: `/var/lib/dpkg/tmp.ci/preinst install`, from `/` in the chroot, with the build's
 /// environment, the variables given second (dpkg's for a maintainer script), and `DPKG_FORCE`
 /// as the set's `dpkg --unpack` has it (the runner's to add: it knows dpkg's options).
-pub(super) type RunPreinst<'a> = &'a dyn Fn(&str, &[(String, String)]) -> anyhow::Result<()>;
+pub(super) type RunPreinst<'a> = &'a PreinstFn<'a>;
+
+/// What a [`RunPreinst`] refers to.
+pub(super) type PreinstFn<'a> = dyn Fn(&str, &[(String, String)]) -> anyhow::Result<()> + 'a;
 
 /// What a preinst may not call for configure to run it in dpkg's stead: dpkg's database
 /// writers (a diversion or stat override changes how the package is laid out, and dpkg

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// (`builtin:debian-configure`), not the builder's code, so whenever a builtin's output for the
 /// same inputs changes, this must change too: every derivation hash changes with it and no store
 /// or cache serves an output made by the old code.
-pub const BUILDERS_EPOCH: &str = "builders-2026-12-01.2\0";
+pub const BUILDERS_EPOCH: &str = "builders-2026-12-01.3\0";
 
 /// The bootstrap stage a derivation belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -754,8 +754,10 @@ impl Db {
         };
         let conffiles = conffiles(ex)?;
         if source.laid_out() {
-            // The files, as dpkg writes them again: with their tar entries' times; a symlink
-            // to a directory that is there already is left alone.
+            // The files, as dpkg writes them again: with their tar entries' times, and each
+            // renamed over from NAME.dpkg-new, which moves its directory's time to now; a
+            // symlink to a directory that is there already is left alone.
+            let mut touched = HashSet::new();
             for (path, kind) in &ex.listed {
                 let left_alone = match kind {
                     Listed::Dir => true,
@@ -765,6 +767,12 @@ impl Db {
                 if path != "/." && !left_alone {
                     let leaf = self.tree.leaf(path)?;
                     sandbox::set_entry_mtime(&leaf.path, meta(&format!("data{path}"))?.mtime)?;
+                    let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+                    if touched.insert(dir) {
+                        self.tree
+                            .touch_dir(dir)
+                            .with_context(|| format!("touching {dir}/"))?;
+                    }
                 }
             }
         } else {
@@ -1124,6 +1132,10 @@ mod tests {
     fn a_package_is_recorded_as_dpkg_unpack_records_it() {
         let t = tempfile::tempdir().unwrap();
         let (root, ex, at) = setup(t.path());
+        // As the extraction may leave a directory: with a time of its own, from a tar.
+        for dir in ["usr/bin", "etc"] {
+            sandbox::set_entry_mtime(&root.join(dir), 1_500_000_000).unwrap();
+        }
         let mut db = Db::read(&root).unwrap();
         let kept = HashMap::new();
         let source = Source::Extracted { kept: &kept, at };
@@ -1148,9 +1160,17 @@ mod tests {
             fs::read_to_string(root.join("etc/hello.conf.dpkg-new")).unwrap(),
             "greeting=hi\n"
         );
-        // Files get their tar entries' times.
+        // Files get their tar entries' times; their directories the time of the rename.
         let md = fs::symlink_metadata(root.join("usr/bin/hello")).unwrap();
         assert_eq!(md.mtime(), 1_600_000_000);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        for dir in ["usr/bin", "etc"] {
+            let m = fs::metadata(root.join(dir)).unwrap().mtime();
+            assert!((now - 60..=now + 1).contains(&m), "{dir}: {m}");
+        }
         // The stanza: unpacked, its conffile new, after what was there.
         let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
         assert_eq!(

@@ -152,6 +152,18 @@ impl InRoot {
         fs::remove_file(self.leaf(rel)?.path)
     }
 
+    /// Give the directory `rel` leads to the modification time now (its access time left), as
+    /// making, renaming or removing an entry in it does.
+    pub fn touch_dir(&self, rel: &str) -> io::Result<()> {
+        let dir = self.resolve(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        nix::sys::stat::futimens(
+            &dir,
+            &nix::sys::time::TimeSpec::UTIME_OMIT,
+            &nix::sys::time::TimeSpec::UTIME_NOW,
+        )?;
+        Ok(())
+    }
+
     /// Remove the empty directory `rel`.
     pub fn remove_dir(&self, rel: &str) -> io::Result<()> {
         fs::remove_dir(self.leaf(rel)?.path)

@@ -13,8 +13,8 @@
 //! and time, each conffile as `PATH.dpkg-new`, the control members in `info/`, the file list
 //! in the tar's order, the status stanza (`install ok unpacked`, conffiles `newconffile`),
 //! and the triggers it activates pending for the configured packages interested (`noawait`
-//! only). Every other package — a preinst calling dpkg-divert, dpkg-statoverride or
-//! dpkg-trigger, a trigger interest or an awaited trigger, a diversion or stat override of
+//! only). Every other package — a preinst calling dpkg-statoverride or dpkg-trigger, a
+//! trigger interest or an awaited trigger, a diversion (a preinst's too) or stat override of
 //! its paths, a file another package lists or a path already taken, a package it would make
 //! disappear, a Conflicts or Breaks that may hold, a file changed since the extraction… — is
 //! unpacked by dpkg itself, in the same order, in runs of consecutive packages.
@@ -92,9 +92,11 @@ pub(super) type RunPreinst<'a> = &'a PreinstFn<'a>;
 pub(super) type PreinstFn<'a> = dyn Fn(&str, &[(String, String)]) -> anyhow::Result<()> + 'a;
 
 /// What a preinst may not call for configure to run it in dpkg's stead: dpkg's database
-/// writers (a diversion or stat override changes how the package is laid out, and dpkg
-/// incorporates triggers activated by a script before going on).
-const DATABASE_WRITERS: [&str; 3] = ["dpkg-divert", "dpkg-statoverride", "dpkg-trigger"];
+/// writers but `dpkg-divert` (a stat override changes how the package is laid out, and dpkg
+/// incorporates the triggers a script activated before going on). A diversion the preinst
+/// adds is read before the package is looked at again: trixie's /usr-move mitigations divert
+/// paths the package does not hold (`/lib/…` where it ships `/usr/lib/…`).
+const DATABASE_WRITERS: [&str; 2] = ["dpkg-statoverride", "dpkg-trigger"];
 
 /// `dpkg --unpack` of `names` (in that order): recorded here where that is all dpkg would do
 /// (see the module), by `dpkg_unpack` (which runs dpkg, with the caller's options, on
@@ -640,7 +642,7 @@ impl Db {
     /// `var/lib/dpkg/tmp.ci/`, the package half-installed in the status file (the stanza
     /// dpkg's journal has then: the control's Priority, Section, Architecture, Multi-Arch and
     /// Version), then `tmp.ci/preinst install` by `run` with dpkg's variables. Then the
-    /// database is read again; the preinst must have left it as it was (no diversion, stat
+    /// database is read again; the preinst must have left it as it was but for diversions (no stat
     /// override, trigger or journal entry: dpkg would go on differently) and nothing in the
     /// way of recording the package, as before. It cannot be handed to dpkg now (its preinst
     /// would run twice): anything else is an error that names what the preinst changed.
@@ -693,14 +695,8 @@ impl Db {
         self.status.push(Stanza::new(name.to_owned(), stanza));
         self.dirty = true;
         self.write_status()?;
-        let read_db = |tree: &InRoot| -> anyhow::Result<[String; 2]> {
-            Ok([
-                tree.read_to_string(&admin("status"))?,
-                tree.read_to_string(&admin("diversions"))
-                    .unwrap_or_default(),
-            ])
-        };
-        let before = read_db(&self.tree)?;
+        let read_status = |tree: &InRoot| tree.read_to_string(&admin("status"));
+        let before = read_status(&self.tree)?;
         let arch = field(&text, "Architecture").unwrap_or_default();
         let env: Vec<(String, String)> = [
             ("DPKG_ADMINDIR", "/var/lib/dpkg"),
@@ -720,8 +716,9 @@ impl Db {
         after.runs_preinsts = self.runs_preinsts;
         // Its half-installed stanza is the recorded one's to replace.
         after.status.retain(|s| s.name != name);
-        let changed = if read_db(&after.tree)? != before {
-            Some("dpkg's status or diversions".to_owned())
+        // Diversions it added are the database's now, and asked about again below.
+        let changed = if read_status(&after.tree)? != before {
+            Some("dpkg's status".to_owned())
         } else if let Some(why) = &after.blocked {
             Some(why.clone())
         } else {
@@ -1275,27 +1272,62 @@ mod tests {
         assert!(!status.contains("half-installed"), "{status}");
     }
 
-    /// A preinst that leaves what stops the recording (here: a diversion, or a change to the
-    /// package's own files) is an error: dpkg would run it twice now.
+    /// A preinst that leaves what stops the recording (a diversion of one of the package's
+    /// paths, a change to its own files, a stat override, a change to the status) is an
+    /// error: dpkg would run it twice now. A diversion of another path is not.
     #[test]
     fn a_preinst_that_changes_what_the_recording_needs_is_an_error() {
-        for (what, change) in [
-            ("dpkg's status or diversions", "var/lib/dpkg/diversions"),
+        let diversion = |path: &str| format!("{path}\n{path}.usr-is-merged\n:\n");
+        for (what, file, bytes) in [
+            (
+                "/usr/bin/hello is diverted",
+                "var/lib/dpkg/diversions",
+                diversion("/usr/bin/hello"),
+            ),
             (
                 "/usr/bin/hello changed after the extraction",
                 "usr/bin/hello",
+                "x".to_owned(),
+            ),
+            (
+                "stat overrides",
+                "var/lib/dpkg/statoverride",
+                "root root 0755 /x\n".to_owned(),
+            ),
+            (
+                "dpkg's status",
+                "var/lib/dpkg/status",
+                "Package: dpkg\nStatus: install ok installed\nVersion: 1.22\n\n".to_owned(),
             ),
         ] {
             let t = tempfile::tempdir().unwrap();
             let (root, mut ex, at) = setup(t.path());
             with_preinst(&mut ex, "#!/bin/sh\n");
             let run = |_: &str, _: &[(String, String)]| -> anyhow::Result<()> {
-                fs::write(root.join(change), "/x\n/x.real\n:\n").unwrap();
+                fs::write(root.join(file), &bytes).unwrap();
                 Ok(())
             };
             let e = format!("{:#}", unpack_hello(&root, ex, at, &run).unwrap_err());
             assert!(e.contains(what) && e.contains("preinst of hello"), "{e}");
         }
+        // A diversion of a path it does not hold, as trixie's /usr-move mitigations add.
+        let t = tempfile::tempdir().unwrap();
+        let (root, mut ex, at) = setup(t.path());
+        with_preinst(
+            &mut ex,
+            "#!/bin/sh\ndpkg-divert --no-rename --add /bin/hello\n",
+        );
+        let run = |_: &str, _: &[(String, String)]| -> anyhow::Result<()> {
+            let d = root.join("var/lib/dpkg/diversions");
+            fs::write(d, diversion("/bin/hello")).unwrap();
+            Ok(())
+        };
+        unpack_hello(&root, ex, at, &run).unwrap();
+        let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+        assert!(
+            status.contains("Package: hello\nStatus: install ok unpacked\n"),
+            "{status}"
+        );
     }
 
     #[test]

@@ -1875,7 +1875,9 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
 
     // The server evicts one blob of the image's output (as an LRU CAS does, keeping the
     // ActionCache result): the image is a quiet miss and is built from the substituted layer.
-    let image_entry: serde_json::Value = {
+    // The blob is one no other entry holds (the layer's blob is in the image too, and which
+    // file comes first goes by digests).
+    let entries: Vec<serde_json::Value> = {
         let actions = state.actions.lock().unwrap();
         let blobs = state.blobs.lock().unwrap();
         actions
@@ -1885,18 +1887,33 @@ fn grpc_cache_speaks_blake3_when_listed_and_catches_a_lying_server() {
                 let d = f.digest.clone().unwrap();
                 serde_json::from_slice::<serde_json::Value>(&blobs[&d.hash]).unwrap()
             })
-            .find(|e| e["body"]["name"].as_str().unwrap().ends_with("-oci"))
-            .expect("the image's entry")
+            .collect()
     };
-    let evicted = image_entry["body"]["nodes"]
-        .as_array()
-        .unwrap()
+    let is_image = |e: &serde_json::Value| e["body"]["name"].as_str().unwrap().ends_with("-oci");
+    let files = |e: &serde_json::Value| -> Vec<serde_json::Value> {
+        e["body"]["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["type"] == "file" && n["size"].as_u64() > Some(0))
+            .cloned()
+            .collect()
+    };
+    let elsewhere: HashSet<String> = entries
         .iter()
-        .find(|n| n["type"] == "file" && n["size"].as_u64() > Some(0))
-        .unwrap()["blake3"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .filter(|e| !is_image(e))
+        .flat_map(files)
+        .map(|n| n["blake3"].as_str().unwrap().to_owned())
+        .collect();
+    let image_entry = entries
+        .iter()
+        .find(|e| is_image(e))
+        .expect("the image's entry");
+    let evicted = files(image_entry)
+        .iter()
+        .map(|n| n["blake3"].as_str().unwrap().to_owned())
+        .find(|b| !elsewhere.contains(b))
+        .expect("a blob of the image's alone");
     let kept = state.blobs.lock().unwrap().remove(&evicted).unwrap();
     let o = from("e", &a.mirror_url());
     let e = json(&o);

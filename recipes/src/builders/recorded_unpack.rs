@@ -47,6 +47,14 @@ pub(super) struct Extracted {
 }
 
 impl Extracted {
+    /// Its control members (`control/NAME` in its metadata), by name, each with its metadata.
+    fn control_members(&self) -> impl Iterator<Item = (&str, &EntryMeta)> {
+        self.meta
+            .entries
+            .range("control/".to_owned()..)
+            .map_while(|(k, em)| Some((k.strip_prefix("control/")?, em)))
+    }
+
     /// Its data entries but the tar's root, in the tar's order, each with its metadata.
     fn entries(&self) -> impl Iterator<Item = anyhow::Result<(&str, Listed, &EntryMeta)>> {
         self.listed
@@ -438,10 +446,7 @@ impl Db {
         // Its control members.
         let control = ex.dir.join("control");
         let mut members = Vec::new();
-        for (key, _) in ex.meta.entries.range("control/".to_owned()..) {
-            let Some(m) = key.strip_prefix("control/") else {
-                break;
-            };
+        for (m, _) in ex.control_members() {
             if m.contains('/') || !fs::symlink_metadata(control.join(m))?.is_file() {
                 return Ok(Some(format!("its control member {m} is not a plain file")));
             }
@@ -666,12 +671,7 @@ impl Db {
             "{cidir} is there already"
         );
         self.tree.create_dir_all(&cidir)?;
-        let members: Vec<(&str, &EntryMeta)> = ex
-            .meta
-            .entries
-            .range("control/".to_owned()..)
-            .map_while(|(k, em)| Some((k.strip_prefix("control/")?, em)))
-            .collect();
+        let members: Vec<(&str, &EntryMeta)> = ex.control_members().collect();
         for (m, em) in &members {
             let bytes = fs::read(ex.dir.join("control").join(m))?;
             self.write_entry(&format!("{cidir}/{m}"), &bytes, em)?;
@@ -788,10 +788,7 @@ impl Db {
         } else {
             name.to_owned()
         };
-        for (key, em) in ex.meta.entries.range("control/".to_owned()..) {
-            let Some(m) = key.strip_prefix("control/") else {
-                break;
-            };
+        for (m, em) in ex.control_members() {
             if m == "control" || m == "list" || m.contains('.') {
                 continue;
             }

@@ -66,7 +66,15 @@ impl InRoot {
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
         let rel = rel.trim_start_matches('/');
         let rel = if rel.is_empty() { "." } else { rel };
-        Ok(nix::fcntl::openat2(&self.root, rel, how)?)
+        // EAGAIN: a rename or mount anywhere on the machine raced with a `..` on the way
+        // (`openat2(2)`); the kernel asks to try again.
+        let mut tries = 0;
+        loop {
+            match nix::fcntl::openat2(&self.root, rel, how) {
+                Err(nix::errno::Errno::EAGAIN) if tries < 1000 => tries += 1,
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// `rel`'s last component, in its parent resolved within the tree.
@@ -197,6 +205,36 @@ impl InRoot {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    /// A path through `..` resolves while renames happen elsewhere on the machine: the kernel
+    /// answers EAGAIN to some resolutions then, and they are tried again.
+    #[test]
+    fn paths_through_dotdot_resolve_while_files_are_renamed_elsewhere() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir_all(root.join("run/lock")).unwrap();
+        fs::create_dir_all(root.join("var")).unwrap();
+        symlink("../run/lock", root.join("var/lock")).unwrap();
+        let tree = InRoot::open(&root).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let (a, b) = (t.path().join("a"), t.path().join("b"));
+                fs::write(&a, "").unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    fs::rename(&a, &b).unwrap();
+                    fs::rename(&b, &a).unwrap();
+                }
+            });
+            for _ in 0..20_000 {
+                if let Err(e) = tree.metadata("var/lock/../lock") {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    panic!("{e}");
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
 
     #[test]
     fn symlinks_left_in_the_tree_resolve_within_it() {

@@ -172,23 +172,27 @@ pub(super) fn configure(ctx: &BuildContext) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What runs a package's preinst for [`recorded_unpack::unpack`] in the chroot, as
-/// `dpkg OPTIONS --unpack` would run it: with dpkg's `DPKG_FORCE` for those options, asked of
-/// dpkg now (before any package of the set is half-installed).
-fn preinst_runner<'a>(
+/// What runs a package's maintainer scripts for [`recorded_unpack::unpack`] in the chroot, as
+/// `dpkg OPTIONS --unpack` would run them: with dpkg's `DPKG_FORCE` for those options, asked
+/// of dpkg now (before any package of the set is half-installed).
+fn script_runner<'a>(
     chroot: &'a Chroot,
     options: &[&str],
-) -> anyhow::Result<Box<recorded_unpack::PreinstFn<'a>>> {
+) -> anyhow::Result<Box<recorded_unpack::ScriptFn<'a>>> {
     let force = chroot.dpkg_force(options)?;
-    Ok(Box::new(move |name: &str, env: &[(String, String)]| {
-        let mut env = env.to_vec();
-        env.push(("DPKG_FORCE".into(), force.clone()));
-        chroot.run_with(
-            &format!("the preinst of {name}"),
-            &["/var/lib/dpkg/tmp.ci/preinst", "install"],
-            &env,
-        )
-    }))
+    Ok(Box::new(
+        move |name: &str, argv: &[&str], env: &[(String, String)]| {
+            let mut env = env.to_vec();
+            env.push(("DPKG_FORCE".into(), force.clone()));
+            // `…/tmp.ci/preinst`, `…/info/NAME.postrm`: the script's name.
+            let file = argv
+                .first()
+                .and_then(|a| a.rsplit('/').next())
+                .unwrap_or_default();
+            let script = file.rsplit('.').next().unwrap_or(file);
+            chroot.run_with(&format!("the {script} of {name}"), argv, &env)
+        },
+    ))
 }
 
 /// A thread copying the tree at `root`, as it is now, to `out` ahead of the copy at the end
@@ -575,17 +579,51 @@ fn second_stage(
         .bind_readonly(&plain_dir(scratch), PLAIN_IN_CHROOT)?;
     chroot.run("ldconfig", &["/sbin/ldconfig"])?;
 
-    // The core packages, one `dpkg --install` each.
+    // The core packages, one `dpkg --install` each: its unpack recorded, where that is all
+    // dpkg would do, then `dpkg --configure` of it; else `dpkg --install`. The `.deb` stays
+    // for the required set's unpack, which installs it again: recorded too, for a package
+    // whose install was (see `installed`).
+    let core_options = ["--force-depends"];
+    let core_scripts = script_runner(&chroot, &core_options)?;
+    let no_installs = HashMap::new();
+    let installed = std::cell::RefCell::new(HashMap::new());
     let install_core = |chroot: &Chroot, name: &str| -> anyhow::Result<()> {
         let deb = plain.peek(name).or_else(|| deb_of.get(name).cloned());
         let deb = deb.with_context(|| {
             format!("configure: debootstrap's core package {name} is not in the lock")
         })?;
-        chroot.dpkg(
-            &format!("dpkg --install of {name}"),
-            &["--force-depends", "--install"],
-            &[deb],
-        )
+        let recorded = std::cell::Cell::new(false);
+        recorded_unpack::unpack(
+            root,
+            &format!("the core package {name}"),
+            &[name],
+            &Source::Extracted {
+                kept: &extracted,
+                at: extracted_at,
+                installed: &no_installs,
+            },
+            &|_| {
+                chroot.dpkg(
+                    &format!("dpkg --install of {name}"),
+                    &[&core_options[..], &["--install"]].concat(),
+                    std::slice::from_ref(&deb),
+                )
+            },
+            Some(&*core_scripts),
+            &|_| recorded.set(true),
+        )?;
+        if recorded.get() {
+            // Its files as recorded: any changed later has a change time at or past this.
+            let probe = scratch.join(format!("rbuild-installed-{name}"));
+            let at = sandbox::change_time_after(&probe)?;
+            installed.borrow_mut().insert(name.to_owned(), at);
+            chroot.dpkg(
+                &format!("dpkg --configure of {name}"),
+                &[&core_options[..], &["--configure", name]].concat(),
+                &[],
+            )?;
+        }
+        Ok(())
     };
     chroot.sh("linking awk", "ln -sf mawk /usr/bin/awk")?;
     for name in CORE {
@@ -599,10 +637,13 @@ fn second_stage(
         }
         install_core(&chroot, name)?;
     }
+    // What borrows the chroot goes before it is left.
+    drop(core_scripts);
 
     // The required set: unpacked (recorded, where dpkg would only repeat the extraction),
     // then configured with services held off.
     let options = ["--force-depends"];
+    let installed = installed.into_inner();
     recorded_unpack::unpack(
         root,
         "the required set",
@@ -610,6 +651,7 @@ fn second_stage(
         &Source::Extracted {
             kept: &extracted,
             at: extracted_at,
+            installed: &installed,
         },
         &|names| {
             chroot.dpkg(
@@ -618,7 +660,7 @@ fn second_stage(
                 &debs(names).args,
             )
         },
-        Some(&*preinst_runner(&chroot, &options)?),
+        Some(&*script_runner(&chroot, &options)?),
         // Its rewritten `.deb` goes.
         &|name| plain.discard(name),
     )?;
@@ -737,7 +779,7 @@ fn second_stage(
                     &debs(names).args,
                 )
             },
-            Some(&*preinst_runner(&chroot, &options)?),
+            Some(&*script_runner(&chroot, &options)?),
             &|name| plain.discard(name),
         )?;
         base_unpacked(&chroot.mounts.mount_points());

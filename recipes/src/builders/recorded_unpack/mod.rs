@@ -24,12 +24,15 @@
 //! itself, in the same order, in runs of consecutive packages. `dpkg --configure` then finds
 //! the database it would have made, and rewrites every stanza in its own words.
 //!
-//! `db.rs` reads and writes dpkg's database and says why a package cannot be recorded;
-//! `reinstall.rs` records a reinstall. The tests that compare the tree with debootstrap's
+//! `db.rs` reads dpkg's database (and writes its status back), `why_not.rs` says why a package
+//! cannot be recorded, `record.rs` records one (its preinst run first), `reinstall.rs` a
+//! reinstall. The tests that compare the tree with debootstrap's
 //! (tests/suites.rs) hold this to dpkg's own result, database included.
 
 mod db;
+mod record;
 mod reinstall;
+mod why_not;
 
 use std::collections::HashMap;
 use std::fs;

@@ -26,17 +26,9 @@ use std::fs;
 use anyhow::Context;
 
 use super::db::{admin, info_name, Db, Stanza};
+use super::record::Check;
 use super::{conffiles, has_preinst, Extracted, RunScript, Source};
 use crate::debian::packages::field;
-
-/// What is checked again after a script run here.
-#[derive(Clone, Copy, PartialEq)]
-enum Check {
-    /// The database, and everything recording the reinstall needs (its files untouched).
-    All,
-    /// The database only: the files are laid down already.
-    Database,
-}
 
 impl Db {
     /// Whether `dpkg --unpack` of the package of stanza `s` (in the database already) can be
@@ -142,7 +134,7 @@ impl Db {
             self.set_status(name, &old, "install reinstreq half-configured", &version)?;
             let prerm = format!("/{}", admin(&format!("info/{info}.prerm")));
             self = self.run_script(
-                (name, &old, &text),
+                (name, Some(&old), &text),
                 ex,
                 source,
                 run,
@@ -154,7 +146,7 @@ impl Db {
         if has_preinst(ex) {
             let preinst = format!("/{}", admin("tmp.ci/preinst"));
             self = self.run_script(
-                (name, &old, &text),
+                (name, Some(&old), &text),
                 ex,
                 source,
                 run,
@@ -166,7 +158,7 @@ impl Db {
         if old_postrm {
             let postrm = format!("/{}", admin(&format!("info/{info}.postrm")));
             self = self.run_script(
-                (name, &old, &text),
+                (name, Some(&old), &text),
                 ex,
                 source,
                 run,
@@ -225,52 +217,6 @@ impl Db {
         }
         self.dirty = true;
         self.write_status()
-    }
-
-    /// Run `script` (its name, and its command line) of the package (`name`, its installed
-    /// stanza `old`, its control `text`) by `run`, then read the database again: it must be as
-    /// the script found it, and, with [`Check::All`], nothing in the way of recording the
-    /// reinstall, as before.
-    fn run_script(
-        self,
-        (name, old, text): (&str, &str, &str),
-        ex: &Extracted,
-        source: &Source,
-        run: RunScript,
-        (script, argv): (&str, &[&str]),
-        check: Check,
-    ) -> anyhow::Result<Db> {
-        let status = admin("status");
-        let before = self.tree.read_to_string(&status)?;
-        let env = self.script_env(name, text, script)?;
-        run(name, argv, &env).with_context(|| format!("the {script} of {name}"))?;
-        let mut after = Db::read(&self.root)?;
-        after.runs_scripts = self.runs_scripts;
-        let changed = if after.tree.read_to_string(&status)? != before {
-            Some("dpkg's status".to_owned())
-        } else if let Some(why) = &after.blocked {
-            Some(why.clone())
-        } else if check == Check::All {
-            // Asked as before the reinstall began, of the stanza it had.
-            let current = after.status.iter().position(|s| s.name == name);
-            let had = Stanza::new(name.to_owned(), old.to_owned());
-            let current = current.map(|i| std::mem::replace(&mut after.status[i], had));
-            let why = after.why_not(name, ex, source)?;
-            if let Some(i) = after.status.iter().position(|s| s.name == name) {
-                after.status[i] = current.context("its stanza is gone")?;
-            }
-            why
-        } else {
-            None
-        };
-        if let Some(what) = changed {
-            anyhow::bail!(
-                "the {script} of {name}, run as dpkg runs it to unpack the package again, left \
-                 what stops configure recording the unpack ({what}), and dpkg cannot unpack it \
-                 now without running the script again"
-            );
-        }
-        Ok(after)
     }
 }
 

@@ -144,9 +144,20 @@ fn with_preinst(ex: &mut Extracted, script: &str) {
     );
 }
 
-/// `unpack` of `hello` alone (extracted), its preinst run by `run`; dpkg never.
-fn unpack_hello(root: &Path, ex: Extracted, at: (i64, i64), run: RunScript) -> anyhow::Result<()> {
+/// `unpack` of `hello` alone (extracted), its scripts run by `run`; dpkg never. `installed`:
+/// when its recorded install was over, if it was (see [`Source::Extracted`]).
+fn unpack_hello(
+    root: &Path,
+    ex: Extracted,
+    at: (i64, i64),
+    installed: Option<(i64, i64)>,
+    run: RunScript,
+) -> anyhow::Result<()> {
     let kept = HashMap::from([("hello".to_owned(), ex)]);
+    let installed: HashMap<String, (i64, i64)> = installed
+        .map(|i| ("hello".to_owned(), i))
+        .into_iter()
+        .collect();
     unpack(
         root,
         "the test set",
@@ -154,7 +165,7 @@ fn unpack_hello(root: &Path, ex: Extracted, at: (i64, i64), run: RunScript) -> a
         &Source::Extracted {
             kept: &kept,
             at,
-            installed: &HashMap::new(),
+            installed: &installed,
         },
         &|names| panic!("dpkg was asked to unpack {names:?}"),
         Some(run),
@@ -191,7 +202,7 @@ fn a_preinst_runs_as_dpkg_runs_it_then_the_package_is_recorded() {
         ran.borrow_mut().push((name.to_owned(), env.to_vec()));
         Ok(())
     };
-    unpack_hello(&root, ex, at, &run).unwrap();
+    unpack_hello(&root, ex, at, None, &run).unwrap();
     let ran = ran.into_inner();
     assert_eq!(ran.len(), 1);
     let env: HashMap<_, _> = ran[0].1.iter().cloned().collect();
@@ -257,7 +268,7 @@ fn a_preinst_that_changes_what_the_recording_needs_is_an_error() {
             fs::write(root.join(file), &bytes).unwrap();
             Ok(())
         };
-        let e = format!("{:#}", unpack_hello(&root, ex, at, &run).unwrap_err());
+        let e = format!("{:#}", unpack_hello(&root, ex, at, None, &run).unwrap_err());
         assert!(e.contains(what) && e.contains("preinst of hello"), "{e}");
     }
     // A diversion of a path it does not hold, as trixie's /usr-move mitigations add.
@@ -272,7 +283,7 @@ fn a_preinst_that_changes_what_the_recording_needs_is_an_error() {
         fs::write(d, diversion("/bin/hello")).unwrap();
         Ok(())
     };
-    unpack_hello(&root, ex, at, &run).unwrap();
+    unpack_hello(&root, ex, at, None, &run).unwrap();
     let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
     assert!(
         status.contains("Package: hello\nStatus: install ok unpacked\n"),
@@ -576,32 +587,6 @@ fn install_hello(root: &Path, ex: &Extracted, at: (i64, i64), probe: &Path) -> (
     sandbox::change_time_after(probe).unwrap()
 }
 
-/// `unpack` of `hello` again, installed (its files as they were at `installed`), its scripts
-/// run by `run`; dpkg never.
-fn reinstall_hello(
-    root: &Path,
-    ex: Extracted,
-    at: (i64, i64),
-    installed: (i64, i64),
-    run: RunScript,
-) -> anyhow::Result<()> {
-    let kept = HashMap::from([("hello".to_owned(), ex)]);
-    let installed = HashMap::from([("hello".to_owned(), installed)]);
-    unpack(
-        root,
-        "the test set",
-        &["hello"],
-        &Source::Extracted {
-            kept: &kept,
-            at,
-            installed: &installed,
-        },
-        &|names| panic!("dpkg was asked to unpack {names:?}"),
-        Some(run),
-        &|_| {},
-    )
-}
-
 /// debootstrap unpacks its core packages again, installed: recorded as dpkg 1.22's
 /// `process_archive` does it — the old prerm `upgrade NEW` (half-configured), the new preinst
 /// `upgrade OLD NEW` from `tmp.ci` (half-installed), the files laid down (the conffile as
@@ -637,7 +622,7 @@ fn a_reinstall_is_recorded_as_dpkg_records_it() {
         ));
         Ok(())
     };
-    reinstall_hello(&root, ex, at, installed, &run).unwrap();
+    unpack_hello(&root, ex, at, Some(installed), &run).unwrap();
     let half = |s: &str| {
         format!("Package: hello|Status: install reinstreq {s}|Version: 1.0-1|Config-Version: 1.0-1")
     };
@@ -750,7 +735,7 @@ fn a_reinstall_script_that_changes_the_files_is_an_error() {
     };
     let e = format!(
         "{:#}",
-        reinstall_hello(&root, ex, at, installed, &run).unwrap_err()
+        unpack_hello(&root, ex, at, Some(installed), &run).unwrap_err()
     );
     assert!(
         e.contains("the prerm of hello") && e.contains("/usr/bin/hello changed since"),
@@ -833,7 +818,7 @@ fn trigger_interests_are_noted_as_dpkg_notes_them() {
     let run = |_: &str, argv: &[&str], _: &[(String, String)]| -> anyhow::Result<()> {
         panic!("no script to run: {argv:?}")
     };
-    reinstall_hello(&root, ex, at, installed, &run).unwrap();
+    unpack_hello(&root, ex, at, Some(installed), &run).unwrap();
     assert_eq!(
         fs::read_to_string(triggers.join("File")).unwrap(),
         "/usr/lib/x other/noawait\n/usr/lib/y third\n/usr/lib/hello hello/noawait\n"
@@ -858,24 +843,10 @@ fn a_feigned_install_is_unpacked_again_as_dpkg_does() {
     );
     fs::write(&status, text).unwrap();
     fs::write(root.join("var/lib/dpkg/info/hello.list"), "").unwrap();
-    let kept = HashMap::from([("hello".to_owned(), ex)]);
     let run = |_: &str, argv: &[&str], _: &[(String, String)]| -> anyhow::Result<()> {
         panic!("no script to run: {argv:?}")
     };
-    unpack(
-        &root,
-        "the test set",
-        &["hello"],
-        &Source::Extracted {
-            kept: &kept,
-            at,
-            installed: &HashMap::new(),
-        },
-        &|names| panic!("dpkg was asked to unpack {names:?}"),
-        Some(&run),
-        &|_| {},
-    )
-    .unwrap();
+    unpack_hello(&root, ex, at, None, &run).unwrap();
     let text = fs::read_to_string(&status).unwrap();
     assert!(
         text.ends_with(

@@ -7,13 +7,16 @@
 //! control members to `tmp.ci/` and runs the new `preinst upgrade OLD NEW`; writes every file
 //! again (each conffile as `PATH.dpkg-new`); runs the old `postrm upgrade NEW`; removes the
 //! files only the old version had, writes the file list, the trigger interests (taken back
-//! and noted again: they move to the end of `triggers/File`) and the info files, and marks it `install ok unpacked`, its conffiles with the hashes they had and its
-//! `Config-Version` the version it had. Each stanza on the way is the installed one with its
-//! status and that `Config-Version`.
+//! and noted again: they move to the end of `triggers/File`) and the info files, and marks it
+//! `install ok unpacked`, its conffiles with the hashes they had and its `Config-Version` the
+//! version it had. Each stanza on the way is the installed one with its status and that
+//! `Config-Version`.
 //!
 //! It is recorded only where the files dpkg would write again are the package's, byte for
 //! byte, as they are: a package whose install configure recorded itself, none of its files
-//! changed since (their change times are before the one taken then: [`Source::Extracted`]),
+//! changed since (their change times are before the one taken then: [`Source::Extracted`]) —
+//! or debootstrap's feigned dpkg (a stanza saying installed, an empty file list, no info
+//! files: no old script runs, no old file is removed), its files as the extraction left them —,
 //! at the same version, with the same files, info files and conffiles (unflagged, hashed), no
 //! trigger pending or awaited, and its scripts free of dpkg's database writers — as well as
 //! everything [`Db::why_not`] asks of any package. A script run here that leaves the database

@@ -637,12 +637,11 @@ fn second_stage(
         }
         install_core(&chroot, name)?;
     }
-    // What borrows the chroot goes before it is left.
-    drop(core_scripts);
 
     // The required set: unpacked (recorded, where dpkg would only repeat the extraction),
-    // then configured with services held off.
-    let options = ["--force-depends"];
+    // then configured with services held off. dpkg's options are the core installs', and so
+    // is the runner of scripts.
+    let options = core_options;
     let installed = installed.into_inner();
     recorded_unpack::unpack(
         root,
@@ -660,10 +659,12 @@ fn second_stage(
                 &debs(names).args,
             )
         },
-        Some(&*script_runner(&chroot, &options)?),
+        Some(&*core_scripts),
         // Its rewritten `.deb` goes.
         &|name| plain.discard(name),
     )?;
+    // What borrows the chroot goes before it is left.
+    drop(core_scripts);
     let no_services = NoServices::install(ctx, root)?;
     chroot.sh(
         "moving start-stop-daemon aside",

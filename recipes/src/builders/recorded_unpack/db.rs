@@ -169,6 +169,12 @@ pub(super) fn info_name(name: &str, control: &str) -> String {
     }
 }
 
+/// `var/lib/dpkg/info/INFO.MEMBER`: member `member` of the package named `info` there
+/// ([`info_name`]).
+pub(super) fn info_file(info: &str, member: &str) -> String {
+    admin(&format!("info/{info}.{member}"))
+}
+
 /// `var/lib/dpkg/NAME`.
 pub(super) fn admin(name: &str) -> String {
     format!("{ADMIN}/{name}")

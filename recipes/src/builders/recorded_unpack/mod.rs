@@ -62,6 +62,13 @@ impl Extracted {
             .map_while(|(k, em)| Some((k.strip_prefix("control/")?, em)))
     }
 
+    /// The control members dpkg keeps in `info/` (all but `control`; none named `list` or with
+    /// a dot, which dpkg would refuse), each with its metadata.
+    fn info_members(&self) -> impl Iterator<Item = (&str, &EntryMeta)> {
+        self.control_members()
+            .filter(|(m, _)| *m != "control" && *m != "list" && !m.contains('.'))
+    }
+
     /// Its data entries but the tar's root, in the tar's order, each with its metadata.
     fn entries(&self) -> impl Iterator<Item = anyhow::Result<(&str, Listed, &EntryMeta)>> {
         self.listed

@@ -8,7 +8,7 @@ use anyhow::Context;
 use rbuild_engine::archive::deb::Listed;
 use rbuild_engine::sandbox;
 
-use super::db::{admin, info_name, Db, Stanza};
+use super::db::{admin, info_file, info_name, Db, Stanza};
 use super::{conffiles, package_of, triggers, Extracted, RunScript, Source};
 use crate::debian::packages::field;
 
@@ -253,20 +253,13 @@ impl Db {
         let conffiles = conffiles(ex)?;
         // The control members, as `info/PACKAGE[:ARCH].MEMBER`.
         let info_name = info_name(name, &text);
-        for (m, em) in ex.control_members() {
-            if m == "control" || m == "list" || m.contains('.') {
-                continue;
-            }
-            let to = admin(&format!("info/{info_name}.{m}"));
+        for (m, em) in ex.info_members() {
+            let to = info_file(&info_name, m);
             self.write_entry(&to, &fs::read(control.join(m))?, em)?;
         }
         let list: String = ex.listed.iter().map(|(p, _)| format!("{p}\n")).collect();
         self.tree
-            .replace_file(
-                &admin(&format!("info/{info_name}.list")),
-                list.as_bytes(),
-                0o644,
-            )
+            .replace_file(&info_file(&info_name, "list"), list.as_bytes(), 0o644)
             .context("writing its file list")?;
 
         // Its trigger interests (a reinstall's taken back first, as dpkg does).

@@ -28,7 +28,7 @@ use std::fs;
 
 use anyhow::Context;
 
-use super::db::{admin, info_name, Db, Stanza};
+use super::db::{admin, info_file, info_name, Db, Stanza};
 use super::record::Check;
 use super::{conffiles, has_preinst, Extracted, RunScript, Source};
 use crate::debian::packages::field;
@@ -92,11 +92,8 @@ impl Db {
             }
         }
         // The installed info files are the package's (the old scripts run here are the new).
-        for (m, _) in ex.control_members() {
-            if m == "control" || m == "list" || m.contains('.') {
-                continue;
-            }
-            let installed = self.tree.read(&admin(&format!("info/{info}.{m}")));
+        for (m, _) in ex.info_members() {
+            let installed = self.tree.read(&info_file(&info, m));
             if !installed.is_ok_and(|b| b == fs::read(control.join(m)).unwrap_or_default()) {
                 return Ok(Err(format!("its installed {m} is not the package's")));
             }
@@ -126,16 +123,12 @@ impl Db {
         );
         let info = info_name(name, &text);
         // The old package's scripts (the new ones, or none if it was feigned).
-        let has = |m: &str| {
-            self.tree
-                .symlink_metadata(&admin(&format!("info/{info}.{m}")))
-                .is_ok()
-        };
+        let has = |m: &str| self.tree.symlink_metadata(&info_file(&info, m)).is_ok();
         let (old_prerm, old_postrm) = (has("prerm"), has("postrm"));
         self.make_cidir(ex)?;
         if old_prerm {
             self.set_status(name, &old, "install reinstreq half-configured", &version)?;
-            let prerm = format!("/{}", admin(&format!("info/{info}.prerm")));
+            let prerm = format!("/{}", info_file(&info, "prerm"));
             self = self.run_script(
                 (name, Some(&old), &text),
                 ex,
@@ -159,7 +152,7 @@ impl Db {
         }
         self.lay_down(ex, source)?;
         if old_postrm {
-            let postrm = format!("/{}", admin(&format!("info/{info}.postrm")));
+            let postrm = format!("/{}", info_file(&info, "postrm"));
             self = self.run_script(
                 (name, Some(&old), &text),
                 ex,
@@ -180,16 +173,12 @@ impl Db {
     /// dpkg would have in `info/`, and no other script is looked for).
     fn feigned(&self, s: &Stanza, info: &str, ex: &Extracted) -> bool {
         const SCRIPTS: [&str; 4] = ["preinst", "postinst", "prerm", "postrm"];
-        let members = ex.control_members().map(|(m, _)| m);
+        let members = ex.info_members().map(|(m, _)| m);
         self.lists.get(&s.name).is_some_and(Vec::is_empty)
             && s.field("Conffiles").is_none()
-            && members.chain(SCRIPTS).all(|m| {
-                m == "list"
-                    || self
-                        .tree
-                        .symlink_metadata(&admin(&format!("info/{info}.{m}")))
-                        .is_err()
-            })
+            && members
+                .chain(SCRIPTS)
+                .all(|m| self.tree.symlink_metadata(&info_file(info, m)).is_err())
     }
 
     /// `name`'s stanza, `old` as installed, with `Status: status` and the `Config-Version`
